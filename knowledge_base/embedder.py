@@ -1,0 +1,68 @@
+"""Dense sentence vectors from a sentence-transformers model loaded from a local directory.
+
+The default model is multilingual-e5-small rebuilt offline from a registry package at setup
+(knowledge_base/embedding_model.py); production can name any SentenceTransformer model,
+e.g. BAAI/bge-small-zh-v1.5, through XIAOZHI_EMBEDDING_MODEL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+
+class EmbeddingModelMissing(RuntimeError):
+    """The configured model directory does not exist: setup has not built it."""
+
+
+class Embedder:
+    def __init__(self, model: str, *, prefix: str = "query: ", threads: int | None = None) -> None:
+        self.model_name = model
+        self.prefix = prefix
+        path = Path(model)
+        if ("/" in model or model.startswith(".")) and not path.exists():
+            raise EmbeddingModelMissing(
+                f"embedding model not found at {model}: run `scripts/setup.sh` (or `xiaozhi kb build-model`)"
+            )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._model = SentenceTransformer(model, device="cpu")
+        dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        self.dimension = int(dim())
+        # Inference is not re-entrant under concurrent threads; one at a time is also fastest on 2 cores.
+        self._lock = threading.Lock()
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the model and prefix, so cached vectors are never mixed between models."""
+        path = Path(self.model_name)
+        marker = path / ".complete"
+        stamp = marker.read_text() if marker.exists() else self.model_name
+        return hashlib.sha256(f"{stamp}|{self.prefix}|{self.dimension}".encode()).hexdigest()[:12]
+
+    def encode(self, texts: list[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text."""
+        with self._lock:
+            # An explicit prompt replaces any default prompt the model directory names, so the
+            # prefix is applied exactly once whatever the model.
+            vectors = self._model.encode(
+                texts,
+                prompt=self.prefix,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=progress,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def encode_one(self, text: str) -> np.ndarray:
+        return self.encode([text])[0]

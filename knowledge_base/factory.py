@@ -1,0 +1,46 @@
+"""Assemble a ready ``KnowledgeBase`` from the settings: corpus, text processing, embedder, backend."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from knowledge_base.embedder import Embedder
+from knowledge_base.loader import CorpusError, load_corpus
+from knowledge_base.search import KnowledgeBase
+from knowledge_base.text import TextProcessor
+from xiaozhi.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def open_knowledge_base(
+    settings: Settings,
+    *,
+    embedder: Embedder | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> KnowledgeBase:
+    corpus = load_corpus(settings.kb_data_dir)
+    if corpus.errors:
+        listing = "\n".join(f"  {p}" for p in corpus.errors[:20])
+        raise CorpusError(f"{len(corpus.errors)} problem(s) in {settings.kb_data_dir}:\n{listing}")
+    for problem in corpus.problems:
+        log.warning("%s", problem)
+    text = TextProcessor()
+    embedder = embedder or Embedder(settings.effective_embedding_model, prefix=settings.embedding_query_prefix)
+    if settings.kb_backend == "elasticsearch":
+        from knowledge_base.elasticsearch_backend import ElasticsearchBackend
+
+        backend = ElasticsearchBackend.from_settings(settings, corpus, text, embedder)
+    else:
+        from knowledge_base.embedded import build_embedded_backend
+
+        backend = build_embedded_backend(corpus, text, embedder, settings.kb_index_dir, progress=progress)
+    return KnowledgeBase(
+        corpus,
+        backend,
+        text,
+        abstain_threshold=settings.kb_abstain_threshold,
+        top_k=settings.kb_top_k,
+        default_region=settings.default_region,
+    )

@@ -1,0 +1,122 @@
+"""Read the knowledge-base data files into validated entries, and check the corpus as a whole."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from knowledge_base.schema import LOCAL_RULE_NOTICE, Entry, EntryFile
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+class CorpusError(Exception):
+    """The data files cannot be loaded: the message lists every problem found."""
+
+
+@dataclass
+class Problem:
+    path: str
+    entry_id: str | None
+    message: str
+    severity: str = "error"  # "error" stops indexing; "warning" is reported only
+
+    def __str__(self) -> str:
+        where = f"{self.path}" + (f" [{self.entry_id}]" if self.entry_id else "")
+        return f"{self.severity}: {where}: {self.message}"
+
+
+@dataclass
+class Corpus:
+    entries: list[Entry]
+    problems: list[Problem] = field(default_factory=list)
+    fingerprint: str = ""
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def by_id(self) -> dict[str, Entry]:
+        return {e.id: e for e in self.entries}
+
+
+def _data_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.yaml") if p.is_file())
+
+
+def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.date | None = None) -> Corpus:
+    """Load and validate every data file below ``root``; problems are collected, not raised."""
+    today = today or dt.date.today()
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    digest = hashlib.sha256()
+    seen: dict[str, str] = {}
+    for path in _data_files(root):
+        rel = str(path.relative_to(root))
+        raw = path.read_bytes()
+        digest.update(rel.encode() + b"\0" + raw)
+        try:
+            doc = EntryFile.model_validate(yaml.safe_load(raw) or {})
+        except (yaml.YAMLError, ValidationError) as exc:
+            problems.append(Problem(rel, None, f"file is not a valid entry file: {exc}"))
+            continue
+        for raw_entry in doc.entries:
+            entry_id = raw_entry.get("id") if isinstance(raw_entry, dict) else None
+            try:
+                entry = Entry.model_validate({**raw_entry, "region": doc.region})
+            except ValidationError as exc:
+                problems.append(Problem(rel, entry_id, _short_validation_message(exc)))
+                continue
+            if entry.id in seen:
+                problems.append(Problem(rel, entry.id, f"duplicate id (also in {seen[entry.id]})"))
+                continue
+            seen[entry.id] = rel
+            if entry.local_figure and LOCAL_RULE_NOTICE not in (entry.answer + entry.spoken):
+                problems.append(
+                    Problem(rel, entry.id, f"local_figure entries must say “{LOCAL_RULE_NOTICE}”")
+                )
+            if entry.effective_date > today:
+                problems.append(Problem(rel, entry.id, "effective_date is in the future", "warning"))
+            elif (today - entry.effective_date).days > 365 * stale_after_years:
+                problems.append(
+                    Problem(rel, entry.id, f"source older than {stale_after_years} years: re-check it", "warning")
+                )
+            entries.append(entry)
+    problems.extend(_check_overrides(entries, seen))
+    return Corpus(entries=entries, problems=problems, fingerprint=digest.hexdigest()[:16])
+
+
+def _check_overrides(entries: list[Entry], where: dict[str, str]) -> list[Problem]:
+    """A local entry may replace a national one; two entries of one region may not replace the same one."""
+    by_id = {e.id: e for e in entries}
+    claimed: dict[tuple[str, str], str] = {}
+    problems = []
+    for entry in entries:
+        if entry.overrides is None:
+            continue
+        target = by_id.get(entry.overrides)
+        if target is None:
+            problems.append(Problem(where[entry.id], entry.id, f"overrides unknown entry {entry.overrides!r}"))
+            continue
+        if target.region.code == entry.region.code:
+            problems.append(Problem(where[entry.id], entry.id, "overrides an entry of its own region"))
+        key = (entry.region.code, entry.overrides)
+        if key in claimed:
+            problems.append(
+                Problem(where[entry.id], entry.id, f"region conflict: {claimed[key]} already overrides {entry.overrides}")
+            )
+        claimed[key] = entry.id
+    return problems
+
+
+def _short_validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,243 @@
+"""The knowledge-base interface every channel uses: region-aware hybrid search with an abstain decision.
+
+``KnowledgeBase.search`` normalises the question (synonyms, homophones), asks a backend for
+three rankings (BM25 over words and characters, BM25 over pinyin, dense vectors), fuses them by
+reciprocal rank, keeps only the entries that apply to the resident's region, and decides
+whether the best one is good enough to answer with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from knowledge_base.loader import Corpus
+from knowledge_base.schema import NATIONAL, Entry, Region
+from knowledge_base.text import TextProcessor
+
+RRF_K = 60  # the constant of Cormack et al.; ranks beyond ~60 contribute little
+
+
+@dataclass
+class Query:
+    """A question prepared once for every ranker."""
+
+    raw: str
+    normalised: str
+    words: list[str]
+    char_ngrams: list[str]
+    pinyin: list[str]
+
+
+@dataclass
+class Rankings:
+    """Each ranker's ordered entry ids with its own scores (higher is better)."""
+
+    lexical: list[tuple[str, float]] = field(default_factory=list)
+    pinyin: list[tuple[str, float]] = field(default_factory=list)
+    dense: list[tuple[str, float]] = field(default_factory=list)
+
+
+class SearchBackend(Protocol):
+    """What the embedded engine and Elasticsearch both provide."""
+
+    def rank(self, query: Query, allowed: set[str], depth: int) -> Rankings: ...
+
+
+@dataclass
+class Hit:
+    entry: Entry
+    score: float
+    dense: float | None
+    lexical_rank: int | None
+    dense_rank: int | None
+    pinyin_rank: int | None
+
+    def as_dict(self) -> dict:
+        return {**self.entry.citation(), "score": round(self.score, 4), "dense": self.dense}
+
+
+@dataclass
+class SearchResult:
+    query: str
+    normalised: str
+    region_code: str
+    hits: list[Hit]
+    confidence: float
+    abstain: bool
+
+    @property
+    def best(self) -> Hit | None:
+        return self.hits[0] if self.hits else None
+
+    def as_dict(self) -> dict:
+        return {
+            "query": self.query,
+            "normalised": self.normalised,
+            "region_code": self.region_code,
+            "confidence": round(self.confidence, 4),
+            "abstain": self.abstain,
+            "results": [h.as_dict() for h in self.hits],
+        }
+
+
+def reciprocal_rank_fusion(*rankings: list[tuple[str, float]], k: int = RRF_K) -> dict[str, float]:
+    fused: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, (entry_id, _score) in enumerate(ranking, start=1):
+            fused[entry_id] = fused.get(entry_id, 0.0) + 1.0 / (k + rank)
+    return fused
+
+
+class RegionResolver:
+    """Which entries apply to a resident of a region: national ones, unless a local one replaces them."""
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self._entries = entries
+        self.regions: dict[str, Region] = {NATIONAL.code: NATIONAL}
+        for e in entries:
+            self.regions.setdefault(e.region.code, e.region)
+        self._cache: dict[str, frozenset[str]] = {}
+
+    def chain(self, region_code: str | None) -> list[str]:
+        """The region and its ancestors known to the corpus, most specific first, ending with national."""
+        chain: list[str] = []
+        code = region_code or ""
+        while code and code in self.regions and code != NATIONAL.code and code not in chain:
+            chain.append(code)
+            code = self.regions[code].parent or ""
+        if region_code and region_code not in self.regions and len(region_code) == 6:
+            # A city the corpus has no pack for may still belong to a province that has one.
+            province = region_code[:2] + "0000"
+            if province in self.regions and province != region_code:
+                chain.append(province)
+        chain.append(NATIONAL.code)
+        return chain
+
+    def allowed(self, region_code: str | None) -> frozenset[str]:
+        key = region_code or ""
+        if key not in self._cache:
+            chain = self.chain(region_code)
+            specificity = {code: i for i, code in enumerate(chain)}  # 0 = most specific
+            applicable = [e for e in self._entries if e.region.code in specificity]
+            hidden: set[str] = set()
+            winner: dict[str, Entry] = {}
+            for e in applicable:
+                if e.overrides is None:
+                    continue
+                hidden.add(e.overrides)
+                held = winner.get(e.overrides)
+                if held is None or specificity[e.region.code] < specificity[held.region.code]:
+                    if held is not None:
+                        hidden.add(held.id)
+                    winner[e.overrides] = e
+                else:
+                    hidden.add(e.id)
+            self._cache[key] = frozenset(e.id for e in applicable if e.id not in hidden)
+        return self._cache[key]
+
+    def label(self, region_code: str | None) -> str:
+        region = self.regions.get(region_code or "")
+        return region.label if region else NATIONAL.label
+
+
+@dataclass
+class Calibration:
+    """Maps ranker evidence to a 0..1 confidence. Fitted on the development set (xiaozhi kb eval)."""
+
+    dense_mid: float = 0.86  # cosine at which dense evidence alone gives 0.5
+    dense_slope: float = 40.0
+    agreement_bonus: float = 0.15  # the lexical and dense rankers name the same best entry
+    margin_weight: float = 2.0  # how far the best dense score stands above the runner-up
+
+
+class KnowledgeBase:
+    def __init__(
+        self,
+        corpus: Corpus,
+        backend: SearchBackend,
+        text: TextProcessor,
+        *,
+        abstain_threshold: float = 0.5,
+        top_k: int = 5,
+        default_region: str = "",
+        calibration: Calibration | None = None,
+    ) -> None:
+        self.corpus = corpus
+        self.backend = backend
+        self.text = text
+        self.abstain_threshold = abstain_threshold
+        self.top_k = top_k
+        self.default_region = default_region
+        self.calibration = calibration or Calibration()
+        self.entries = corpus.by_id()
+        self.regions = RegionResolver(corpus.entries)
+
+    def prepare(self, question: str) -> Query:
+        normalised = self.text.normalise(question)
+        return Query(
+            raw=question,
+            normalised=normalised,
+            words=self.text.words(normalised),
+            char_ngrams=self.text.char_ngrams(normalised),
+            pinyin=self.text.pinyin_bigrams(normalised),
+        )
+
+    def search(self, question: str, *, region: str | None = None, k: int | None = None) -> SearchResult:
+        region_code = region if region is not None else self.default_region
+        k = k or self.top_k
+        query = self.prepare(question)
+        allowed = set(self.regions.allowed(region_code))
+        if not query.normalised.strip():
+            return SearchResult(question, "", region_code, [], 0.0, True)
+        rankings = self.backend.rank(query, allowed, depth=max(50, k * 4))
+        fused = reciprocal_rank_fusion(rankings.lexical, rankings.pinyin, rankings.dense)
+        dense_scores = dict(rankings.dense)
+        ranks = {
+            name: {eid: i for i, (eid, _) in enumerate(ranking, start=1)}
+            for name, ranking in (
+                ("lexical", rankings.lexical),
+                ("dense", rankings.dense),
+                ("pinyin", rankings.pinyin),
+            )
+        }
+        ordered = sorted(fused.items(), key=lambda kv: (-kv[1], -dense_scores.get(kv[0], 0.0)))[:k]
+        hits = [
+            Hit(
+                entry=self.entries[eid],
+                score=score,
+                dense=round(dense_scores[eid], 4) if eid in dense_scores else None,
+                lexical_rank=ranks["lexical"].get(eid),
+                dense_rank=ranks["dense"].get(eid),
+                pinyin_rank=ranks["pinyin"].get(eid),
+            )
+            for eid, score in ordered
+        ]
+        confidence = self._confidence(hits, rankings)
+        return SearchResult(
+            query=question,
+            normalised=query.normalised,
+            region_code=region_code,
+            hits=hits,
+            confidence=confidence,
+            abstain=not hits or confidence < self.abstain_threshold,
+        )
+
+    def _confidence(self, hits: list[Hit], rankings: Rankings) -> float:
+        if not hits:
+            return 0.0
+        cal = self.calibration
+        best = hits[0]
+        dense_best = rankings.dense[0][1] if rankings.dense else 0.0
+        dense_second = rankings.dense[1][1] if len(rankings.dense) > 1 else 0.0
+        top_dense = best.dense if best.dense is not None else 0.0
+        evidence = cal.dense_slope * (top_dense - cal.dense_mid)
+        evidence += cal.dense_slope * cal.margin_weight * max(0.0, dense_best - dense_second) * (best.dense_rank == 1)
+        confidence = 1.0 / (1.0 + math.exp(-evidence))
+        if best.lexical_rank == 1 and best.dense_rank == 1:
+            confidence = min(1.0, confidence + cal.agreement_bonus)
+        return confidence
+
+    def entry(self, entry_id: str) -> Entry | None:
+        return self.entries.get(entry_id)

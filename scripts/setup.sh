@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Idempotent setup of a checkout: Debian packages, the two virtual environments, the offline
+# embedding model, the knowledge-base index and the trained Rasa model. Each step is skipped when
+# its inputs are unchanged, so running it again costs seconds.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# --- Debian packages ------------------------------------------------------------------------------
+# espeak-ng: the Mandarin voice behind pyttsx3 (phone line). sox: audio conversion for tests.
+APT_PACKAGES=(espeak-ng sox)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]] && ! command -v sudo >/dev/null; then
+    die "missing Debian packages: ${missing[*]}; install them as root: apt-get install ${missing[*]}"
+  fi
+  SUDO=$([[ $(id -u) -eq 0 ]] && echo "" || echo sudo)
+  say "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq >/dev/null || die "apt-get update failed: check access to the Debian mirror"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+fi
+
+# --- interpreters -----------------------------------------------------------------------------------
+find_python() {  # $1 = minor version, e.g. 3.10
+  local v=$1 p
+  if command -v pyenv >/dev/null; then
+    for p in $(pyenv versions --bare 2>/dev/null | grep -E "^${v//./\\.}\.[0-9]+$" | sort -V -r); do
+      [[ -x "$(pyenv prefix "$p")/bin/python$v" ]] && { echo "$(pyenv prefix "$p")/bin/python$v"; return; }
+    done
+  fi
+  for p in "python$v" "/usr/bin/python$v" "/usr/local/bin/python$v"; do
+    if command -v "$p" >/dev/null && "$p" -c 'import sys' 2>/dev/null; then command -v "$p"; return; fi
+  done
+  return 1
+}
+PY311=$(find_python 3.11) || die "Python 3.11 not found: install it (e.g. 'pyenv install 3.11.7')"
+PY310=$(find_python 3.10) || die "Python 3.10 not found; Rasa 3.6 needs it: install it with 'pyenv install 3.10.13'"
+
+# --- virtual environments (rebuilt when their lock file changes) ----------------------------------
+stamp_of() { sha256sum "$@" | sha256sum | cut -c1-16; }
+
+APP_STAMP=$(stamp_of requirements/app.lock.txt pyproject.toml)
+if [[ "$(cat .venv/.xiaozhi-stamp 2>/dev/null)" != "$APP_STAMP" ]]; then
+  say "creating .venv (Python 3.11: hub, knowledge base, speech, video) — about 2 minutes"
+  [[ -x .venv/bin/python ]] || "$PY311" -m venv .venv || die "could not create .venv with $PY311"
+  .venv/bin/pip install -q --upgrade pip || die "pip upgrade failed: check access to PyPI"
+  # torch first, by exact version: the CPU wheel; an unpinned torch pulls GBs of CUDA packages.
+  .venv/bin/pip install -q torch==2.13.0 || die "installing torch 2.13.0 failed: check access to PyPI"
+  grep -v '^torch==' requirements/app.lock.txt > .venv/requirements.lock
+  .venv/bin/pip install -q -r .venv/requirements.lock || die "installing requirements/app.lock.txt failed"
+  .venv/bin/pip install -q --no-deps -e . || die "installing the project into .venv failed"
+  echo "$APP_STAMP" > .venv/.xiaozhi-stamp
+fi
+
+RASA_STAMP=$(stamp_of requirements/rasa.lock.txt)
+if [[ "$(cat .venv-rasa/.xiaozhi-stamp 2>/dev/null)" != "$RASA_STAMP" ]]; then
+  say "creating .venv-rasa (Python 3.10: Rasa 3.6.21 and the action server) — about 3 minutes"
+  [[ -x .venv-rasa/bin/python ]] || "$PY310" -m venv .venv-rasa || die "could not create .venv-rasa with $PY310"
+  .venv-rasa/bin/pip install -q 'pip==24.3.1' || die "pip install failed: check access to PyPI"
+  # The lock pins all ~160 packages (jax/jaxlib included): unpinned, pip spends ~10 min backtracking.
+  .venv-rasa/bin/pip install -q -r requirements/rasa.lock.txt 'setuptools==70.3.0' \
+    || die "installing requirements/rasa.lock.txt failed"
+  echo "$RASA_STAMP" > .venv-rasa/.xiaozhi-stamp
+fi
+
+# --- models and index -------------------------------------------------------------------------------
+.venv/bin/xiaozhi prepare || die "preparing models failed (see the message above)"
+say "ready"

@@ -1,0 +1,3 @@
+from xiaozhi.cli import main
+
+main()

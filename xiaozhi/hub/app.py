@@ -1,0 +1,93 @@
+"""The hub: the one FastAPI application every channel talks to. This module only assembles it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from xiaozhi.hub.conversation import ConversationService
+from xiaozhi.hub.errors import error_body, install_error_handlers
+from xiaozhi.hub.rasa_client import RasaClient
+from xiaozhi.hub.routers import chat, knowledge
+from xiaozhi.hub.store import Store
+from xiaozhi.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def _load_knowledge_base(settings: Settings):
+    from knowledge_base.factory import open_knowledge_base
+
+    return open_knowledge_base(settings)
+
+
+def create_app(settings: Settings | None = None, *, knowledge_base=None) -> FastAPI:
+    """``knowledge_base`` may be given ready-made (tests share one); otherwise it loads at start-up."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = Store(settings.effective_database_url)
+        await store.create_schema()
+        token = settings.rasa_token.get_secret_value() if settings.rasa_token else None
+        rasa = RasaClient(settings.effective_rasa_url, timeout_s=settings.rasa_timeout_s, token=token)
+        app.state.store = store
+        app.state.rasa = rasa
+        app.state.knowledge_base = knowledge_base
+        app.state.conversations = ConversationService(store, rasa, lambda: app.state.knowledge_base)
+        if knowledge_base is None:
+            app.state.knowledge_base = await asyncio.to_thread(_load_knowledge_base, settings)
+            log.info("knowledge base ready: %d entries", len(app.state.knowledge_base.entries))
+        try:
+            yield
+        finally:
+            await rasa.close()
+            await store.close()
+
+    app = FastAPI(
+        title="医保小智 hub",
+        description="Conversation hub of the 医保小智 medical-insurance assistant: web chat, knowledge base, "
+        "and (in later releases) phone, video and the agent desk.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            log.info("%s %s rejected: body of %s bytes", request.method, request.url.path, length)
+            return JSONResponse(error_body(413, "body_too_large"), status_code=413)
+        return await call_next(request)
+
+    app.include_router(chat.router)
+    app.include_router(knowledge.router)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict:
+        """The hub process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready to answer: knowledge base loaded; reports whether Rasa answers (degraded mode if not)."""
+        kb_ready = request.app.state.knowledge_base is not None
+        rasa_ready = await request.app.state.rasa.healthy()
+        body = {"knowledge_base": kb_ready, "rasa": rasa_ready, "degraded": not rasa_ready}
+        return JSONResponse(body, status_code=200 if kb_ready else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,149 @@
+"""The conversation core every channel uses: persist the resident's turn, ask the dialogue engine, persist
+and publish the replies. Channels (web chat, phone, video) differ only in the ``channel`` field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Callable
+
+from knowledge_base.search import KnowledgeBase
+from xiaozhi.hub.rasa_client import BotReply, RasaClient, RasaUnavailable
+from xiaozhi.hub.store import Conversation, Message, Store
+from xiaozhi.masking import mask_pii
+
+log = logging.getLogger(__name__)
+
+DEGRADED_NOTICE = "智能对话服务暂时繁忙，以下内容直接摘自医保政策知识库："
+DEGRADED_NO_ANSWER = (
+    "抱歉，智能对话服务暂时繁忙，您的问题已经记录下来。您可以稍后再问，或者说“转人工”由工作人员为您解答。"
+)
+ESCALATION_WORDS = ("转人工", "人工客服", "人工服务", "找人工", "真人", "接线员")
+ESCALATED_REPLY = "好的，正在为您转接人工客服，请稍候。您前面说的内容工作人员都能看到，不用再重复。"
+EMPTY_REPLY = "抱歉，我没有听明白。您可以换个说法，比如“医保电子凭证怎么激活”或“异地就医怎么备案”。"
+
+
+def message_out(msg: Message) -> dict:
+    return {
+        "seq": msg.seq,
+        "role": msg.role,
+        "text": msg.text,
+        "status": msg.status,
+        "created_at": msg.created_at.isoformat(),
+        "meta": msg.meta or {},
+    }
+
+
+def reply_from_search(result, *, notice: str = "") -> BotReply:
+    """A reply built straight from a knowledge-base hit, citing it (used when Rasa cannot answer)."""
+    best = result.best
+    entry = best.entry
+    return BotReply(
+        text=f"{notice}{entry.answer}",
+        spoken=entry.spoken,
+        outcome="answered",
+        citations=[entry.citation()],
+        steps=list(entry.steps),
+        extra={"kb_confidence": round(result.confidence, 3)},
+    )
+
+
+class ConversationService:
+    def __init__(
+        self,
+        store: Store,
+        rasa: RasaClient,
+        knowledge_base: Callable[[], KnowledgeBase | None],
+    ) -> None:
+        self.store = store
+        self.rasa = rasa
+        self._kb = knowledge_base
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._subscribers: dict[str, set[asyncio.Queue]] = defaultdict(set)
+
+    # -- pub/sub for live channels (WebSocket) --------------------------------------------------
+    def subscribe(self, conversation_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=256)
+        self._subscribers[conversation_id].add(queue)
+        return queue
+
+    def unsubscribe(self, conversation_id: str, queue: asyncio.Queue) -> None:
+        self._subscribers[conversation_id].discard(queue)
+        if not self._subscribers[conversation_id]:
+            self._subscribers.pop(conversation_id, None)
+
+    def _publish(self, conversation_id: str, event: dict) -> None:
+        for queue in list(self._subscribers.get(conversation_id, ())):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:  # a stalled reader re-syncs from the transcript on reconnect
+                log.warning("subscriber queue full for conversation %s", conversation_id)
+
+    # -- turns ----------------------------------------------------------------------------------
+    async def handle(self, conv: Conversation, text: str) -> tuple[Message, list[Message]]:
+        """One resident turn. The resident's message is committed before anything else is tried."""
+        async with self._locks[conv.id]:
+            incoming = await self.store.add_message(conv.id, "resident", text)
+            self._publish(conv.id, {"type": "message", "message": message_out(incoming)})
+            replies, understood = await self._dialogue(conv, text)
+            stored: list[Message] = []
+            for reply in replies:
+                msg = await self.store.add_message(
+                    conv.id, "bot", reply.text, status="answered", meta=reply.meta(), reply_to=incoming.id
+                )
+                stored.append(msg)
+                self._publish(conv.id, {"type": "message", "message": message_out(msg)})
+            await self.store.set_message_status(incoming.id, "answered")
+            incoming.status = "answered"
+            if any(r.outcome == "escalated" for r in replies):
+                await self._escalate(conv, reason="requested")
+            if understood.get("region") and understood["region"] != conv.region_code:
+                await self.store.update_conversation(conv.id, region_code=understood["region"])
+            return incoming, stored
+
+    async def _dialogue(self, conv: Conversation, text: str) -> tuple[list[BotReply], dict]:
+        try:
+            replies, understood = await self.rasa.send(
+                conv.id, text, {"channel": conv.channel, "region": conv.region_code or None}
+            )
+            region = understood.get("slots", {}).get("region")
+            if region:
+                understood["region"] = region
+        except RasaUnavailable as exc:
+            log.error("Rasa unavailable for conversation %s (%s): answering from the knowledge base", conv.id, exc)
+            return [await self._degraded_reply(conv, text)], {}
+        if not replies:
+            replies = [BotReply(text=EMPTY_REPLY, outcome="clarifying")]
+        return replies, understood
+
+    async def _degraded_reply(self, conv: Conversation, text: str) -> BotReply:
+        """Rasa is down: still answer what the knowledge base can answer, and say so."""
+        if any(word in text for word in ESCALATION_WORDS):
+            return BotReply(text=ESCALATED_REPLY, outcome="escalated", extra={"degraded": True})
+        kb = self._kb()
+        if kb is not None:
+            try:
+                result = await asyncio.to_thread(kb.search, text, region=conv.region_code or None)
+            except Exception:  # the knowledge base failing too must still not lose the turn
+                log.exception("knowledge-base search failed in degraded mode")
+            else:
+                if not result.abstain:
+                    reply = reply_from_search(result, notice=DEGRADED_NOTICE)
+                    reply.extra["degraded"] = True
+                    return reply
+        return BotReply(text=DEGRADED_NO_ANSWER, outcome="abstained", extra={"degraded": True})
+
+    async def _escalate(self, conv: Conversation, reason: str) -> None:
+        esc = await self.store.add_escalation(conv.id, conv.channel, reason)
+        await self.store.update_conversation(conv.id, status="escalated")
+        conv.status = "escalated"
+        log.info("conversation %s escalated (%s), queue item %s", conv.id, reason, esc.id)
+        self._publish(conv.id, {"type": "escalated", "queue_id": esc.id})
+
+
+def preview(text: str, limit: int = 80) -> str:
+    """A masked, shortened form of a resident's text for log lines."""
+    text = mask_pii(text.replace("\n", " "))
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,117 @@
+"""Talks to the Rasa server: sends a resident's turn and turns Rasa's output into bot replies.
+
+Rasa's REST channel returns a message's text and its custom payload as separate items; custom
+payloads carry what the hub needs beside the text (spoken form, citations, outcome, steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("answered", "clarifying", "abstained", "escalated", "degraded")
+
+
+class RasaUnavailable(Exception):
+    """Rasa did not answer, answered with an error, or answered something unreadable."""
+
+
+@dataclass
+class BotReply:
+    text: str
+    spoken: str | None = None
+    outcome: str = "answered"
+    intent: str | None = None
+    confidence: float | None = None
+    citations: list[dict] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+    buttons: list[dict] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "spoken": self.spoken or self.text,
+            "outcome": self.outcome,
+            "intent": self.intent,
+            "confidence": self.confidence,
+            "citations": self.citations,
+            "steps": self.steps,
+            "buttons": self.buttons,
+            **self.extra,
+        }
+
+
+def replies_from_rasa(items: list[dict]) -> list[BotReply]:
+    """Merge Rasa's output items: a custom item without text annotates the reply before it."""
+    replies: list[BotReply] = []
+    for item in items:
+        custom = item.get("custom") if isinstance(item.get("custom"), dict) else None
+        if "text" in item and item["text"]:
+            replies.append(BotReply(text=item["text"], buttons=item.get("buttons") or []))
+        if custom is None:
+            continue
+        if custom.get("text"):
+            replies.append(BotReply(text=custom["text"]))
+        if not replies:
+            continue
+        reply = replies[-1]
+        reply.spoken = custom.get("spoken", reply.spoken)
+        reply.outcome = custom.get("outcome", reply.outcome)
+        reply.citations = custom.get("citations", reply.citations)
+        reply.steps = custom.get("steps", reply.steps)
+        reply.buttons = custom.get("buttons", reply.buttons)
+        for key in ("search", "region", "kb_confidence"):
+            if key in custom:
+                reply.extra[key] = custom[key]
+    return replies
+
+
+class RasaClient:
+    def __init__(self, base_url: str, timeout_s: float = 10.0, token: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        params = {"token": token} if token else None
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, params=params)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def healthy(self) -> bool:
+        try:
+            r = await self._http.get("/status", timeout=2.0)
+            return r.status_code == 200 and bool(r.json().get("model_file"))
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    async def send(self, sender: str, text: str, metadata: dict[str, Any]) -> tuple[list[BotReply], dict]:
+        """One resident turn: Rasa's replies and what its NLU understood (intent, confidence, slots)."""
+        try:
+            r = await self._http.post(
+                "/webhooks/rest/webhook", json={"sender": sender, "message": text, "metadata": metadata}
+            )
+            r.raise_for_status()
+            items = r.json()
+            t = await self._http.get(f"/conversations/{sender}/tracker", params={"include_events": "NONE"})
+            t.raise_for_status()
+            tracker = t.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise RasaUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(items, list):
+            raise RasaUnavailable(f"unexpected webhook answer: {str(items)[:200]}")
+        latest = tracker.get("latest_message") or {}
+        intent = latest.get("intent") or {}
+        understood = {
+            "intent": intent.get("name"),
+            "confidence": intent.get("confidence"),
+            "slots": {k: v for k, v in (tracker.get("slots") or {}).items() if v is not None},
+            "paused": tracker.get("paused", False),
+        }
+        replies = replies_from_rasa(items)
+        for reply in replies:
+            reply.intent = understood["intent"]
+            reply.confidence = understood["confidence"]
+        return replies, understood

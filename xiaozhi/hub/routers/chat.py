@@ -1,0 +1,161 @@
+"""Web chat: open a conversation, send a message, receive replies (HTTP or WebSocket), read the transcript.
+
+A conversation is reached only with the token handed out when it was created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, Field, field_validator
+
+from xiaozhi.hub.conversation import ConversationService, message_out, preview
+from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.store import Conversation, Store
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/sessions", tags=["chat"])
+
+
+class SessionCreate(BaseModel):
+    channel: Literal["web"] = "web"
+    region: str | None = Field(None, pattern=r"^\d{6}$", description="GB/T 2260 code of the resident's region")
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    token: str = Field(description="Keep it: it is the only way back into this conversation.")
+    greeting: str
+
+
+class MessageIn(BaseModel):
+    text: str = Field(description="What the resident wrote.")
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("消息不能为空")
+        return value
+
+
+GREETING = "您好，我是医保小智，可以为您解答医保电子凭证、异地就医、报销等问题。请问有什么可以帮您？"
+
+
+def service(request: Request) -> ConversationService:
+    return request.app.state.conversations
+
+
+def store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip() or None
+    return None
+
+
+async def _authorised(session_id: str, token: str | None, store: Store) -> Conversation:
+    if not token:
+        raise ApiError(401, "missing_token")
+    conv = await store.conversation_for_token(token)
+    if conv is None:
+        raise ApiError(401, "invalid_token")
+    if conv.id != session_id:
+        raise ApiError(403, "forbidden")
+    return conv
+
+
+async def resident_conversation(
+    session_id: str,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Conversation:
+    return await _authorised(session_id, _bearer(authorization), store(request))
+
+
+def _check_length(text: str, limit: int) -> None:
+    if len(text) > limit:
+        log.info("rejected a %d-character message (limit %d): %s", len(text), limit, preview(text))
+        raise ApiError(413, "message_too_long", f"消息太长了（{len(text)}字），请控制在{limit}字以内，分几次发送。")
+
+
+@router.post("", status_code=201, response_model=SessionCreated)
+async def create_session(request: Request, body: SessionCreate | None = None) -> SessionCreated:
+    body = body or SessionCreate()
+    conv, token = await store(request).create_conversation(body.channel, body.region or "")
+    return SessionCreated(session_id=conv.id, token=token, greeting=GREETING)
+
+
+@router.post("/{session_id}/messages")
+async def send_message(
+    body: MessageIn,
+    request: Request,
+    conv: Annotated[Conversation, Depends(resident_conversation)],
+) -> dict:
+    _check_length(body.text, request.app.state.settings.max_message_chars)
+    incoming, replies = await service(request).handle(conv, body.text)
+    return {"message": message_out(incoming), "replies": [message_out(m) for m in replies]}
+
+
+@router.get("/{session_id}/messages")
+async def transcript(
+    request: Request,
+    conv: Annotated[Conversation, Depends(resident_conversation)],
+    after: Annotated[int, Query(ge=0)] = 0,
+) -> dict:
+    messages = await store(request).transcript(conv.id, after_seq=after)
+    return {"session_id": conv.id, "status": conv.status, "messages": [message_out(m) for m in messages]}
+
+
+@router.websocket("/{session_id}/ws")
+async def chat_socket(websocket: WebSocket, session_id: str, token: str | None = None) -> None:
+    """Send ``{"text": "..."}``; receive ``{"type": "message", "message": {...}}`` events as they happen."""
+    app = websocket.app
+    try:
+        conv = await _authorised(session_id, token, app.state.store)
+    except ApiError as exc:
+        await websocket.close(code=4401 if exc.status == 401 else 4403, reason=exc.code)
+        return
+    await websocket.accept()
+    conversations: ConversationService = app.state.conversations
+    queue = conversations.subscribe(conv.id)
+    limit = app.state.settings.max_message_chars
+
+    async def pump() -> None:
+        while True:
+            await websocket.send_json(await queue.get())
+
+    pump_task = asyncio.create_task(pump())
+    try:
+        while True:
+            raw = await websocket.receive_text()
+            try:
+                payload = json.loads(raw)
+                text = payload.get("text", "") if isinstance(payload, dict) else ""
+            except json.JSONDecodeError:
+                log.info("conversation %s: invalid JSON on WebSocket", conv.id)
+                await websocket.send_json({"type": "error", "error": "invalid_json", "message": "消息不是合法的 JSON。"})
+                continue
+            if not isinstance(text, str) or not text.strip():
+                await websocket.send_json({"type": "error", "error": "empty_message", "message": "消息不能为空。"})
+                continue
+            if len(text) > limit:
+                log.info("conversation %s: rejected %d-character WebSocket message", conv.id, len(text))
+                await websocket.send_json(
+                    {"type": "error", "error": "message_too_long", "message": f"消息太长了，请控制在{limit}字以内。"}
+                )
+                continue
+            await websocket.send_json({"type": "typing"})
+            await conversations.handle(conv, text.strip())
+    except WebSocketDisconnect:
+        pass
+    finally:
+        pump_task.cancel()
+        conversations.unsubscribe(conv.id, queue)
