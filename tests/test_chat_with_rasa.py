@@ -1,0 +1,150 @@
+"""End to end through `xiaozhi run`: the real Rasa server and action server with the trained model, and the hub.
+
+The model is trained once (setup caches it by a hash of the training data); Rasa takes tens of
+seconds to load it, so one stack serves the whole module. Stopping it must leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import websockets.sync.client
+
+from conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT_S = 420
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited; only its parent has not collected it yet
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    var = tmp_path_factory.mktemp("stack")
+    ports = {"XIAOZHI_HUB_PORT": free_port(), "XIAOZHI_RASA_PORT": free_port(), "XIAOZHI_ACTIONS_PORT": free_port()}
+    env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), **{k: str(v) for k, v in ports.items()})
+    log_path = var / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xiaozhi", "run"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "is running" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"xiaozhi run did not come up:\n{log_path.read_text()}")
+        time.sleep(1)
+    children = [int(p) for p in re.findall(r"\(pid (\d+)\)", log_path.read_text())]
+    assert len(children) == 3
+    yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var}
+
+    # Ctrl-C stops everything and leaves no orphan process.
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) in (0, 130)
+    time.sleep(0.5)
+    assert [pid for pid in children if _pid_alive(pid)] == [], log_path.read_text()
+    assert "all services stopped" in log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with httpx.Client(base_url=stack["url"], timeout=30) as c:
+        yield c
+
+
+def ask(client, question: str, session: tuple[str, dict] | None = None) -> tuple[dict, tuple[str, dict]]:
+    if session is None:
+        created = client.post("/api/sessions", json={}).json()
+        session = (created["session_id"], {"Authorization": f"Bearer {created['token']}"})
+    sid, auth = session
+    r = client.post(f"/api/sessions/{sid}/messages", json={"text": question}, headers=auth)
+    assert r.status_code == 200, r.text
+    replies = r.json()["replies"]
+    assert replies, f"no reply to {question}"
+    return replies[-1], session
+
+
+def test_hub_reports_rasa_ready(client):
+    assert client.get("/readyz").json() == {"knowledge_base": True, "rasa": True, "degraded": False}
+
+
+def test_e_voucher_activation_names_the_channels_and_a_source(client):
+    reply, _ = ask(client, "医保电子凭证怎么激活")
+    meta = reply["meta"]
+    assert meta["intent"] == "ask_e_voucher" and meta["confidence"] > 0.5
+    assert meta["outcome"] == "answered"
+    body = reply["text"] + "".join(meta["steps"])
+    assert all(channel in body for channel in ("微信", "支付宝", "国家医保服务平台"))
+    cite = meta["citations"][0]
+    assert cite["topic"] == "e_voucher" and cite["source"]["url"].startswith("http")
+    assert cite["region"] and cite["effective_date"]
+    assert meta["spoken"] and len(meta["spoken"]) <= 160
+
+
+def test_cross_region_filing_is_answered_with_a_source(client):
+    reply, _ = ask(client, "异地就医怎么备案")
+    assert reply["meta"]["outcome"] == "answered"
+    assert reply["meta"]["citations"][0]["topic"] == "cross_region"
+    assert "备案" in reply["text"]
+
+
+def test_reimbursement_materials_are_answered_with_a_source(client):
+    reply, _ = ask(client, "住院了报销需要带什么材料")
+    assert reply["meta"]["outcome"] == "answered"
+    cite = reply["meta"]["citations"][0]
+    assert cite["topic"] in ("reimbursement", "cross_region")
+    assert "发票" in reply["text"] + "".join(reply["meta"]["steps"])
+
+
+def test_asking_for_a_person_escalates_and_queues_the_conversation(client):
+    reply, (sid, auth) = ask(client, "转人工")
+    assert reply["meta"]["intent"] == "request_human"
+    assert reply["meta"]["outcome"] == "escalated"
+    assert client.get(f"/api/sessions/{sid}/messages", headers=auth).json()["status"] == "escalated"
+
+
+def test_a_conversation_keeps_its_transcript_in_order(client):
+    _, session = ask(client, "你好")
+    ask(client, "异地就医怎么备案", session)
+    sid, auth = session
+    messages = client.get(f"/api/sessions/{sid}/messages", headers=auth).json()["messages"]
+    assert [m["role"] for m in messages] == ["resident", "bot", "resident", "bot"]
+    assert [m["seq"] for m in messages] == [1, 2, 3, 4]
+    assert messages[1]["meta"]["intent"] == "greet"
+
+
+def test_out_of_scope_gets_a_polite_answer(client):
+    reply, _ = ask(client, "今天天气怎么样")
+    assert reply["meta"]["outcome"] == "abstained"
+    assert "医保" in reply["text"]
+
+
+def test_websocket_chat_through_rasa(stack, client):
+    created = client.post("/api/sessions", json={}).json()
+    url = stack["url"].replace("http", "ws") + f"/api/sessions/{created['session_id']}/ws?token={created['token']}"
+    with websockets.sync.client.connect(url, open_timeout=10) as ws:
+        ws.send(json.dumps({"text": "医保码怎么开通"}))
+        events = []
+        while len([e for e in events if e["type"] == "message"]) < 2:
+            events.append(json.loads(ws.recv(timeout=30)))
+    bot = [e["message"] for e in events if e["type"] == "message" and e["message"]["role"] == "bot"]
+    assert bot and bot[0]["meta"]["citations"][0]["topic"] == "e_voucher"
