@@ -27,7 +27,11 @@ def open_knowledge_base(
     for problem in corpus.problems:
         log.warning("%s", problem)
     text = TextProcessor()
-    embedder = embedder or Embedder(settings.effective_embedding_model, prefix=settings.embedding_query_prefix)
+    # One inference thread: under concurrent chats, parallel requests use the cores better than
+    # torch's intra-op threads fighting over them.
+    embedder = embedder or Embedder(
+        settings.effective_embedding_model, prefix=settings.embedding_query_prefix, threads=settings.embedding_threads
+    )
     if settings.kb_backend == "elasticsearch":
         from knowledge_base.elasticsearch_backend import ElasticsearchBackend
 

@@ -30,3 +30,11 @@ def test_environment_overrides(monkeypatch):
 def test_every_setting_is_documented():
     for name, field in Settings.model_fields.items():
         assert field.description, name
+
+
+def test_readme_documents_every_setting():
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for name in Settings.model_fields:
+        assert f"`XIAOZHI_{name.upper()}`" in readme, name

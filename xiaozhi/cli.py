@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xiaozhi.settings import Settings, get_settings
+from xiaozhi.settings import REPO_ROOT, Settings, get_settings
 
 app = typer.Typer(help="医保小智: the medical-insurance assistant.", no_args_is_help=True, add_completion=False)
 kb_app = typer.Typer(help="Knowledge base: validate, index, search.", no_args_is_help=True)
@@ -77,7 +77,7 @@ def show_settings(markdown: Annotated[bool, typer.Option(help="Print the documen
         for name, field in Settings.model_fields.items():
             default = field.default
             if isinstance(default, Path):
-                default = str(default).replace(str(Path.home()), "~")
+                default = str(default).replace(str(REPO_ROOT), "<repo>").replace(str(Path.home()), "~")
             typer.echo(f"| `XIAOZHI_{name.upper()}` | `{default}` | {field.description} |")
         return
     typer.echo(_settings().model_dump_json(indent=2))

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
         description="SentenceTransformer model path or name; default the offline e5-small built at setup.",
     )
     embedding_query_prefix: str = Field("query: ", description="Prefix e5-style models want on every text.")
+    embedding_threads: int = Field(1, description="Torch threads for query embedding in the hub.")
     kb_abstain_threshold: float = Field(
         0.50, description="Below this confidence (0..1) the knowledge base abstains instead of answering."
     )
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
     # --- rasa ----------------------------------------------------------------------------------
     rasa_venv: Path = Field(REPO_ROOT / ".venv-rasa", description="Virtual environment holding Rasa 3.6.")
     rasa_startup_timeout_s: float = Field(
-        300.0, description="Seconds `xiaozhi run` waits for Rasa to load its model (≈105 s here)."
+        300.0, description="Seconds `xiaozhi run` waits for Rasa to load its model (about 20 s on 2 cores)."
     )
 
     log_level: str = Field("INFO", description="Log level of the hub.")

@@ -1,0 +1,134 @@
+"""Chat round-trip latency through hub + Rasa + action server + knowledge base.
+
+Starts `xiaozhi run` on free ports (timing its cold start until every service is healthy), then
+sends MESSAGES messages over SESSIONS concurrent chat sessions and prints p50/p95 latency and
+throughput. `--url` measures an already running hub instead.
+
+    .venv/bin/python bench/chat_latency.py [--messages 200] [--sessions 10] [--url http://127.0.0.1:8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+QUESTIONS = [
+    "医保电子凭证怎么激活",
+    "异地就医怎么备案",
+    "住院了报销需要带什么材料",
+    "医保码在微信里怎么开通",
+    "我妈在老家住院了，钱怎么报",
+    "门诊慢特病怎么申请",
+    "你好",
+    "谢谢",
+    "灵活就业人员怎么交医保",
+    "一地就依备案要多久",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def start_stack() -> tuple[subprocess.Popen, str, float, Path]:
+    var = Path(tempfile.mkdtemp(prefix="xiaozhi-bench-"))
+    ports = {"XIAOZHI_HUB_PORT": free_port(), "XIAOZHI_RASA_PORT": free_port(), "XIAOZHI_ACTIONS_PORT": free_port()}
+    env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), **{k: str(v) for k, v in ports.items()})
+    log = var / "run.log"
+    started = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "xiaozhi", "run"], cwd=REPO, env=env, stdout=out, stderr=out)
+    while "is running" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() - started > 600:
+            proc.kill()
+            raise SystemExit(f"xiaozhi run failed:\n{log.read_text()}")
+        time.sleep(0.25)
+    return proc, f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", time.monotonic() - started, log
+
+
+async def session_worker(client: httpx.AsyncClient, count: int, offset: int, latencies: list[float], errors: list[str]):
+    created = (await client.post("/api/sessions", json={})).json()
+    sid, auth = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
+    for i in range(count):
+        text = QUESTIONS[(offset + i) % len(QUESTIONS)]
+        t0 = time.perf_counter()
+        r = await client.post(f"/api/sessions/{sid}/messages", json={"text": text}, headers=auth)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        if r.status_code != 200 or not r.json().get("replies"):
+            errors.append(f"{r.status_code} {r.text[:120]}")
+        elif r.json()["replies"][0]["meta"].get("degraded"):
+            errors.append("degraded reply (Rasa not answering)")
+
+
+async def load(url: str, messages: int, sessions: int) -> dict:
+    latencies: list[float] = []
+    errors: list[str] = []
+    per_session = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        # Warm-up: first calls pay for lazy initialisation in Rasa and the hub.
+        await session_worker(client, 3, 0, [], [])
+        t0 = time.perf_counter()
+        await asyncio.gather(*(session_worker(client, n, i, latencies, errors) for i, n in enumerate(per_session)))
+        wall = time.perf_counter() - t0
+    return {
+        "messages": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "p50_ms": statistics.median(latencies),
+        "p95_ms": percentile(latencies, 0.95),
+        "max_ms": max(latencies),
+        "messages_per_s": len(latencies) / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--url", help="measure this running hub instead of starting one")
+    args = parser.parse_args()
+
+    proc = None
+    if args.url:
+        url, cold = args.url, None
+    else:
+        proc, url, cold, _ = start_stack()
+    try:
+        result = asyncio.run(load(url, args.messages, args.sessions))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    print(f"chat latency: {result['messages']} messages over {args.sessions} concurrent sessions "
+          f"(hub + Rasa + action server + knowledge base, {os.cpu_count()} cores)")
+    if cold is not None:
+        print(f"  cold start of `xiaozhi run` until all healthy: {cold:.1f} s")
+    print(f"  p50 {result['p50_ms']:.0f} ms   p95 {result['p95_ms']:.0f} ms   max {result['max_ms']:.0f} ms")
+    print(f"  throughput {result['messages_per_s']:.1f} messages/s   errors {result['errors']}")
+    for sample in result["error_samples"]:
+        print(f"  error: {sample}")
+    print(f"  target p95 < 300 ms: {'met' if result['p95_ms'] < 300 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
