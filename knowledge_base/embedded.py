@@ -34,9 +34,9 @@ def entry_texts(entry: Entry) -> list[str]:
     return [entry.title, *entry.questions]
 
 
-def _lexical_documents(entry: Entry, text: TextProcessor) -> dict[str, str]:
+def lexical_documents(entry: Entry, text: TextProcessor) -> dict[str, str]:
     asked = text.normalise(" ".join([entry.title, *entry.questions, *entry.tags]))
-    answer = text.normalise(" ".join([entry.spoken, entry.answer, *entry.steps]))
+    answer = text.normalise(" ".join([entry.spoken, entry.answer, *entry.steps]), correct=False)
     return {
         "words": " ".join(text.words(asked)),
         "chars": " ".join(text.char_ngrams(asked)),
@@ -73,7 +73,7 @@ class EmbeddedBackend:
         writer = index.writer(heap_size=50_000_000, num_threads=1)
         for pos, entry in enumerate(entries):
             doc = tantivy.Document()
-            for name, value in _lexical_documents(entry, self.text).items():
+            for name, value in lexical_documents(entry, self.text).items():
                 doc.add_text(name, value)
             doc.add_unsigned("pos", pos)
             writer.add_document(doc)
@@ -136,6 +136,24 @@ def _cache_key(corpus: Corpus, embedder: Embedder) -> str:
     return f"{corpus.fingerprint}-{embedder.fingerprint}"
 
 
+def mark_current(index_dir: Path, name: str) -> None:
+    """Record which index is current; running hubs poll this file to reload (atomic replace)."""
+    current = index_dir / "CURRENT"
+    if current.exists() and current.read_text() == name:
+        return
+    index_dir.mkdir(parents=True, exist_ok=True)
+    tmp = index_dir / "CURRENT.tmp"
+    tmp.write_text(name)
+    tmp.replace(current)
+
+
+def current_generation(index_dir: Path) -> str | None:
+    try:
+        return (index_dir / "CURRENT").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def encode_corpus(
     corpus: Corpus,
     embedder: Embedder,
@@ -149,6 +167,7 @@ def encode_corpus(
     if (target / "manifest.json").exists():
         vectors = np.load(target / "vectors.npy")
         owners = np.load(target / "owners.npy")
+        mark_current(index_dir, target.name)
         return vectors, owners, target
     texts: list[str] = []
     owners_list: list[int] = []
@@ -183,7 +202,7 @@ def encode_corpus(
     )
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    (index_dir / "CURRENT").write_text(target.name)
+    mark_current(index_dir, target.name)
     log.info("encoded %d texts of %d entries in %.1f s", len(texts), len(corpus.entries), time.perf_counter() - started)
     return vectors, owners, target
 

@@ -7,7 +7,7 @@ from typing import Callable
 
 from knowledge_base.embedder import Embedder
 from knowledge_base.loader import CorpusError, load_corpus
-from knowledge_base.search import KnowledgeBase
+from knowledge_base.search import Calibration, KnowledgeBase
 from knowledge_base.text import TextProcessor
 from xiaozhi.settings import Settings
 
@@ -47,4 +47,6 @@ def open_knowledge_base(
         abstain_threshold=settings.kb_abstain_threshold,
         top_k=settings.kb_top_k,
         default_region=settings.default_region,
+        calibration=Calibration(dense_mid=settings.kb_confidence_midpoint),
+        embedder=embedder,
     )

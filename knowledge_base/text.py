@@ -7,6 +7,7 @@ Residents say 医保码 where policies say 医保电子凭证, and speech recogn
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,15 +30,39 @@ STOPWORDS = frozenset(
 )
 
 
+_SPOKEN_DIGITS = {"幺": "1", "一": "1", "二": "2", "两": "2", "三": "3", "四": "4", "五": "5",
+                  "六": "6", "七": "7", "八": "8", "九": "9", "零": "0", "〇": "0"}
+_SPOKEN_NUMBER = re.compile(f"[{''.join(_SPOKEN_DIGITS)}]{{3,}}")
+
+
+def spoken_digits_to_arabic(text: str) -> str:
+    """Numbers read digit by digit (幺二三九三, as on the phone) become 12393; shorter runs are words."""
+    return _SPOKEN_NUMBER.sub(lambda m: "".join(_SPOKEN_DIGITS[c] for c in m.group()), text)
+
+
 def normalise_width(text: str) -> str:
-    """Full-width letters and digits to half-width, lower case, collapsed spaces."""
+    """Full-width letters and digits to half-width, lower case, collapsed spaces, spoken digit runs."""
     text = unicodedata.normalize("NFKC", text)
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return spoken_digits_to_arabic(re.sub(r"\s+", " ", text).strip().lower())
 
 
 def toneless_pinyin(text: str) -> list[str]:
     """One syllable per Han character; other characters pass through as they are."""
     return lazy_pinyin(text, style=Style.NORMAL, errors=lambda chars: list(chars))
+
+
+# rjieba keeps one process-wide dictionary in a Rust cell: adding a word while another thread
+# cuts text fails with "Already borrowed". Words are added once, and cutting takes the same lock.
+_JIEBA_LOCK = threading.Lock()
+_JIEBA_WORDS: set[str] = set()
+
+
+def _add_words(words: list[str]) -> None:
+    with _JIEBA_LOCK:
+        for word in words:
+            if word not in _JIEBA_WORDS:
+                rjieba.add_word(word, None, None)
+                _JIEBA_WORDS.add(word)
 
 
 @dataclass(frozen=True)
@@ -57,11 +82,10 @@ class TextProcessor:
 
     def __init__(self, lexicon: Lexicon | None = None) -> None:
         self.lexicon = lexicon or Lexicon.load()
-        for term in self.lexicon.terms:
-            rjieba.add_word(term, None, None)
+        words = list(self.lexicon.terms)
         for canonical in self.lexicon.synonyms.values():
-            for word in canonical.split():
-                rjieba.add_word(word, None, None)
+            words.extend(canonical.split())
+        _add_words(words)
         # Longest synonym first, so 外省看病 wins over 看病-level rules.
         self._synonyms = sorted(self.lexicon.synonyms.items(), key=lambda kv: -len(kv[0]))
 
@@ -104,9 +128,15 @@ class TextProcessor:
                 i += 1
         return "".join(out)
 
-    def normalise(self, text: str) -> str:
-        """Width/case folding, homophone correction, then colloquial synonyms appended as canon."""
-        text = self.correct_homophones(normalise_width(text))
+    def normalise(self, text: str, *, correct: bool = True) -> str:
+        """Width/case folding, homophone correction, then colloquial synonyms appended as canon.
+
+        Long answer texts may skip the per-character homophone pass (``correct=False``): they are
+        written correctly, and it is the costliest step of indexing 10,000 entries.
+        """
+        text = normalise_width(text)
+        if correct:
+            text = self.correct_homophones(text)
         additions = []
         for colloquial, canonical in self._synonyms:
             if colloquial in text and canonical not in text:
@@ -115,9 +145,11 @@ class TextProcessor:
 
     def words(self, text: str) -> list[str]:
         """Search-mode jieba words without stop words or punctuation (text already normalised)."""
+        with _JIEBA_LOCK:
+            cut = rjieba.cut_for_search(text)
         return [
             w
-            for w in rjieba.cut_for_search(text)
+            for w in cut
             if w.strip() and w not in STOPWORDS and not _TOKEN_JUNK.match(w)
         ]
 

@@ -9,6 +9,17 @@ ROOT=$PWD
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
+mkdir -p var
+LOG=var/setup.log
+# Run a noisy step with its output in var/setup.log; on failure show the end of it and stop.
+quiet() {
+  local what=$1; shift
+  if ! "$@" >>"$LOG" 2>&1; then
+    tail -n 25 "$LOG" >&2
+    die "$what (full log: $LOG)"
+  fi
+}
+
 # --- Debian packages ------------------------------------------------------------------------------
 # espeak-ng: the Mandarin voice behind pyttsx3 (phone line). sox: audio conversion for tests.
 APT_PACKAGES=(espeak-ng sox)
@@ -50,12 +61,12 @@ APP_STAMP=$(stamp_of requirements/app.lock.txt pyproject.toml)
 if [[ "$(cat .venv/.xiaozhi-stamp 2>/dev/null)" != "$APP_STAMP" ]]; then
   say "creating .venv (Python 3.11: hub, knowledge base, speech, video) — about 2 minutes"
   [[ -x .venv/bin/python ]] || "$PY311" -m venv .venv || die "could not create .venv with $PY311"
-  .venv/bin/pip install -q --upgrade pip || die "pip upgrade failed: check access to PyPI"
+  quiet "pip upgrade failed: check access to PyPI" .venv/bin/pip install --upgrade pip
   # torch first, by exact version: the CPU wheel; an unpinned torch pulls GBs of CUDA packages.
-  .venv/bin/pip install -q torch==2.13.0 || die "installing torch 2.13.0 failed: check access to PyPI"
+  quiet "installing torch 2.13.0 failed: check access to PyPI" .venv/bin/pip install torch==2.13.0
   grep -v '^torch==' requirements/app.lock.txt > .venv/requirements.lock
-  .venv/bin/pip install -q -r .venv/requirements.lock || die "installing requirements/app.lock.txt failed"
-  .venv/bin/pip install -q --no-deps -e . || die "installing the project into .venv failed"
+  quiet "installing requirements/app.lock.txt failed: check access to PyPI" .venv/bin/pip install -r .venv/requirements.lock
+  quiet "installing the project into .venv failed" .venv/bin/pip install --no-deps -e .
   echo "$APP_STAMP" > .venv/.xiaozhi-stamp
 fi
 
@@ -63,10 +74,10 @@ RASA_STAMP=$(stamp_of requirements/rasa.lock.txt)
 if [[ "$(cat .venv-rasa/.xiaozhi-stamp 2>/dev/null)" != "$RASA_STAMP" ]]; then
   say "creating .venv-rasa (Python 3.10: Rasa 3.6.21 and the action server) — about 3 minutes"
   [[ -x .venv-rasa/bin/python ]] || "$PY310" -m venv .venv-rasa || die "could not create .venv-rasa with $PY310"
-  .venv-rasa/bin/pip install -q 'pip==24.3.1' || die "pip install failed: check access to PyPI"
+  quiet "pip install failed: check access to PyPI" .venv-rasa/bin/pip install 'pip==24.3.1'
   # The lock pins all ~160 packages (jax/jaxlib included): unpinned, pip spends ~10 min backtracking.
-  .venv-rasa/bin/pip install -q -r requirements/rasa.lock.txt 'setuptools==70.3.0' \
-    || die "installing requirements/rasa.lock.txt failed"
+  quiet "installing requirements/rasa.lock.txt failed: check access to PyPI" \
+    .venv-rasa/bin/pip install -r requirements/rasa.lock.txt 'setuptools==70.3.0'
   echo "$RASA_STAMP" > .venv-rasa/.xiaozhi-stamp
 fi
 

@@ -42,7 +42,9 @@ def knowledge_base(settings: Settings):
 @pytest.fixture
 def hub_settings(settings: Settings, tmp_path: Path) -> Settings:
     """A hub with its own database; Rasa's port has nothing listening (degraded mode) unless a test starts it."""
-    return settings.model_copy(update={"var_dir": tmp_path, "rasa_url": f"http://127.0.0.1:{free_port()}"})
+    return settings.model_copy(
+        update={"var_dir": tmp_path, "rasa_url": f"http://127.0.0.1:{free_port()}", "kb_reload_interval_s": 0}
+    )
 
 
 @pytest.fixture

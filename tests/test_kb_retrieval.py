@@ -83,3 +83,8 @@ def test_hangzhou_resident_is_answered_from_the_hangzhou_pack(knowledge_base):
 def test_empty_question_abstains(knowledge_base):
     result = knowledge_base.search("   ")
     assert result.abstain and not result.hits
+
+
+def test_numbers_read_digit_by_digit_become_digits(text):
+    assert "12393" in text.normalise("幺二三九三是干啥的")
+    assert text.normalise("一二级医院") == "一二级医院"

@@ -97,9 +97,18 @@ def _open_kb(progress: bool = False):
             bar = tqdm(total=total, desc="encoding entries", unit="text", file=sys.stderr)
         bar.update(done - bar.n)
 
-    kb = open_knowledge_base(_settings(), progress=_progress if progress else None)
-    if bar is not None:
-        bar.close()
+    from knowledge_base.elasticsearch_backend import KnowledgeBaseUnavailable
+    from knowledge_base.embedder import EmbeddingModelMissing
+    from knowledge_base.loader import CorpusError
+
+    try:
+        kb = open_knowledge_base(_settings(), progress=_progress if progress else None)
+    except (CorpusError, EmbeddingModelMissing, KnowledgeBaseUnavailable) as exc:
+        _say(f"error: {exc}")
+        raise typer.Exit(2)
+    finally:
+        if bar is not None:
+            bar.close()
     return kb
 
 
@@ -147,6 +156,19 @@ def kb_search(
             e = hit.entry
             typer.echo(f"  {i}. [{hit.score:.4f}] {e.id} ({e.topic_name}, {e.region.label}) {e.title}")
             typer.echo(f"     来源：{e.source.title} {e.source.url} （{e.effective_date}）")
+
+
+@kb_app.command("eval")
+def kb_eval(
+    dev_set: Annotated[Optional[Path], typer.Argument(help="Labelled queries; default tests/data/kb_dev.yaml.")] = None,
+    failures: Annotated[int, typer.Option(help="How many of the worst failures to list.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON.")] = False,
+) -> None:
+    """Top-1, top-3, MRR and abstain precision/recall per topic and kind on a labelled development set."""
+    from knowledge_base.evaluation import main as evaluate_main
+
+    argv = ([str(dev_set)] if dev_set else []) + ["--failures", str(failures)] + (["--json"] if as_json else [])
+    raise typer.Exit(evaluate_main(argv))
 
 
 def main() -> None:

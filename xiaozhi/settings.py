@@ -60,13 +60,22 @@ class Settings(BaseSettings):
     kb_abstain_threshold: float = Field(
         0.50, description="Below this confidence (0..1) the knowledge base abstains instead of answering."
     )
+    kb_confidence_midpoint: float = Field(
+        0.925, description="Dense similarity at which confidence is 0.5; fitted per embedding model (kb eval)."
+    )
     kb_top_k: int = Field(5, description="How many ranked entries a search returns.")
+    kb_reload_interval_s: float = Field(
+        5.0, description="How often the hub checks for a re-indexed knowledge base (0: never)."
+    )
     default_region: str = Field(
         "", description="GB/T 2260 code of the deployment's region (e.g. 330100 杭州); empty: national only."
     )
     es_url: str = Field("http://127.0.0.1:9200", description="Elasticsearch URL (kb_backend=elasticsearch).")
     es_username: str | None = Field(None, description="Elasticsearch user name.")
     es_password: SecretStr | None = Field(None, description="Elasticsearch password.")
+    es_api_key: SecretStr | None = Field(None, description="Elasticsearch API key (instead of user/password).")
+    es_ca_certs: Path | None = Field(None, description="CA bundle for the cluster's TLS certificate (e.g. http_ca.crt).")
+    es_timeout_s: float = Field(10.0, description="Elasticsearch request timeout in seconds.")
     es_index: str = Field("xiaozhi-kb", description="Elasticsearch index alias the hub searches.")
     es_analyzer: str = Field(
         "cjk", description="Chinese analyser of the text fields: ik_max_word / smartcn in production."

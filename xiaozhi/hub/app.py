@@ -22,10 +22,32 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
-def _load_knowledge_base(settings: Settings):
+def _load_knowledge_base(settings: Settings, embedder=None):
     from knowledge_base.factory import open_knowledge_base
 
-    return open_knowledge_base(settings)
+    return open_knowledge_base(settings, embedder=embedder)
+
+
+async def _watch_knowledge_base(app: FastAPI, settings: Settings) -> None:
+    """Reload when `xiaozhi kb index` marks a new index current; the old one serves until then."""
+    from knowledge_base.embedded import current_generation
+
+    loaded = current_generation(settings.kb_index_dir)
+    while True:
+        await asyncio.sleep(settings.kb_reload_interval_s)
+        generation = current_generation(settings.kb_index_dir)
+        if generation is None or generation == loaded:
+            continue
+        old = app.state.knowledge_base
+        try:
+            fresh = await asyncio.to_thread(_load_knowledge_base, settings, getattr(old, "embedder", None))
+        except Exception:  # a broken corpus must not take the running knowledge base down
+            log.exception("reloading the knowledge base failed; still serving generation %s", loaded)
+            loaded = generation
+            continue
+        app.state.knowledge_base = fresh
+        loaded = current_generation(settings.kb_index_dir)
+        log.info("knowledge base reloaded: %d entries (index %s)", len(fresh.entries), loaded)
 
 
 def create_app(settings: Settings | None = None, *, knowledge_base=None) -> FastAPI:
@@ -45,9 +67,15 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         if knowledge_base is None:
             app.state.knowledge_base = await asyncio.to_thread(_load_knowledge_base, settings)
             log.info("knowledge base ready: %d entries", len(app.state.knowledge_base.entries))
+        watcher = (
+            asyncio.create_task(_watch_knowledge_base(app, settings)) if settings.kb_reload_interval_s > 0 else None
+        )
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+            await app.state.conversations.drain(settings.rasa_timeout_s + 5)
             await rasa.close()
             await store.close()
 

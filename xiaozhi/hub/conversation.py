@@ -62,6 +62,16 @@ class ConversationService:
         self._kb = knowledge_base
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._subscribers: dict[str, set[asyncio.Queue]] = defaultdict(set)
+        self._turns: set[asyncio.Task] = set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait for turns in progress to finish (shutdown): their replies are stored before the store closes."""
+        if not self._turns:
+            return True
+        _, pending = await asyncio.wait(set(self._turns), timeout=timeout_s)
+        if pending:
+            log.warning("%d turn(s) still in progress at shutdown", len(pending))
+        return not pending
 
     # -- pub/sub for live channels (WebSocket) --------------------------------------------------
     def subscribe(self, conversation_id: str) -> asyncio.Queue:
@@ -84,6 +94,15 @@ class ConversationService:
     # -- turns ----------------------------------------------------------------------------------
     async def handle(self, conv: Conversation, text: str) -> tuple[Message, list[Message]]:
         """One resident turn. The resident's message is committed before anything else is tried."""
+        # An accepted turn runs to the end even when the resident's connection goes away (which
+        # cancels the request): the reply is stored and waits in the transcript, and a half-done
+        # database transaction is never abandoned.
+        turn = asyncio.create_task(self._handle(conv, text))
+        self._turns.add(turn)
+        turn.add_done_callback(self._turns.discard)
+        return await asyncio.shield(turn)
+
+    async def _handle(self, conv: Conversation, text: str) -> tuple[Message, list[Message]]:
         async with self._locks[conv.id]:
             incoming = await self.store.add_message(conv.id, "resident", text)
             self._publish(conv.id, {"type": "message", "message": message_out(incoming)})
