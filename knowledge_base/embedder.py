@@ -7,6 +7,7 @@ e.g. BAAI/bge-small-zh-v1.5, through XIAOZHI_EMBEDDING_MODEL.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -40,6 +41,7 @@ class Embedder:
         self.dimension = int(dim())
         # Inference is not re-entrant under concurrent threads; one at a time is also fastest on 2 cores.
         self._lock = threading.Lock()
+        self._encode_one_cached = functools.lru_cache(maxsize=4096)(self._encode_one_uncached)
 
     @property
     def fingerprint(self) -> str:
@@ -65,4 +67,10 @@ class Embedder:
         return np.asarray(vectors, dtype=np.float32)
 
     def encode_one(self, text: str) -> np.ndarray:
-        return self.encode([text])[0]
+        """One query's vector. Residents ask the same questions over and over: recent ones are cached."""
+        return self._encode_one_cached(text)
+
+    def _encode_one_uncached(self, text: str) -> np.ndarray:
+        vector = self.encode([text])[0]
+        vector.setflags(write=False)  # shared by every caller of the cache
+        return vector

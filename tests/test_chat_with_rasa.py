@@ -53,11 +53,11 @@ def stack(tmp_path_factory):
             proc.kill()
             pytest.fail(f"xiaozhi run did not come up:\n{log_path.read_text()}")
         time.sleep(1)
-    children = [int(p) for p in re.findall(r"\(pid (\d+)\)", log_path.read_text())]
-    assert len(children) == 3
+    assert len(re.findall(r"\(pid (\d+)\)", log_path.read_text())) == 3
     yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var}
 
-    # Ctrl-C stops everything and leaves no orphan process.
+    # Ctrl-C stops everything, restarted children included, and leaves no orphan process.
+    children = [int(p) for p in re.findall(r"\(pid (\d+)\)", log_path.read_text())]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) in (0, 130)
     time.sleep(0.5)
@@ -148,3 +148,23 @@ def test_websocket_chat_through_rasa(stack, client):
             events.append(json.loads(ws.recv(timeout=30)))
     bot = [e["message"] for e in events if e["type"] == "message" and e["message"]["role"] == "bot"]
     assert bot and bot[0]["meta"]["citations"][0]["topic"] == "e_voucher"
+
+
+def test_a_crashed_action_server_is_restarted_and_residents_still_get_answers(stack, client):
+    """Kept last in the module: it kills a service of the shared stack on purpose."""
+    log = (stack["var"] / "run.log").read_text()
+    pid = int(re.search(r"started action server \(pid (\d+)\)", log).group(1))
+    os.killpg(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    reply, session = ask(client, "医保电子凭证怎么激活")
+    # Whether Rasa noticed yet or not, the resident gets a sourced answer, never silence.
+    assert reply["meta"]["citations"] and reply["meta"]["citations"][0]["topic"] == "e_voucher"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if "action server stopped unexpectedly" in (stack["var"] / "run.log").read_text():
+            reply, _ = ask(client, "异地就医怎么备案", session)
+            if not reply["meta"].get("degraded"):
+                break
+        time.sleep(1)
+    assert not reply["meta"].get("degraded"), (stack["var"] / "run.log").read_text()
+    assert reply["meta"]["citations"][0]["topic"] == "cross_region"

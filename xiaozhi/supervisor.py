@@ -22,6 +22,8 @@ from xiaozhi.rasa_model import rasa_environment
 from xiaozhi.settings import REPO_ROOT, Settings
 
 _PR_SET_PDEATHSIG = 1
+MAX_RESTARTS = 5  # per service within RESTART_WINDOW_S, then `xiaozhi run` gives up loudly
+RESTART_WINDOW_S = 300.0
 
 
 def _child_setup() -> None:
@@ -116,9 +118,12 @@ def run_all(settings: Settings, model: Path, *, log=print) -> int:
     signal.signal(signal.SIGTERM, _stop)
     started = time.monotonic()
     try:
-        for svc in procs:
+        def launch(svc: Service) -> None:
             svc.start()
             log(f"started {svc.name} (pid {svc.proc.pid}), log: {svc.log_path}")
+
+        for svc in procs:
+            launch(svc)
         pending = list(procs)
         while pending and not stopping:
             for svc in list(pending):
@@ -142,11 +147,21 @@ def run_all(settings: Settings, model: Path, *, log=print) -> int:
             f"  action server http://{settings.host}:{settings.actions_port}\n"
             "Press Ctrl-C to stop."
         )
+        restarts: dict[str, list[float]] = {svc.name: [] for svc in procs}
         while not stopping:
             for svc in procs:
-                if not svc.alive():
-                    log(f"{svc.name} stopped unexpectedly (code {svc.proc.returncode}); see {svc.log_path}")
+                if svc.alive():
+                    continue
+                now = time.monotonic()
+                recent = [t for t in restarts[svc.name] if now - t < RESTART_WINDOW_S]
+                if len(recent) >= MAX_RESTARTS:
+                    log(f"{svc.name} keeps failing ({len(recent)} restarts in {RESTART_WINDOW_S:.0f} s); "
+                        f"stopping everything; see {svc.log_path}")
                     return 1
+                # The hub answers from the knowledge base meanwhile: restart, do not give up.
+                log(f"{svc.name} stopped unexpectedly (code {svc.proc.returncode}); restarting; see {svc.log_path}")
+                restarts[svc.name] = recent + [now]
+                launch(svc)
             time.sleep(1.0)
         return 0
     finally:

@@ -22,7 +22,6 @@ DEGRADED_NO_ANSWER = (
 )
 ESCALATION_WORDS = ("转人工", "人工客服", "人工服务", "找人工", "真人", "接线员")
 ESCALATED_REPLY = "好的，正在为您转接人工客服，请稍候。您前面说的内容工作人员都能看到，不用再重复。"
-EMPTY_REPLY = "抱歉，我没有听明白。您可以换个说法，比如“医保电子凭证怎么激活”或“异地就医怎么备案”。"
 
 
 def message_out(msg: Message) -> dict:
@@ -134,7 +133,10 @@ class ConversationService:
             log.error("Rasa unavailable for conversation %s (%s): answering from the knowledge base", conv.id, exc)
             return [await self._degraded_reply(conv, text)], {}
         if not replies:
-            replies = [BotReply(text=EMPTY_REPLY, outcome="clarifying")]
+            # Rasa answered but said nothing: a custom action failed (action server down). The
+            # resident still gets what the knowledge base knows.
+            log.error("Rasa returned no reply for conversation %s (intent %s)", conv.id, understood.get("intent"))
+            replies = [await self._degraded_reply(conv, text)]
         return replies, understood
 
     async def _degraded_reply(self, conv: Conversation, text: str) -> BotReply:
