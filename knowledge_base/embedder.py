@@ -7,10 +7,11 @@ e.g. BAAI/bge-small-zh-v1.5, through XIAOZHI_EMBEDDING_MODEL.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,9 @@ class Embedder:
         self.dimension = int(dim())
         # Inference is not re-entrant under concurrent threads; one at a time is also fastest on 2 cores.
         self._lock = threading.Lock()
-        self._encode_one_cached = functools.lru_cache(maxsize=4096)(self._encode_one_uncached)
+        self.cache_size = 4096
+        self._cache: OrderedDict[str, Future] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     @property
     def fingerprint(self) -> str:
@@ -67,10 +70,27 @@ class Embedder:
         return np.asarray(vectors, dtype=np.float32)
 
     def encode_one(self, text: str) -> np.ndarray:
-        """One query's vector. Residents ask the same questions over and over: recent ones are cached."""
-        return self._encode_one_cached(text)
+        """One query's vector, computed once however many callers ask for it at the same time.
 
-    def _encode_one_uncached(self, text: str) -> np.ndarray:
-        vector = self.encode([text])[0]
-        vector.setflags(write=False)  # shared by every caller of the cache
-        return vector
+        Residents ask the same questions over and over, and the hub starts encoding a question
+        while Rasa is still parsing it (prefetch); the action's search then joins that work.
+        """
+        with self._cache_lock:
+            future = self._cache.get(text)
+            owner = future is None
+            if owner:
+                future = self._cache[text] = Future()
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(text)
+        if owner:
+            try:
+                vector = self.encode([text])[0]
+                vector.setflags(write=False)  # shared by every caller of the cache
+                future.set_result(vector)
+            except BaseException as exc:
+                with self._cache_lock:
+                    self._cache.pop(text, None)
+                future.set_exception(exc)
+        return future.result()

@@ -190,6 +190,13 @@ class KnowledgeBase:
             pinyin=self.text.pinyin_bigrams(normalised),
         )
 
+    def prefetch(self, question: str) -> None:
+        """Start the expensive part of a search (the query vector) ahead of the search itself."""
+        if self.embedder is not None:
+            normalised = self.text.normalise(question)
+            if normalised.strip():
+                self.embedder.encode_one(normalised)
+
     def search(self, question: str, *, region: str | None = None, k: int | None = None) -> SearchResult:
         region_code = region if region is not None else self.default_region
         k = k or self.top_k

@@ -122,6 +122,12 @@ class ConversationService:
             return incoming, stored
 
     async def _dialogue(self, conv: Conversation, text: str) -> tuple[list[BotReply], dict]:
+        kb = self._kb()
+        if kb is not None:
+            # Most turns end in a knowledge-base search: encode the question on the other core
+            # while Rasa parses it, so the action's search finds the vector ready.
+            prefetch = asyncio.get_running_loop().run_in_executor(None, kb.prefetch, text)
+            prefetch.add_done_callback(_log_prefetch_failure)
         try:
             replies, understood = await self.rasa.send(
                 conv.id, text, {"channel": conv.channel, "region": conv.region_code or None}
@@ -162,6 +168,11 @@ class ConversationService:
         conv.status = "escalated"
         log.info("conversation %s escalated (%s), queue item %s", conv.id, reason, esc.id)
         self._publish(conv.id, {"type": "escalated", "queue_id": esc.id})
+
+
+def _log_prefetch_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("query prefetch failed: %s", future.exception())
 
 
 def preview(text: str, limit: int = 80) -> str:
