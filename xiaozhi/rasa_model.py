@@ -30,6 +30,9 @@ def rasa_environment(settings: Settings) -> dict[str, str]:
         SQLALCHEMY_SILENCE_UBER_WARNING="1",
         PYTHONPATH=str(REPO_ROOT),
         SANIC_HOST=settings.host,  # rasa_sdk's action server listens on 0.0.0.0 unless told
+        # DIET is small: TensorFlow's default thread pools only contend with the hub for the cores.
+        TF_INTRA_OP_PARALLELISM_THREADS="1",
+        TF_INTER_OP_PARALLELISM_THREADS="1",
         XIAOZHI_HUB_URL=settings.effective_hub_url,
         XIAOZHI_ACTIONS_URL=f"http://{settings.host}:{settings.actions_port}/webhook",
         XIAOZHI_RASA_TRACKER_DB=str(settings.var_dir / "rasa-tracker.db"),
