@@ -22,7 +22,8 @@ quiet() {
 
 # --- Debian packages ------------------------------------------------------------------------------
 # espeak-ng: the Mandarin voice behind pyttsx3 (phone line). sox: audio conversion for tests.
-APT_PACKAGES=(espeak-ng sox)
+# sip-tester (sipp): the real SIP peer the telephony tests call the user agent with.
+APT_PACKAGES=(espeak-ng sox sip-tester)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,0 +1,724 @@
+"""The SIP user agent (UDP): answers calls from a carrier trunk or a PBX and hands them to a CallHandler.
+
+Server side: INVITE (100 Trying, 180 Ringing, 200 OK with SDP answer retransmitted until ACK),
+ACK, BYE, CANCEL (487 for the pending INVITE), OPTIONS, INFO (dtmf-relay); 405/501 for the rest.
+Client side: its own BYE, routed through the dialog's route set and retransmitted until answered.
+Responses follow the top Via (RFC 3261 18.2.2) with rport/received (RFC 3581).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Coroutine
+
+from .call import Call, CallState, EndReason
+from .g711 import G711Codec
+from .handler import CallHandler
+from .media_stream import MediaStream
+from .privacy import mask_number, mask_sip_text
+from .sdp import NotAcceptable, SdpError, SessionDescription, build_answer, negotiate, parse_sdp
+from .sip_message import (
+    Headers, SipParseError, SipRequest, SipResponse, build_response, new_branch, new_tag, parse_message,
+    parse_name_addr, parse_uri, parse_via, reason_phrase,
+)
+
+log = logging.getLogger("telephony.sip")
+
+ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO")
+KNOWN_NOT_ALLOWED = ("REGISTER", "SUBSCRIBE", "NOTIFY", "MESSAGE", "REFER", "UPDATE", "PRACK", "PUBLISH")
+_DTMF_RELAY = re.compile(r"Signal\s*=\s*([0-9*#A-Da-d])")
+
+
+@dataclass
+class UserAgentConfig:
+    """Settings of the SIP endpoint; every field has a production-sensible default.
+
+    Args:
+        host / port: where SIP is received (UDP).
+        advertised_host: the address put in Contact, Via and SDP (a public or PBX-facing IP);
+            defaults to ``host``, or to the interface facing the caller when ``host`` is 0.0.0.0.
+        rtp_port_range: even RTP ports are taken from this range (open it in the firewall);
+            None lets the OS choose.
+        t1 / t2: RFC 3261 timers (retransmission starts at t1, doubles up to t2, gives up at 64*t1).
+        answer_delay_s: how long to ring before answering.
+        max_calls: further INVITEs get 486 Busy Here.
+        max_datagram_bytes: larger SIP datagrams are dropped unread.
+        rtp_timeout_s: hang up when no RTP arrived for this long (0: never).
+        send_silence: keep sending silence between prompts.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 5060
+    advertised_host: str | None = None
+    rtp_port_range: tuple[int, int] | None = (10000, 20000)
+    t1: float = 0.5
+    t2: float = 4.0
+    answer_delay_s: float = 0.0
+    max_calls: int = 200
+    max_datagram_bytes: int = 8192
+    rtp_timeout_s: float = 60.0
+    send_silence: bool = True
+    user_agent_name: str = "yibao-xiaozhi-telephony/0.1"
+
+
+@dataclass
+class _InviteTransaction:
+    """An INVITE server transaction, and for a 2xx the retransmissions the dialog owes until ACK."""
+
+    request: SipRequest
+    addr: tuple[str, int]
+    call: Call | None = None
+    last_response: bytes | None = None
+    final_status: int | None = None
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Dialog:
+    call: Call
+    local_uri: str  # our To header value (with our tag), the From of our requests
+    remote_uri: str  # their From header value (with their tag)
+    remote_target: str  # their Contact URI
+    route_set: list[str]  # Record-Route values, in order
+    source: tuple[str, int]  # where their INVITE came from
+    local_cseq: int
+    invite_cseq: int
+    sdp_session_id: int
+    sdp_version: int
+    offer: SessionDescription | None = None
+    hangup_pending: bool = False
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def _transaction_key(request: SipRequest) -> tuple[str, ...]:
+    via = request.top_via
+    branch = via.branch or ""
+    if branch.startswith("z9hG4bK"):
+        return (branch, via.sent_by)
+    # RFC 2543 peers: no magic cookie, fall back to the dialog identifiers
+    return (request.call_id, str(request.cseq[0]), request.from_.tag or "", via.sent_by)
+
+
+class UserAgent(asyncio.DatagramProtocol):
+    """Listens for SIP on UDP; each accepted INVITE becomes a :class:`Call` served by ``handler``."""
+
+    def __init__(self, handler: CallHandler, config: UserAgentConfig | None = None) -> None:
+        self.handler = handler
+        self.config = config or UserAgentConfig()
+        self.calls: dict[str, Call] = {}
+        self.stats: dict[str, int] = {
+            "received": 0, "dropped_oversized": 0, "dropped_unparseable": 0, "bad_request": 0,
+            "retransmitted_responses": 0, "calls_answered": 0, "calls_rejected": 0,
+        }
+        self._dialogs: dict[str, _Dialog] = {}
+        self._invites: dict[tuple[str, ...], _InviteTransaction] = {}
+        self._invite_by_cseq: dict[tuple[str, int], _InviteTransaction] = {}
+        self._completed: dict[tuple[str, ...], tuple[bytes, tuple[str, int]]] = {}
+        self._client: dict[str, asyncio.Future[int]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._transport: asyncio.DatagramTransport | None = None
+        self.port: int = self.config.port
+        self._last_garbage_log = -1e9
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(self.config.host, self.config.port))
+        self._transport = transport  # type: ignore[assignment]
+        self.port = transport.get_extra_info("sockname")[1]
+        log.info("SIP user agent listening on udp:%s:%s", self.config.host, self.port)
+
+    async def stop(self) -> None:
+        """Hang up every call (BYE), wait briefly for the answers, and close."""
+        byes = []
+        for call in list(self.calls.values()):
+            dialog = self._dialogs.get(call.call_id)
+            if call.state is CallState.CONFIRMED and dialog is not None:
+                byes.append(self._spawn(self._send_bye(dialog)))
+            await self._end_call(call, EndReason.SHUTDOWN)
+        if byes:
+            await asyncio.wait(byes, timeout=2.0)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sip task failed", exc_info=task.exception())
+
+    # transport -------------------------------------------------------------------------------
+    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
+        self.stats["received"] += 1
+        source = (addr[0], addr[1])
+        if len(data) > self.config.max_datagram_bytes:
+            self.stats["dropped_oversized"] += 1
+            log.warning("dropped an oversized SIP datagram (%d bytes) from %s:%s", len(data), *source)
+            return
+        if not data.strip(b"\r\n\x00 "):
+            return  # keep-alive
+        try:
+            message = parse_message(data)
+            if isinstance(message, SipParseError):
+                self._on_parse_error(message, source, data)
+            elif isinstance(message, SipRequest):
+                self._on_request(message, source)
+            else:
+                self._on_response(message)
+        except Exception:  # nothing a peer sends may take the user agent down
+            log.exception("error handling a SIP datagram from %s:%s", *source)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("SIP socket: %s", exc)
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._transport is not None:
+            self._transport.sendto(data, addr)
+
+    def _local_host(self, toward: str | None = None) -> str:
+        if self.config.advertised_host:
+            return self.config.advertised_host
+        if self.config.host not in ("0.0.0.0", "::", ""):
+            return self.config.host
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((toward or "192.0.2.1", 9))
+                return s.getsockname()[0]
+            except OSError:
+                return "127.0.0.1"
+
+    def _contact(self, toward: str | None = None) -> str:
+        return f"<sip:xiaozhi@{self._local_host(toward)}:{self.port}>"
+
+    # responses -------------------------------------------------------------------------------
+    def _stamp_via(self, request: SipRequest, source: tuple[str, int]) -> SipRequest:
+        """Add received/rport to the top Via (RFC 3261 18.2.1, RFC 3581)."""
+        vias = request.headers.get_all("via")
+        top = parse_via(vias[0])
+        params = dict(top.params)
+        changed = False
+        if top.host.strip("[]") != source[0]:
+            params["received"] = source[0]
+            changed = True
+        if "rport" in params:
+            params["rport"] = str(source[1])
+            params["received"] = source[0]
+            changed = True
+        if not changed:
+            return request
+        port = f":{top.port}" if top.port else ""
+        param_text = "".join(f";{k}={v}" if v else f";{k}" for k, v in params.items())
+        vias[0] = f"SIP/2.0/{top.transport} {top.host}{port}{param_text}"
+        headers = Headers()
+        for v in vias:
+            headers.add("via", v)
+        for name, value in request.headers.items():
+            if name != "via":
+                headers.add(name, value)
+        return SipRequest(request.method, request.uri, headers, request.body)
+
+    def _response_target(self, headers: Headers, source: tuple[str, int]) -> tuple[str, int]:
+        try:
+            via = parse_via(headers.get_all("via")[0])
+        except (ValueError, IndexError):
+            return source
+        if "rport" in via.params:  # RFC 3581: reply to where the request came from
+            rport = via.params["rport"]
+            return (via.params.get("received") or source[0], int(rport) if rport.isdigit() else source[1])
+        host = via.params.get("received") or via.host.strip("[]")
+        if not _is_ip(host):
+            return source  # we do not resolve names for replies; the source is where it came from
+        return (host, via.port or 5060)
+
+    def _reply(self, request: SipRequest, source: tuple[str, int], status: int, **kwargs: Any) -> bytes:
+        extra = list(kwargs.pop("extra", []) or [])
+        extra.append(("server", self.config.user_agent_name))
+        if status in (405, 501) or (request.method == "OPTIONS" and status == 200):
+            extra.append(("allow", ", ".join(ALLOWED_METHODS)))
+        response = build_response(request, status, extra=extra, **kwargs)
+        data = response.to_bytes()
+        self._send(data, self._response_target(request.headers, source))
+        if request.method not in ("INVITE", "ACK"):
+            key = _transaction_key(request) + (request.method,)
+            self._completed[key] = (data, source)
+            asyncio.get_running_loop().call_later(64 * self.config.t1, self._completed.pop, key, None)
+        return data
+
+    def _on_parse_error(self, error: SipParseError, source: tuple[str, int], data: bytes) -> None:
+        self.stats["dropped_unparseable"] += 1
+        if not error.can_reply:
+            now = asyncio.get_running_loop().time()
+            if now - self._last_garbage_log >= 1.0:  # a flood must not flood the logs too
+                self._last_garbage_log = now
+                log.info("ignored unreadable SIP datagrams (%d so far), latest from %s:%s: %s",
+                         self.stats["dropped_unparseable"], source[0], source[1], error.reason)
+            log.debug("unreadable datagram: %r", mask_sip_text(data[:300].decode("utf-8", "replace")))
+            return
+        assert error.headers is not None
+        self.stats["bad_request"] += 1
+        log.info("400 Bad Request to %s:%s (%s)", source[0], source[1], error.reason)
+        response = build_response(None, 400, headers=error.headers, to_tag=new_tag(),
+                                  reason=f"Bad Request ({error.reason})"[:100],
+                                  extra=[("server", self.config.user_agent_name)])
+        self._send(response.to_bytes(), self._response_target(error.headers, source))
+
+    # requests --------------------------------------------------------------------------------
+    def _on_request(self, request: SipRequest, source: tuple[str, int]) -> None:
+        request = self._stamp_via(request, source)
+        method = request.method
+        log.debug("%s from %s:%s call %s", method, source[0], source[1], request.call_id[:12])
+        if method == "ACK":
+            self._on_ack(request)
+            return
+        key = _transaction_key(request)
+        if method == "INVITE" and key in self._invites:
+            tx = self._invites[key]
+            if tx.last_response is not None:  # a retransmitted INVITE: repeat our last answer
+                self.stats["retransmitted_responses"] += 1
+                self._send(tx.last_response, self._response_target(request.headers, source))
+            return
+        cached = self._completed.get(key + (method,))
+        if cached is not None:
+            self.stats["retransmitted_responses"] += 1
+            self._send(cached[0], self._response_target(request.headers, source))
+            return
+        if method == "CANCEL":
+            self._on_cancel(request, source)
+            return
+        mf = request.headers.get("max-forwards")
+        if mf is not None and int(mf) == 0 and method != "OPTIONS":
+            self._reply(request, source, 483, to_tag=new_tag())
+            return
+        require = request.headers.get_all("require")
+        if require and method != "CANCEL":
+            self._reply(request, source, 420, to_tag=new_tag(), extra=[("unsupported", ", ".join(require))])
+            return
+        if method == "INVITE":
+            self._on_invite(request, source, key)
+        elif method == "BYE":
+            self._on_bye(request, source)
+        elif method == "OPTIONS":
+            self._reply(request, source, 200, to_tag=None if request.to.tag else new_tag(),
+                        extra=[("accept", "application/sdp"), ("contact", self._contact(source[0]))])
+        elif method == "INFO":
+            self._on_info(request, source)
+        elif method in KNOWN_NOT_ALLOWED:
+            self._reply(request, source, 405, to_tag=None if request.to.tag else new_tag())
+        else:
+            self._reply(request, source, 501, to_tag=None if request.to.tag else new_tag())
+
+    def _dialog_for(self, request: SipRequest) -> _Dialog | None:
+        dialog = self._dialogs.get(request.call_id)
+        if dialog is None:
+            return None
+        if request.to.tag != dialog.call.local_tag or request.from_.tag != dialog.call.remote_tag:
+            return None
+        if dialog.call.state is CallState.ENDED:
+            return None  # kept only so retransmissions are absorbed; new requests get 481
+        return dialog
+
+    # INVITE ----------------------------------------------------------------------------------
+    def _on_invite(self, request: SipRequest, source: tuple[str, int], key: tuple[str, ...]) -> None:
+        if request.to.tag:
+            self._on_reinvite(request, source, key)
+            return
+        tx = _InviteTransaction(request, source)
+        self._invites[key] = tx
+        self._invite_by_cseq[(request.call_id, request.cseq[0])] = tx
+        trying = build_response(request, 100, extra=[("server", self.config.user_agent_name)]).to_bytes()
+        tx.last_response = trying
+        self._send(trying, self._response_target(request.headers, source))
+        self._spawn(self._answer(tx, key))
+
+    def _final(self, tx: _InviteTransaction, key: tuple[str, ...], status: int, *, to_tag: str,
+               extra: list[tuple[str, str]] | None = None, body: bytes = b"") -> None:
+        """Send a final response to an INVITE and retransmit it until ACK (or 64*T1)."""
+        extra = list(extra or []) + [("server", self.config.user_agent_name)]
+        response = build_response(tx.request, status, to_tag=to_tag, extra=extra, body=body,
+                                  copy_record_route=200 <= status < 300)
+        tx.final_status = status
+        tx.last_response = response.to_bytes()
+        self._send(tx.last_response, self._response_target(tx.request.headers, tx.addr))
+        self._spawn(self._retransmit_final(tx, key))
+
+    async def _retransmit_final(self, tx: _InviteTransaction, key: tuple[str, ...]) -> None:
+        t1, t2 = self.config.t1, self.config.t2
+        interval, waited = t1, 0.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 64 * t1
+        try:
+            while not tx.acked.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(tx.acked.wait(), min(interval, remaining))
+                except asyncio.TimeoutError:
+                    if loop.time() >= deadline:
+                        break
+                    assert tx.last_response is not None
+                    self.stats["retransmitted_responses"] += 1
+                    self._send(tx.last_response, self._response_target(tx.request.headers, tx.addr))
+                    waited += interval
+                    interval = min(interval * 2, t2)
+            if not tx.acked.is_set() and tx.final_status is not None and 200 <= tx.final_status < 300 and tx.call:
+                log.warning("call %s: no ACK for 200 OK after %.1f s, hanging up", tx.call.call_id[:8], 64 * t1)
+                dialog = self._dialogs.get(tx.call.call_id)
+                if dialog is not None:
+                    self._spawn(self._send_bye(dialog))
+                await self._end_call(tx.call, EndReason.ACK_TIMEOUT)
+        finally:
+            # keep absorbing retransmitted INVITEs a little longer, then forget the transaction
+            loop.call_later(max(0.0, deadline - loop.time()) + 1.0, self._forget_invite, key, tx)
+
+    def _forget_invite(self, key: tuple[str, ...], tx: _InviteTransaction) -> None:
+        if self._invites.get(key) is tx:
+            del self._invites[key]
+        cseq_key = (tx.request.call_id, tx.request.cseq[0])
+        if self._invite_by_cseq.get(cseq_key) is tx:
+            del self._invite_by_cseq[cseq_key]
+
+    async def _answer(self, tx: _InviteTransaction, key: tuple[str, ...]) -> None:
+        request, source = tx.request, tx.addr
+        local_tag = new_tag()
+        content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if len(self.calls) >= self.config.max_calls:
+            self.stats["calls_rejected"] += 1
+            self._final(tx, key, 486, to_tag=local_tag)
+            return
+        if request.call_id in self._dialogs:
+            self._final(tx, key, 482, to_tag=local_tag)  # a merged request (RFC 3261 8.2.2.2)
+            return
+        if not request.body:
+            # delayed offer is not supported yet: an SDP offer must come with the INVITE
+            self.stats["calls_rejected"] += 1
+            self._final(tx, key, 488, to_tag=local_tag, extra=[("warning", '399 xiaozhi "SDP offer required"')])
+            return
+        if content_type != "application/sdp":
+            self._final(tx, key, 415, to_tag=local_tag, extra=[("accept", "application/sdp")])
+            return
+        offer = parse_sdp(request.body)
+        if isinstance(offer, SdpError):
+            log.info("400 for an INVITE with bad SDP (%s)", offer.reason)
+            self._final(tx, key, 400, to_tag=local_tag, extra=[("warning", '399 xiaozhi "Bad SDP"')])
+            return
+        try:
+            agreed = negotiate(offer)
+        except NotAcceptable as exc:
+            self.stats["calls_rejected"] += 1
+            log.info("488 for call %s: %s", request.call_id[:12], exc)
+            self._final(tx, key, 488, to_tag=local_tag, extra=[("warning", '304 xiaozhi "Media type not available"')])
+            return
+        try:
+            from_ = request.from_
+            to = request.to
+            ruri = parse_uri(request.uri)
+            contact_values = request.headers.get_all("contact")
+            remote_target = parse_name_addr(contact_values[0]).uri if contact_values else from_.uri
+        except (ValueError, IndexError):
+            self._final(tx, key, 400, to_tag=local_tag)
+            return
+        caller = from_.uri.user
+        pai = request.headers.get_all("p-asserted-identity")
+        if pai:
+            try:
+                caller = parse_name_addr(pai[0]).uri.user or caller
+            except ValueError:
+                pass
+        dialled = ruri.user or to.uri.user
+        codec = G711Codec(agreed.codec)
+        holder: dict[str, Call] = {}
+        media = MediaStream(
+            codec=codec, dtmf_payload_type=agreed.dtmf_payload_type,
+            remote=(agreed.remote_address, agreed.remote_port) if agreed.remote_address else None,
+            on_audio=lambda frame: holder["call"]._push_audio(frame) if holder else None,
+            on_dtmf=lambda digit: holder["call"]._push_dtmf(digit) if holder else None,
+            send_silence=self.config.send_silence, label=request.call_id[:8],
+        )
+        media.send_enabled = agreed.direction in ("sendrecv", "sendonly")
+        try:
+            rtp_port = await media.open(self.config.host or "0.0.0.0", self.config.rtp_port_range)
+        except OSError as exc:
+            log.error("no RTP port for call %s: %s", request.call_id[:12], exc)
+            self._final(tx, key, 503, to_tag=local_tag, extra=[("retry-after", "5")])
+            return
+        call = Call(call_id=request.call_id, caller=caller, caller_display=from_.display, dialled=dialled,
+                    local_tag=local_tag, remote_tag=from_.tag or "", media=media, codec=agreed.codec,
+                    on_hangup=self._hangup_requested)
+        holder["call"] = call
+        tx.call = call
+        self.calls[call.call_id] = call
+        dialog = _Dialog(
+            call=call, local_uri=f"{request.headers.get('to')};tag={local_tag}", remote_uri=request.headers.get("from") or "",
+            remote_target=str(remote_target), route_set=request.headers.get_all("record-route"), source=source,
+            local_cseq=secrets.randbelow(10000) + 1, invite_cseq=request.cseq[0],
+            sdp_session_id=secrets.randbelow(2**31), sdp_version=1, offer=offer,
+        )
+        self._dialogs[call.call_id] = dialog
+        log.info("call %s from %s to %s (%s%s)", call.call_id[:8], mask_number(caller), mask_number(dialled),
+                 agreed.codec, ", telephone-event" if agreed.dtmf_payload_type is not None else "")
+        contact = ("contact", self._contact(source[0]))
+        ringing = build_response(request, 180, to_tag=local_tag, copy_record_route=True,
+                                 extra=[contact, ("server", self.config.user_agent_name)]).to_bytes()
+        tx.last_response = ringing
+        self._send(ringing, self._response_target(request.headers, source))
+        if self.config.answer_delay_s > 0:
+            try:
+                await asyncio.wait_for(tx.cancelled.wait(), self.config.answer_delay_s)
+            except asyncio.TimeoutError:
+                pass
+        if tx.cancelled.is_set() or call.state is CallState.ENDED:
+            return
+        host = self._local_host(source[0])
+        answer = build_answer(offer, agreed, address=host, port=rtp_port,
+                              session_id=dialog.sdp_session_id, version=dialog.sdp_version)
+        call.state = CallState.ANSWERED
+        self.stats["calls_answered"] += 1
+        self._final(tx, key, 200, to_tag=local_tag, body=answer, extra=[
+            contact, ("allow", ", ".join(ALLOWED_METHODS)), ("content-type", "application/sdp")])
+        media.start()
+        self._spawn(self._watch_media(call))
+
+    def _on_reinvite(self, request: SipRequest, source: tuple[str, int], key: tuple[str, ...]) -> None:
+        """A mid-call INVITE (hold, session refresh, media change): answer with our current stream."""
+        dialog = self._dialog_for(request)
+        if dialog is None:
+            self._reply(request, source, 481)
+            return
+        tx = _InviteTransaction(request, source, call=None)
+        self._invites[key] = tx
+        self._invite_by_cseq[(request.call_id, request.cseq[0])] = tx
+        call = dialog.call
+        offer = parse_sdp(request.body) if request.body else None
+        if offer is None:
+            offer = dialog.offer  # no offer: repeat our current answer
+        if offer is None or isinstance(offer, SdpError):
+            self._final(tx, key, 400, to_tag=call.local_tag)
+            return
+        try:
+            agreed = negotiate(offer)
+        except NotAcceptable:
+            self._final(tx, key, 488, to_tag=call.local_tag)
+            return
+        media = call.media
+        media.codec = G711Codec(agreed.codec)
+        media.dtmf_payload_type = agreed.dtmf_payload_type
+        media.remote = (agreed.remote_address, agreed.remote_port) if agreed.remote_address else None
+        media.send_enabled = agreed.remote_address is not None and agreed.direction in ("sendrecv", "sendonly")
+        call.codec = agreed.codec
+        dialog.offer = offer
+        dialog.sdp_version += 1
+        answer = build_answer(offer, agreed, address=self._local_host(source[0]), port=media.local_port or 0,
+                              session_id=dialog.sdp_session_id, version=dialog.sdp_version)
+        self._final(tx, key, 200, to_tag=call.local_tag, body=answer,
+                    extra=[("contact", self._contact(source[0])), ("content-type", "application/sdp")])
+
+    def _on_ack(self, request: SipRequest) -> None:
+        try:
+            tx = self._invite_by_cseq.get((request.call_id, request.cseq[0]))
+        except ValueError:
+            return
+        if tx is None or tx.acked.is_set():
+            return
+        tx.acked.set()
+        call = tx.call
+        if call is None or tx.final_status is None or not 200 <= tx.final_status < 300:
+            return
+        if call.state is CallState.ANSWERED:
+            call._begin(self.handler)
+            dialog = self._dialogs.get(call.call_id)
+            if dialog is not None and dialog.hangup_pending:
+                self._hangup_requested(call, EndReason.LOCAL_HANGUP)
+
+    def _on_cancel(self, request: SipRequest, source: tuple[str, int]) -> None:
+        tx = self._invites.get(_transaction_key(request))
+        if tx is None or tx.request.method != "INVITE":
+            self._reply(request, source, 481, to_tag=new_tag())
+            return
+        self._reply(request, source, 200, to_tag=tx.call.local_tag if tx.call else new_tag())
+        if tx.final_status is not None:
+            return  # already answered: CANCEL has no effect
+        tx.cancelled.set()
+        call = tx.call
+        key = _transaction_key(tx.request)
+        self._final(tx, key, 487, to_tag=call.local_tag if call else new_tag())
+        if call is not None:
+            log.info("call %s cancelled before answer", call.call_id[:8])
+            self._spawn(self._end_call(call, EndReason.CANCELLED))
+
+    def _on_bye(self, request: SipRequest, source: tuple[str, int]) -> None:
+        dialog = self._dialog_for(request)
+        if dialog is None:
+            self._reply(request, source, 481)
+            return
+        self._reply(request, source, 200)
+        log.info("call %s: caller hung up", dialog.call.call_id[:8])
+        self._spawn(self._end_call(dialog.call, EndReason.REMOTE_HANGUP))
+
+    def _on_info(self, request: SipRequest, source: tuple[str, int]) -> None:
+        dialog = self._dialog_for(request)
+        if dialog is None:
+            self._reply(request, source, 481)
+            return
+        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        body = request.body.decode("utf-8", "replace")
+        digit = None
+        if ctype == "application/dtmf-relay":
+            m = _DTMF_RELAY.search(body)
+            digit = m.group(1).upper() if m else None
+        elif ctype == "application/dtmf":
+            digit = body.strip()[:1].upper() or None
+        elif request.body:
+            self._reply(request, source, 415, extra=[("accept", "application/dtmf-relay, application/dtmf")])
+            return
+        if digit and digit in "0123456789*#ABCD":
+            dialog.call._push_dtmf(digit)
+        self._reply(request, source, 200)
+
+    # ending calls ----------------------------------------------------------------------------
+    def _hangup_requested(self, call: Call, reason: EndReason) -> None:
+        dialog = self._dialogs.get(call.call_id)
+        if call.state is CallState.INCOMING:
+            tx = self._invite_by_cseq.get((call.call_id, dialog.invite_cseq)) if dialog else None
+            if tx is not None and tx.final_status is None:
+                tx.cancelled.set()
+                self._final(tx, _transaction_key(tx.request), 480, to_tag=call.local_tag)
+            self._spawn(self._end_call(call, EndReason.REJECTED))
+            return
+        if call.state is CallState.ANSWERED and dialog is not None:
+            dialog.hangup_pending = True  # a UAS may not send BYE before the ACK (RFC 3261 15)
+            return
+        if call.state is CallState.CONFIRMED and dialog is not None:
+            self._spawn(self._send_bye(dialog))
+        self._spawn(self._end_call(call, reason))
+
+    async def _end_call(self, call: Call, reason: EndReason) -> None:
+        if call.state is CallState.ENDED and call.call_id not in self.calls:
+            return
+        call._finish(reason)
+        await call.media.close()
+        self.calls.pop(call.call_id, None)
+        loop = asyncio.get_running_loop()
+        # keep the dialog a while so retransmitted BYEs still match, then forget it
+        loop.call_later(64 * self.config.t1, self._forget_dialog, call)
+        await call._join()
+
+    def _forget_dialog(self, call: Call) -> None:
+        dialog = self._dialogs.get(call.call_id)
+        if dialog is not None and dialog.call is call:
+            del self._dialogs[call.call_id]
+
+    async def _watch_media(self, call: Call) -> None:
+        timeout = self.config.rtp_timeout_s
+        if timeout <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        while call.state is not CallState.ENDED:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            last = call.media.last_received_at
+            if call.state is CallState.CONFIRMED and call.media.receive_enabled and last is not None \
+                    and loop.time() - last > timeout and call.media.remote is not None:
+                log.warning("call %s: no RTP for %.0f s, hanging up", call.call_id[:8], timeout)
+                dialog = self._dialogs.get(call.call_id)
+                if dialog is not None:
+                    self._spawn(self._send_bye(dialog))
+                await self._end_call(call, EndReason.RTP_TIMEOUT)
+
+    # our own requests (UAC) ------------------------------------------------------------------
+    async def _send_bye(self, dialog: _Dialog) -> int | None:
+        """Send BYE through the route set; return the final status, or None on timeout (64*T1)."""
+        dialog.local_cseq += 1
+        routes = list(dialog.route_set)
+        request_uri = dialog.remote_target
+        next_hop = dialog.remote_target
+        if routes:
+            first = parse_name_addr(routes[0])
+            if "lr" in first.uri.params:
+                next_hop = str(first.uri)
+            else:  # strict router (RFC 2543): it goes in the Request-URI
+                request_uri = str(first.uri)
+                next_hop = request_uri
+                routes = routes[1:] + [f"<{dialog.remote_target}>"]
+        branch = new_branch()
+        host = self._local_host(dialog.source[0])
+        headers = Headers()
+        headers.add("via", f"SIP/2.0/UDP {host}:{self.port};branch={branch};rport")
+        headers.add("max-forwards", "70")
+        for route in routes:
+            headers.add("route", route)
+        headers.add("from", dialog.local_uri)
+        headers.add("to", dialog.remote_uri)
+        headers.add("call-id", dialog.call.call_id)
+        headers.add("cseq", f"{dialog.local_cseq} BYE")
+        headers.add("user-agent", self.config.user_agent_name)
+        data = SipRequest("BYE", request_uri, headers).to_bytes()
+        target = await self._resolve(next_hop, dialog.source)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._client[branch] = future
+        interval, t2 = self.config.t1, self.config.t2
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 64 * self.config.t1
+        try:
+            while True:
+                self._send(data, target)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    log.warning("call %s: BYE not answered", dialog.call.call_id[:8])
+                    return None
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), min(interval, remaining))
+                except asyncio.TimeoutError:
+                    interval = min(interval * 2, t2)
+        finally:
+            self._client.pop(branch, None)
+
+    async def _resolve(self, uri_text: str, fallback: tuple[str, int]) -> tuple[str, int]:
+        try:
+            uri = parse_uri(uri_text)
+        except ValueError:
+            return fallback
+        host = uri.params.get("maddr") or uri.host
+        port = uri.port or 5060
+        if _is_ip(host):
+            return (host.strip("[]"), port)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            return (infos[0][4][0], port)
+        except OSError:
+            return fallback
+
+    def _on_response(self, response: SipResponse) -> None:
+        try:
+            branch = parse_via(response.headers.get_all("via")[0]).branch or ""
+        except (ValueError, IndexError):
+            return
+        future = self._client.get(branch)
+        if future is not None and response.status >= 200 and not future.done():
+            future.set_result(response.status)
+
+
+__all__ = ["UserAgent", "UserAgentConfig", "reason_phrase"]

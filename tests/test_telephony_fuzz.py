@@ -1,0 +1,162 @@
+"""Hostile input never escapes the parsers as an exception, and never stops a running user agent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from telephony.dtmf import DtmfDecoder
+from telephony.handler import DemoHandler
+from telephony.rtp import ReorderBuffer, RtpPacket, RtpParseError, parse_rtp
+from telephony.sdp import NotAcceptable, SdpError, SessionDescription, negotiate, parse_sdp
+from telephony.sip_message import SipParseError, SipRequest, SipResponse, parse_message
+from telephony.testing import SipPeer, running_user_agent
+
+VALID_INVITE = (
+    b"INVITE sip:12393@127.0.0.1 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK1;rport\r\n"
+    b"Max-Forwards: 70\r\nFrom: <sip:13812345678@127.0.0.1>;tag=a\r\nTo: <sip:12393@127.0.0.1>\r\n"
+    b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nContact: <sip:x@127.0.0.1:5062>\r\n"
+    b"Content-Type: application/sdp\r\nContent-Length: 96\r\n\r\n"
+    b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 101\r\n"
+    b"a=rtpmap:101 telephone-event/8000\r\n"
+)
+VALID_SDP = VALID_INVITE.split(b"\r\n\r\n", 1)[1]
+TOKENS = [b"\r\n", b":", b";", b",", b"<", b">", b"\"", b"@", b" ", b"=", b"[", b"]", b"SIP/2.0", b"\x00", b"\xff",
+          b"tag=", b"branch=", b"rport", b"Content-Length: 99999", b"l: -1", b"v=0", b"m=audio", b"c=IN IP6 ::"]
+
+
+@st.composite
+def mutated(draw, base: bytes) -> bytes:
+    data = bytearray(base)
+    for _ in range(draw(st.integers(1, 8))):
+        op = draw(st.sampled_from(["flip", "delete", "insert", "truncate", "duplicate"]))
+        pos = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "delete":
+            del data[pos : pos + draw(st.integers(1, 20))]
+        elif op == "insert":
+            data[pos:pos] = draw(st.sampled_from(TOKENS))
+        elif op == "truncate":
+            del data[pos:]
+        else:
+            data[pos:pos] = data[pos : pos + draw(st.integers(1, 40))]
+    return bytes(data)
+
+
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _exercise_request(result) -> None:
+    """Touch every accessor the user agent uses, as it would."""
+    if isinstance(result, SipRequest):
+        try:
+            result.vias, result.from_, result.to, result.request_uri, result.cseq
+        except ValueError:
+            raise AssertionError("a parsed request must have valid core headers")
+
+
+@FUZZ
+@given(st.binary(max_size=2000))
+def test_random_bytes_never_raise_out_of_the_sip_parser(data: bytes) -> None:
+    result = parse_message(data)
+    assert isinstance(result, (SipRequest, SipResponse, SipParseError))
+    if isinstance(result, SipParseError):
+        result.can_reply
+
+
+@FUZZ
+@given(mutated(VALID_INVITE))
+def test_mutated_invites_parse_or_fail_cleanly(data: bytes) -> None:
+    result = parse_message(data)
+    assert isinstance(result, (SipRequest, SipResponse, SipParseError))
+    _exercise_request(result)
+    if isinstance(result, SipParseError):
+        result.can_reply
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=1000), mutated(VALID_SDP), st.text(max_size=500)))
+def test_sdp_parser_and_negotiation_never_raise_anything_else(data) -> None:
+    result = parse_sdp(data)
+    assert isinstance(result, (SessionDescription, SdpError))
+    if isinstance(result, SessionDescription):
+        try:
+            negotiate(result)
+        except NotAcceptable:
+            pass
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=200), max_size=30))
+def test_rtp_parsing_reordering_and_dtmf_never_raise(datagrams: list[bytes]) -> None:
+    buf = ReorderBuffer(window=3)
+    dtmf = DtmfDecoder()
+    for data in datagrams:
+        packet = parse_rtp(data)
+        assert isinstance(packet, (RtpPacket, RtpParseError))
+        if isinstance(packet, RtpPacket):
+            buf.push(packet)
+            dtmf.feed(packet.timestamp, packet.payload)
+
+
+async def test_a_user_agent_under_a_storm_of_garbage_keeps_answering() -> None:
+    async with running_user_agent(DemoHandler()) as ua:
+        peer = SipPeer(ua.port)
+        try:
+            rng = __import__("random").Random(8)
+            blobs = [os.urandom(rng.randint(0, 1400)) for _ in range(150)]
+            blobs += [bytes(rng.choice(TOKENS)) * rng.randint(1, 50) for _ in range(50)]
+            blobs += [VALID_INVITE[: rng.randint(0, len(VALID_INVITE))] for _ in range(50)]
+            blobs.append(b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\n" + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n")
+            for i, blob in enumerate(blobs):
+                peer.send(blob)
+                if i % 10 == 0:
+                    await asyncio.sleep(0.005)  # do not just overflow the socket buffer
+            # a broken INVITE that still names Via/From/To/Call-ID/CSeq gets a 400
+            peer.send(VALID_INVITE.replace(b"CSeq: 1 INVITE", b"CSeq: 1 BYE"))
+            bad = await peer.expect(400, timeout=3)
+            assert bad.headers.get("call-id") == "c1"
+            # and a real request afterwards is still served
+            peer.send(b"OPTIONS sip:12393@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bKok\r\n"
+                      b"From: <sip:pbx@127.0.0.1>;tag=1\r\nTo: <sip:12393@127.0.0.1>\r\nCall-ID: ok\r\n"
+                      b"CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n" % peer.port)
+            await peer.expect(200, timeout=3)
+            assert ua.stats["dropped_oversized"] == 1
+            assert ua.stats["dropped_unparseable"] > 100
+        finally:
+            peer.close()
+
+
+async def test_rtp_garbage_on_a_live_call_is_dropped_and_the_call_goes_on() -> None:
+    handler = DemoHandler(hangup_digit=None)
+    async with running_user_agent(handler) as ua:
+        peer = SipPeer(ua.port)
+        try:
+            call, ok = await peer.answered_call()
+            from telephony.sdp import parse_sdp as p
+
+            port = p(ok.body).media[0].port
+            rtp_target = ("127.0.0.1", port)
+            junk = [b"", b"\x00", b"\x80", os.urandom(11), b"\x40" + os.urandom(40), b"\x80\x12" + os.urandom(30),
+                    b"\x8f" + os.urandom(12), b"\xa0\x00" + os.urandom(10) + b"\xff", os.urandom(3000)]
+            from telephony.g711 import ulaw_encode
+            from telephony.audio import tone
+            from telephony.rtp import build_rtp
+
+            audio = ulaw_encode(tone(400, 0.2, amplitude=0.5))
+            for i in range(10):
+                for blob in junk:
+                    peer.rtp.sendto(blob, rtp_target)
+                peer.rtp.sendto(build_rtp(0, i, i * 160, 77, audio[i * 160 : (i + 1) * 160]), rtp_target)
+            await asyncio.sleep(0.3)
+            live = next(iter(ua.calls.values()))
+            assert live.media.stats.received == 10
+            assert sum(live.media.stats.dropped.values()) >= 80
+            record = handler.records[live.call_id]
+            assert record.frames == 10 and record.voiced_frames >= 8
+        finally:
+            peer.close()
