@@ -106,15 +106,15 @@ class ConversationService:
             incoming = await self.store.add_message(conv.id, "resident", text)
             self._publish(conv.id, {"type": "message", "message": message_out(incoming)})
             replies, understood = await self._dialogue(conv, text)
-            stored: list[Message] = []
-            for reply in replies:
-                msg = await self.store.add_message(
-                    conv.id, "bot", reply.text, status="answered", meta=reply.meta(), reply_to=incoming.id
-                )
-                stored.append(msg)
-                self._publish(conv.id, {"type": "message", "message": message_out(msg)})
-            await self.store.set_message_status(incoming.id, "answered")
+            stored = await self.store.add_messages(
+                conv.id,
+                [("bot", reply.text, reply.meta()) for reply in replies],
+                reply_to=incoming.id,
+                answered=incoming.id,
+            )
             incoming.status = "answered"
+            for msg in stored:
+                self._publish(conv.id, {"type": "message", "message": message_out(msg)})
             if any(r.outcome == "escalated" for r in replies):
                 await self._escalate(conv, reason="requested")
             if understood.get("region") and understood["region"] != conv.region_code:

@@ -139,6 +139,22 @@ class Store:
         meta: dict | None = None,
         reply_to: int | None = None,
     ) -> Message:
+        (msg,) = await self.add_messages(
+            conversation_id, [(role, text, meta or {})], status=status, reply_to=reply_to
+        )
+        return msg
+
+    async def add_messages(
+        self,
+        conversation_id: str,
+        messages: list[tuple[str, str, dict]],
+        *,
+        status: str = "answered",
+        reply_to: int | None = None,
+        answered: int | None = None,
+    ) -> list[Message]:
+        """Store (role, text, meta) messages in order, in one transaction; ``answered`` marks the
+        resident message they reply to as answered in the same commit."""
         for attempt in range(5):
             try:
                 async with self.sessions() as s, s.begin():
@@ -146,28 +162,29 @@ class Store:
                         await s.execute(
                             select(func.max(Message.seq)).where(Message.conversation_id == conversation_id)
                         )
-                    ).scalar()
-                    msg = Message(
-                        conversation_id=conversation_id,
-                        seq=(last or 0) + 1,
-                        role=role,
-                        text=text,
-                        status=status,
-                        meta=meta or {},
-                        reply_to=reply_to,
-                    )
-                    s.add(msg)
-                return msg
+                    ).scalar() or 0
+                    stored = [
+                        Message(
+                            conversation_id=conversation_id,
+                            seq=last + i,
+                            role=role,
+                            text=text,
+                            status=status,
+                            meta=meta,
+                            reply_to=reply_to,
+                        )
+                        for i, (role, text, meta) in enumerate(messages, start=1)
+                    ]
+                    s.add_all(stored)
+                    if answered is not None:
+                        incoming = await s.get(Message, answered)
+                        if incoming is not None:
+                            incoming.status = "answered"
+                return stored
             except IntegrityError:  # two writers took the same seq: the loser takes the next one
                 if attempt == 4:
                     raise
         raise AssertionError("unreachable")
-
-    async def set_message_status(self, message_id: int, status: str) -> None:
-        async with self.sessions() as s, s.begin():
-            msg = await s.get(Message, message_id)
-            if msg is not None:
-                msg.status = status
 
     async def transcript(self, conversation_id: str, after_seq: int = 0) -> list[Message]:
         async with self.sessions() as s:
