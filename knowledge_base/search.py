@@ -102,16 +102,18 @@ class RegionResolver:
 
     def chain(self, region_code: str | None) -> list[str]:
         """The region and its ancestors known to the corpus, most specific first, ending with national."""
-        chain: list[str] = []
         code = region_code or ""
+        if code and code not in self.regions and len(code) == 6 and code.isdigit():
+            # GB/T 2260 codes nest: a district without a pack of its own (西湖区 330106) takes its
+            # city's (330100), a city without one its province's (330000).
+            for enclosing in (code[:4] + "00", code[:2] + "0000"):
+                if enclosing in self.regions:
+                    code = enclosing
+                    break
+        chain: list[str] = []
         while code and code in self.regions and code != NATIONAL.code and code not in chain:
             chain.append(code)
             code = self.regions[code].parent or ""
-        if region_code and region_code not in self.regions and len(region_code) == 6:
-            # A city the corpus has no pack for may still belong to a province that has one.
-            province = region_code[:2] + "0000"
-            if province in self.regions and province != region_code:
-                chain.append(province)
         chain.append(NATIONAL.code)
         return chain
 

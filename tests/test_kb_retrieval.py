@@ -71,6 +71,8 @@ def test_no_answer_mixes_regions(knowledge_base):
     # A city without a pack of its own falls back to national rules only.
     assert knowledge_base.regions.chain("440100") == ["100000"]
     assert knowledge_base.regions.chain("330200") == ["330000", "100000"]
+    # A district without a pack takes its city's rules, then its province's.
+    assert knowledge_base.regions.chain("330106") == ["330100", "330000", "100000"]
 
 
 def test_hangzhou_resident_is_answered_from_the_hangzhou_pack(knowledge_base):
