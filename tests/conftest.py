@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +67,47 @@ def open_session(client, **body) -> tuple[str, dict]:
     assert created.status_code == 201, created.text
     data = created.json()
     return data["session_id"], {"Authorization": f"Bearer {data['token']}"}
+
+
+START_TIMEOUT_S = 420
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited; only its parent has not collected it yet
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """One real `xiaozhi run` (Rasa, action server, hub on free ports) shared by the end-to-end modules."""
+    var = tmp_path_factory.mktemp("stack")
+    ports = {"XIAOZHI_HUB_PORT": free_port(), "XIAOZHI_RASA_PORT": free_port(), "XIAOZHI_ACTIONS_PORT": free_port()}
+    env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), **{k: str(v) for k, v in ports.items()})
+    log_path = var / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xiaozhi", "run"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "is running" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"xiaozhi run did not come up:\n{log_path.read_text()}")
+        time.sleep(1)
+    assert len(re.findall(r"\(pid (\d+)\)", log_path.read_text())) == 3
+    yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var}
+
+    # Ctrl-C stops everything, restarted children included, and leaves no orphan process.
+    children = [int(p) for p in re.findall(r"\(pid (\d+)\)", log_path.read_text())]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) in (0, 130)
+    time.sleep(0.5)
+    assert [pid for pid in children if _pid_alive(pid)] == [], log_path.read_text()
+    assert "all services stopped" in log_path.read_text()

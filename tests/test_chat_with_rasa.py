@@ -10,60 +10,14 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 import websockets.sync.client
 
-from conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
-
-START_TIMEOUT_S = 420
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie has exited; only its parent has not collected it yet
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    var = tmp_path_factory.mktemp("stack")
-    ports = {"XIAOZHI_HUB_PORT": free_port(), "XIAOZHI_RASA_PORT": free_port(), "XIAOZHI_ACTIONS_PORT": free_port()}
-    env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), **{k: str(v) for k, v in ports.items()})
-    log_path = var / "run.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xiaozhi", "run"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while "is running" not in log_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"xiaozhi run did not come up:\n{log_path.read_text()}")
-        time.sleep(1)
-    assert len(re.findall(r"\(pid (\d+)\)", log_path.read_text())) == 3
-    yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var}
-
-    # Ctrl-C stops everything, restarted children included, and leaves no orphan process.
-    children = [int(p) for p in re.findall(r"\(pid (\d+)\)", log_path.read_text())]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) in (0, 130)
-    time.sleep(0.5)
-    assert [pid for pid in children if _pid_alive(pid)] == [], log_path.read_text()
-    assert "all services stopped" in log_path.read_text()
-
 
 @pytest.fixture(scope="module")
 def client(stack):

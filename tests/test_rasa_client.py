@@ -25,6 +25,12 @@ def test_an_action_payload_with_text_is_a_reply_of_its_own():
     assert replies[1].outcome == "clarifying" and replies[1].buttons[0]["title"] == "A"
 
 
+def test_a_procedure_summary_keeps_its_checklist():
+    checklist = {"title": "异地就医备案", "items": ["准备身份证", "在APP上提交"]}
+    (reply,) = replies_from_rasa([{"custom": {"text": "总结", "steps": checklist["items"], "checklist": checklist}}])
+    assert reply.meta()["checklist"] == checklist and reply.meta()["steps"] == checklist["items"]
+
+
 def test_spoken_form_defaults_to_the_text():
     (reply,) = replies_from_rasa([{"text": "好的"}])
     assert reply.meta()["spoken"] == "好的" and reply.meta()["outcome"] == "answered"
