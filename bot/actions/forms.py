@@ -75,6 +75,15 @@ def _extract(tracker: Tracker, slot: str, form: str, entity: str, table: Dict[st
     return {slot: value} if value else {}
 
 
+def _choice(slot: str, slot_value: Any, table: Dict[str, List[str]], dispatcher: CollectingDispatcher,
+            domain: DomainDict) -> Dict[Text, Any]:
+    """The canonical value of a listed choice, or None after telling the resident it was not understood."""
+    value = normalise(slot_value, table)
+    if value is None:
+        dispatcher.utter_message(json_message=domain_message(domain, "utter_prompt_invalid"))
+    return {slot: value}
+
+
 class ValidateEvActivationForm(FormValidationAction):
     def name(self) -> Text:
         return "validate_ev_activation_form"
@@ -86,18 +95,12 @@ class ValidateEvActivationForm(FormValidationAction):
         return _extract(tracker, "ev_channel", "ev_activation_form", "channel", CHANNELS)
 
     def validate_ev_for(self, slot_value: Any, dispatcher: CollectingDispatcher, tracker: Tracker, domain: DomainDict) -> Dict[Text, Any]:
-        value = normalise(slot_value, RELATIONS)
-        if value is None:
-            dispatcher.utter_message(json_message=domain_message(domain, "utter_prompt_invalid"))
-            return {"ev_for": None}
+        chosen = _choice("ev_for", slot_value, RELATIONS, dispatcher, domain)
         # the relation is remembered for the rest of the conversation (e.g. a later reimbursement)
-        return {"ev_for": value, "relation": value}
+        return {**chosen, "relation": chosen["ev_for"]} if chosen["ev_for"] else chosen
 
     def validate_ev_channel(self, slot_value: Any, dispatcher: CollectingDispatcher, tracker: Tracker, domain: DomainDict) -> Dict[Text, Any]:
-        value = normalise(slot_value, CHANNELS)
-        if value is None:
-            dispatcher.utter_message(json_message=domain_message(domain, "utter_prompt_invalid"))
-        return {"ev_channel": value}
+        return _choice("ev_channel", slot_value, CHANNELS, dispatcher, domain)
 
 
 class ValidateCrossRegionForm(FormValidationAction):
@@ -121,10 +124,7 @@ class ValidateCrossRegionForm(FormValidationAction):
         return {}
 
     def validate_cr_category(self, slot_value: Any, dispatcher: CollectingDispatcher, tracker: Tracker, domain: DomainDict) -> Dict[Text, Any]:
-        value = normalise(slot_value, PERSON_CATEGORIES)
-        if value is None:
-            dispatcher.utter_message(json_message=domain_message(domain, "utter_prompt_invalid"))
-        return {"cr_category": value}
+        return _choice("cr_category", slot_value, PERSON_CATEGORIES, dispatcher, domain)
 
     def validate_cr_destination(self, slot_value: Any, dispatcher: CollectingDispatcher, tracker: Tracker, domain: DomainDict) -> Dict[Text, Any]:
         return {"cr_destination": str(slot_value).strip() or None}
@@ -170,10 +170,7 @@ class ValidateReimbursementForm(FormValidationAction):
         return {"insurance_type": value} if value else {}
 
     def validate_reimb_scenario(self, slot_value: Any, dispatcher: CollectingDispatcher, tracker: Tracker, domain: DomainDict) -> Dict[Text, Any]:
-        value = normalise(slot_value, TREATMENTS)
-        if value is None:
-            dispatcher.utter_message(json_message=domain_message(domain, "utter_prompt_invalid"))
-        return {"reimb_scenario": value}
+        return _choice("reimb_scenario", slot_value, TREATMENTS, dispatcher, domain)
 
     def validate_insurance_type(self, slot_value: Any, dispatcher: CollectingDispatcher, tracker: Tracker, domain: DomainDict) -> Dict[Text, Any]:
         return {"insurance_type": normalise(slot_value, INSURANCE_TYPES)}
