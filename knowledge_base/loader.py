@@ -80,6 +80,8 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
                 problems.append(
                     Problem(rel, entry.id, f"local_figure entries must say “{LOCAL_RULE_NOTICE}”")
                 )
+            if entry.review:
+                problems.append(Problem(rel, entry.id, f"needs review: {entry.review}", "warning"))
             if entry.effective_date > today:
                 problems.append(Problem(rel, entry.id, "effective_date is in the future", "warning"))
             elif (today - entry.effective_date).days > 365 * stale_after_years:

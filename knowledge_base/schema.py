@@ -92,6 +92,9 @@ class Entry(BaseModel):
     tags: list[str] = Field(default_factory=list)
     local_figure: bool = False
     overrides: str | None = None
+    # What is still unverified about this entry (e.g. no dated official document was found, so
+    # effective_date is only when the text was written). Shown to residents as 日期待核实.
+    review: str | None = None
     region: Region = NATIONAL
 
     @field_validator("spoken", "answer", "title")
@@ -132,6 +135,7 @@ class Entry(BaseModel):
             "region": self.region.label,
             "region_code": self.region.code,
             "effective_date": self.effective_date.isoformat(),
+            "verified": self.review is None,
         }
 
 

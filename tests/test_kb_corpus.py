@@ -103,3 +103,12 @@ def test_folded_yaml_lines_do_not_leave_spaces_inside_chinese(tmp_path):
     write(tmp_path, "national/a.yaml", NATIONAL, entry(answer=folded))
     (e,) = load_corpus(tmp_path).entries
     assert e.answer == "第一行说明，第二行说明。"
+
+
+def test_entries_under_review_are_flagged_in_their_citation_and_by_the_validator(tmp_path):
+    write(tmp_path, "national/a.yaml", NATIONAL, entry(review='"no dated official document found"'))
+    corpus = load_corpus(tmp_path)
+    (e,) = corpus.entries
+    assert e.citation()["verified"] is False
+    assert any("needs review" in str(p) and p.severity == "warning" for p in corpus.problems)
+    assert all(x.citation()["verified"] == (x.review is None) for x in load_corpus().entries)

@@ -34,7 +34,8 @@
       const a = el("a", "", c.source.title);
       a.href = c.source.url; a.target = "_blank"; a.rel = "noopener";
       cite.appendChild(a);
-      cite.appendChild(document.createTextNode("（" + c.region + "，" + c.effective_date + "）"));
+      const when = c.verified === false ? "日期待核实" : c.effective_date;
+      cite.appendChild(document.createTextNode("（" + c.region + "，" + when + "）"));
       bubble.appendChild(cite);
     });
     li.appendChild(bubble);
