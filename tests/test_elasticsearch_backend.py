@@ -10,8 +10,8 @@ document, and it ignores credentials. These tests therefore check the *protocol*
 ranking on a ~12-entry fixture, not Elasticsearch's relevance or performance on a real cluster;
 docs/deploy-elasticsearch.md says how to verify a real one.
 
-The module is skipped when noida-db is not installed (``pip install noida-db==0.2.3``) or when the
-offline embedding model has not been built (``scripts/setup.sh``).
+The module is skipped when noida-db is not installed (``pip install noida-db==0.2.3``, part of the
+lock that setup installs); the offline embedding model is the configured one (conftest builds it).
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ from knowledge_base.search import KnowledgeBase  # noqa: E402
 from knowledge_base.text import TextProcessor  # noqa: E402
 from xiaozhi.settings import Settings  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = Path(os.environ.get("XIAOZHI_TEST_MODEL_DIR", REPO_ROOT / ".cache" / "models" / "e5-small"))
 
 # Real entries: e-voucher and cross-region questions, plus Hangzhou entries that replace national ones.
 FIXTURE_IDS = (
@@ -129,12 +127,9 @@ def es_url(tmp_path_factory: pytest.TempPathFactory):
 
 # -- shared pieces ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def embedder():
-    if not (MODEL_DIR / "config.json").exists():
-        pytest.skip(f"the offline embedding model is not built at {MODEL_DIR}: run scripts/setup.sh")
-    from knowledge_base.embedder import Embedder
-
-    return Embedder(str(MODEL_DIR))
+def embedder(knowledge_base):
+    """The real offline model, as configured (conftest builds it when setup has not)."""
+    return knowledge_base.embedder
 
 
 @pytest.fixture(scope="session")
