@@ -101,8 +101,8 @@ def test_conversation_stories_pass(trained_model, tmp_path):
 
 
 # A regression floor, not the target: bench/nlu_eval.py reports macro-F1 against the 0.90 target
-# (0.896 when this floor was set); a change that loses more than a few points fails here.
-MACRO_F1_FLOOR = 0.86
+# (0.913 when this floor was set); a change that loses more than a few points fails here.
+MACRO_F1_FLOOR = 0.88
 
 
 @pytest.mark.slow
