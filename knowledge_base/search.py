@@ -250,5 +250,13 @@ class KnowledgeBase:
             confidence = min(1.0, confidence + cal.agreement_bonus)
         return confidence
 
-    def entry(self, entry_id: str) -> Entry | None:
-        return self.entries.get(entry_id)
+    def entry(self, entry_id: str, region: str | None = None) -> Entry | None:
+        """An entry by id; with a region, the local entry that replaces it there, if one does."""
+        found = self.entries.get(entry_id)
+        if found is None or not region:
+            return found
+        allowed = self.regions.allowed(region)
+        if entry_id in allowed:
+            return found
+        replacements = [e for e in self.corpus.entries if e.overrides == entry_id and e.id in allowed]
+        return replacements[0] if replacements else found

@@ -90,3 +90,11 @@ def test_empty_question_abstains(knowledge_base):
 def test_numbers_read_digit_by_digit_become_digits(text):
     assert "12393" in text.normalise("幺二三九三是干啥的")
     assert text.normalise("一二级医院") == "一二级医院"
+
+
+def test_an_entry_asked_for_by_id_in_a_region_is_the_local_one(knowledge_base):
+    local = next(e for e in knowledge_base.corpus.entries if e.overrides and e.region.code == "330100")
+    assert knowledge_base.entry(local.overrides, "330100").id == local.id
+    assert knowledge_base.entry(local.overrides, "330106").id == local.id  # a district of 杭州
+    assert knowledge_base.entry(local.overrides).id == local.overrides
+    assert knowledge_base.entry(local.overrides, "440100").id == local.overrides

@@ -35,18 +35,5 @@ async def search_knowledge_base(question: str, region: Optional[str], k: int = 3
 
 
 async def get_entry(entry_id: str, region: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """A policy entry by id; with a region, the local entry that overrides it when there is one.
-
-    The hub's region resolver hides a national entry that a local pack overrides, so a search for
-    the entry's own title within the region finds the local replacement.
-    """
-    entry = await _get(f"/api/kb/entries/{entry_id}")
-    if entry is None or not region:
-        return entry
-    found = await search_knowledge_base(entry["title"], region, k=1)
-    answer = (found or {}).get("answer")
-    if answer and answer["id"] != entry_id:
-        local = await _get(f"/api/kb/entries/{answer['id']}")
-        if local and local.get("overrides") == entry_id:
-            return local
-    return entry
+    """A policy entry by id; with a region, the local entry that overrides it there (the hub resolves it)."""
+    return await _get(f"/api/kb/entries/{entry_id}", {"region": region} if region else None)

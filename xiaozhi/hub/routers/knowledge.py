@@ -38,9 +38,13 @@ async def search(
 
 
 @router.get("/entries/{entry_id}")
-async def entry(request: Request, entry_id: str) -> dict:
+async def entry(
+    request: Request,
+    entry_id: str,
+    region: Annotated[str | None, Query(pattern=r"^\d{6}$", description="Return the local entry that applies")] = None,
+) -> dict:
     kb = request.app.state.knowledge_base
-    found = kb.entry(entry_id) if kb is not None else None
+    found = kb.entry(entry_id, region) if kb is not None else None
     if found is None:
         raise ApiError(404, "entry_not_found", "没有找到这条政策。")
     return {**found.model_dump(mode="json"), "citation": found.citation()}
