@@ -14,7 +14,9 @@ worker thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -135,6 +137,13 @@ class _DropSavedNotice(io.TextIOBase):
         self._target.flush()
 
 
+def _release_engine() -> None:
+    """At exit, while modules are still loaded: pyttsx3's driver __del__ fails during interpreter teardown."""
+    global _ENGINE
+    _ENGINE = None
+    gc.collect()
+
+
 def _espeak_engine() -> Any:
     """The process's pyttsx3 espeak engine (created once; espeak cannot be initialised twice)."""
     global _ENGINE
@@ -143,6 +152,7 @@ def _espeak_engine() -> Any:
             import pyttsx3
 
             _ENGINE = pyttsx3.init("espeak")
+            atexit.register(_release_engine)
         except ImportError as e:
             raise TTSUnavailable(f"pyttsx3 is not installed ({e})") from e
         except (OSError, RuntimeError, AttributeError) as e:
