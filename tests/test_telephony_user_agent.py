@@ -219,9 +219,9 @@ async def test_delayed_offer_and_unknown_cancel_are_answered(peer_factory) -> No
 async def test_responses_follow_rport_and_say_where_the_request_came_from(peer_factory) -> None:
     async with running_user_agent(DemoHandler()) as ua:
         peer = peer_factory(ua.port)
-        peer.send(f"OPTIONS sip:12393@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 10.1.2.3:5999;branch=z9hG4bKnat;rport\r\n"
-                  f"Max-Forwards: 70\r\nFrom: <sip:pbx@10.1.2.3>;tag=a\r\nTo: <sip:12393@127.0.0.1>\r\n"
-                  f"Call-ID: nat1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+        peer.send("OPTIONS sip:12393@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 10.1.2.3:5999;branch=z9hG4bKnat;rport\r\n"
+                  "Max-Forwards: 70\r\nFrom: <sip:pbx@10.1.2.3>;tag=a\r\nTo: <sip:12393@127.0.0.1>\r\n"
+                  "Call-ID: nat1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
         reply = await peer.expect(200)
         via = parse_via(reply.headers.get_all("via")[0])
         assert via.params["rport"] == str(peer.port) and via.params["received"] == "127.0.0.1"
