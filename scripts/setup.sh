@@ -22,8 +22,11 @@ quiet() {
 
 # --- Debian packages ------------------------------------------------------------------------------
 # espeak-ng: the Mandarin voice behind pyttsx3 (phone line). sox: audio conversion for tests.
-# sip-tester (sipp): the real SIP peer the telephony tests call the user agent with.
-APT_PACKAGES=(espeak-ng sox sip-tester)
+# sip-tester (sipp), baresip-core: the real SIP peers the telephony tests call the user agent with.
+# chromium + fonts-wqy-zenhei: headless browser for the widget/agent-desk/video tests (driven by
+# Playwright, never `playwright install`) and Chinese glyphs in their screenshots.
+# coturn: the TURN relay the video tests route media through (and the documented deployment).
+APT_PACKAGES=(espeak-ng sox sip-tester baresip-core chromium fonts-wqy-zenhei coturn)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 # No model hub is reachable: everything loads from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +49,12 @@ def knowledge_base(settings: Settings):
 def hub_settings(settings: Settings, tmp_path: Path) -> Settings:
     """A hub with its own database; Rasa's port has nothing listening (degraded mode) unless a test starts it."""
     return settings.model_copy(
-        update={"var_dir": tmp_path, "rasa_url": f"http://127.0.0.1:{free_port()}", "kb_reload_interval_s": 0}
+        update={
+            "var_dir": tmp_path,
+            "rasa_url": f"http://127.0.0.1:{free_port()}",
+            "kb_reload_interval_s": 0,
+            "admin_password": SecretStr(ADMIN_PASSWORD),
+        }
     )
 
 
@@ -60,6 +66,28 @@ def hub(hub_settings: Settings, knowledge_base):
 
     with TestClient(create_app(hub_settings, knowledge_base=knowledge_base)) as client:
         yield client
+
+
+ADMIN_PASSWORD = "test-admin-password"  # the hub fixture's first admin (XIAOZHI_ADMIN_PASSWORD)
+
+
+def staff_login(client, username: str = "admin", password: str = ADMIN_PASSWORD) -> dict:
+    """Log a staff user in; returns the Authorization header."""
+    r = client.post("/api/staff/login", json={"username": username, "password": password})
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def make_staff(client, username: str, role: str, **extra) -> dict:
+    """Create a staff account through the admin API and log it in; returns its Authorization header."""
+    password = f"{username}-password-123"
+    r = client.post(
+        "/api/staff/users",
+        json={"username": username, "password": password, "role": role, **extra},
+        headers=staff_login(client),
+    )
+    assert r.status_code == 201, r.text
+    return staff_login(client, username, password)
 
 
 def open_session(client, **body) -> tuple[str, dict]:

@@ -14,6 +14,8 @@ from xiaozhi.settings import REPO_ROOT, Settings, get_settings
 app = typer.Typer(help="医保小智: the medical-insurance assistant.", no_args_is_help=True, add_completion=False)
 kb_app = typer.Typer(help="Knowledge base: validate, index, search.", no_args_is_help=True)
 app.add_typer(kb_app, name="kb")
+staff_app = typer.Typer(help="Staff accounts: agents, supervisors, admins.", no_args_is_help=True)
+app.add_typer(staff_app, name="staff")
 
 
 def _settings() -> Settings:
@@ -177,3 +179,64 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+async def _with_accounts(settings: Settings, work):
+    from xiaozhi.hub.accounts import Accounts
+    from xiaozhi.hub.store import Store
+
+    store = Store(settings.effective_database_url)
+    try:
+        await store.create_schema()
+        return await work(Accounts(store))
+    finally:
+        await store.close()
+
+
+@staff_app.command("add")
+def staff_add(
+    username: Annotated[str, typer.Argument(help="Login name (letters, digits, . _ -).")],
+    role: Annotated[str, typer.Option(help="agent, supervisor or admin.")] = "agent",
+    display_name: Annotated[str, typer.Option(help="Name shown to colleagues.")] = "",
+    skills: Annotated[str, typer.Option(help="Comma-separated topics the agent takes, e.g. cross_region.")] = "",
+    password_env: Annotated[
+        Optional[str], typer.Option(help="Read the password from this environment variable instead of a prompt.")
+    ] = None,
+) -> None:
+    """Create a staff account (the password is never given on the command line)."""
+    import asyncio
+    import os
+
+    password = os.environ.get(password_env, "") if password_env else typer.prompt(
+        "password", hide_input=True, confirmation_prompt=True
+    )
+    settings = _settings()
+
+    async def work(accounts):
+        if await accounts.get_user(username) is not None:
+            _say(f"user {username!r} already exists")
+            raise typer.Exit(1)
+        await accounts.create_user(
+            username, password, role, display_name=display_name, skills=[s for s in skills.split(",") if s]
+        )
+        await accounts.audit("cli", "user.create", username, {"role": role})
+
+    try:
+        asyncio.run(_with_accounts(settings, work))
+    except ValueError as exc:
+        _say(f"cannot create {username!r}: {exc}")
+        raise typer.Exit(2) from None
+    _say(f"created {role} {username!r}")
+
+
+@staff_app.command("list")
+def staff_list() -> None:
+    """List staff accounts."""
+    import asyncio
+
+    async def work(accounts):
+        return await accounts.list_users()
+
+    for user in asyncio.run(_with_accounts(_settings(), work)):
+        state = "" if user.active else " (disabled)"
+        typer.echo(f"{user.username}\t{user.role}\t{user.display_name}{state}")

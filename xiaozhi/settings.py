@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         300.0, description="Seconds `xiaozhi run` waits for Rasa to load its model (about 20 s on 2 cores)."
     )
 
+    admin_username: str = Field("admin", description="User name of the admin account a new installation creates.")
+    admin_password: SecretStr | None = Field(
+        None,
+        description="Password of that first admin account; unset: generated and written to var_dir/initial-admin-password.",
+    )
+    staff_session_hours: float = Field(12.0, description="Hours a staff login (agent, supervisor, admin) stays valid.")
     log_level: str = Field("INFO", description="Log level of the hub.")
 
     @property

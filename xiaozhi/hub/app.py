@@ -11,10 +11,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from xiaozhi.hub.accounts import Accounts, Role
 from xiaozhi.hub.conversation import ConversationService
 from xiaozhi.hub.errors import error_body, install_error_handlers
 from xiaozhi.hub.rasa_client import RasaClient
-from xiaozhi.hub.routers import chat, knowledge
+from xiaozhi.hub.routers import chat, knowledge, staff
 from xiaozhi.hub.store import Store
 from xiaozhi.settings import Settings, get_settings
 
@@ -50,6 +51,31 @@ async def _watch_knowledge_base(app: FastAPI, settings: Settings) -> None:
         log.info("knowledge base reloaded: %d entries (index %s)", len(fresh.entries), loaded)
 
 
+async def _bootstrap_admin(accounts: Accounts, settings: Settings) -> None:
+    """A new installation gets one admin account, so somebody can log in and create the rest.
+
+    Its password comes from XIAOZHI_ADMIN_PASSWORD, or is generated and written to a file only
+    the service user can read (never to the log).
+    """
+    if await accounts.count_users():
+        return
+    if settings.admin_password is not None:
+        password = settings.admin_password.get_secret_value()
+        where = "XIAOZHI_ADMIN_PASSWORD"
+    else:
+        import secrets
+
+        password = secrets.token_urlsafe(12)
+        path = settings.var_dir / "initial-admin-password"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(password + "\n", encoding="utf-8")
+        where = str(path)
+    await accounts.create_user(settings.admin_username, password, Role.admin, display_name="管理员")
+    await accounts.audit("system", "user.create", settings.admin_username, {"role": "admin", "bootstrap": True})
+    log.warning("created the first admin account %r; its password is in %s", settings.admin_username, where)
+
+
 def create_app(settings: Settings | None = None, *, knowledge_base=None) -> FastAPI:
     """``knowledge_base`` may be given ready-made (tests share one); otherwise it loads at start-up."""
     settings = settings or get_settings()
@@ -62,6 +88,8 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         rasa = RasaClient(settings.effective_rasa_url, timeout_s=settings.rasa_timeout_s, token=token)
         app.state.store = store
         app.state.rasa = rasa
+        app.state.accounts = Accounts(store, session_hours=settings.staff_session_hours)
+        await _bootstrap_admin(app.state.accounts, settings)
         app.state.knowledge_base = knowledge_base
         app.state.conversations = ConversationService(store, rasa, lambda: app.state.knowledge_base)
         if knowledge_base is None:
@@ -99,6 +127,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
 
     app.include_router(chat.router)
     app.include_router(knowledge.router)
+    app.include_router(staff.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict:

@@ -12,7 +12,7 @@ import secrets
 import uuid
 from pathlib import Path
 
-from sqlalchemy import JSON, event, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, func, select
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, event, func, inspect, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -37,6 +37,32 @@ class Base(DeclarativeBase):
     pass
 
 
+def _add_missing_columns(sync_conn) -> None:
+    """Additive schema upgrade: a database made by an older release gains the columns added since.
+
+    Only new nullable or defaulted columns are ever added this way; anything else (renames, type
+    changes) needs a real migration.
+    """
+    inspector = inspect(sync_conn)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {col["name"] for col in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl_type = column.type.compile(dialect=sync_conn.dialect)
+            default = ""
+            if column.default is not None and column.default.is_scalar:
+                value = column.default.arg
+                default = f" DEFAULT {int(value) if isinstance(value, bool) else repr(value)}"
+            elif isinstance(column.type, JSON):
+                default = " DEFAULT '{}'"
+            elif not column.nullable:
+                default = " DEFAULT ''"
+            sync_conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl_type}{default}')
+
+
 class Conversation(Base):
     __tablename__ = "conversations"
 
@@ -44,9 +70,15 @@ class Conversation(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     channel: Mapped[str] = mapped_column(String(16))  # web, phone, video
     region_code: Mapped[str] = mapped_column(String(6), default="")
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open, escalated, closed
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open, escalated, with_agent, closed
+    # Who and where, masked before it is stored: a phone caller's number (138****5678), never in full.
+    contact: Mapped[str] = mapped_column(String(32), default="")
+    # Where the conversation came in: the dialled number on the merged hotline, the host page of the widget.
+    entry_point: Mapped[str] = mapped_column(String(128), default="")
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Message(Base):
@@ -97,15 +129,31 @@ class Store:
                 # commits) and saves an fsync per message.
                 await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
             await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(_add_missing_columns)
 
     async def close(self) -> None:
         await self.engine.dispose()
 
     # -- conversations ----------------------------------------------------------------------------
-    async def create_conversation(self, channel: str, region_code: str = "") -> tuple[Conversation, str]:
+    async def create_conversation(
+        self,
+        channel: str,
+        region_code: str = "",
+        *,
+        contact: str = "",
+        entry_point: str = "",
+        meta: dict | None = None,
+    ) -> tuple[Conversation, str]:
+        """``contact`` must already be masked (see ``xiaozhi.masking``)."""
         token = secrets.token_urlsafe(32)
         conv = Conversation(
-            id=str(uuid.uuid4()), token_hash=hash_token(token), channel=channel, region_code=region_code
+            id=str(uuid.uuid4()),
+            token_hash=hash_token(token),
+            channel=channel,
+            region_code=region_code,
+            contact=contact,
+            entry_point=entry_point,
+            meta=meta or {},
         )
         async with self.sessions() as s, s.begin():
             s.add(conv)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from xiaozhi.hub.conversation import ConversationService, message_out, preview
 from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.routers.staff import bearer_token
 from xiaozhi.hub.store import Conversation, Store
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,6 @@ def store(request: Request) -> Store:
     return request.app.state.store
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip() or None
-    return None
-
-
 async def _authorised(session_id: str, token: str | None, store: Store) -> Conversation:
     if not token:
         raise ApiError(401, "missing_token")
@@ -77,7 +72,7 @@ async def resident_conversation(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Conversation:
-    return await _authorised(session_id, _bearer(authorization), store(request))
+    return await _authorised(session_id, bearer_token(authorization), store(request))
 
 
 def _check_length(text: str, limit: int) -> None:

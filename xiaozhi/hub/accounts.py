@@ -1,0 +1,263 @@
+"""Staff accounts (agents, supervisors, admins), their login sessions, and the audit log.
+
+Residents never have accounts: they hold a conversation token and nothing else. Staff log in with
+a user name and password (argon2id hashes), receive a bearer token that is stored only as a hash,
+and lose it on logout, on expiry, or when an admin disables the account. Every action an agent
+or admin takes on someone else's data goes into the audit log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import secrets
+import time
+from collections import defaultdict, deque
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from xiaozhi.hub.store import Base, Store, hash_token, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Role(str, enum.Enum):
+    """Each role can do everything the roles below it can."""
+
+    agent = "agent"  # works the escalation queue, talks to residents
+    supervisor = "supervisor"  # + analytics, transfers, reassigns, sees every agent's work
+    admin = "admin"  # + accounts and configuration
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    def at_least(self, other: "Role") -> bool:
+        return self.rank >= other.rank
+
+
+_RANK = {Role.agent: 1, Role.supervisor: 2, Role.admin: 3}
+
+
+class StaffUser(Base):
+    __tablename__ = "staff_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    display_name: Mapped[str] = mapped_column(String(64), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    # Skills route queue items (topics such as cross_region, reimbursement); empty means all.
+    skills: Mapped[list] = mapped_column(JSON, default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @property
+    def role_enum(self) -> Role:
+        return Role(self.role)
+
+
+class StaffSession(Base):
+    __tablename__ = "staff_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("staff_users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))  # user name, or "system"
+    role: Mapped[str] = mapped_column(String(16), default="")
+    action: Mapped[str] = mapped_column(String(64))  # e.g. login, queue.claim, user.create
+    target: Mapped[str] = mapped_column(String(128), default="")  # e.g. conversation id, user name
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)  # never raw personal data
+    client: Mapped[str] = mapped_column(String(64), default="")
+
+
+class LoginRejected(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # bad_credentials, locked
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    """SQLite gives naive datetimes back; they were stored as UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
+
+class Accounts:
+    """Staff users, login sessions and the audit log, on the hub's store."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        session_hours: float = 12.0,
+        max_failures: int = 5,
+        lockout_s: float = 900.0,
+    ) -> None:
+        self.store = store
+        self.session_hours = session_hours
+        self.max_failures = max_failures
+        self.lockout_s = lockout_s
+        self._hasher = PasswordHasher()
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        # Verifying a hash for an unknown user costs the same as for a known one (no user probing).
+        self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+
+    # -- users ----------------------------------------------------------------------------------
+    async def create_user(
+        self,
+        username: str,
+        password: str,
+        role: Role | str,
+        *,
+        display_name: str = "",
+        skills: list[str] | None = None,
+    ) -> StaffUser:
+        role = Role(role)
+        if len(password) < 10:
+            raise ValueError("password must have at least 10 characters")
+        user = StaffUser(
+            username=username,
+            display_name=display_name or username,
+            role=role.value,
+            password_hash=self._hasher.hash(password),
+            skills=skills or [],
+        )
+        async with self.store.sessions() as s, s.begin():
+            s.add(user)
+        return user
+
+    async def get_user(self, username: str) -> StaffUser | None:
+        async with self.store.sessions() as s:
+            return (await s.execute(select(StaffUser).where(StaffUser.username == username))).scalar_one_or_none()
+
+    async def list_users(self) -> list[StaffUser]:
+        async with self.store.sessions() as s:
+            return list((await s.execute(select(StaffUser).order_by(StaffUser.id))).scalars())
+
+    async def count_users(self) -> int:
+        return len(await self.list_users())
+
+    async def update_user(
+        self,
+        username: str,
+        *,
+        role: Role | str | None = None,
+        active: bool | None = None,
+        password: str | None = None,
+        display_name: str | None = None,
+        skills: list[str] | None = None,
+    ) -> StaffUser | None:
+        async with self.store.sessions() as s, s.begin():
+            user = (await s.execute(select(StaffUser).where(StaffUser.username == username))).scalar_one_or_none()
+            if user is None:
+                return None
+            if role is not None:
+                user.role = Role(role).value
+            if display_name is not None:
+                user.display_name = display_name
+            if skills is not None:
+                user.skills = skills
+            if password is not None:
+                if len(password) < 10:
+                    raise ValueError("password must have at least 10 characters")
+                user.password_hash = self._hasher.hash(password)
+            if active is not None:
+                user.active = active
+            if active is False or password is not None or role is not None:
+                # Whoever held this account's tokens must log in again with the new rights.
+                await s.execute(
+                    update(StaffSession)
+                    .where(StaffSession.user_id == user.id, StaffSession.revoked_at.is_(None))
+                    .values(revoked_at=utcnow())
+                )
+        return user
+
+    # -- sessions -------------------------------------------------------------------------------
+    def _locked(self, username: str) -> bool:
+        now = time.monotonic()
+        failures = self._failures[username]
+        while failures and now - failures[0] > self.lockout_s:
+            failures.popleft()
+        return len(failures) >= self.max_failures
+
+    async def login(self, username: str, password: str) -> tuple[StaffUser, str, dt.datetime]:
+        """Returns the user, a new bearer token and its expiry; raises ``LoginRejected``."""
+        if self._locked(username):
+            raise LoginRejected("locked")
+        user = await self.get_user(username)
+        try:
+            self._hasher.verify(user.password_hash if user else self._dummy_hash, password)
+            ok = user is not None and user.active
+        except (VerificationError, InvalidHashError):
+            ok = False
+        if not ok:
+            self._failures[username].append(time.monotonic())
+            raise LoginRejected("bad_credentials")
+        self._failures.pop(username, None)
+        token = secrets.token_urlsafe(32)
+        expires = utcnow() + dt.timedelta(hours=self.session_hours)
+        async with self.store.sessions() as s, s.begin():
+            s.add(StaffSession(token_hash=hash_token(token), user_id=user.id, expires_at=expires))
+            if self._hasher.check_needs_rehash(user.password_hash):
+                fresh = await s.get(StaffUser, user.id)
+                fresh.password_hash = self._hasher.hash(password)
+        return user, token, expires
+
+    async def user_for_token(self, token: str) -> StaffUser | None:
+        """The active user a live (not expired, not revoked) token belongs to."""
+        async with self.store.sessions() as s:
+            row = (
+                await s.execute(
+                    select(StaffSession, StaffUser)
+                    .join(StaffUser, StaffUser.id == StaffSession.user_id)
+                    .where(StaffSession.token_hash == hash_token(token))
+                )
+            ).first()
+        if row is None:
+            return None
+        session, user = row
+        if session.revoked_at is not None or _aware(session.expires_at) <= utcnow() or not user.active:
+            return None
+        return user
+
+    async def logout(self, token: str) -> None:
+        async with self.store.sessions() as s, s.begin():
+            await s.execute(
+                update(StaffSession)
+                .where(StaffSession.token_hash == hash_token(token), StaffSession.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+
+    # -- audit ----------------------------------------------------------------------------------
+    async def audit(
+        self,
+        actor: StaffUser | str,
+        action: str,
+        target: str = "",
+        detail: dict | None = None,
+        client: str = "",
+    ) -> None:
+        name, role = (actor.username, actor.role) if isinstance(actor, StaffUser) else (actor, "")
+        async with self.store.sessions() as s, s.begin():
+            s.add(AuditEntry(actor=name, role=role, action=action, target=target, detail=detail or {}, client=client))
+        log.info("audit: %s (%s) %s %s", name, role or "-", action, target)
+
+    async def audit_log(self, limit: int = 200, actor: str | None = None) -> list[AuditEntry]:
+        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+        if actor:
+            query = query.where(AuditEntry.actor == actor)
+        async with self.store.sessions() as s:
+            return list((await s.execute(query)).scalars())
