@@ -68,6 +68,31 @@ def hub(hub_settings: Settings, knowledge_base):
         yield client
 
 
+@pytest.fixture
+def live_hub(hub_settings: Settings, knowledge_base):
+    """A hub served over real HTTP/WebSocket (for the browser); yields (base_url, app)."""
+    from browser import serve
+
+    from xiaozhi.hub.app import create_app
+
+    app = create_app(hub_settings, knowledge_base=knowledge_base)
+    with serve(app, free_port()) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for the session (pages are opened per test in fresh contexts)."""
+    from playwright.sync_api import sync_playwright
+
+    from browser import launch_chromium
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()
+
+
 ADMIN_PASSWORD = "test-admin-password"  # the hub fixture's first admin (XIAOZHI_ADMIN_PASSWORD)
 
 

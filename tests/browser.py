@@ -1,0 +1,55 @@
+"""Headless Chromium (Debian's, driven by Playwright) and a hub served over real HTTP for it to load.
+
+Never `playwright install`: the browser is /usr/bin/chromium from Debian (see platform notes).
+WebRTC tests add their own flags (fake media devices are on for every page).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+SCREENSHOT_DIR = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+def launch_chromium(playwright, extra_args: list[str] | None = None):
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS + list(extra_args or [])
+    )
+
+
+@contextmanager
+def serve(app, port: int):
+    """Serve an ASGI app with uvicorn in a background thread; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="live-hub", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the hub did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
