@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from typing import Callable
+from typing import Awaitable, Callable
 
 from knowledge_base.search import KnowledgeBase
 from xiaozhi.hub.rasa_client import BotReply, RasaClient, RasaUnavailable
-from xiaozhi.hub.store import Conversation, Message, Store
+from xiaozhi.hub.store import Conversation, Message, Store, utcnow
 from xiaozhi.masking import mask_pii
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class ConversationService:
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._subscribers: dict[str, set[asyncio.Queue]] = defaultdict(set)
         self._turns: set[asyncio.Task] = set()
+        # Awaited with (conversation, reason) when a conversation closes (follow-up surveys, analytics).
+        self.closed_hooks: list[Callable[[Conversation, str], Awaitable[None]]] = []
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait for turns in progress to finish (shutdown): their replies are stored before the store closes."""
@@ -116,7 +118,7 @@ class ConversationService:
             for msg in stored:
                 self._publish(conv.id, {"type": "message", "message": message_out(msg)})
             if any(r.outcome == "escalated" for r in replies):
-                await self._escalate(conv, reason="requested")
+                await self.escalate(conv, reason="requested")
             if understood.get("region") and understood["region"] != conv.region_code:
                 await self.store.update_conversation(conv.id, region_code=understood["region"])
             return incoming, stored
@@ -162,7 +164,21 @@ class ConversationService:
                     return reply
         return BotReply(text=DEGRADED_NO_ANSWER, outcome="abstained", extra={"degraded": True})
 
-    async def _escalate(self, conv: Conversation, reason: str) -> None:
+    async def close(self, conv: Conversation, reason: str) -> None:
+        """End a conversation (resident left, agent closed it, call hung up); runs the closed hooks once."""
+        if conv.status == "closed":
+            return
+        await self.store.update_conversation(conv.id, status="closed", closed_at=utcnow())
+        conv.status = "closed"
+        self._publish(conv.id, {"type": "closed", "reason": reason})
+        for hook in list(self.closed_hooks):
+            try:
+                await hook(conv, reason)
+            except Exception:  # one failing hook (a survey) must not stop the others
+                log.exception("closed hook %r failed for conversation %s", hook, conv.id)
+
+    async def escalate(self, conv: Conversation, reason: str, **details) -> None:
+        """Put the conversation in the agent queue (``details``: e.g. priority, topic)."""
         esc = await self.store.add_escalation(conv.id, conv.channel, reason)
         await self.store.update_conversation(conv.id, status="escalated")
         conv.status = "escalated"
