@@ -88,29 +88,29 @@ class RasaClient:
             return False
 
     async def send(self, sender: str, text: str, metadata: dict[str, Any]) -> tuple[list[BotReply], dict]:
-        """One resident turn: Rasa's replies and what its NLU understood (intent, confidence, slots)."""
+        """One resident turn: Rasa's replies and what its NLU understood (intent, confidence, slots).
+
+        Rasa answers through the ``xiaozhi`` channel (bot/rasa_runtime/xiaozhi_channel.py) with both
+        in one response.
+        """
         try:
             r = await self._http.post(
-                "/webhooks/rest/webhook", json={"sender": sender, "message": text, "metadata": metadata}
+                "/webhooks/xiaozhi/webhook", json={"sender": sender, "message": text, "metadata": metadata}
             )
             r.raise_for_status()
-            items = r.json()
-            t = await self._http.get(f"/conversations/{sender}/tracker", params={"include_events": "NONE"})
-            t.raise_for_status()
-            tracker = t.json()
+            body = r.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise RasaUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(items, list):
-            raise RasaUnavailable(f"unexpected webhook answer: {str(items)[:200]}")
-        latest = tracker.get("latest_message") or {}
-        intent = latest.get("intent") or {}
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise RasaUnavailable(f"unexpected webhook answer: {str(body)[:200]}")
+        slots = body.get("slots") if isinstance(body.get("slots"), dict) else {}
         understood = {
-            "intent": intent.get("name"),
-            "confidence": intent.get("confidence"),
-            "slots": {k: v for k, v in (tracker.get("slots") or {}).items() if v is not None},
-            "paused": tracker.get("paused", False),
+            "intent": body.get("intent"),
+            "confidence": body.get("confidence"),
+            "slots": {k: v for k, v in slots.items() if v is not None},
+            "paused": bool(body.get("paused", False)),
         }
-        replies = replies_from_rasa(items)
+        replies = replies_from_rasa(body["messages"])
         for reply in replies:
             reply.intent = understood["intent"]
             reply.confidence = understood["confidence"]
