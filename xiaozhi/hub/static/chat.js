@@ -23,6 +23,7 @@
     const li = el("li", message.role);
     const bubble = el("div", "bubble", message.text);
     const meta = message.meta || {};
+    if (message.role === "agent") bubble.insertBefore(el("span", "who", "工作人员" + (meta.agent_name || "") + "："), bubble.firstChild);
     if (meta.degraded) bubble.appendChild(el("span", "tag", "简化模式"));
     if (meta.steps && meta.steps.length) {
       const steps = el("ol");
@@ -76,7 +77,9 @@
       const event = JSON.parse(ev.data);
       if (event.type === "message") { render(event.message); if (event.message.role !== "resident") status.textContent = ""; }
       else if (event.type === "typing") status.textContent = "医保小智正在输入…";
-      else if (event.type === "escalated") status.textContent = "已为您排队转接人工客服。";
+      else if (event.type === "escalated") status.textContent = event.status === "callback" ? "已为您登记回电。" : "已为您排队转接人工客服。";
+      else if (event.type === "agent_joined") status.textContent = "工作人员已接入。";
+      else if (event.type === "agent_left") status.textContent = "";
       else if (event.type === "error") status.textContent = event.message;
     };
     socket.onclose = function () { socket = null; setTimeout(function () { if (!socket) connect(); }, 2000); };

@@ -1,0 +1,328 @@
+"""The agent desk API (/api/agent/...), its WebSocket and the console page (/agent).
+
+Only logged-in staff (role agent or above) reach these endpoints; a resident's conversation token
+is never accepted. Every action on a resident's conversation goes into the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+import anyio
+import anyio.abc
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field, field_validator
+
+from xiaozhi.hub.accounts import Role, StaffUser
+from xiaozhi.hub.conversation import message_out
+from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS, AgentDesk, DeskError
+from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.routers.staff import client_address, require_role, staff_for_token
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/agent", tags=["agent desk"])
+page_router = APIRouter(include_in_schema=False)
+AGENT_PAGE = Path(__file__).resolve().parent.parent / "static" / "agent" / "index.html"
+# The socket re-sends the queue this often (waiting times, SLA flags stay current) and re-checks the
+# login each time: a logged-out agent's socket closes within this many seconds at most.
+QUEUE_REFRESH_S = 15.0
+
+Agent = Annotated[StaffUser, Depends(require_role(Role.agent))]
+# Queue ids are database integers: anything outside them is a 422, not an overflow deep in the driver.
+ItemId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+
+
+def desk(request: Request) -> AgentDesk:
+    return request.app.state.desk
+
+
+class TextIn(BaseModel):
+    text: str = Field(max_length=2000)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("消息不能为空")
+        return value
+
+
+class TransferIn(BaseModel):
+    to_agent: str | None = Field(None, max_length=64, description="User name of the agent to hand over to.")
+    topic: str | None = Field(None, max_length=32, description="Back to the queue under this skill (topic).")
+    note: str = Field("", max_length=500, description="For whoever picks it up next.")
+
+
+class ReleaseIn(BaseModel):
+    note: str = Field("", max_length=500)
+
+
+class CloseIn(BaseModel):
+    disposition: str = Field(description="One of GET /api/agent/config `dispositions`.")
+    note: str = Field("", max_length=500)
+    end_conversation: bool = Field(False, description="Also end the resident's conversation (e.g. hang up).")
+
+
+async def _act(request: Request, user: StaffUser, action: str, item, detail: dict | None = None) -> None:
+    await request.app.state.accounts.audit(
+        user, action, item.conversation_id, {"item": item.id, **(detail or {})}, client=client_address(request)
+    )
+
+
+def _desk_error(exc: DeskError) -> ApiError:
+    return ApiError(exc.status, exc.code, exc.message)
+
+
+@router.get("/config")
+async def config(request: Request, user: Agent) -> dict:
+    """What the console needs to draw itself: who is logged in, labels, dispositions, SLA, service hours."""
+    d = desk(request)
+    return {
+        "user": {"username": user.username, "display_name": user.display_name, "role": user.role,
+                 "skills": list(user.skills or [])},
+        "topics": TOPIC_LABELS,
+        "reasons": REASON_LABELS,
+        "dispositions": DISPOSITIONS,
+        "sla_warning_s": d.sla_warning_s,
+        "service_hours": d.hours.text,
+        "in_service": d.in_service(),
+    }
+
+
+@router.get("/queue")
+async def queue(
+    request: Request,
+    user: Agent,
+    status: Annotated[Literal["open", "waiting", "claimed", "callback", "closed"], Query()] = "open",
+) -> dict:
+    """Items this user may see: agents their skills' open items and their own; supervisors everything."""
+    d = desk(request)
+    statuses = OPEN_STATUSES if status == "open" else (status,)
+    return {
+        "items": await d.queue_for(user, statuses),
+        "online": d.online,
+        "in_service": d.in_service(),
+        "sla_warning_s": d.sla_warning_s,
+    }
+
+
+@router.get("/queue/{item_id}")
+async def item_detail(item_id: ItemId, request: Request, user: Agent) -> dict:
+    """The item, a summary of what the resident wanted and the full transcript."""
+    d = desk(request)
+    item = await d.get(item_id)
+    if item is None or not d.visible(user, item):
+        raise ApiError(404, "not_found", "没有找到这条排队记录。")
+    await _act(request, user, "queue.view", item)
+    return await d.detail(item)
+
+
+@router.post("/queue/{item_id}/claim")
+async def claim(item_id: ItemId, request: Request, user: Agent) -> dict:
+    try:
+        item = await desk(request).claim(user, item_id)
+    except DeskError as exc:
+        raise _desk_error(exc) from None
+    await _act(request, user, "queue.claim", item)
+    return await desk(request).detail(item)
+
+
+@router.post("/queue/{item_id}/transfer")
+async def transfer(item_id: ItemId, body: TransferIn, request: Request, user: Agent) -> dict:
+    if not body.to_agent and body.topic is None and not body.note.strip():
+        raise ApiError(422, "transfer_target", "请选择转给哪位工作人员，或者转回队列时写明备注。")
+    try:
+        item = await desk(request).transfer(user, item_id, to_agent=body.to_agent, topic=body.topic, note=body.note)
+    except DeskError as exc:
+        raise _desk_error(exc) from None
+    detail = {"to_agent": body.to_agent or "", "topic": body.topic or "", "note": bool(body.note.strip())}
+    await _act(request, user, "queue.transfer", item, detail)
+    return {"item": desk(request).item_out(item)}
+
+
+@router.post("/queue/{item_id}/release")
+async def release(item_id: ItemId, request: Request, user: Agent, body: ReleaseIn | None = None) -> dict:
+    note = body.note if body else ""
+    try:
+        item = await desk(request).release(user, item_id, note)
+    except DeskError as exc:
+        raise _desk_error(exc) from None
+    await _act(request, user, "queue.release", item)
+    return {"item": desk(request).item_out(item)}
+
+
+@router.post("/queue/{item_id}/close")
+async def close(item_id: ItemId, body: CloseIn, request: Request, user: Agent) -> dict:
+    try:
+        item = await desk(request).close(
+            user, item_id, body.disposition, body.note, end_conversation=body.end_conversation
+        )
+    except DeskError as exc:
+        raise _desk_error(exc) from None
+    detail = {"disposition": body.disposition, "end_conversation": body.end_conversation}
+    await _act(request, user, "queue.close", item, detail)
+    return {"item": desk(request).item_out(item)}
+
+
+@router.post("/queue/{item_id}/messages", status_code=201)
+async def say(item_id: ItemId, body: TextIn, request: Request, user: Agent) -> dict:
+    """Send a message to the resident (only the agent holding the item, or a supervisor)."""
+    try:
+        msg = await desk(request).say(user, item_id, body.text)
+    except DeskError as exc:
+        raise _desk_error(exc) from None
+    item = await desk(request).get(item_id)
+    await _act(request, user, "queue.message", item, {"chars": len(body.text)})
+    return {"message": message_out(msg)}
+
+
+@router.get("/canned")
+async def canned(request: Request, _: Agent) -> dict:
+    """Canned responses (xiaozhi/hub/canned_responses.yaml)."""
+    return {"responses": desk(request).canned}
+
+
+@router.get("/kb/search")
+async def kb_search(
+    request: Request,
+    _: Agent,
+    q: Annotated[str, Query(min_length=1, max_length=500)],
+    region: Annotated[str | None, Query(pattern=r"^\d{6}$")] = None,
+    k: Annotated[int, Query(ge=1, le=10)] = 5,
+) -> dict:
+    """Knowledge-base search for the console: ranked entries with their answers, steps and sources."""
+    kb = request.app.state.knowledge_base
+    if kb is None:
+        raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
+    result = await asyncio.to_thread(kb.search, q, region=region, k=k)
+    return {
+        "confidence": round(result.confidence, 3),
+        "abstain": result.abstain,
+        "results": [
+            {
+                "id": hit.entry.id,
+                "title": hit.entry.title,
+                "answer": hit.entry.answer,
+                "steps": list(hit.entry.steps),
+                "citation": hit.entry.citation(),
+            }
+            for hit in result.hits
+        ],
+    }
+
+
+@router.websocket("/ws")
+async def agent_socket(websocket: WebSocket, token: str | None = None) -> None:
+    """Live queue and held conversations.
+
+    Receives ``{"type": "queue", "items": [...], "online": [...]}`` whenever the queue changes (and every
+    15 s), ``{"type": "message", "conversation_id", "message"}`` for conversations this agent holds,
+    ``{"type": "closed", "conversation_id"}``. Send ``{"type": "ping"}`` to get a pong.
+    """
+    app = websocket.app
+    try:
+        user = await staff_for_token(app, token)
+    except ApiError as exc:
+        await websocket.close(code=4401, reason=exc.code)
+        return
+    if not user.role_enum.at_least(Role.agent):
+        await websocket.close(code=4403, reason="forbidden")
+        return
+    await websocket.accept()
+    d: AgentDesk = app.state.desk
+    conversations = app.state.conversations
+    changes = d.watch()
+    d.agent_online(user.username)
+    # conversation id -> (its subscription queue, the cancel scope of the task forwarding it)
+    held: dict[str, tuple[asyncio.Queue, anyio.CancelScope]] = {}
+    send_lock = anyio.Lock()
+    gone = (WebSocketDisconnect, RuntimeError, anyio.ClosedResourceError, anyio.BrokenResourceError)
+
+    async def send(payload: dict) -> None:
+        async with send_lock:
+            await websocket.send_json(payload)
+
+    async def forward(conversation_id: str, queue: asyncio.Queue, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                event = await queue.get()
+                await send({**event, "conversation_id": conversation_id})
+
+    def follow_held(items: list[dict], tg: anyio.abc.TaskGroup) -> None:
+        """Subscribe to the conversations this agent holds now; drop the ones it no longer holds."""
+        holding = {i["conversation_id"] for i in items if i["status"] == "claimed" and i["agent"] == user.username}
+        for conversation_id in list(held):
+            if conversation_id not in holding:
+                queue, scope = held.pop(conversation_id)
+                scope.cancel()
+                conversations.unsubscribe(conversation_id, queue)
+        for conversation_id in holding - set(held):
+            queue, scope = conversations.subscribe(conversation_id), anyio.CancelScope()
+            held[conversation_id] = (queue, scope)
+            tg.start_soon(forward, conversation_id, queue, scope)
+
+    async def push_queue(tg: anyio.abc.TaskGroup) -> None:
+        nonlocal user
+        while True:
+            # Never cancelled half-way through a database query (the agent leaving cancels this task):
+            # an abandoned query would leave its connection mid-transaction.
+            with anyio.CancelScope(shield=True):
+                fresh = await app.state.accounts.user_for_token(token)
+                items = await d.queue_for(fresh) if fresh is not None else []
+            if fresh is None:  # logged out, expired or disabled: the socket goes too
+                await websocket.close(code=4401, reason="invalid_token")
+                tg.cancel_scope.cancel()
+                return
+            user = fresh
+            follow_held(items, tg)
+            await send({"type": "queue", "items": items, "online": d.online, "in_service": d.in_service()})
+            with anyio.move_on_after(QUEUE_REFRESH_S):
+                await changes.get()
+
+    async def receive(tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            raw = await websocket.receive_text()
+            try:
+                payload = json.loads(raw)
+            except json.JSONDecodeError:
+                log.info("agent %s: invalid JSON on the agent socket", user.username)
+                await send({"type": "error", "error": "invalid_json", "message": "消息不是合法的 JSON。"})
+                continue
+            if isinstance(payload, dict) and payload.get("type") == "ping":
+                await send({"type": "pong"})
+
+    async def guarded(part, tg: anyio.abc.TaskGroup) -> None:
+        """Either half ending (the agent left, the login died) ends the socket."""
+        try:
+            await part(tg)
+        except gone:
+            pass
+        finally:
+            tg.cancel_scope.cancel()
+
+    try:
+        await send({"type": "hello", "user": {"username": user.username, "display_name": user.display_name,
+                                               "role": user.role}})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(guarded, push_queue, tg)
+            tg.start_soon(guarded, receive, tg)
+    except gone:
+        pass
+    finally:
+        d.unwatch(changes)
+        d.agent_offline(user.username)
+        for conversation_id, (queue, _) in list(held.items()):
+            conversations.unsubscribe(conversation_id, queue)
+
+
+@page_router.get("/agent")
+async def agent_page() -> FileResponse:
+    """The agent console (plain HTML/JS/CSS under static/agent/)."""
+    return FileResponse(AGENT_PAGE, media_type="text/html; charset=utf-8")
