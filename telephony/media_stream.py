@@ -102,6 +102,10 @@ class MediaStream(asyncio.DatagramProtocol):
         self._idle = True
         self._pacer: asyncio.Task | None = None
         self.last_received_at: float | None = None
+        # Called once per 20 ms tick with the frame sent (None: silence), e.g. to record our leg.
+        self.on_sent: Callable[[np.ndarray | None], None] | None = None
+        self.first_audio_sent_at: float | None = None  # loop time of the last talkspurt's first packet
+        self._was_silent = True
 
     # lifecycle -----------------------------------------------------------------------------
     async def open(self, host: str, port_range: tuple[int, int] | None) -> int:
@@ -190,8 +194,17 @@ class MediaStream(asyncio.DatagramProtocol):
             else:
                 payload = silence if self.send_silence else None
                 self._idle = True
+            if frame is not None and self._was_silent:
+                self.first_audio_sent_at = loop.time()
+            self._was_silent = frame is None
             if payload is not None and self.send_enabled:
                 self._send_rtp(payload)
+            if self.on_sent is not None:
+                try:
+                    self.on_sent(frame)
+                except Exception:  # a failing tap (disk full) must not stop the call's audio
+                    log.exception("media %s: on_sent tap failed; detached", self.label)
+                    self.on_sent = None
             self._ts = (self._ts + FRAME_SAMPLES) & 0xFFFFFFFF
             deadline += FRAME_S
             late = loop.time() - deadline

@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
+import numpy as np
+
+from .dtmf import build_telephone_event, digit_to_event
+from .g711 import alaw_decode, ulaw_decode, ulaw_encode
 from .handler import CallHandler
-from .rtp import RtpPacket, parse_rtp
+from .rtp import RtpPacket, build_rtp, parse_rtp
 from .sip_message import SipRequest, SipResponse, new_branch, new_tag, parse_message, parse_name_addr
 from .user_agent import UserAgent, UserAgentConfig
 
@@ -269,3 +273,81 @@ class SipPeer:
 
 def environment_has_sipp() -> bool:
     return SIPP is not None and os.access(SIPP, os.X_OK)
+
+
+class RtpCaller:
+    """The caller's media side of a ``SipPeer`` call: paced 20 ms PCMU out, every packet in recorded.
+
+    ``await say(samples)`` sends 8 kHz audio in real time (silence packets with ``pause``), ``key``
+    sends an RFC 4733 event; ``received`` holds (monotonic time, RtpPacket) of what the bot sent.
+    """
+
+    def __init__(self, peer: SipPeer, ok: SipResponse, dtmf_pt: int = 101) -> None:
+        body = ok.body.decode(errors="replace")
+        port = int(body.split("m=audio ", 1)[1].split()[0])
+        self.target = ("127.0.0.1", port)
+        self.sock = peer.rtp
+        self.dtmf_pt = dtmf_pt
+        self.ssrc = 0x1234ABCD
+        self.seq = 1000
+        self.ts = 160000
+        self.received: list[tuple[float, RtpPacket]] = []
+        self._next = time.monotonic()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.sock, 4096)
+            packet = parse_rtp(data)
+            if isinstance(packet, RtpPacket):
+                self.received.append((time.monotonic(), packet))
+
+    def close(self) -> None:
+        self._reader.cancel()
+
+    async def _tick(self) -> None:
+        self._next = max(self._next + 0.02, time.monotonic() - 0.02)
+        await asyncio.sleep(max(0.0, self._next - time.monotonic()))
+
+    def _send(self, pt: int, payload: bytes, marker: bool = False, ts: int | None = None) -> None:
+        self.sock.sendto(build_rtp(pt, self.seq, self.ts if ts is None else ts, self.ssrc, payload, marker=marker),
+                         self.target)
+        self.seq = (self.seq + 1) & 0xFFFF
+
+    async def say(self, samples) -> float:
+        """Send audio paced at 20 ms; returns the monotonic time its last packet was sent."""
+        pcm = np.asarray(samples, dtype=np.int16)
+        pcm = np.concatenate([pcm, np.zeros(-pcm.size % 160, np.int16)])
+        for i in range(0, pcm.size, 160):
+            await self._tick()
+            self._send(0, ulaw_encode(pcm[i : i + 160]))
+            self.ts = (self.ts + 160) & 0xFFFFFFFF
+        return time.monotonic()
+
+    async def pause(self, seconds: float) -> None:
+        await self.say(np.zeros(int(seconds * 8000), np.int16))
+
+    async def key(self, digit: str, duration_ms: int = 100) -> None:
+        """An RFC 4733 key press (start, continuation, three end packets), audio silent meanwhile."""
+        event = digit_to_event(digit)
+        ts = self.ts
+        steps = duration_ms // 20
+        for i in range(1, steps + 1):
+            await self._tick()
+            dur = i * 160
+            end = i == steps
+            payload = build_telephone_event(event, end=end, duration=dur)
+            for _ in range(3 if end else 1):
+                self._send(self.dtmf_pt, payload, marker=i == 1, ts=ts)
+            self.ts = (self.ts + 160) & 0xFFFFFFFF
+
+    def bot_audio(self, since: float = 0.0) -> list[tuple[float, RtpPacket]]:
+        """Packets from the bot after ``since`` that carry sound (not µ-law silence)."""
+        out = []
+        for t, p in self.received:
+            if t >= since and p.payload_type in (0, 8) and p.payload:
+                pcm = ulaw_decode(p.payload) if p.payload_type == 0 else alaw_decode(p.payload)
+                if int(np.abs(pcm.astype(np.int32)).max()) > 300:
+                    out.append((t, p))
+        return out

@@ -3,6 +3,7 @@
 Server side: INVITE (100 Trying, 180 Ringing, 200 OK with SDP answer retransmitted until ACK),
 ACK, BYE, CANCEL (487 for the pending INVITE), OPTIONS, INFO (dtmf-relay); 405/501 for the rest.
 Client side: its own BYE, routed through the dialog's route set and retransmitted until answered.
+Outbound calls (UAC INVITE, ACK, CANCEL): ``place_call`` in telephony/outbound.py (follow-up surveys).
 Responses follow the top Via (RFC 3261 18.2.2) with rport/received (RFC 3581).
 """
 
@@ -17,6 +18,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Coroutine
 
+from . import outbound
 from .call import Call, CallState, EndReason
 from .g711 import G711Codec
 from .handler import CallHandler
@@ -716,9 +718,16 @@ class UserAgent(asyncio.DatagramProtocol):
             branch = parse_via(response.headers.get_all("via")[0]).branch or ""
         except (ValueError, IndexError):
             return
+        if outbound.on_response(self, response, branch):  # our own INVITEs (outbound calls)
+            return
         future = self._client.get(branch)
         if future is not None and response.status >= 200 and not future.done():
             future.set_result(response.status)
+
+    async def place_call(self, uri: str, handler: CallHandler | None = None, **options: Any) -> Call:
+        """Call ``uri`` (a trunk or SIP URI) and return the confirmed call; its events go to ``handler``
+        (default: this user agent's). Raises ``telephony.outbound.CallFailed``. See telephony/outbound.py."""
+        return await outbound.place_call(self, uri, handler or self.handler, **options)
 
 
 __all__ = ["UserAgent", "UserAgentConfig", "reason_phrase"]

@@ -1,0 +1,61 @@
+"""Phone voice latency: end of the caller's speech -> the bot's first RTP packet with sound.
+
+Places CALLS calls one after another to the hotline (in-process hub, see bench/voice_common.py);
+each asks one of the 8 Mandarin fixtures. Prints p50/p95 and each stage's median share:
+end-of-turn (the silence hangover), ASR, dialogue (hub + Rasa or degraded knowledge-base search),
+TTS; the remainder is playout (queue to the 20 ms pacer and the network). Also the character error
+rate of the recogniser on these 8 kHz calls.
+
+Targets (2-core machine): p50 <= 1.0 s, p95 <= 1.5 s.
+
+    .venv/bin/python bench/voice_latency.py [--calls 24] [--rasa-url http://127.0.0.1:5005]
+        [--end-of-turn-ms 600] [--beam 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+
+from voice_common import FIXTURES, hotline, one_call, summarise
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=24)
+    parser.add_argument("--rasa-url", default=None, help="a running Rasa (default: none, degraded mode)")
+    parser.add_argument("--end-of-turn-ms", type=int, default=600)
+    args = parser.parse_args()
+
+    async with hotline(args.rasa_url, phone_end_of_turn_ms=args.end_of_turn_ms) as app:
+        results = []
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        for i in range(args.calls):
+            name, expected = FIXTURES[i % len(FIXTURES)]
+            r = await one_call(app, name, expected)
+            results.append(r)
+            print(f"call {i + 1:2d} {name:20s} latency {r.latency_s if r.latency_s is not None else float('nan'):.2f} s"
+                  f"  (eot {r.end_of_turn_s:.2f} asr {r.asr_s:.2f} dialogue {r.dialogue_s:.2f} tts {r.tts_s:.2f})"
+                  f"  heard: {r.text}", flush=True)
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    s = summarise(results)
+    total = s["p50_s"]
+    print(f"\n{s['answered']}/{s['calls']} calls answered; cores: {os.cpu_count()}; "
+          f"load avg {os.getloadavg()[0]:.2f}; {cpu:.1f} CPU-s in {wall:.0f} s")
+    print(f"latency p50 {s['p50_s']:.2f} s   p95 {s['p95_s']:.2f} s   max {s['max_s']:.2f} s"
+          f"   (targets: p50 <= 1.0 s, p95 <= 1.5 s)")
+    import statistics
+
+    playout = statistics.median(r.latency_s - r.end_of_turn_s - r.asr_s - r.dialogue_s - r.tts_s
+                                for r in results if r.latency_s is not None)
+    for stage, value in (("end of turn", s["end_of_turn_s"]), ("ASR", s["asr_s"]), ("dialogue", s["dialogue_s"]),
+                         ("TTS", s["tts_s"]), ("playout", playout)):
+        print(f"  {stage:12s} median {value:.3f} s  ({100 * value / total:.0f} % of p50)")
+    print("  (playout: from handing the reply to the RTP pacer to its first packet at the caller)")
+    print(f"CER of the recogniser on these calls: {s['cer']:.3f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,552 @@
+"""The voice bot: a ``CallHandler`` that runs one call's speech pipeline and phone behaviour.
+
+Stages per call (each is its own small object, tested alone):
+
+    RTP frames -> EnergyVad -> TurnDetector -> Recognizer (thread) -> DialogueBackend.reply
+               -> spoken text -> Synthesizer (TTS thread) -> call.play (paced RTP)
+
+What the dialogue *is* stays outside ``telephony/``: a ``DialogueBackend`` (the hub's phone glue,
+``xiaozhi.hub.phone``) creates the conversation, answers turns and queues escalations.
+
+Phone behaviour: greeting (with the recording notice when recording), barge-in (caller speech of
+``barge_in_ms`` during playback stops it; a shorter burst, or a turn recognised as a backchannel
+such as 嗯/好/对, does not interrupt — an interrupted reply is resumed), silence -> re-prompt, three
+silences -> goodbye and hang up, two recognition failures -> keypad menu, 0 -> agent at any time
+(unless typing a number), digit collection ending with #, hold prompt looped until an agent is
+bridged, bridged mode (caller audio to the agent, agent audio to the caller, no ASR).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .asr import Recognizer
+from .audio import to_int16
+from .call import Call
+from .handler import CallHandler
+from .recording import CallRecorder
+from .tts import PromptCache, Synthesizer, synthesize_async
+from .vad import EnergyVad, TurnDetector
+
+log = logging.getLogger("telephony.voice")
+
+BACKCHANNELS = frozenset({"嗯", "嗯嗯", "好", "好的", "对", "对对", "是", "是的", "哦", "噢", "啊", "行", "可以", "明白", "知道了"})
+_PUNCT = re.compile(r"[\s\W_]+", re.UNICODE)
+_SILENT_FRAME = bytes(320)
+
+
+def is_backchannel(text: str) -> bool:
+    """A short acknowledgement (嗯、好、对…) rather than a question."""
+    bare = _PUNCT.sub("", text)
+    return bool(bare) and (bare in BACKCHANNELS or (len(bare) <= 3 and set(bare) <= {"嗯", "好", "对", "是", "哦", "啊"}))
+
+
+# Whisper-base hears 转人工 ("zhuan ren gong") on the phone as 再员工 / 再研工 / 专人工...: the one
+# request that must never be lost, so a sound-alike of it is rewritten before the dialogue sees it.
+_AGENT_SOUNDALIKE = re.compile(r"[转专砖赚再在找]\s*[人仁任员研元园言]\s*[工公功攻]")
+
+
+def correct_agent_request(text: str) -> str:
+    """转人工 restored from its usual mishearings (再员工, 专人工, 赚人工...)."""
+    return _AGENT_SOUNDALIKE.sub("转人工", text)
+
+
+@dataclass
+class BotTurn:
+    """The backend's answer to one caller turn."""
+
+    spoken: str  # what to say, already in spoken form
+    escalated: bool = False  # the caller is now in the agent queue: play the hold prompt after this
+    hang_up: bool = False
+
+
+class DialogueBackend(Protocol):
+    async def call_started(self, call: Call) -> None: ...
+    async def reply(self, call: Call, text: str, *, source: str) -> BotTurn: ...
+    async def escalate(self, call: Call, reason: str) -> None: ...
+    async def note(self, call: Call, text: str) -> None: ...  # keep words said while no bot turn is possible
+    async def call_ended(self, call: Call, reason: str) -> None: ...
+
+
+@dataclass
+class VoiceConfig:
+    """Behaviour of the phone line. ``elderly()`` gives the 适老化 variant (more patience)."""
+
+    end_silence_ms: int = 600  # silence that ends a caller turn
+    barge_in_ms: int = 200  # voiced speech during playback that stops it
+    min_turn_ms: int = 160  # shorter voiced bursts (clicks, coughs) are not turns
+    backchannel_max_ms: int = 700  # a turn this short that is recognised as 嗯/好/对 is a backchannel
+    no_input_s: float = 8.0  # silence after the bot finished speaking before a re-prompt
+    max_silences: int = 3
+    max_failures: int = 2  # recognition failures before the keypad menu
+    inter_digit_s: float = 5.0  # a number typed without # is taken after this pause
+    max_turn_s: float = 15.0
+    hold_gap_s: float = 1.5  # silence between hold-prompt repeats
+    hold_max_s: float = 600.0  # then apologise and hang up (the escalation stays queued)
+    recording_dir: Path | None = None  # None: no recording
+    menu_options: dict[str, str] = field(default_factory=dict)  # key -> question text
+
+    @classmethod
+    def elderly(cls, **overrides: Any) -> VoiceConfig:
+        values: dict[str, Any] = {"end_silence_ms": 1100, "no_input_s": 12.0, "inter_digit_s": 8.0,
+                                  "max_turn_s": 20.0}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class TurnTiming:
+    """Where the time of one turn went (seconds); ``speech_end`` is loop time of the last voiced frame."""
+
+    speech_end: float
+    end_of_turn_s: float = 0.0
+    asr_s: float = 0.0
+    dialogue_s: float = 0.0
+    tts_s: float = 0.0
+    play_at: float = 0.0
+    first_packet_at: float | None = None
+    text: str = ""
+
+
+class CallSession:
+    """Everything the bot knows about one call."""
+
+    def __init__(self, call: Call, config: VoiceConfig) -> None:
+        self.call = call
+        self.vad = EnergyVad()
+        self.turns = TurnDetector(end_silence_ms=config.end_silence_ms, max_turn_s=config.max_turn_s)
+        self.mode = "bot"  # bot, menu, hold, bridged, ending
+        self.silences = 0
+        self.failures = 0
+        self.digits: list[str] | None = None  # a number being typed
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.worker: asyncio.Task | None = None
+        self.timer: asyncio.Task | None = None  # no-input or inter-digit timer
+        self.hold_task: asyncio.Task | None = None
+        self.busy = False  # a turn is being recognised/answered
+        self.speaking: tuple[Any, np.ndarray] | None = None  # (Playback, samples) of the current reply
+        self.interrupted: np.ndarray | None = None  # what barge-in cut off (resumed after a backchannel)
+        self.barged = False
+        self.turn_during_playback = False
+        self.recorder: CallRecorder | None = None
+        self.agent_sink: Callable[[bytes], None] | None = None
+        self.timings: list[TurnTiming] = []
+        self.last_frame_at = 0.0
+        self.gap_watch: asyncio.Task | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.barge_ins = 0
+        self.backchannels = 0
+
+
+class VoiceBot(CallHandler):
+    def __init__(self, backend: DialogueBackend, recognizer: Recognizer, synthesizer: Synthesizer,
+                 prompts: PromptCache, config: VoiceConfig | None = None) -> None:
+        self.backend = backend
+        self.recognizer = recognizer
+        self.synthesizer = synthesizer
+        self.prompts = prompts
+        self.config = config or VoiceConfig()
+        self.sessions: dict[str, CallSession] = {}
+        self.on_turn: Callable[[CallSession, TurnTiming], None] | None = None  # benchmarks, tests
+
+    # -- hooks -----------------------------------------------------------------------------------
+    async def on_call_started(self, call: Call) -> None:
+        session = CallSession(call, self.config)
+        self.sessions[call.call_id] = session
+        call.metadata["voice"] = session
+        if self.config.recording_dir is not None:
+            stamp = time.strftime("%Y%m%d", time.gmtime())
+            safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", call.call_id)[:80]
+            try:
+                session.recorder = CallRecorder(self.config.recording_dir / stamp / safe_id)
+            except OSError:
+                log.exception("call %s: cannot record (recording directory)", call.call_id[:8])
+            else:
+                call.metadata["recording"] = session.recorder.paths
+                call.media.on_sent = session.recorder.outbound_frame
+        session.worker = self._spawn(session, self._work(session))
+        session.last_frame_at = asyncio.get_running_loop().time()
+        session.gap_watch = self._spawn(session, self._watch_gaps(session))
+        try:
+            await self.backend.call_started(call)
+        except Exception:
+            log.exception("call %s: the dialogue backend could not start the call", call.call_id[:8])
+            await self._say_prompt(session, "technical_error", listen=False)
+            session.mode = "ending"
+            self._hang_up_after_playback(session)
+            return
+        self._say_prompt_nowait(session, "greeting" if session.recorder else "greeting_no_recording")
+
+    async def on_audio(self, call: Call, frame: bytes) -> None:
+        session = self.sessions.get(call.call_id)
+        if session is None:
+            return
+        if session.recorder is not None:
+            session.recorder.caller_frame(frame)
+        if session.mode == "bridged":
+            if session.agent_sink is not None:
+                session.agent_sink(frame)
+            return
+        if session.mode in ("hold", "ending"):
+            return
+        session.last_frame_at = asyncio.get_running_loop().time()
+        self._process_frame(session, frame, session.vad.is_speech(frame))
+
+    def _process_frame(self, session: CallSession, frame: bytes, speech: bool) -> None:
+        call = session.call
+        event = session.turns.feed(frame, speech)
+        if event is not None and event.kind == "start":
+            self._cancel_timer(session)
+            session.turn_during_playback = call.is_playing
+            session.barged = False
+        if (session.turns.in_turn and call.is_playing and not session.barged
+                and session.turns.voiced_ms >= self.config.barge_in_ms):
+            self._barge_in(session)
+        if event is not None and event.kind == "end":
+            # the last voiced frame arrived end_silence_ms ago (unless the turn was cut at max length)
+            now = asyncio.get_running_loop().time()
+            speech_end = now if event.truncated else now - self.config.end_silence_ms / 1000
+            if session.turn_during_playback and not session.barged:
+                session.backchannels += 1  # too short to interrupt (嗯、好): the reply just goes on
+                self._after_ignored_turn(session)
+                return
+            if event.voiced_ms < self.config.min_turn_ms:  # a click or a cough
+                self._after_ignored_turn(session)
+                return
+            session.queue.put_nowait(("speech", (event, speech_end)))
+
+    async def _watch_gaps(self, session: CallSession) -> None:
+        """A caller's phone may stop sending RTP when they stop talking (silence suppression, or a
+        caller that just pauses its stream): time without frames counts as silence, so the turn ends."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.1)
+            gap = loop.time() - session.last_frame_at
+            if session.turns.in_turn and session.mode in ("bot", "menu") and gap >= 0.1:
+                for _ in range(int(gap / 0.02)):
+                    self._process_frame(session, _SILENT_FRAME, False)
+                    if not session.turns.in_turn:
+                        break
+                session.last_frame_at = loop.time()
+
+    async def on_dtmf(self, call: Call, digit: str) -> None:
+        session = self.sessions.get(call.call_id)
+        if session is None or session.mode in ("bridged", "hold", "ending"):
+            return
+        self._cancel_timer(session)
+        if session.digits is not None:  # typing a number
+            if digit == "#":
+                number, session.digits = "".join(session.digits), None
+                if number:
+                    session.queue.put_nowait(("keypad", number))
+                else:
+                    self._arm_no_input(session)
+            elif digit == "*":
+                session.digits = None
+                self._arm_no_input(session)
+            elif digit.isdigit():
+                session.digits.append(digit)
+                self._arm_timer(session, self.config.inter_digit_s, self._digits_timeout)
+            return
+        if digit == "0":  # at once, not behind a turn still being recognised or answered
+            call.stop_playback()
+            self._spawn(session, self._to_agent(session, "keypad"))
+            return
+        if session.mode == "menu":
+            if digit in self.config.menu_options:
+                call.stop_playback()
+                session.mode = "bot"
+                session.queue.put_nowait(("keypad", self.config.menu_options[digit]))
+                return
+            if digit == "*":
+                call.stop_playback()
+                self._say_prompt_nowait(session, "menu")
+                return
+        if digit.isdigit():
+            call.stop_playback()
+            session.digits = [digit]
+            self._arm_timer(session, self.config.inter_digit_s, self._digits_timeout)
+        elif digit == "*":
+            call.stop_playback()
+            self._say_prompt_nowait(session, "menu")
+            session.mode = "menu"
+
+    def _spawn(self, session: CallSession, coro: Any) -> asyncio.Task:
+        """A task of this call: cancelled when the call ends, so nothing of it outlives the call."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"voice-{session.call.call_id[:8]}")
+        session.tasks.add(task)
+        task.add_done_callback(session.tasks.discard)
+        return task
+
+    async def on_call_ended(self, call: Call, reason: Any) -> None:
+        session = self.sessions.pop(call.call_id, None)
+        if session is None:
+            return
+        session.mode = "ending"
+        current = asyncio.current_task()
+        tasks = [t for t in session.tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        if session.recorder is not None:
+            session.recorder.close()
+        try:
+            await self.backend.call_ended(call, str(getattr(reason, "value", reason)))
+        except Exception:
+            log.exception("call %s: ending the conversation failed", call.call_id[:8])
+
+    # -- bridging (an agent takes the call) ------------------------------------------------------
+    def bridge(self, call: Call, agent_sink: Callable[[bytes], None]) -> None:
+        """An agent is connected: stop the hold prompt and any bot work; caller frames go to ``agent_sink``."""
+        session = self.sessions.get(call.call_id)
+        if session is None or session.mode == "ending":
+            raise KeyError(call.call_id)
+        session.mode = "bridged"
+        session.agent_sink = agent_sink
+        session.digits = None
+        self._cancel_timer(session)
+        if session.hold_task is not None:
+            session.hold_task.cancel()
+            session.hold_task = None
+        session.turns.reset()
+        call.stop_playback()
+
+    def unbridge(self, call: Call) -> None:
+        """The agent left: the bot serves the caller again."""
+        session = self.sessions.get(call.call_id)
+        if session is None or session.mode != "bridged":
+            return
+        session.agent_sink = None
+        session.mode = "bot"
+        session.silences = session.failures = 0
+        call.stop_playback()
+        self._say_prompt_nowait(session, "agent_left")
+
+    # -- the per-call worker: one turn at a time ---------------------------------------------------
+    async def _work(self, session: CallSession) -> None:
+        while True:
+            kind, value = await session.queue.get()
+            if session.mode == "ending" and kind != "agent":
+                continue
+            session.busy = True
+            try:
+                if kind == "speech":
+                    await self._speech_turn(session, *value)
+                elif kind == "keypad" and session.mode in ("hold", "bridged"):
+                    await self.backend.note(session.call, value)
+                elif kind == "keypad":
+                    await self._text_turn(session, value, source="keypad", timing=None)
+                elif kind == "agent":
+                    await self._to_agent(session, value)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("call %s: turn failed", session.call.call_id[:8])
+                await self._say_prompt(session, "technical_error")
+            finally:
+                session.busy = False
+
+    async def _speech_turn(self, session: CallSession, event: Any, speech_end: float) -> None:
+        loop = asyncio.get_running_loop()
+        timing = TurnTiming(speech_end=speech_end, end_of_turn_s=loop.time() - speech_end)
+        started = loop.time()
+        try:
+            transcript = await asyncio.to_thread(self.recognizer.transcribe, event.audio)
+        except Exception:
+            # The recogniser failing must not drop the call: the caller carries on with the keypad
+            # (and 0 still reaches an agent).
+            log.exception("call %s: speech recognition failed; switching to the keypad menu", session.call.call_id[:8])
+            if session.mode in ("bot", "menu"):
+                session.mode = "menu"
+                await self._say_prompt(session, "asr_unavailable", listen=False)
+                await self._say_prompt(session, "menu")
+            return
+        timing.asr_s = loop.time() - started
+        text = transcript.text.strip()
+        if session.mode in ("bridged", "hold", "ending"):
+            if text:  # said before the caller pressed 0: the agent sees it in the transcript
+                await self.backend.note(session.call, correct_agent_request(text))
+            return
+        if text and is_backchannel(text) and event.voiced_ms <= self.config.backchannel_max_ms:
+            session.backchannels += 1
+            if session.interrupted is not None and not session.call.is_playing:
+                self._play(session, session.interrupted)  # "嗯" was not a question: go on talking
+            session.interrupted = None
+            if not session.call.is_playing:
+                self._arm_no_input(session)
+            return
+        session.interrupted = None
+        if not text:
+            session.failures += 1
+            log.info("call %s: nothing recognised (%d/%d)", session.call.call_id[:8], session.failures,
+                     self.config.max_failures)
+            if session.failures >= self.config.max_failures:
+                session.failures = 0
+                session.mode = "menu"
+                await self._say_prompt(session, "menu")
+            else:
+                await self._say_prompt(session, "not_heard")
+            return
+        session.failures = 0
+        await self._text_turn(session, correct_agent_request(text), source="speech", timing=timing)
+
+    async def _text_turn(self, session: CallSession, text: str, *, source: str, timing: TurnTiming | None) -> None:
+        loop = asyncio.get_running_loop()
+        session.silences = 0
+        started = loop.time()
+        turn = await self.backend.reply(session.call, text, source=source)
+        if session.mode in ("bridged", "hold", "ending"):
+            return  # the caller asked for an agent meanwhile (the reply is in the transcript)
+        dialogue_s = loop.time() - started
+        started = loop.time()
+        pcm = await synthesize_async(self.synthesizer, turn.spoken) if turn.spoken else b""
+        tts_s = loop.time() - started
+        session.call.stop_playback()  # nothing stale before the answer
+        playback = self._play(session, to_int16(pcm), listen=not (turn.escalated or turn.hang_up))
+        if timing is not None:
+            timing.dialogue_s, timing.tts_s, timing.play_at, timing.text = dialogue_s, tts_s, loop.time(), text
+            session.timings.append(timing)
+            self._spawn(session, self._note_first_packet(session, timing))
+        if turn.escalated:
+            session.mode = "hold"
+            session.hold_task = self._spawn(session, self._hold(session, after=playback))
+        elif turn.hang_up:
+            session.mode = "ending"
+            self._hang_up_after_playback(session)
+
+    async def _note_first_packet(self, session: CallSession, timing: TurnTiming) -> None:
+        media = session.call.media
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            sent = media.first_audio_sent_at
+            if sent is not None and sent >= timing.play_at - 0.001:
+                timing.first_packet_at = sent
+                break
+        if self.on_turn is not None:
+            self.on_turn(session, timing)
+
+    async def _to_agent(self, session: CallSession, how: str) -> None:
+        if session.mode in ("hold", "bridged", "ending"):
+            return
+        session.mode = "hold"
+        session.digits = None
+        self._cancel_timer(session)
+        session.call.stop_playback()
+        try:
+            await self.backend.escalate(session.call, "requested")
+        except Exception:
+            log.exception("call %s: escalation failed", session.call.call_id[:8])
+            session.mode = "bot"
+            await self._say_prompt(session, "transfer_failed")
+            return
+        log.info("call %s: caller asked for an agent (%s)", session.call.call_id[:8], how)
+        session.hold_task = self._spawn(session, self._hold(session, after=None))
+
+    async def _hold(self, session: CallSession, after: Any) -> None:
+        """The hold message, looped, until an agent is bridged (or hold_max_s)."""
+        loop = asyncio.get_running_loop()
+        if after is not None:
+            await after.wait()
+        hold = await self.prompts.get_async("hold")
+        until = loop.time() + self.config.hold_max_s
+        while session.mode == "hold" and loop.time() < until:
+            await session.call.play(hold).wait()
+            await asyncio.sleep(self.config.hold_gap_s)
+        if session.mode == "hold":
+            session.mode = "ending"
+            await self._say_prompt(session, "hold_timeout", listen=False)
+            session.call.hangup()
+
+    # -- playing ----------------------------------------------------------------------------------
+    def _play(self, session: CallSession, samples: np.ndarray, *, listen: bool = True) -> Any:
+        playback = session.call.play(samples)
+        session.speaking = (playback, samples)
+        if listen:
+            self._spawn(session, self._listen_after(session, playback))
+        return playback
+
+    async def _listen_after(self, session: CallSession, playback: Any) -> None:
+        if await playback.wait() and session.speaking is not None and session.speaking[0] is playback:
+            session.speaking = None
+        if session.mode in ("bot", "menu") and not session.call.is_playing and not session.turns.in_turn:
+            self._arm_no_input(session)
+
+    async def _say_prompt(self, session: CallSession, name: str, *, listen: bool = True) -> bool:
+        pcm = await self.prompts.get_async(name)
+        return await self._play(session, to_int16(pcm), listen=listen).wait()
+
+    def _say_prompt_nowait(self, session: CallSession, name: str) -> None:
+        self._spawn(session, self._say_prompt(session, name))
+
+    def _hang_up_after_playback(self, session: CallSession) -> None:
+        async def _bye() -> None:
+            while session.call.is_playing:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            session.call.hangup()
+
+        self._spawn(session, _bye())
+
+    def _barge_in(self, session: CallSession) -> None:
+        session.barged = True
+        session.barge_ins += 1
+        if session.speaking is not None:
+            playback, samples = session.speaking
+            if not playback.done and playback.position < samples.size:
+                session.interrupted = samples[playback.position:]
+        session.call.stop_playback()
+        log.info("call %s: barge-in", session.call.call_id[:8])
+
+    def _after_ignored_turn(self, session: CallSession) -> None:
+        if not session.call.is_playing and not session.busy and session.queue.empty():
+            self._arm_no_input(session)
+
+    # -- timers -----------------------------------------------------------------------------------
+    def _cancel_timer(self, session: CallSession) -> None:
+        if session.timer is not None and session.timer is not asyncio.current_task():
+            session.timer.cancel()
+        session.timer = None
+
+    def _arm_timer(self, session: CallSession, delay: float, action: Callable[[CallSession], Any]) -> None:
+        self._cancel_timer(session)
+
+        async def _fire() -> None:
+            await asyncio.sleep(delay)
+            session.timer = None
+            await action(session)
+
+        session.timer = self._spawn(session, _fire())
+
+    def _arm_no_input(self, session: CallSession) -> None:
+        if session.mode in ("bot", "menu") and session.digits is None:
+            self._arm_timer(session, self.config.no_input_s, self._no_input)
+
+    async def _no_input(self, session: CallSession) -> None:
+        if session.busy or session.turns.in_turn or session.call.is_playing or session.mode not in ("bot", "menu"):
+            return
+        session.silences += 1
+        log.info("call %s: no input (%d/%d)", session.call.call_id[:8], session.silences, self.config.max_silences)
+        if session.silences >= self.config.max_silences:
+            session.mode = "ending"
+            await self._say_prompt(session, "goodbye_silence", listen=False)
+            session.call.hangup()
+            return
+        await self._say_prompt(session, "menu" if session.mode == "menu" else "reprompt_silence")
+
+    async def _digits_timeout(self, session: CallSession) -> None:
+        if session.digits:
+            number, session.digits = "".join(session.digits), None
+            session.queue.put_nowait(("keypad", number))
+        else:
+            session.digits = None
+            self._arm_no_input(session)

