@@ -1,0 +1,111 @@
+"""精准分析 for staff (supervisor and up): figures as JSON, a CSV export (masked), the dashboard page,
+and Prometheus /metrics for operations."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, Response
+
+from xiaozhi.hub import analytics
+from xiaozhi.hub.accounts import Role, StaffUser
+from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.routers.staff import client_address, require_role
+from xiaozhi.hub.surveys import LOCAL_TZ
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["analytics"])
+PAGE = Path(__file__).resolve().parent.parent / "static" / "analytics.html"
+
+
+def _range(date_from: str | None, date_to: str | None) -> analytics.Range:
+    today = dt.datetime.now(LOCAL_TZ).date()
+    try:
+        last = dt.date.fromisoformat(date_to) if date_to else today
+        first = dt.date.fromisoformat(date_from) if date_from else last - dt.timedelta(days=6)
+        return analytics.Range.of_days(first, last)
+    except ValueError as exc:
+        msg = str(exc) if any("\u4e00" <= ch <= "\u9fff" for ch in str(exc)) else "日期格式应为 YYYY-MM-DD。"
+        raise ApiError(422, "invalid_date_range", msg) from None
+
+
+Supervisor = Annotated[StaffUser, Depends(require_role(Role.supervisor))]
+DateFrom = Annotated[str | None, Query(alias="from", description="First day, YYYY-MM-DD (Asia/Shanghai)")]
+DateTo = Annotated[str | None, Query(alias="to", description="Last day, YYYY-MM-DD (inclusive)")]
+RegionQ = Annotated[str | None, Query(pattern=r"^\d{6}$")]
+ChannelQ = Annotated[str | None, Query(pattern=r"^(web|phone|video)$")]
+
+
+@router.get("/api/staff/analytics")
+async def summary(
+    request: Request,
+    user: Supervisor,
+    date_from: DateFrom = None,
+    date_to: DateTo = None,
+    region: RegionQ = None,
+    channel: ChannelQ = None,
+) -> dict:
+    rng = _range(date_from, date_to)
+    data = await analytics.load(request.app.state.store, rng, region=region, channel=channel)
+    return await asyncio.to_thread(
+        analytics.compute,
+        data,
+        rng,
+        low_confidence=request.app.state.settings.kb_abstain_threshold,
+        knowledge_base=request.app.state.knowledge_base,
+    )
+
+
+@router.get(
+    "/api/staff/analytics/export.csv",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "Masked conversations, one row each (UTF-8 with BOM)."}},
+)
+async def export_csv(
+    request: Request,
+    user: Supervisor,
+    date_from: DateFrom = None,
+    date_to: DateTo = None,
+    region: RegionQ = None,
+    channel: ChannelQ = None,
+) -> Response:
+    rng = _range(date_from, date_to)
+    data = await analytics.load(request.app.state.store, rng, region=region, channel=channel)
+    await request.app.state.accounts.audit(
+        user,
+        "analytics.export",
+        f"{rng.first_day}..{rng.last_day}",
+        {"region": region, "channel": channel, "rows": len(data["conversations"])},
+        client=client_address(request),
+    )
+    name = f"xiaozhi-conversations-{rng.first_day}-{rng.last_day}.csv"
+    return Response(
+        analytics.conversations_csv(data),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+@router.get("/staff/analytics", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(PAGE, media_type="text/html; charset=utf-8")
+
+
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: turns, outcomes, turn latency, queue length, open surveys, active calls."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    m: analytics.HubMetrics = request.app.state.metrics
+    await m.refresh(request.app)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

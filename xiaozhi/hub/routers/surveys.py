@@ -1,0 +1,54 @@
+"""Follow-up surveys seen from the resident's side (conversation token), and ending a chat.
+
+GET  /api/sessions/{id}/survey  -> {"survey": {...} | null}
+POST /api/sessions/{id}/survey  {"rating": 1..5, "comment": "..."} (once)
+POST /api/sessions/{id}/close   the resident ends the conversation (runs the closed hooks: the survey)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.routers.chat import resident_conversation
+from xiaozhi.hub.store import Conversation
+from xiaozhi.hub.surveys import SurveyError, SurveyService, survey_out
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/sessions", tags=["surveys"])
+
+
+class SurveyAnswer(BaseModel):
+    rating: int = Field(ge=1, le=5, description="1 很不满意 … 5 非常满意")
+    comment: str | None = Field(None, max_length=500, description="Optional; personal numbers are masked.")
+
+
+def surveys(request: Request) -> SurveyService:
+    return request.app.state.surveys
+
+
+@router.get("/{session_id}/survey")
+async def get_survey(request: Request, conv: Annotated[Conversation, Depends(resident_conversation)]) -> dict:
+    return {"survey": survey_out(await surveys(request).for_conversation(conv.id))}
+
+
+@router.post("/{session_id}/survey")
+async def answer_survey(
+    body: SurveyAnswer, request: Request, conv: Annotated[Conversation, Depends(resident_conversation)]
+) -> dict:
+    try:
+        survey = await surveys(request).answer(conv.id, body.rating, body.comment or "", via="chat")
+    except SurveyError as exc:
+        status = {"no_survey": 404, "invalid_rating": 422}.get(exc.code, 409)
+        raise ApiError(status, exc.code, exc.message) from None
+    return {"survey": survey_out(survey)}
+
+
+@router.post("/{session_id}/close")
+async def close_conversation(request: Request, conv: Annotated[Conversation, Depends(resident_conversation)]) -> dict:
+    await request.app.state.conversations.close(conv, "resident_ended")
+    return {"status": "closed", "survey": survey_out(await surveys(request).for_conversation(conv.id))}

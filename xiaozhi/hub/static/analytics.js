@@ -1,0 +1,168 @@
+// 精准分析 dashboard: staff login (shared with the agent console), filters, inline SVG charts, CSV export.
+(function () {
+  "use strict";
+  var TOKEN_KEY = "xz_staff_token";
+  var $ = function (id) { return document.getElementById(id); };
+  var SVG = "http://www.w3.org/2000/svg";
+  var COLORS = { web: "#1f77b4", phone: "#ff7f0e", video: "#2ca02c" };
+  var CHANNEL = { web: "网页", phone: "电话", video: "视频" };
+  var OUTCOME = { answered: "已解答", clarifying: "追问澄清", abstained: "未能回答", escalated: "转人工", degraded: "简化模式" };
+  var token = function () { return sessionStorage.getItem(TOKEN_KEY); };
+
+  function api(path, opts) {
+    opts = opts || {};
+    var headers = { "Content-Type": "application/json" };
+    if (token()) headers.Authorization = "Bearer " + token();
+    return fetch(path, { method: opts.method || "GET", headers: headers, body: opts.body ? JSON.stringify(opts.body) : undefined })
+      .then(function (res) {
+        if (opts.raw && res.ok) return res;
+        return res.json().catch(function () { return {}; }).then(function (b) {
+          if (!res.ok) { var e = new Error(b.message || "请求失败"); e.status = res.status; throw e; }
+          return b;
+        });
+      });
+  }
+  function show(which) { $("login").hidden = which !== "login"; $("dash").hidden = which !== "dash"; $("logout").hidden = which !== "dash"; }
+  function el(tag, attrs, text) {
+    var n = document.createElement(tag);
+    for (var k in attrs || {}) n.setAttribute(k, attrs[k]);
+    if (text != null) n.textContent = text;
+    return n;
+  }
+  function svg(tag, attrs, text) {
+    var n = document.createElementNS(SVG, tag);
+    for (var k in attrs || {}) n.setAttribute(k, attrs[k]);
+    if (text != null) n.textContent = text;
+    return n;
+  }
+  function pct(x) { return x == null ? "—" : (x * 100).toFixed(1) + "%"; }
+  function secs(x) { if (x == null) return "—"; return x < 60 ? Math.round(x) + "秒" : (x / 60).toFixed(1) + "分钟"; }
+
+  // ---- charts -------------------------------------------------------------------------------
+  function hbars(target, rows, label) {   // rows: [[name, value, title?]]
+    var box = $(target); box.textContent = "";
+    if (!rows.length) { box.appendChild(el("p", { class: "empty" }, "暂无数据")); return; }
+    var max = Math.max.apply(null, rows.map(function (r) { return r[1]; })) || 1;
+    var h = rows.length * 24 + 4, W = 420, L = 130;
+    var s = svg("svg", { viewBox: "0 0 " + W + " " + h, role: "img", "aria-label": label });
+    rows.forEach(function (r, i) {
+      var w = Math.max(1, (W - L - 40) * r[1] / max), y = i * 24 + 2;
+      s.appendChild(svg("text", { x: L - 6, y: y + 15, "text-anchor": "end" }, String(r[0]).slice(0, 16)));
+      var bar = svg("rect", { x: L, y: y + 3, width: w, height: 16, fill: r[3] || "#0b6bcb", rx: 3 });
+      bar.appendChild(svg("title", {}, r[0] + "：" + r[1]));
+      s.appendChild(bar);
+      s.appendChild(svg("text", { x: L + w + 4, y: y + 15 }, String(r[1])));
+    });
+    box.appendChild(s);
+  }
+
+  function stackedHours(target, byHour) {
+    var box = $(target); box.textContent = "";
+    var chans = Object.keys(byHour);
+    var totals = []; for (var h = 0; h < 24; h++) totals.push(chans.reduce(function (a, c) { return a + byHour[c][h]; }, 0));
+    var max = Math.max.apply(null, totals) || 1;
+    var W = 760, H = 200, L = 30, B = 20, bw = (W - L) / 24;
+    var s = svg("svg", { viewBox: "0 0 " + W + " " + (H + B), role: "img", "aria-label": "各时段咨询量柱状图" });
+    [0, 0.5, 1].forEach(function (f) {
+      var y = H - f * (H - 10);
+      s.appendChild(svg("line", { x1: L, x2: W, y1: y, y2: y, stroke: "#eaecf0" }));
+      s.appendChild(svg("text", { x: L - 4, y: y + 4, "text-anchor": "end" }, String(Math.round(max * f))));
+    });
+    for (h = 0; h < 24; h++) {
+      var y0 = H;
+      chans.forEach(function (c) {
+        var v = byHour[c][h]; if (!v) return;
+        var bh = (H - 10) * v / max;
+        var r = svg("rect", { x: L + h * bw + 2, y: y0 - bh, width: bw - 4, height: bh, fill: COLORS[c] || "#888" });
+        r.appendChild(svg("title", {}, h + "时 " + (CHANNEL[c] || c) + "：" + v));
+        s.appendChild(r); y0 -= bh;
+      });
+      if (h % 2 === 0) s.appendChild(svg("text", { x: L + h * bw + bw / 2, y: H + 14, "text-anchor": "middle" }, h + "时"));
+    }
+    box.appendChild(s);
+    var lg = el("div", { class: "legend" });
+    chans.forEach(function (c) { var i = el("span"); i.appendChild(el("span", { class: "sw sw-" + c })); i.appendChild(document.createTextNode(CHANNEL[c] || c)); lg.appendChild(i); });
+    box.appendChild(lg);
+  }
+
+  function kpis(t, sat) {
+    var box = $("kpis"); box.textContent = "";
+    [["会话量", t.conversations], ["自助解决率", pct(t.containment_rate)], ["转人工率", pct(t.escalation_rate)],
+     ["放弃会话", t.abandoned + "（" + pct(t.abandon_rate) + "）"], ["满意度", sat.average == null ? "—" : sat.average.toFixed(2) + " / 5"],
+     ["平均等待", secs(t.avg_wait_s)], ["平均处理", secs(t.avg_handle_s)]].forEach(function (k) {
+      var d = el("div", { class: "kpi" }); d.appendChild(el("div", { class: "v" }, String(k[1]))); d.appendChild(el("div", { class: "l" }, k[0])); box.appendChild(d);
+    });
+  }
+
+  function table(id, head, rows) {
+    var t = $(id); var cap = t.querySelector("caption"); t.textContent = ""; if (cap) t.appendChild(cap);
+    var tr = el("tr"); head.forEach(function (h) { tr.appendChild(el("th", { scope: "col" }, h)); }); t.appendChild(el("thead")).appendChild(tr);
+    var tb = el("tbody"); t.appendChild(tb);
+    if (!rows.length) { var r = el("tr"); r.appendChild(el("td", { colspan: head.length, class: "empty" }, "暂无数据")); tb.appendChild(r); }
+    rows.forEach(function (row) {
+      var r = el("tr");
+      row.forEach(function (c) { if (c instanceof Node) { var td = el("td"); td.appendChild(c); r.appendChild(td); } else r.appendChild(el("td", typeof c === "number" ? { class: "n" } : {}, c == null ? "—" : String(c))); });
+      tb.appendChild(r);
+    });
+  }
+
+  function render(f) {
+    kpis(f.totals, f.satisfaction);
+    stackedHours("hours", f.by_hour);
+    hbars("channels", Object.keys(f.by_channel).map(function (c) { return [CHANNEL[c] || c, f.by_channel[c], "", COLORS[c]]; }), "渠道分布");
+    hbars("days", Object.keys(f.by_day).map(function (d) { return [d, f.by_day[d]]; }), "每日咨询量");
+    hbars("intents", f.top_intents.map(function (x) { return [x.intent, x.count]; }), "热门意图");
+    hbars("topics", f.top_topics.map(function (x) { return [x.topic, x.count]; }), "热门主题");
+    hbars("satisfaction", ["5", "4", "3", "2", "1"].map(function (k) { return [k + "分", f.satisfaction.distribution[k]]; }), "满意度分布");
+    hbars("outcomes", Object.keys(f.outcomes).map(function (o) { return [OUTCOME[o] || o, f.outcomes[o]]; }), "回复结果");
+    table("regions", ["地区", "会话量", "提问会话", "自助解决率", "转人工率", "满意度"], f.by_region.map(function (r) {
+      return [r.region_name ? r.region_name + "（" + r.region + "）" : r.region, r.conversations, r.asked, pct(r.containment_rate), pct(r.escalation_rate), r.satisfaction];
+    }));
+    table("gaps", ["最接近的知识条目 / 问题", "主题", "次数", "未答上", "追问", "低置信度", "问题示例（已脱敏）"], f.knowledge_gaps.map(function (g) {
+      return [g.label, g.topic, g.count, g.outcomes.abstained || 0, g.outcomes.clarifying || 0, g.outcomes.low_confidence || 0,
+              el("span", { class: "samples" }, g.samples.join(" ｜ "))];
+    }));
+  }
+
+  function params() {
+    var p = new URLSearchParams({ from: $("from").value, to: $("to").value });
+    if ($("region").value.trim()) p.set("region", $("region").value.trim());
+    if ($("channel").value) p.set("channel", $("channel").value);
+    return p.toString();
+  }
+  function load() {
+    $("status").textContent = "加载中…";
+    return api("/api/staff/analytics?" + params()).then(function (f) { render(f); $("status").textContent = "已更新（" + f.range.from + " 至 " + f.range.to + "）"; }, fail);
+  }
+  function fail(e) {
+    if (e.status === 401) { sessionStorage.removeItem(TOKEN_KEY); show("login"); return; }
+    $("status").textContent = e.message;
+  }
+
+  function start() {
+    var today = new Date(Date.now() + 8 * 3600e3).toISOString().slice(0, 10);
+    var week = new Date(Date.now() + 8 * 3600e3 - 6 * 86400e3).toISOString().slice(0, 10);
+    var q = new URLSearchParams(location.search);
+    $("from").value = q.get("from") || week; $("to").value = q.get("to") || today;
+    if (!token()) { show("login"); return; }
+    api("/api/staff/me").then(function (me) {
+      $("who").textContent = (me.display_name || me.username) + "（" + me.role + "）";
+      show("dash"); load();
+    }, fail);
+  }
+
+  $("login-form").addEventListener("submit", function (ev) {
+    ev.preventDefault(); $("login-error").textContent = "";
+    api("/api/staff/login", { method: "POST", body: { username: $("username").value, password: $("password").value } })
+      .then(function (r) { sessionStorage.setItem(TOKEN_KEY, r.token); start(); }, function (e) { $("login-error").textContent = e.message; });
+  });
+  $("logout").addEventListener("click", function () { api("/api/staff/logout", { method: "POST" }).catch(function () {}).then(function () { sessionStorage.removeItem(TOKEN_KEY); show("login"); }); });
+  $("filters").addEventListener("submit", function (ev) { ev.preventDefault(); load(); });
+  $("export").addEventListener("click", function () {
+    api("/api/staff/analytics/export.csv?" + params(), { raw: true }).then(function (res) {
+      var name = (/filename="([^"]+)"/.exec(res.headers.get("content-disposition") || "") || [])[1] || "export.csv";
+      return res.blob().then(function (b) { var a = el("a", { href: URL.createObjectURL(b), download: name }); document.body.appendChild(a); a.click(); a.remove(); });
+    }).catch(fail);
+  });
+  start();
+})();
