@@ -3,8 +3,9 @@
 Starts `xiaozhi run` on free ports (timing its cold start until every service is healthy), then
 sends MESSAGES messages over SESSIONS concurrent chat sessions, twice:
 
-- paced: each resident pauses 0.5-2 s (seeded) between getting a reply and sending the next
-  message, as people typing or speaking do; this is the service's latency at that load;
+- paced: each resident pauses 0.5-2 s (seeded) before each message, the first included, as
+  people typing or speaking do (so the ten residents do not all press "send" in the same
+  millisecond, which no real population does); this is the service's latency at that load;
 - saturated: no pause at all; this finds the throughput ceiling, and latency is then mostly
   queueing (SESSIONS / throughput).
 
@@ -96,7 +97,7 @@ async def session_worker(
     sid, auth = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
     think = random.Random(offset)
     for i in range(count):
-        if paced and i:
+        if paced:
             await asyncio.sleep(think.uniform(0.5, 2.0))
         text = QUESTIONS[(offset * 37 + i) % len(QUESTIONS)]
         t0 = time.perf_counter()

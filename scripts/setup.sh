@@ -26,7 +26,8 @@ quiet() {
 # chromium + fonts-wqy-zenhei: headless browser for the widget/agent-desk/video tests (driven by
 # Playwright, never `playwright install`) and Chinese glyphs in their screenshots.
 # coturn: the TURN relay the video tests route media through (and the documented deployment).
-APT_PACKAGES=(espeak-ng sox sip-tester baresip-core chromium fonts-wqy-zenhei coturn)
+# kamailio: checks the deployment's dispatcher configuration (kamailio -c).
+APT_PACKAGES=(espeak-ng sox sip-tester baresip-core kamailio chromium fonts-wqy-zenhei coturn)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -23,6 +23,12 @@ from xiaozhi.settings import Settings  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,6 +60,7 @@ def hub_settings(settings: Settings, tmp_path: Path) -> Settings:
             "rasa_url": f"http://127.0.0.1:{free_port()}",
             "kb_reload_interval_s": 0,
             "admin_password": SecretStr(ADMIN_PASSWORD),
+            "sip_enabled": False,  # the phone hotline only where a test turns it on (tests/test_phone_*.py)
         }
     )
 
@@ -80,9 +87,13 @@ def live_hub(hub_settings: Settings, knowledge_base):
         yield url, app
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
-    """One headless Chromium for the session (pages are opened per test in fresh contexts)."""
+    """One headless Chromium per test module (pages are opened per test in fresh contexts).
+
+    Not per session: Playwright's sync API keeps an event loop running in the main thread while it
+    is open, and asyncio.run() in later modules would then refuse to start.
+    """
     from playwright.sync_api import sync_playwright
 
     from browser import launch_chromium
@@ -141,7 +152,8 @@ def _pid_alive(pid: int) -> bool:
 def stack(tmp_path_factory):
     """One real `xiaozhi run` (Rasa, action server, hub on free ports) shared by the end-to-end modules."""
     var = tmp_path_factory.mktemp("stack")
-    ports = {"XIAOZHI_HUB_PORT": free_port(), "XIAOZHI_RASA_PORT": free_port(), "XIAOZHI_ACTIONS_PORT": free_port()}
+    ports = {"XIAOZHI_HUB_PORT": free_port(), "XIAOZHI_RASA_PORT": free_port(), "XIAOZHI_ACTIONS_PORT": free_port(),
+             "XIAOZHI_SIP_PORT": free_udp_port()}
     env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), **{k: str(v) for k, v in ports.items()})
     log_path = var / "run.log"
     with open(log_path, "w") as log:
@@ -155,7 +167,7 @@ def stack(tmp_path_factory):
             pytest.fail(f"xiaozhi run did not come up:\n{log_path.read_text()}")
         time.sleep(1)
     assert len(re.findall(r"\(pid (\d+)\)", log_path.read_text())) == 3
-    yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var}
+    yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var, "sip_port": ports["XIAOZHI_SIP_PORT"]}
 
     # Ctrl-C stops everything, restarted children included, and leaves no orphan process.
     children = [int(p) for p in re.findall(r"\(pid (\d+)\)", log_path.read_text())]

@@ -51,7 +51,12 @@ def hub() -> None:
 
     settings = _settings()
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.hub_port, log_config=None)
+    # The protocol layer refuses any WebSocket frame larger than an HTTP body may be (1009); the
+    # chat socket applies its own, smaller ws_max_frame_bytes.
+    ws_max = max(settings.max_body_bytes, settings.ws_max_frame_bytes)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.hub_port, log_config=None, ws_max_size=ws_max
+    )
 
 
 @app.command()

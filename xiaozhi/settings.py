@@ -85,6 +85,25 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(1000, description="Longest resident message accepted, in characters.")
     max_body_bytes: int = Field(65536, description="Largest HTTP request body accepted.")
 
+    # --- abuse limits and security headers (issue 7) -------------------------------------------
+    rate_limit_enabled: bool = Field(True, description="Per-client rate limits on public endpoints (429 when exceeded).")
+    rate_limit_sessions: str = Field("20/minute", description="New chat sessions per client address (burst = count).")
+    rate_limit_messages: str = Field(
+        "30/minute", description="Resident messages per conversation, HTTP and WebSocket together."
+    )
+    rate_limit_kb_search: str = Field("120/minute", description="Knowledge-base searches per client address.")
+    rate_limit_login: str = Field("10/minute", description="Staff login attempts per client address.")
+    rate_limit_exempt_networks: str = Field(
+        "127.0.0.1/32,::1/128",
+        description="Comma-separated CIDRs never rate-limited: the action servers and load balancer health checks.",
+    )
+    ws_max_frame_bytes: int = Field(16384, description="Largest WebSocket frame accepted; larger ones close the socket (1009).")
+    frame_ancestors: str = Field(
+        "'self'",
+        description="CSP frame-ancestors of the hub's own pages: sources allowed to frame them "
+        "(add the government sites that embed the widget's iframe).",
+    )
+
     # --- rasa ----------------------------------------------------------------------------------
     rasa_venv: Path = Field(REPO_ROOT / ".venv-rasa", description="Virtual environment holding Rasa 3.6.")
     rasa_startup_timeout_s: float = Field(
@@ -97,7 +116,111 @@ class Settings(BaseSettings):
         description="Password of that first admin account; unset: generated and written to var_dir/initial-admin-password.",
     )
     staff_session_hours: float = Field(12.0, description="Hours a staff login (agent, supervisor, admin) stays valid.")
+
+    # --- agent desk (issue 5) --------------------------------------------------------------------
+    desk_service_hours: str = Field(
+        "00:00-24:00",
+        description="Local hours agents answer, comma-separated HH:MM-HH:MM ranges (e.g. 08:30-12:00,13:30-17:30); "
+        "outside them a request for a person becomes a callback ticket.",
+    )
+    desk_service_days: str = Field(
+        "1234567", description="ISO weekdays (1 = Monday) agents work, e.g. 12345; other days give callback tickets."
+    )
+    desk_timezone: str = Field("Asia/Shanghai", description="Time zone of the desk's service hours.")
+    desk_callback_when_no_agent_online: bool = Field(
+        False, description="Also turn requests into callback tickets when no agent has the console open."
+    )
+    desk_sla_warning_s: float = Field(60.0, description="Seconds a queue item may wait before the console flags it.")
+
+    # --- web widget, follow-up surveys (issue 6) --------------------------------------------------
+    widget_origins: str = Field(
+        "",
+        description="Comma-separated origins of host pages allowed to embed the web widget (CORS), "
+        "e.g. https://ybj.hangzhou.gov.cn; `*` allows any; empty: same origin only.",
+    )
+    survey_delay_s: float = Field(600.0, description="Seconds after a conversation closes before its follow-up survey.")
+    survey_max_attempts: int = Field(3, description="Phone follow-up attempts before a survey is given up.")
+    survey_retry_s: float = Field(
+        1800.0, description="Wait before the second phone attempt; doubles for each further one."
+    )
+    survey_quiet_hours: str = Field(
+        "21:00-08:30", description="Local time (Asia/Shanghai) when no follow-up call is placed: HH:MM-HH:MM."
+    )
+    survey_expire_hours: float = Field(72.0, description="A survey nobody answered is closed after this many hours.")
+    survey_sip_uri: str = Field(
+        "",
+        description="SIP URI the follow-up call goes to, e.g. sip:survey-{conversation_id}@10.0.0.5:5060: the hub "
+        "keeps only masked numbers, so the trunk/PBX maps the reference to the caller; empty: no phone follow-up.",
+    )
+    survey_poll_interval_s: float = Field(30.0, description="How often the hub looks for due surveys (0: never).")
     log_level: str = Field("INFO", description="Log level of the hub.")
+
+    # --- video help and the phone bridge (WebRTC) ----------------------------------------------
+    ice_servers: str = Field(
+        "[]",
+        description='ICE servers for WebRTC as a JSON list, e.g. [{"urls": ["turn:turn.example.cn:3478"]}]; '
+        "`[]`: host candidates only. Never a public default (docs/video.md).",
+    )
+    turn_secret: SecretStr | None = Field(
+        None,
+        description="coturn `static-auth-secret`: turn: servers without a username get time-limited credentials.",
+    )
+    turn_credential_ttl_s: int = Field(3600, description="Lifetime of generated TURN credentials, in seconds.")
+    video_max_sessions: int = Field(6, description="Most simultaneous video/phone-bridge sessions; more are refused.")
+    video_recording: bool = Field(
+        True, description="Record video sessions (with the resident's consent) to var_dir/recordings/<conversation>/."
+    )
+    video_wait_timeout_s: float = Field(
+        900.0, description="Seconds a resident waits in a video session for an agent before it is closed."
+    )
+    video_connect_timeout_s: float = Field(
+        30.0, description="Seconds a WebRTC peer may take to connect (or to reconnect) before its session is closed."
+    )
+    video_capture: str = Field(
+        "640x480@15",
+        pattern=r"^\d{2,4}x\d{2,4}@\d{1,2}$",
+        description="Camera picture the video pages ask for, WIDTHxHEIGHT@FPS; smaller fits more sessions per core.",
+    )
+
+    # --- phone hotline (issue 8) ---------------------------------------------------------------
+    sip_enabled: bool = Field(
+        True, description="Run the SIP endpoint of the phone hotline inside the hub (UDP on host:sip_port)."
+    )
+    sip_port: int = Field(5060, description="UDP port of the hotline's SIP endpoint.")
+    sip_advertised_host: str | None = Field(
+        None, description="Address put in SIP Contact/Via and SDP (public or PBX-facing IP); default: host."
+    )
+    sip_rtp_ports: str = Field("10000-20000", description="RTP port range of phone calls (open it in the firewall).")
+    sip_max_calls: int = Field(50, description="Most simultaneous phone calls; more get 486 Busy Here.")
+    asr_kind: Literal["whisper", "vosk"] = Field(
+        "whisper", description="Speech recogniser of the phone line: `whisper` (offline default) or `vosk` (production)."
+    )
+    asr_model_path: Path | None = Field(
+        None, description="Recogniser model directory (vosk-model-cn-0.22 for vosk); whisper: the bundled base model."
+    )
+    asr_threads: int = Field(2, description="CPU threads of the speech recogniser.")
+    tts_kind: str = Field("pyttsx3", description="Speech synthesiser of the phone line (telephony.tts registry).")
+    phone_recording: bool = Field(
+        True,
+        description="Record both legs of phone calls to var_dir/recordings (the greeting then says calls may be recorded).",
+    )
+    phone_elderly_mode: bool = Field(
+        False, description="适老化: slower speech and more patience (longer end of turn, later re-prompts) on the hotline."
+    )
+    phone_end_of_turn_ms: int = Field(
+        600, description="Silence that ends a caller's turn, in ms (1100 in elderly mode unless set)."
+    )
+    phone_no_input_s: float = Field(
+        8.0, description="Seconds of caller silence after the bot spoke before a re-prompt (12 in elderly mode unless set)."
+    )
+    phone_lines_file: Path = Field(
+        REPO_ROOT / "telephony" / "district_lines.yaml",
+        description="Former district numbers of the merged hotline and their GB/T 2260 region codes.",
+    )
+    phone_prompts_file: Path = Field(
+        REPO_ROOT / "telephony" / "prompts.yaml",
+        description="Fixed phone prompts (greeting, re-prompts, hold, keypad menu and its questions).",
+    )
 
     @property
     def effective_rasa_url(self) -> str:

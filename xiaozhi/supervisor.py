@@ -145,7 +145,9 @@ def run_all(settings: Settings, model: Path, *, log=print) -> int:
             f"  chat page     {hub}/\n  API docs      {hub}/docs\n"
             f"  Rasa          {settings.effective_rasa_url}\n"
             f"  action server http://{settings.host}:{settings.actions_port}\n"
-            "Press Ctrl-C to stop."
+            + (f"  phone (SIP)   sip:12393@{settings.sip_advertised_host or settings.host}:{settings.sip_port}\n"
+               if settings.sip_enabled else "")
+            + "Press Ctrl-C to stop."
         )
         restarts: dict[str, list[float]] = {svc.name: [] for svc in procs}
         while not stopping:

@@ -15,7 +15,15 @@ from xiaozhi.hub.accounts import Accounts, Role
 from xiaozhi.hub.conversation import ConversationService
 from xiaozhi.hub.errors import error_body, install_error_handlers
 from xiaozhi.hub.rasa_client import RasaClient
+from xiaozhi.hub.security import HubSecurityMiddleware, Limits
 from xiaozhi.hub.routers import chat, knowledge, staff
+from xiaozhi.hub.analytics import HubMetrics  # issue 6: widget, surveys, analytics
+from xiaozhi.hub.routers import analytics as analytics_router, surveys as surveys_router
+from xiaozhi.hub.surveys import start_surveys, stop_surveys
+from xiaozhi.hub.widget import install_widget
+from xiaozhi.hub.routers import video as video_router
+from xiaozhi.hub.desk import AgentDesk  # issue 5: escalation queue and agent console
+from xiaozhi.hub.routers import agent as agent_router
 from xiaozhi.hub.store import Store
 from xiaozhi.settings import Settings, get_settings
 
@@ -76,6 +84,23 @@ async def _bootstrap_admin(accounts: Accounts, settings: Settings) -> None:
     log.warning("created the first admin account %r; its password is in %s", settings.admin_username, where)
 
 
+async def _start_phone(settings: Settings, store: Store, conversations: ConversationService):
+    """The phone hotline (xiaozhi/hub/phone.py), started when sip_enabled; a failure leaves the hub serving chat.
+
+    Always returned (not started: no live calls, ``attach_agent`` raises KeyError).
+    """
+    from xiaozhi.hub.phone import PhoneService
+
+    phone = PhoneService(settings, store, conversations)
+    if settings.sip_enabled:
+        try:
+            await phone.start()
+        except Exception:
+            log.exception("phone hotline not started (SIP port %s); the hub serves the other channels", settings.sip_port)
+            await phone.stop()
+    return phone
+
+
 def create_app(settings: Settings | None = None, *, knowledge_base=None) -> FastAPI:
     """``knowledge_base`` may be given ready-made (tests share one); otherwise it loads at start-up."""
     settings = settings or get_settings()
@@ -92,17 +117,24 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         await _bootstrap_admin(app.state.accounts, settings)
         app.state.knowledge_base = knowledge_base
         app.state.conversations = ConversationService(store, rasa, lambda: app.state.knowledge_base)
+        app.state.desk = AgentDesk(store, app.state.conversations, app.state.accounts, settings)
+        survey_poller = start_surveys(app, settings)  # follow-up surveys on close; turn metrics
         if knowledge_base is None:
             app.state.knowledge_base = await asyncio.to_thread(_load_knowledge_base, settings)
             log.info("knowledge base ready: %d entries", len(app.state.knowledge_base.entries))
         watcher = (
             asyncio.create_task(_watch_knowledge_base(app, settings)) if settings.kb_reload_interval_s > 0 else None
         )
+        app.state.phone = await _start_phone(settings, store, app.state.conversations)
         try:
             yield
         finally:
+            if getattr(app.state, "video", None) is not None:
+                await app.state.video.close_all()  # both peers of every video/phone-bridge session
+            await app.state.phone.stop()  # hangs up live calls: their conversations close
             if watcher is not None:
                 watcher.cancel()
+            await stop_surveys(app, survey_poller)
             await app.state.conversations.drain(settings.rasa_timeout_s + 5)
             await rasa.close()
             await store.close()
@@ -115,6 +147,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = HubMetrics()
     install_error_handlers(app)
 
     @app.middleware("http")
@@ -125,9 +158,25 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
             return JSONResponse(error_body(413, "body_too_large"), status_code=413)
         return await call_next(request)
 
+    # Added last, so outermost layer: rate limits, chunked-body limit, security headers (xiaozhi/hub/security.py).
+    app.state.limits = Limits(settings)
+    app.add_middleware(
+        HubSecurityMiddleware,
+        limits=app.state.limits,
+        max_body_bytes=settings.max_body_bytes,
+        frame_ancestors=settings.frame_ancestors,
+    )
+
     app.include_router(chat.router)
     app.include_router(knowledge.router)
     app.include_router(staff.router)
+    app.include_router(surveys_router.router)
+    app.include_router(analytics_router.router)
+    install_widget(app, settings)  # /widget.js, /widget-demo, CORS for XIAOZHI_WIDGET_ORIGINS (outermost)
+    app.include_router(video_router.router)
+    app.include_router(video_router.pages)
+    app.include_router(agent_router.router)  # /api/agent/..., its WebSocket
+    app.include_router(agent_router.page_router)  # /agent console page
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict:

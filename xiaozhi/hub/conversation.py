@@ -64,6 +64,8 @@ class ConversationService:
         self._turns: set[asyncio.Task] = set()
         # Awaited with (conversation, reason) when a conversation closes (follow-up surveys, analytics).
         self.closed_hooks: list[Callable[[Conversation, str], Awaitable[None]]] = []
+        # The agent desk (xiaozhi/hub/desk.py) when the hub runs one: escalate() queues through it.
+        self.desk = None
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait for turns in progress to finish (shutdown): their replies are stored before the store closes."""
@@ -85,7 +87,14 @@ class ConversationService:
         if not self._subscribers[conversation_id]:
             self._subscribers.pop(conversation_id, None)
 
-    def _publish(self, conversation_id: str, event: dict) -> None:
+    async def post(self, conversation_id: str, role: str, text: str, meta: dict | None = None) -> Message:
+        """Store and publish a message that is not a resident turn (an agent's reply, a system notice)."""
+        msg = await self.store.add_message(conversation_id, role, text, status="answered", meta=meta)
+        self.publish(conversation_id, {"type": "message", "message": message_out(msg)})
+        return msg
+
+    def publish(self, conversation_id: str, event: dict) -> None:
+        """Send an event to the conversation's live subscribers (resident and agent sockets)."""
         for queue in list(self._subscribers.get(conversation_id, ())):
             try:
                 queue.put_nowait(event)
@@ -104,19 +113,27 @@ class ConversationService:
         return await asyncio.shield(turn)
 
     async def _handle(self, conv: Conversation, text: str) -> tuple[Message, list[Message]]:
-        async with self._locks[conv.id]:
-            incoming = await self.store.add_message(conv.id, "resident", text)
-            self._publish(conv.id, {"type": "message", "message": message_out(incoming)})
+        # Committed (and echoed) at once, also while an earlier turn of this conversation still waits
+        # for Rasa: a message the resident has seen accepted survives a crash of the hub.
+        incoming = await self.store.add_message(conv.id, "resident", text)
+        self.publish(conv.id, {"type": "message", "message": message_out(incoming)})
+        async with self._locks[conv.id]:  # turns reach the dialogue one at a time, in order
+            current = await self.store.get_conversation(conv.id)
+            if current is not None and current.status == "with_agent":
+                # An agent holds the conversation: the bot stays silent, the agent's socket has the message.
+                conv.status = current.status
+                return incoming, []
             replies, understood = await self._dialogue(conv, text)
+            slots = understood.get("slots") or {}
             stored = await self.store.add_messages(
                 conv.id,
-                [("bot", reply.text, reply.meta()) for reply in replies],
+                [("bot", reply.text, {**reply.meta(), "slots": slots} if slots else reply.meta()) for reply in replies],
                 reply_to=incoming.id,
                 answered=incoming.id,
             )
             incoming.status = "answered"
             for msg in stored:
-                self._publish(conv.id, {"type": "message", "message": message_out(msg)})
+                self.publish(conv.id, {"type": "message", "message": message_out(msg)})
             if any(r.outcome == "escalated" for r in replies):
                 await self.escalate(conv, reason="requested")
             if understood.get("region") and understood["region"] != conv.region_code:
@@ -170,7 +187,7 @@ class ConversationService:
             return
         await self.store.update_conversation(conv.id, status="closed", closed_at=utcnow())
         conv.status = "closed"
-        self._publish(conv.id, {"type": "closed", "reason": reason})
+        self.publish(conv.id, {"type": "closed", "reason": reason})
         for hook in list(self.closed_hooks):
             try:
                 await hook(conv, reason)
@@ -178,12 +195,15 @@ class ConversationService:
                 log.exception("closed hook %r failed for conversation %s", hook, conv.id)
 
     async def escalate(self, conv: Conversation, reason: str, **details) -> None:
-        """Put the conversation in the agent queue (``details``: e.g. priority, topic)."""
+        """Put the conversation in the agent queue (``details``: e.g. priority, topic, elderly)."""
+        if self.desk is not None:
+            await self.desk.enqueue(conv, reason, **details)
+            return
         esc = await self.store.add_escalation(conv.id, conv.channel, reason)
         await self.store.update_conversation(conv.id, status="escalated")
         conv.status = "escalated"
         log.info("conversation %s escalated (%s), queue item %s", conv.id, reason, esc.id)
-        self._publish(conv.id, {"type": "escalated", "queue_id": esc.id})
+        self.publish(conv.id, {"type": "escalated", "queue_id": esc.id})
 
 
 def _log_prefetch_failure(future: asyncio.Future) -> None:

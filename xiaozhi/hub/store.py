@@ -106,8 +106,17 @@ class Escalation(Base):
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"), index=True)
     channel: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(32))  # requested, repeated_failure, urgent, degraded
+    # waiting (in the queue), claimed (an agent holds it), callback (out of hours: call back), closed.
     status: Mapped[str] = mapped_column(String(16), default="waiting")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The agent desk's fields (xiaozhi/hub/desk.py). Analytics and the video desk read them by name.
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # higher first: urgent, elderly, repeated failure
+    topic: Mapped[str] = mapped_column(String(32), default="")  # skill: knowledge-base topic, "" for anyone
+    agent: Mapped[str] = mapped_column(String(64), default="")  # user name of the agent holding it
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # first claim
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    disposition: Mapped[str] = mapped_column(String(32), default="")
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)  # what the resident wanted, notes of hand-offs
 
 
 class Store:
@@ -243,18 +252,25 @@ class Store:
             )
             return list(rows.scalars())
 
-    async def add_escalation(self, conversation_id: str, channel: str, reason: str) -> Escalation:
+    async def add_escalation(self, conversation_id: str, channel: str, reason: str, **fields) -> Escalation:
+        """Queue a conversation; one that is already queued, held or waiting for a callback keeps its item.
+
+        ``fields``: further Escalation columns (priority, topic, status, summary)."""
         async with self.sessions() as s, s.begin():
             waiting = (
                 await s.execute(
-                    select(Escalation).where(
-                        Escalation.conversation_id == conversation_id, Escalation.status == "waiting"
+                    select(Escalation)
+                    .where(
+                        Escalation.conversation_id == conversation_id,
+                        Escalation.status.in_(("waiting", "claimed", "callback")),
                     )
+                    .order_by(Escalation.id.desc())
+                    .limit(1)
                 )
             ).scalar_one_or_none()
             if waiting is not None:
                 return waiting
-            esc = Escalation(conversation_id=conversation_id, channel=channel, reason=reason)
+            esc = Escalation(conversation_id=conversation_id, channel=channel, reason=reason, **fields)
             s.add(esc)
         return esc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
@@ -103,10 +104,30 @@ async def send_message(
 async def transcript(
     request: Request,
     conv: Annotated[Conversation, Depends(resident_conversation)],
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Only messages after this sequence number")] = 0,
 ) -> dict:
     messages = await store(request).transcript(conv.id, after_seq=after)
     return {"session_id": conv.id, "status": conv.status, "messages": [message_out(m) for m in messages]}
+
+
+class EscalateIn(BaseModel):
+    elderly: bool = Field(False, description="The widget is in elderly mode (适老化): the queue serves them first.")
+
+
+@router.post("/{session_id}/escalate")
+async def escalate(
+    request: Request,
+    conv: Annotated[Conversation, Depends(resident_conversation)],
+    body: EscalateIn | None = None,
+) -> dict:
+    """The "转人工" button: queue the conversation for a person (a callback ticket out of service hours).
+
+    Asking again keeps the first request's place. ``status``: waiting, claimed or callback."""
+    if conv.status == "closed":
+        raise ApiError(409, "conversation_closed", "这个对话已经结束，请重新开始对话。")
+    details = {"announce": True, **({"elderly": True} if body and body.elderly else {})}
+    item = await request.app.state.desk.enqueue(conv, "requested", **details)
+    return {"queue_id": item.id, "status": item.status}
 
 
 @router.websocket("/{session_id}/ws")
@@ -122,6 +143,8 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
     conversations: ConversationService = app.state.conversations
     queue = conversations.subscribe(conv.id)
     limit = app.state.settings.max_message_chars
+    frame_limit = app.state.settings.ws_max_frame_bytes
+    limits = app.state.limits
 
     async def pump() -> None:
         while True:
@@ -130,7 +153,27 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
     pump_task = asyncio.create_task(pump())
     try:
         while True:
-            raw = await websocket.receive_text()
+            frame = await websocket.receive()
+            if frame["type"] == "websocket.disconnect":
+                break
+            raw = frame.get("text")
+            if raw is None:  # a binary frame
+                await websocket.send_json({"type": "error", "error": "binary_not_supported", "message": "只支持文字消息。"})
+                continue
+            if len(raw.encode("utf-8")) > frame_limit:
+                log.info("conversation %s: closed on a %d-character WebSocket frame", conv.id, len(raw))
+                await websocket.send_json(
+                    {"type": "error", "error": "frame_too_large", "message": f"消息太长了，请控制在{limit}字以内。"}
+                )
+                await websocket.close(code=1009, reason="frame_too_large")
+                break
+            wait = limits.check_message(conv.id, websocket.client.host if websocket.client else "")
+            if wait > 0:
+                await websocket.send_json(
+                    {"type": "error", "error": "rate_limited", "message": "发送太频繁，请稍后再试。",
+                     "retry_after": max(1, math.ceil(wait))}
+                )
+                continue
             try:
                 payload = json.loads(raw)
                 text = payload.get("text", "") if isinstance(payload, dict) else ""
@@ -147,7 +190,9 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
                     {"type": "error", "error": "message_too_long", "message": f"消息太长了，请控制在{limit}字以内。"}
                 )
                 continue
-            await websocket.send_json({"type": "typing"})
+            current = await app.state.store.get_conversation(conv.id)
+            if current is None or current.status != "with_agent":  # an agent answers in their own time
+                await websocket.send_json({"type": "typing"})
             await conversations.handle(conv, text.strip())
     except WebSocketDisconnect:
         pass

@@ -11,7 +11,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from xiaozhi.hub.accounts import Accounts, LoginRejected, Role, StaffUser
 from xiaozhi.hub.errors import ApiError
@@ -175,6 +175,13 @@ async def update_user(
 
 class AuditOut(BaseModel):
     at: dt.datetime
+
+    @field_validator("at")
+    @classmethod
+    def _utc(cls, value: dt.datetime) -> dt.datetime:
+        # SQLite hands back naive datetimes; they were stored in UTC, and RFC 3339 wants the offset.
+        return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
     actor: str
     role: str
     action: str
