@@ -17,13 +17,14 @@ import anyio.abc
 from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.conversation import message_out
 from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS, AgentDesk, DeskError
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.routers.staff import client_address, require_role, staff_for_token
+from xiaozhi.hub.schemas import MessageText
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/agent", tags=["agent desk"])
@@ -43,15 +44,7 @@ def desk(request: Request) -> AgentDesk:
 
 
 class TextIn(BaseModel):
-    text: str = Field(max_length=2000)
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("消息不能为空")
-        return value
+    text: MessageText = Field(max_length=2000)
 
 
 class TransferIn(BaseModel):

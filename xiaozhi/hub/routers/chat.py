@@ -12,11 +12,12 @@ import math
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from xiaozhi.hub.conversation import ConversationService, message_out, preview
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.routers.staff import bearer_token
+from xiaozhi.hub.schemas import MessageText
 from xiaozhi.hub.store import Conversation, Store
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,7 @@ class SessionCreated(BaseModel):
 
 
 class MessageIn(BaseModel):
-    text: str = Field(description="What the resident wrote.")
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("消息不能为空")
-        return value
+    text: MessageText = Field(description="What the resident wrote.")
 
 
 GREETING = "您好，我是医保小智，可以为您解答医保电子凭证、异地就医、报销等问题。请问有什么可以帮您？"

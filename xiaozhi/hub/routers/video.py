@@ -16,7 +16,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from video.ice import IceConfigError, ice_servers_for
@@ -25,6 +25,7 @@ from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.conversation import message_out, preview
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.routers.staff import bearer_token, staff_for_token
+from xiaozhi.hub.schemas import MessageText
 from xiaozhi.hub.store import Conversation, Escalation
 
 log = logging.getLogger(__name__)
@@ -52,15 +53,7 @@ class OfferIn(BaseModel):
 
 
 class ChatIn(BaseModel):
-    text: str
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("消息不能为空")
-        return value
+    text: MessageText = Field(max_length=2000)
 
 
 class HangupIn(BaseModel):
