@@ -1,5 +1,7 @@
 """Parts fail, the hotline keeps answering and loses nothing.
 
+- The real Rasa of the shared stack killed -> `xiaozhi run` restarts it, the hub answers degraded
+  meanwhile and recovers by itself.
 - Rasa down -> degraded answers from the knowledge base; Rasa back -> normal answers again, with
   nothing restarted. Rasa is played by a small real HTTP server speaking the hub's webhook
   protocol (bot/rasa_runtime/xiaozhi_channel.py), started and stopped by the test: what is tested
@@ -250,3 +252,32 @@ def test_a_hub_killed_mid_conversation_loses_no_accepted_message_and_keeps_its_q
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_the_real_rasa_killed_is_restarted_and_the_hub_recovers_by_itself(stack):
+    """SIGKILL the shared stack's Rasa: the hub answers degraded meanwhile, `xiaozhi run` restarts
+    Rasa, and the same conversation gets Rasa's answers again with nobody touching the hub."""
+    import re
+
+    log_path = stack["var"] / "run.log"
+    rasa_pids = [int(p) for p in re.findall(r"started Rasa \(pid (\d+)\)", log_path.read_text())]
+    with httpx.Client(base_url=stack["url"], timeout=60) as client:
+        sid, auth = open_session(client)
+        os.kill(rasa_pids[-1], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").json()["rasa"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        down = client.post(f"/api/sessions/{sid}/messages", json={"text": "异地就医怎么备案"}, headers=auth)
+        assert down.status_code == 200
+        assert down.json()["replies"][0]["meta"].get("degraded") is True
+        deadline = time.monotonic() + 300
+        while not client.get("/readyz").json()["rasa"]:
+            assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(1)
+        back = client.post(f"/api/sessions/{sid}/messages", json={"text": "医保电子凭证怎么激活"}, headers=auth)
+        reply = back.json()["replies"][0]
+        assert "degraded" not in reply["meta"] and reply["meta"]["intent"] == "ask_e_voucher", reply
+        transcript = client.get(f"/api/sessions/{sid}/messages", headers=auth).json()["messages"]
+    assert [m["text"] for m in transcript if m["role"] == "resident"] == ["异地就医怎么备案", "医保电子凭证怎么激活"]
+    assert len(re.findall(r"started Rasa \(pid (\d+)\)", log_path.read_text())) == len(rasa_pids) + 1
