@@ -5,7 +5,8 @@ sends MESSAGES messages over SESSIONS concurrent chat sessions, twice:
 
 - paced: each resident pauses 0.5-2 s (seeded) before each message, the first included, as
   people typing or speaking do (so the ten residents do not all press "send" in the same
-  millisecond, which no real population does); this is the service's latency at that load;
+  millisecond, which no real population does; `--together` restores that burst); this is the
+  service's latency at that load;
 - saturated: no pause at all; this finds the throughput ceiling, and latency is then mostly
   queueing (SESSIONS / throughput).
 
@@ -91,13 +92,14 @@ def start_stack() -> tuple[subprocess.Popen, str, float, Path]:
 
 
 async def session_worker(
-    client: httpx.AsyncClient, count: int, offset: int, latencies: list[float], errors: list[str], paced: bool = False
+    client: httpx.AsyncClient, count: int, offset: int, latencies: list[float], errors: list[str], paced: bool = False,
+    together: bool = False,
 ):
     created = (await client.post("/api/sessions", json={})).json()
     sid, auth = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
     think = random.Random(offset)
     for i in range(count):
-        if paced:
+        if paced and (i or not together):
             await asyncio.sleep(think.uniform(0.5, 2.0))
         text = QUESTIONS[(offset * 37 + i) % len(QUESTIONS)]
         t0 = time.perf_counter()
@@ -109,7 +111,7 @@ async def session_worker(
             errors.append("degraded reply (Rasa not answering)")
 
 
-async def load(url: str, messages: int, sessions: int, paced: bool) -> dict:
+async def load(url: str, messages: int, sessions: int, paced: bool, together: bool = False) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     per_session = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
@@ -118,7 +120,7 @@ async def load(url: str, messages: int, sessions: int, paced: bool) -> dict:
         await session_worker(client, 3, 0, [], [])
         t0 = time.perf_counter()
         await asyncio.gather(
-            *(session_worker(client, n, i, latencies, errors, paced) for i, n in enumerate(per_session))
+            *(session_worker(client, n, i, latencies, errors, paced, together) for i, n in enumerate(per_session))
         )
         wall = time.perf_counter() - t0
     return {
@@ -137,6 +139,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--url", help="measure this running hub instead of starting one")
+    parser.add_argument("--together", action="store_true",
+                        help="paced residents all send their first message at the same instant (the old definition)")
     args = parser.parse_args()
 
     proc = None
@@ -145,7 +149,7 @@ def main() -> None:
     else:
         proc, url, cold, _ = start_stack()
     try:
-        results = {mode: asyncio.run(load(url, args.messages, args.sessions, mode == "paced"))
+        results = {mode: asyncio.run(load(url, args.messages, args.sessions, mode == "paced", args.together))
                    for mode in ("paced", "saturated")}
     finally:
         if proc is not None:
