@@ -386,20 +386,26 @@ def test_canned_responses_and_knowledge_search(hub):
     assert page.status_code == 200 and "坐席工作台" in page.text
 
 
-def test_an_agent_socket_closes_after_logout(hub):
+def test_an_agent_socket_closes_after_logout(hub, monkeypatch):
+    import time
+
+    from xiaozhi.hub.routers import agent as agent_router
+
+    monkeypatch.setattr(agent_router, "QUEUE_REFRESH_S", 60.0)  # the periodic re-check cannot be what closes it
     agent = make_staff(hub, "gone", "agent")
     token = agent["Authorization"].split()[1]
     with hub.websocket_connect(f"/api/agent/ws?token={token}") as ws:
         assert ws.receive_json()["type"] == "hello"
         assert ws.receive_json()["type"] == "queue"
+        logged_out = time.monotonic()
         assert hub.post("/api/staff/logout", headers=agent).status_code == 204
-        sid, auth = open_session(hub)
-        escalate(hub, sid, auth)  # a queue change: the socket re-checks the login before sending it
+        # no queue change needed: the logout itself makes the socket re-check its login
         with pytest.raises(WebSocketDisconnect) as closed:
             for _ in range(5):
                 event = ws.receive_json()
                 assert event["type"] != "queue" or not event["items"], "a logged-out agent must not get the queue"
         assert closed.value.code == 4401
+        assert time.monotonic() - logged_out < 30, "closed by the logout, not by the 60 s periodic re-check"
 
 
 async def test_an_older_database_gains_the_queue_columns(tmp_path):

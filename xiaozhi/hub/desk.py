@@ -322,6 +322,10 @@ class AgentDesk:
     def unwatch(self, queue: asyncio.Queue) -> None:
         self._watchers.discard(queue)
 
+    def recheck_logins(self) -> None:
+        """A login ended (logout, disabled account): every agent socket re-checks its token now."""
+        self._changed()
+
     def _changed(self) -> None:
         for queue in list(self._watchers):
             if queue.empty():  # one pending "changed" is enough: the socket re-reads the whole queue

@@ -107,6 +107,13 @@ class UserUpdate(BaseModel):
     skills: list[str] | None = Field(None, max_length=20)
 
 
+def _recheck_agent_sockets(request: Request) -> None:
+    """Open agent-desk sockets re-check their login at once, so a dead login gets nothing more."""
+    desk = getattr(request.app.state, "desk", None)
+    if desk is not None:
+        desk.recheck_logins()
+
+
 @router.post("/login", response_model=LoginOut)
 async def login(body: LoginIn, request: Request) -> LoginOut:
     try:
@@ -128,6 +135,7 @@ async def logout(
     authorization: Annotated[str | None, Header()] = None,
 ) -> None:
     await accounts(request).logout(bearer_token(authorization) or "")
+    _recheck_agent_sockets(request)
     await accounts(request).audit(user, "logout", client=client_address(request))
 
 
@@ -166,6 +174,7 @@ async def update_user(
     user = await accounts(request).update_user(username, **body.model_dump(exclude_none=True))
     if user is None:
         raise ApiError(404, "not_found", "没有这个用户。")
+    _recheck_agent_sockets(request)
     changes = body.model_dump(exclude_none=True)
     if "password" in changes:
         changes["password"] = "changed"
