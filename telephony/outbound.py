@@ -24,7 +24,7 @@ from .call import Call, CallState, EndReason
 from .g711 import G711Codec
 from .media_stream import MediaStream
 from .privacy import mask_number
-from .sdp import NotAcceptable, SdpError, negotiate, parse_sdp
+from .sdp import NotAcceptable, SdpError, negotiate, parse_sdp, session_lines
 from .sip_message import Headers, SipRequest, SipResponse, new_branch, new_tag, parse_name_addr, parse_uri
 
 if TYPE_CHECKING:
@@ -56,13 +56,7 @@ class _OutgoingInvite:
 
 
 def build_offer(*, address: str, port: int, session_id: int, version: int = 1) -> bytes:
-    ip_kind = "IP6" if ":" in address else "IP4"
-    lines = [
-        "v=0",
-        f"o=xiaozhi {session_id} {version} IN {ip_kind} {address}",
-        "s=xiaozhi",
-        f"c=IN {ip_kind} {address}",
-        "t=0 0",
+    lines = session_lines(address=address, session_id=session_id, version=version) + [
         f"m=audio {port} RTP/AVP 0 8 {DTMF_PAYLOAD_TYPE}",
         "a=rtpmap:0 PCMU/8000",
         "a=rtpmap:8 PCMA/8000",

@@ -177,16 +177,21 @@ def negotiate(offer: SessionDescription) -> Negotiated:
     raise NotAcceptable("no PCMU or PCMA audio stream offered")
 
 
-def build_answer(offer: SessionDescription, agreed: Negotiated, *, address: str, port: int,
-                 session_id: int, version: int) -> bytes:
+def session_lines(*, address: str, session_id: int, version: int) -> list[str]:
+    """The session part of every SDP body this endpoint sends (offers and answers)."""
     ip_kind = "IP6" if ":" in address else "IP4"
-    lines = [
+    return [
         "v=0",
         f"o=xiaozhi {session_id} {version} IN {ip_kind} {address}",
         "s=xiaozhi",
         f"c=IN {ip_kind} {address}",
         "t=0 0",
     ]
+
+
+def build_answer(offer: SessionDescription, agreed: Negotiated, *, address: str, port: int,
+                 session_id: int, version: int) -> bytes:
+    lines = session_lines(address=address, session_id=session_id, version=version)
     for index, m in enumerate(offer.media):
         if index != agreed.media_index:
             lines.append(f"m={m.media} 0 {m.proto} {' '.join(m.formats[:1]) or '0'}")
