@@ -41,21 +41,34 @@ RegionQ = Annotated[str | None, Query(pattern=r"^\d{6}$")]
 ChannelQ = Annotated[str | None, Query(pattern=r"^(web|phone|video)$")]
 
 
+class Selection:
+    """The date range, region and channel every analytics request filters by, with the data it selects."""
+
+    def __init__(
+        self,
+        request: Request,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+        region: RegionQ = None,
+        channel: ChannelQ = None,
+    ) -> None:
+        self.request = request
+        self.range = _range(date_from, date_to)
+        self.region = region
+        self.channel = channel
+
+    async def load(self) -> dict:
+        store = self.request.app.state.store
+        return await analytics.load(store, self.range, region=self.region, channel=self.channel)
+
+
 @router.get("/api/staff/analytics")
-async def summary(
-    request: Request,
-    user: Supervisor,
-    date_from: DateFrom = None,
-    date_to: DateTo = None,
-    region: RegionQ = None,
-    channel: ChannelQ = None,
-) -> dict:
-    rng = _range(date_from, date_to)
-    data = await analytics.load(request.app.state.store, rng, region=region, channel=channel)
+async def summary(request: Request, user: Supervisor, selection: Annotated[Selection, Depends()]) -> dict:
+    data = await selection.load()
     return await asyncio.to_thread(
         analytics.compute,
         data,
-        rng,
+        selection.range,
         low_confidence=request.app.state.settings.kb_abstain_threshold,
         knowledge_base=request.app.state.knowledge_base,
     )
@@ -66,16 +79,9 @@ async def summary(
     response_class=Response,
     responses={200: {"content": {"text/csv": {}}, "description": "Masked conversations, one row each (UTF-8 with BOM)."}},
 )
-async def export_csv(
-    request: Request,
-    user: Supervisor,
-    date_from: DateFrom = None,
-    date_to: DateTo = None,
-    region: RegionQ = None,
-    channel: ChannelQ = None,
-) -> Response:
-    rng = _range(date_from, date_to)
-    data = await analytics.load(request.app.state.store, rng, region=region, channel=channel)
+async def export_csv(request: Request, user: Supervisor, selection: Annotated[Selection, Depends()]) -> Response:
+    data = await selection.load()
+    rng, region, channel = selection.range, selection.region, selection.channel
     await request.app.state.accounts.audit(
         user,
         "analytics.export",
