@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from xiaozhi.hub.accounts import Accounts, Role
 from xiaozhi.hub.conversation import ConversationService
-from xiaozhi.hub.errors import error_body, install_error_handlers
+from xiaozhi.hub.errors import install_error_handlers
 from xiaozhi.hub.rasa_client import RasaClient
 from xiaozhi.hub.security import HubSecurityMiddleware, Limits
 from xiaozhi.hub.routers import chat, knowledge, staff
@@ -150,15 +150,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
     app.state.metrics = HubMetrics()
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            log.info("%s %s rejected: body of %s bytes", request.method, request.url.path, length)
-            return JSONResponse(error_body(413, "body_too_large"), status_code=413)
-        return await call_next(request)
-
-    # Added last, so outermost layer: rate limits, chunked-body limit, security headers (xiaozhi/hub/security.py).
+    # Outermost layer: rate limits, body limits (declared and chunked), security headers (xiaozhi/hub/security.py).
     app.state.limits = Limits(settings)
     app.add_middleware(
         HubSecurityMiddleware,

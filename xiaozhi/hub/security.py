@@ -4,8 +4,8 @@
   a refill of 30 per minute. Limited: session creation, messages (per conversation, HTTP and
   WebSocket share one bucket), knowledge-base search and staff login (per client address).
 - ``HubSecurityMiddleware``: answers 429 with a Chinese message and ``Retry-After``; refuses
-  request bodies larger than ``max_body_bytes`` also when they arrive chunked (no
-  Content-Length); adds security headers: a strict CSP on the hub's own pages, a CSP that
+  request bodies larger than ``max_body_bytes``, whether a Content-Length declares it (refused
+  before the application runs) or they arrive chunked (counted as they come); adds security headers: a strict CSP on the hub's own pages, a CSP that
   forbids everything on API responses, ``X-Content-Type-Options``, ``Referrer-Policy``,
   ``Cache-Control: no-store`` on the API (it carries personal data), HSTS over HTTPS.
 
@@ -220,6 +220,12 @@ class HubSecurityMiddleware:
             log.info("%s %s from a client over the %s limit: 429", scope["method"], path, rule)
             await self._reject(send, 429, "rate_limited", RATE_LIMITED_MESSAGE, path, scope,
                                [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+            return
+
+        declared = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"content-length"), None)
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            log.info("%s %s rejected: body of %s bytes", scope["method"], path, declared)
+            await self._reject(send, 413, "body_too_large", BODY_TOO_LARGE_MESSAGE, path, scope, [])
             return
 
         received = 0
