@@ -399,7 +399,8 @@ def _parse(data: bytes) -> SipRequest | SipResponse | SipParseError:
             items = headers._items
             if not items:
                 return SipParseError("continuation before any header", method=method)
-            items[-1] = (items[-1][0], items[-1][1] + " " + line.strip())
+            # RFC 3261 7.3.1: the fold is one SP; a value that began on the next line has no leading space
+            items[-1] = (items[-1][0], f"{items[-1][1]} {line.strip()}".strip())
             continue
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN.match(name.strip()):
