@@ -422,7 +422,8 @@ def _parse(data: bytes) -> SipRequest | SipResponse | SipParseError:
             return SipParseError(f"missing {required}", method=method, headers=headers)
     try:
         cseq_num, cseq_method = parse_cseq(headers.get("cseq") or "")
-        parse_via(headers.get_all("via")[0])
+        for via in headers.get_all("via"):  # every hop, not just the top one: responses echo them all
+            parse_via(via)
         from_ = parse_name_addr(headers.get("from") or "")
         to = parse_name_addr(headers.get("to") or "")
         if method is not None:

@@ -70,6 +70,7 @@ def test_random_bytes_never_raise_out_of_the_sip_parser(data: bytes) -> None:
 
 @FUZZ
 @given(mutated(VALID_INVITE))
+@example(VALID_INVITE.replace(b"Max-Forwards", b"Via: SIP/2.0/UDP a, SIP/x\r\nMax-Forwards"))  # explore find: bad 2nd Via
 def test_mutated_invites_parse_or_fail_cleanly(data: bytes) -> None:
     result = parse_message(data)
     assert isinstance(result, (SipRequest, SipResponse, SipParseError))
