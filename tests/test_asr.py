@@ -72,7 +72,10 @@ def test_fixtures_are_small_8k_mono() -> None:
 
 
 @needs_whisper
-def test_whisper_recognises_fixtures(whisper: WhisperRecognizer) -> None:
+@pytest.mark.parametrize("window", ["speech", "30s"])
+def test_whisper_recognises_fixtures(whisper: WhisperRecognizer, window: str, monkeypatch) -> None:
+    # measured: CER 0.07 and 8/8 key terms in both windows; the bounds leave room for other CPUs
+    monkeypatch.setattr(whisper, "window", window)
     errors = chars = hits = 0
     lines = []
     for name, ref in FIXTURES:
@@ -84,8 +87,25 @@ def test_whisper_recognises_fixtures(whisper: WhisperRecognizer) -> None:
         lines.append(f"{name}: {t.text!r} (raw {t.raw_text!r}, conf {t.confidence}, {t.elapsed_s:.2f} s)")
     cer = errors / chars
     print(f"\nCER {cer:.3f} over {chars} characters, key terms {hits}/{len(FIXTURES)}\n" + "\n".join(lines))
-    assert cer < 0.5, lines
-    assert hits >= len(FIXTURES) * 0.6, lines
+    assert cer < 0.2, lines
+    assert hits >= len(FIXTURES) - 1, lines
+
+
+def test_speech_window_output_is_bounded_by_the_audio_length(whisper: WhisperRecognizer) -> None:
+    # A steady vowel-like buzz is where an unpadded Whisper loops ("医保医保医保..."): the decode is
+    # capped at tokens_per_s per second of audio, so a 2 s turn can never come back as a page of text.
+    t = np.arange(16000) / 8000
+    buzz = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((150, 300, 450, 600), 1))
+    pcm = (buzz / np.abs(buzz).max() * 12000).astype("<i2").tobytes()
+    result = whisper.transcribe(pcm)
+    assert whisper.window == "speech"
+    tokens = whisper._tokenizer.encode(result.raw_text)
+    assert len(tokens) <= 2.0 * whisper.tokens_per_s + 8, result
+
+
+def test_window_must_be_known() -> None:
+    with pytest.raises(ValueError, match="window"):
+        WhisperRecognizer(window="10s")
 
 
 @needs_whisper
