@@ -87,6 +87,7 @@ class CallResult:
     asr_s: float = 0.0
     dialogue_s: float = 0.0
     tts_s: float = 0.0
+    early: bool = False  # the transcript was started at a pause, before the end of turn
     text: str = ""
     expected: str = ""
 
@@ -119,8 +120,8 @@ async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0
             result = CallResult(latency, expected=expected)
             if session is not None and session.timings:
                 t = session.timings[0]
-                result.end_of_turn_s, result.asr_s, result.dialogue_s, result.tts_s = (
-                    t.end_of_turn_s, t.asr_s, t.dialogue_s, t.tts_s)
+                result.end_of_turn_s, result.asr_s, result.dialogue_s, result.tts_s, result.early = (
+                    t.end_of_turn_s, t.asr_s, t.dialogue_s, t.tts_s, t.early)
                 result.text = t.text
             peer.in_dialog("BYE", call)
             await peer.expect(200, timeout=5)
@@ -155,6 +156,7 @@ def summarise(results: list[CallResult]) -> dict:
     }
     for stage in ("end_of_turn_s", "asr_s", "dialogue_s", "tts_s"):
         out[stage] = statistics.median([getattr(r, stage) for r in ok]) if ok else float("nan")
+    out["early"] = sum(r.early for r in ok)
     with_text = [r for r in results if r.expected]
     if with_text:
         out["cer"] = statistics.mean(cer(r.expected, r.text) for r in with_text)

@@ -8,7 +8,9 @@ Two small stages, each usable and testable alone:
 * ``TurnDetector``: turns the per-frame decisions into caller turns: a turn starts after a few
   voiced frames (with a little pre-roll so the first syllable is kept), and ends after
   ``end_silence_ms`` of silence (the "hangover"; longer for elderly callers) or at ``max_turn_s``.
-  It reports how long the turn has been voiced, which the barge-in rule uses.
+  It reports how long the turn has been voiced, which the barge-in rule uses, and (with
+  ``pause_ms``) a "pause" event part-way through the hangover carrying the turn so far, so that
+  recognition can start before the turn is known to be over.
 """
 
 from __future__ import annotations
@@ -89,9 +91,11 @@ class EnergyVad:
 
 @dataclass
 class TurnEvent:
-    """``kind`` is "start" (the caller began speaking) or "end" (the turn is complete, ``audio`` holds it)."""
+    """``kind`` is "start" (the caller began speaking), "pause" (``audio`` holds the turn so far; it
+    may still go on) or "end" (the turn is complete, ``audio`` holds it). A pause followed by the
+    end with no speech in between carries exactly the same audio as that end."""
 
-    kind: str
+    kind: str  # "start", "pause" (silence of pause_ms inside a turn that may go on) or "end"
     audio: bytes = b""
     voiced_ms: int = 0
     duration_ms: int = 0
@@ -106,12 +110,18 @@ class TurnDetector:
         end_silence_ms: silence after speech that ends the turn (700 ms; 1200 ms for 适老化).
         pre_roll_ms: audio kept from before the start decision.
         max_turn_s: a turn is cut here (a caller who never pauses, or a noisy line).
+        pause_ms: silence after which a "pause" event is sent (0: never; at least 200 ms; only
+            shorter than ``end_silence_ms`` makes sense).
     """
 
+    TRAILING_KEEP_FRAMES = 10  # silence kept after the last voiced frame (200 ms)
+
     def __init__(self, *, start_frames: int = 3, end_silence_ms: int = 700, pre_roll_ms: int = 200,
-                 max_turn_s: float = 15.0) -> None:
+                 max_turn_s: float = 15.0, pause_ms: int = 0) -> None:
         self.start_frames = start_frames
         self.end_silence_frames = max(1, end_silence_ms // FRAME_MS)
+        # at least the kept trailing silence, so that a pause and its end cut the audio at the same frame
+        self.pause_frames = max(self.TRAILING_KEEP_FRAMES, pause_ms // FRAME_MS) if pause_ms > 0 else 0
         self.max_frames = int(max_turn_s * 1000 // FRAME_MS)
         self._recent: collections.deque[tuple[bytes, bool]] = collections.deque(
             maxlen=max(start_frames + 2, pre_roll_ms // FRAME_MS))
@@ -156,9 +166,14 @@ class TurnDetector:
             self._silent_frames += 1
         if self._silent_frames >= self.end_silence_frames or len(self._turn) >= self.max_frames:
             truncated = self._silent_frames < self.end_silence_frames
-            # drop the trailing silence beyond 200 ms: the recogniser does not need it
-            keep = len(self._turn) - max(0, self._silent_frames - 10)
-            event = TurnEvent("end", b"".join(self._turn[:keep]), self.voiced_ms, len(self._turn) * FRAME_MS, truncated)
+            event = TurnEvent("end", self._audio(), self.voiced_ms, len(self._turn) * FRAME_MS, truncated)
             self.reset()
             return event
+        if self.pause_frames and self._silent_frames == self.pause_frames:
+            return TurnEvent("pause", self._audio(), self.voiced_ms, len(self._turn) * FRAME_MS)
         return None
+
+    def _audio(self) -> bytes:
+        """The turn so far, without the silence beyond 200 ms: the recogniser does not need it."""
+        keep = len(self._turn) - max(0, self._silent_frames - self.TRAILING_KEEP_FRAMES)
+        return b"".join(self._turn[:keep])

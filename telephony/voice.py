@@ -50,14 +50,18 @@ def is_backchannel(text: str) -> bool:
     return bool(bare) and (bare in BACKCHANNELS or (len(bare) <= 3 and set(bare) <= {"嗯", "好", "对", "是", "哦", "啊"}))
 
 
-# Whisper-base hears 转人工 ("zhuan ren gong") on the phone as 再员工 / 再研工 / 专人工...: the one
-# request that must never be lost, so a sound-alike of it is rewritten before the dialogue sees it.
-_AGENT_SOUNDALIKE = re.compile(r"[转专砖赚再在找]\s*[人仁任员研元园言]\s*[工公功攻]")
+# Whisper-base hears 转人工 ("zhuan ren gong") on the phone as 再员工 / 再研工 / 专人工 / 证人工...:
+# the one request that must never be lost, so a sound-alike of it is rewritten before the dialogue
+# sees it. A turn that *ends* in 人工 asks for a person too (我要人工, 有没有人工); 人工 inside a
+# turn is left alone (人工关节, 人工晶体 are reimbursement questions).
+_ZHUAN = "转专砖赚再在找证正制借寨"  # what 转 became on 8 kHz lines
+_AGENT_SOUNDALIKE = re.compile(rf"[{_ZHUAN}]\s*[人仁任员研元园言]\s*[工公功攻]")
+_ENDS_IN_AGENT = re.compile(rf"[{_ZHUAN}]?人工(?=[\s\W_]*$)")
 
 
 def correct_agent_request(text: str) -> str:
-    """转人工 restored from its usual mishearings (再员工, 专人工, 赚人工...)."""
-    return _AGENT_SOUNDALIKE.sub("转人工", text)
+    """转人工 restored from its usual mishearings (再员工, 专人工, 医保证人工, 我要人工...)."""
+    return _ENDS_IN_AGENT.sub("转人工", _AGENT_SOUNDALIKE.sub("转人工", text))
 
 
 @dataclass
@@ -82,6 +86,10 @@ class VoiceConfig:
     """Behaviour of the phone line. ``elderly()`` gives the 适老化 variant (more patience)."""
 
     end_silence_ms: int = 600  # silence that ends a caller turn
+    # Recognition starts after this much silence, while the turn may still go on (0: off): when the
+    # caller has in fact finished, the transcript is (nearly) ready at end of turn. Skipped while
+    # the recogniser is busy with another decode, so under load no CPU goes to guesses.
+    early_asr_ms: int = 300
     barge_in_ms: int = 200  # voiced speech during playback that stops it
     min_turn_ms: int = 160  # shorter voiced bursts (clicks, coughs) are not turns
     backchannel_max_ms: int = 700  # a turn this short that is recognised as 嗯/好/对 is a backchannel
@@ -97,8 +105,8 @@ class VoiceConfig:
 
     @classmethod
     def elderly(cls, **overrides: Any) -> VoiceConfig:
-        values: dict[str, Any] = {"end_silence_ms": 1100, "no_input_s": 12.0, "inter_digit_s": 8.0,
-                                  "max_turn_s": 20.0}
+        values: dict[str, Any] = {"end_silence_ms": 1100, "early_asr_ms": 600, "no_input_s": 12.0,
+                                  "inter_digit_s": 8.0, "max_turn_s": 20.0}
         values.update(overrides)
         return cls(**values)
 
@@ -112,6 +120,7 @@ class TurnTiming:
     asr_s: float = 0.0
     dialogue_s: float = 0.0
     tts_s: float = 0.0
+    early: bool = False  # the transcript came from recognition started at a pause (early_asr_ms)
     play_at: float = 0.0
     first_packet_at: float | None = None
     text: str = ""
@@ -123,7 +132,8 @@ class CallSession:
     def __init__(self, call: Call, config: VoiceConfig) -> None:
         self.call = call
         self.vad = EnergyVad()
-        self.turns = TurnDetector(end_silence_ms=config.end_silence_ms, max_turn_s=config.max_turn_s)
+        self.turns = TurnDetector(end_silence_ms=config.end_silence_ms, max_turn_s=config.max_turn_s,
+                                  pause_ms=config.early_asr_ms if config.early_asr_ms < config.end_silence_ms else 0)
         self.mode = "bot"  # bot, menu, hold, bridged, ending
         self.silences = 0
         self.failures = 0
@@ -145,6 +155,8 @@ class CallSession:
         self.tasks: set[asyncio.Task] = set()
         self.barge_ins = 0
         self.backchannels = 0
+        self.early: tuple[bytes, asyncio.Future] | None = None  # (audio, its recognition) from a pause
+        self.early_used = self.early_wasted = 0
 
 
 class VoiceBot(CallHandler):
@@ -157,6 +169,7 @@ class VoiceBot(CallHandler):
         self.config = config or VoiceConfig()
         self.sessions: dict[str, CallSession] = {}
         self.on_turn: Callable[[CallSession, TurnTiming], None] | None = None  # benchmarks, tests
+        self.decoding = 0  # recognitions in flight, all calls
 
     # -- hooks -----------------------------------------------------------------------------------
     async def on_call_started(self, call: Call) -> None:
@@ -211,10 +224,15 @@ class VoiceBot(CallHandler):
         if (session.turns.in_turn and call.is_playing and not session.barged
                 and session.turns.voiced_ms >= self.config.barge_in_ms):
             self._barge_in(session)
+        if event is not None and event.kind == "pause":
+            self._recognise_early(session, event)
         if event is not None and event.kind == "end":
             # the last voiced frame arrived end_silence_ms ago (unless the turn was cut at max length)
             now = asyncio.get_running_loop().time()
             speech_end = now if event.truncated else now - self.config.end_silence_ms / 1000
+            # a guess made at this turn's pause travels with it (the next turn's pause may come
+            # before the worker takes this one)
+            early, session.early = session.early, None
             if session.turn_during_playback and not session.barged:
                 session.backchannels += 1  # too short to interrupt (嗯、好): the reply just goes on
                 self._after_ignored_turn(session)
@@ -222,7 +240,27 @@ class VoiceBot(CallHandler):
             if event.voiced_ms < self.config.min_turn_ms:  # a click or a cough
                 self._after_ignored_turn(session)
                 return
-            session.queue.put_nowait(("speech", (event, speech_end)))
+            session.queue.put_nowait(("speech", (event, speech_end, early)))
+
+    def _recognise_early(self, session: CallSession, event: Any) -> None:
+        """Start recognising the turn so far at a pause, when it would be a real turn and nothing else
+        is being decoded; ``_speech_turn`` uses the result if the turn ends without more speech."""
+        if session.early is not None:  # speech after an earlier pause made that guess stale
+            session.early = None
+            session.early_wasted += 1
+        if (self.decoding or session.mode not in ("bot", "menu") or event.voiced_ms < self.config.min_turn_ms
+                or (session.turn_during_playback and not session.barged)):
+            return
+        task = self._spawn(session, self._transcribe(event.audio))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a stale guess's error is not news
+        session.early = (event.audio, task)
+
+    async def _transcribe(self, audio: bytes):
+        self.decoding += 1
+        try:
+            return await asyncio.to_thread(self.recognizer.transcribe, audio)
+        finally:
+            self.decoding -= 1
 
     async def _watch_gaps(self, session: CallSession) -> None:
         """A caller's phone may stop sending RTP when they stop talking (silence suppression, or a
@@ -356,12 +394,20 @@ class VoiceBot(CallHandler):
             finally:
                 session.busy = False
 
-    async def _speech_turn(self, session: CallSession, event: Any, speech_end: float) -> None:
+    async def _speech_turn(self, session: CallSession, event: Any, speech_end: float,
+                           early: tuple[bytes, asyncio.Future] | None = None) -> None:
         loop = asyncio.get_running_loop()
         timing = TurnTiming(speech_end=speech_end, end_of_turn_s=loop.time() - speech_end)
         started = loop.time()
         try:
-            transcript = await asyncio.to_thread(self.recognizer.transcribe, event.audio)
+            if early is not None and early[0] == event.audio:  # no speech since the pause
+                timing.early = True
+                session.early_used += 1
+                transcript = await early[1]
+            else:
+                if early is not None:
+                    session.early_wasted += 1
+                transcript = await self._transcribe(event.audio)
         except Exception:
             # The recogniser failing must not drop the call: the caller carries on with the keypad
             # (and 0 still reaches an agent).

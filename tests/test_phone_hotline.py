@@ -312,6 +312,50 @@ async def test_a_crashed_recogniser_moves_the_call_to_the_keypad_menu_not_off_th
     assert [m.text for m in transcript if m.role == "resident"] == ["医保电子凭证怎么激活"]
 
 
+class CountingRecognizer:
+    """The real recogniser, with every decode's audio length noted."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds = inner, []
+
+    def transcribe(self, pcm16_8k: bytes):
+        self.seconds.append(len(pcm16_8k) / 16000)
+        return self.inner.transcribe(pcm16_8k)
+
+
+async def test_recognition_starts_at_a_pause_and_is_used_when_the_caller_has_finished(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        bot = app.state.phone.bot
+        session = next(iter(bot.sessions.values()))
+        counting = CountingRecognizer(bot.recognizer)
+        working, bot.recognizer = bot.recognizer, counting
+        try:
+            # a finished question: one decode, started at the pause, and it is what the turn used
+            sent = await rtp.say(trimmed("02_yidi_beian"))
+            assert await until_heard(rtp, sent)
+            await until_quiet(rtp)
+            assert len(counting.seconds) == 1 and session.timings[-1].early
+            assert session.early_used == 1 and session.early_wasted == 0
+            # a breath (0.4 s) mid-question: the guess made at the breath is dropped, the whole turn decoded
+            q = trimmed("01_pingzheng_jihuo")
+            await rtp.say(q[: q.size // 2])
+            await rtp.pause(0.4)
+            sent = await rtp.say(q[q.size // 2 :])
+            assert await until_heard(rtp, sent)
+            await until_quiet(rtp)
+        finally:
+            bot.recognizer = working
+        [conv] = await conversations(app)
+        transcript = await app.state.store.transcript(conv.id)
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
+    assert session.early_wasted == 1 and session.early_used == 2, (session.early_used, session.early_wasted)
+    assert len(counting.seconds) == 3 and counting.seconds[2] > counting.seconds[1] + 0.5, counting.seconds
+    said = [m.text for m in transcript if m.role == "resident"]
+    assert said[0].startswith("异地就医") and "电子" in said[1] and "激活" in said[1], said  # both halves
+
+
 def call_ended(app) -> bool:
     return not app.state.phone.live_conversations()
 
@@ -402,6 +446,9 @@ def test_elderly_mode_gives_more_patience_unless_set_explicitly(hub_settings) ->
     assert elderly.end_silence_ms > plain.end_silence_ms and elderly.no_input_s > plain.no_input_s
     explicit = hub_settings.model_copy(update={"phone_elderly_mode": True, "phone_end_of_turn_ms": 900})
     assert PhoneService(explicit, None, None).voice_config().end_silence_ms == 900
+    assert elderly.early_asr_ms > plain.early_asr_ms > 0
+    no_early = hub_settings.model_copy(update={"phone_elderly_mode": True, "phone_early_asr_ms": 0})
+    assert PhoneService(no_early, None, None).voice_config().early_asr_ms == 0
     off = PhoneService(hub_settings.model_copy(update={"phone_recording": False}), None, None).voice_config()
     assert off.recording_dir is None and plain.recording_dir == hub_settings.var_dir / "recordings"
     assert plain.menu_options["2"] == "异地就医怎么备案"

@@ -92,6 +92,35 @@ def test_longer_patience_keeps_a_paused_sentence_in_one_turn() -> None:
     assert [e.kind for e in events] == ["start", "end"]
 
 
+def test_a_pause_carries_the_same_audio_as_the_end_that_follows_it() -> None:
+    q = speech()
+    line = np.concatenate([noise(0.5, 20), q, noise(1.5, 20)])
+    events = run_detector(TurnDetector(end_silence_ms=600, pause_ms=300), line)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-2:] == ["pause", "end"], kinds
+    assert events[-2].audio == events[-1].audio, "recognition started at the pause heard the whole turn"
+    assert [e.kind for e in run_detector(TurnDetector(end_silence_ms=600), line)] == ["start", "end"]
+
+
+def test_speech_after_a_pause_makes_the_end_longer_than_the_pause() -> None:
+    q = speech()
+    loud = np.flatnonzero(np.abs(q.astype(np.int32)) > 1500)
+    q = q[loud[0] : loud[-1] + 1]  # without the fixture's quiet edges
+    line = np.concatenate([noise(0.5, 20), q, noise(0.4, 20), q, noise(1.5, 20)])  # a breath mid-question
+    events = run_detector(TurnDetector(end_silence_ms=600, pause_ms=300), line)
+    assert [e.kind for e in events if e.kind != "pause"] == ["start", "end"]
+    pauses = [e for e in events if e.kind == "pause"]
+    end = events[-1]
+    assert len(pauses) >= 2 and pauses[0].audio != end.audio and end.audio.startswith(pauses[0].audio)
+    assert pauses[-1].audio == end.audio
+
+
+def test_a_pause_never_cuts_less_than_the_kept_trailing_silence() -> None:
+    # a 100 ms pause would cut the audio 200 ms after the last voice at the end but not at the pause
+    assert TurnDetector(pause_ms=100).pause_frames == TurnDetector.TRAILING_KEEP_FRAMES
+    assert TurnDetector(pause_ms=0).pause_frames == 0
+
+
 def test_a_caller_who_never_pauses_is_cut_at_the_maximum_turn_length() -> None:
     t = np.arange(4 * 8000) / 8000  # a syllable-like rhythm: 3 Hz amplitude modulation, never a pause
     loud = (tone(300, 4.0, amplitude=0.5) * (0.55 + 0.45 * np.sin(2 * np.pi * 3 * t))).astype(np.int16)
@@ -120,6 +149,11 @@ def test_mishearings_of_zhuan_rengong_are_restored() -> None:
     assert correct_agent_request("我要再研工") == "我要转人工"
     assert correct_agent_request("帮我专人工服务") == "帮我转人工服务"
     assert correct_agent_request("灵活就业员工怎么参保") == "灵活就业员工怎么参保"  # 员工 alone is left alone
+    assert correct_agent_request("医保证人工") == "医保转人工"  # speech-window decodes of the fixture
+    assert correct_agent_request("医保制研工") == "医保转人工"
+    assert correct_agent_request("我要人工。") == "我要转人工。"
+    assert correct_agent_request("人工关节能报销吗") == "人工关节能报销吗"  # 人工 inside a turn is a topic
+    assert correct_agent_request("可以转人工吗") == "可以转人工吗"
 
 
 # -- district lines -------------------------------------------------------------------------------

@@ -199,6 +199,10 @@ class Settings(BaseSettings):
         None, description="Recogniser model directory (vosk-model-cn-0.22 for vosk); whisper: the bundled base model."
     )
     asr_threads: int = Field(2, description="CPU threads of the speech recogniser.")
+    asr_window: Literal["speech", "30s"] = Field(
+        "speech",
+        description="Whisper's encoder input: the turn plus 1.5 s (`speech`, ~4x faster) or padded to 30 s (`30s`).",
+    )
     tts_kind: str = Field("pyttsx3", description="Speech synthesiser of the phone line (telephony.tts registry).")
     phone_recording: bool = Field(
         True,
@@ -209,6 +213,11 @@ class Settings(BaseSettings):
     )
     phone_end_of_turn_ms: int = Field(
         600, description="Silence that ends a caller's turn, in ms (1100 in elderly mode unless set)."
+    )
+    phone_early_asr_ms: int = Field(
+        300,
+        description="Silence after which recognition of a turn starts before the turn is over, in ms "
+        "(600 in elderly mode unless set; 0: off).",
     )
     phone_no_input_s: float = Field(
         8.0, description="Seconds of caller silence after the bot spoke before a re-prompt (12 in elderly mode unless set)."

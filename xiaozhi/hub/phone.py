@@ -119,8 +119,11 @@ class PhoneService:
                 options["end_silence_ms"] = s.phone_end_of_turn_ms
             if "phone_no_input_s" in s.model_fields_set:
                 options["no_input_s"] = s.phone_no_input_s
+            if "phone_early_asr_ms" in s.model_fields_set:
+                options["early_asr_ms"] = s.phone_early_asr_ms
             return VoiceConfig.elderly(**options)
-        return VoiceConfig(end_silence_ms=s.phone_end_of_turn_ms, no_input_s=s.phone_no_input_s, **options)
+        return VoiceConfig(end_silence_ms=s.phone_end_of_turn_ms, no_input_s=s.phone_no_input_s,
+                           early_asr_ms=s.phone_early_asr_ms, **options)
 
     def build_bot(self) -> VoiceBot:
         """Recogniser, synthesiser and the prompt cache (blocking: run in a thread at start-up)."""
@@ -132,10 +135,10 @@ class PhoneService:
             self.lines = DistrictLines.load(s.phone_lines_file)
         except LinesError:
             log.exception("phone: district lines not loaded; every call gets the default region")
-        key = (s.asr_kind, str(s.asr_model_path), s.asr_threads)
+        key = (s.asr_kind, str(s.asr_model_path), s.asr_threads, s.asr_window)
         with _RECOGNIZERS_LOCK:
             if key not in _RECOGNIZERS:
-                options = {"cpu_threads": s.asr_threads} if s.asr_kind == "whisper" else {}
+                options = {"cpu_threads": s.asr_threads, "window": s.asr_window} if s.asr_kind == "whisper" else {}
                 _RECOGNIZERS[key] = make_recognizer(s.asr_kind, s.asr_model_path, **options)
             recognizer = _RECOGNIZERS[key]
         synthesizer = make_synthesizer(s.tts_kind, rate=ELDERLY_RATE if s.phone_elderly_mode else DEFAULT_RATE)
