@@ -201,7 +201,7 @@ class Settings(BaseSettings):
     asr_threads: int = Field(2, description="CPU threads of the speech recogniser.")
     asr_window: Literal["speech", "30s"] = Field(
         "speech",
-        description="Whisper's encoder input: the turn plus 1.5 s (`speech`, ~4x faster) or padded to 30 s (`30s`).",
+        description="Whisper's encoder input: the turn plus 2 s (`speech`, ~4x faster) or padded to 30 s (`30s`).",
     )
     tts_kind: str = Field("pyttsx3", description="Speech synthesiser of the phone line (telephony.tts registry).")
     phone_recording: bool = Field(
