@@ -88,7 +88,7 @@ class VoiceConfig:
     end_silence_ms: int = 600  # silence that ends a caller turn
     # Recognition starts after this much silence, while the turn may still go on (0: off): when the
     # caller has in fact finished, the transcript is (nearly) ready at end of turn. Skipped while
-    # the recogniser is busy with another decode, so under load no CPU goes to guesses.
+    # every recogniser worker is busy, so under load no CPU goes to guesses.
     early_asr_ms: int = 300
     barge_in_ms: int = 200  # voiced speech during playback that stops it
     min_turn_ms: int = 160  # shorter voiced bursts (clicks, coughs) are not turns
@@ -248,7 +248,7 @@ class VoiceBot(CallHandler):
         if session.early is not None:  # speech after an earlier pause made that guess stale
             session.early = None
             session.early_wasted += 1
-        if (self.decoding or session.mode not in ("bot", "menu") or event.voiced_ms < self.config.min_turn_ms
+        if (self.decoding >= getattr(self.recognizer, "workers", 1) or session.mode not in ("bot", "menu") or event.voiced_ms < self.config.min_turn_ms
                 or (session.turn_during_playback and not session.barged)):
             return
         task = self._spawn(session, self._transcribe(event.audio))

@@ -103,6 +103,18 @@ def test_speech_window_output_is_bounded_by_the_audio_length(whisper: WhisperRec
     assert len(tokens) <= 2.0 * whisper.tokens_per_s + 8, result
 
 
+def test_decodes_from_several_threads_give_the_same_text(whisper: WhisperRecognizer) -> None:
+    # calls run in parallel on the recogniser's workers (model replicas): results must not mix
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert whisper.workers == 2
+    names = [name for name, _ in FIXTURES[:4]]
+    alone = [whisper.transcribe(read_pcm(name)).text for name in names]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda name: whisper.transcribe(read_pcm(name)).text, names))
+    assert together == alone
+
+
 def test_window_must_be_known() -> None:
     with pytest.raises(ValueError, match="window"):
         WhisperRecognizer(window="10s")

@@ -198,7 +198,10 @@ class Settings(BaseSettings):
     asr_model_path: Path | None = Field(
         None, description="Recogniser model directory (vosk-model-cn-0.22 for vosk); whisper: the bundled base model."
     )
-    asr_threads: int = Field(2, description="CPU threads of the speech recogniser.")
+    asr_threads: int = Field(1, description="CPU threads of one speech-recognition decode (Whisper).")
+    asr_workers: int = Field(
+        2, description="Whisper decodes that run at once (model replicas); about one per core for the phone line."
+    )
     asr_window: Literal["speech", "30s"] = Field(
         "speech",
         description="Whisper's encoder input: the turn plus 2 s (`speech`, ~4x faster) or padded to 30 s (`30s`).",

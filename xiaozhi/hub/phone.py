@@ -135,10 +135,11 @@ class PhoneService:
             self.lines = DistrictLines.load(s.phone_lines_file)
         except LinesError:
             log.exception("phone: district lines not loaded; every call gets the default region")
-        key = (s.asr_kind, str(s.asr_model_path), s.asr_threads, s.asr_window)
+        key = (s.asr_kind, str(s.asr_model_path), s.asr_threads, s.asr_workers, s.asr_window)
         with _RECOGNIZERS_LOCK:
             if key not in _RECOGNIZERS:
-                options = {"cpu_threads": s.asr_threads, "window": s.asr_window} if s.asr_kind == "whisper" else {}
+                options = ({"cpu_threads": s.asr_threads, "workers": s.asr_workers, "window": s.asr_window}
+                           if s.asr_kind == "whisper" else {})
                 _RECOGNIZERS[key] = make_recognizer(s.asr_kind, s.asr_model_path, **options)
             recognizer = _RECOGNIZERS[key]
         synthesizer = make_synthesizer(s.tts_kind, rate=ELDERLY_RATE if s.phone_elderly_mode else DEFAULT_RATE)
