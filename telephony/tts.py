@@ -18,19 +18,18 @@ import atexit
 import contextlib
 import gc
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import threading
 import time
 import wave
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -116,25 +115,17 @@ _APPLIED_VOICE: str | None = None
 _APPLIED_RATE: int | None = None
 
 
-class _DropSavedNotice(io.TextIOBase):
-    """A stdout wrapper that swallows pyttsx3's ``print("Audio saved to ...")`` and passes the rest."""
+def _driver_print_to_log(*args: Any, **_kwargs: Any) -> None:
+    log.debug("pyttsx3 espeak driver: %s", " ".join(map(str, args)))
 
-    def __init__(self, target: Any) -> None:
-        self._target = target
-        self._skip_newline = False
 
-    def write(self, s: str) -> int:
-        if s.startswith("Audio saved to "):
-            self._skip_newline = True
-            return len(s)
-        if self._skip_newline and s == "\n":
-            self._skip_newline = False
-            return len(s)
-        self._skip_newline = False
-        return self._target.write(s)
+def _quiet_driver_prints() -> None:
+    """pyttsx3's espeak driver ``print``s "Audio saved to <file>" from its event callback, sometimes
+    after ``runAndWait`` returned (so redirecting stdout around the call missed it): inside that
+    module only, ``print`` goes to this module's debug log instead of the process's stdout."""
+    import pyttsx3.drivers.espeak as driver
 
-    def flush(self) -> None:
-        self._target.flush()
+    driver.print = _driver_print_to_log  # a module global shadows the builtin for that module alone
 
 
 def _release_engine() -> None:
@@ -152,6 +143,7 @@ def _espeak_engine() -> Any:
             import pyttsx3
 
             _ENGINE = pyttsx3.init("espeak")
+            _quiet_driver_prints()
             atexit.register(_release_engine)
         except ImportError as e:
             raise TTSUnavailable(f"pyttsx3 is not installed ({e})") from e
@@ -292,9 +284,8 @@ class Pyttsx3Synthesizer:
         _APPLIED_RATE = self.rate
 
     def _save(self, engine: Any, text: str, path: Path) -> None:
-        with contextlib.redirect_stdout(_DropSavedNotice(sys.stdout)):
-            engine.save_to_file(text, str(path))
-            engine.runAndWait()
+        engine.save_to_file(text, str(path))
+        engine.runAndWait()
 
     def _render(self, text: str) -> np.ndarray:
         with _ESPEAK_LOCK, tempfile.TemporaryDirectory(prefix="tts-") as tmp:

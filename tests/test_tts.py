@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import wave
 
 import numpy as np
@@ -110,6 +111,19 @@ def test_synthesizes_non_silent_8khz_pcm(synth: Pyttsx3Synthesizer) -> None:
     assert synth.sample_rate == SAMPLE_RATE == 8000
     assert "cmn-latn-pinyin" in synth.voice_id
     assert_speech(synth.synthesize(SENTENCE))
+
+
+@needs_espeak
+def test_the_espeak_driver_prints_nothing_to_stdout(synth: Pyttsx3Synthesizer, capsys) -> None:
+    # pyttsx3's driver prints "Audio saved to <file>" from a callback; the hub's stdout is a log
+    import builtins
+
+    import pyttsx3.drivers.espeak as driver
+
+    synth.synthesize("您好")
+    time.sleep(0.2)  # the callback may run after runAndWait returned, outside any redirect
+    assert "Audio saved" not in capsys.readouterr().out
+    assert driver.print is not builtins.print  # so also when it comes late
 
 
 @needs_espeak
