@@ -124,3 +124,35 @@ def test_knowledge_base_search_endpoint(hub):
     body = r.json()
     assert len(body["results"]) == 3 and body["answer"]["citation"]["topic"] == "cross_region"
     assert hub.get("/api/kb/search", params={"q": ""}).status_code == 422
+
+
+def test_turn_locks_are_dropped_when_a_conversation_is_idle(hub):
+    # one lock per conversation while a turn runs or waits, none kept afterwards
+    for _ in range(3):
+        sid, auth = open_session(hub)
+        assert hub.post(f"/api/sessions/{sid}/messages", json={"text": "异地就医怎么备案"}, headers=auth).status_code == 200
+    assert len(hub.app.state.conversations._locks) == 0
+
+
+def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
+    import asyncio
+
+    from xiaozhi.hub.conversation import KeyedLocks
+
+    async def scenario():
+        locks, order = KeyedLocks(), []
+
+        async def turn(key, n):
+            async with locks.hold(key):
+                order.append((key, n, "in"))
+                await asyncio.sleep(0.01)
+                order.append((key, n, "out"))
+
+        await asyncio.gather(turn("a", 1), turn("a", 2), turn("b", 1))
+        return locks, order
+
+    locks, order = asyncio.run(scenario())
+    a = [step for step in order if step[0] == "a"]
+    assert a == [("a", 1, "in"), ("a", 1, "out"), ("a", 2, "in"), ("a", 2, "out")]
+    assert ("b", 1, "in") in order[:3]  # another key does not wait
+    assert len(locks) == 0

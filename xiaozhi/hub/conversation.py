@@ -5,8 +5,10 @@ and publish the replies. Channels (web chat, phone, video) differ only in the ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Awaitable, Callable
 
 from knowledge_base.search import KnowledgeBase
@@ -49,6 +51,31 @@ def reply_from_search(result, *, notice: str = "") -> BotReply:
     )
 
 
+class KeyedLocks:
+    """One ``asyncio.Lock`` per key, kept only while someone holds or waits for it (a lock per
+    conversation kept forever would grow with every conversation the hub ever saw)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class ConversationService:
     def __init__(
         self,
@@ -59,7 +86,7 @@ class ConversationService:
         self.store = store
         self.rasa = rasa
         self._kb = knowledge_base
-        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks = KeyedLocks()
         self._subscribers: dict[str, set[asyncio.Queue]] = defaultdict(set)
         self._turns: set[asyncio.Task] = set()
         # Awaited with (conversation, reason) when a conversation closes (follow-up surveys, analytics).
@@ -117,7 +144,7 @@ class ConversationService:
         # for Rasa: a message the resident has seen accepted survives a crash of the hub.
         incoming = await self.store.add_message(conv.id, "resident", text)
         self.publish(conv.id, {"type": "message", "message": message_out(incoming)})
-        async with self._locks[conv.id]:  # turns reach the dialogue one at a time, in order
+        async with self._locks.hold(conv.id):  # turns reach the dialogue one at a time, in order
             current = await self.store.get_conversation(conv.id)
             if current is not None and current.status == "with_agent":
                 # An agent holds the conversation: the bot stays silent, the agent's socket has the message.
