@@ -8,14 +8,15 @@ import logging
 import signal
 
 from .handler import DemoHandler
+from .rtp import parse_port_range
 from .user_agent import UserAgent, UserAgentConfig
 
 
-def _port_range(text: str) -> tuple[int, int] | None:
-    if text in ("", "auto"):
-        return None
-    lo, _, hi = text.partition("-")
-    return int(lo), int(hi)
+def _port_range_arg(text: str) -> tuple[int, int] | None:
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5060, help="SIP UDP port (default 5060)")
     parser.add_argument("--advertise", default=None, help="address to put in Contact and SDP")
-    parser.add_argument("--rtp-ports", default="10000-20000", help="RTP port range, or 'auto'")
+    parser.add_argument("--rtp-ports", default="10000-20000", type=_port_range_arg,
+                        help="RTP port range LOW-HIGH, or 'auto'")
     parser.add_argument("--prompt", default=None, help="WAV file played when a call starts")
     parser.add_argument("--echo", action="store_true", help="echo the caller's audio back")
     parser.add_argument("--answer-delay", type=float, default=0.0, help="seconds of ringing before answering")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:  # running the telephony package on its own
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = UserAgentConfig(host=args.host, port=args.port, advertised_host=args.advertise,
-                             rtp_port_range=_port_range(args.rtp_ports), answer_delay_s=args.answer_delay)
+                             rtp_port_range=args.rtp_ports, answer_delay_s=args.answer_delay)
     asyncio.run(_serve(DemoHandler(args.prompt, echo=args.echo), config))
 
 

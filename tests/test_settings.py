@@ -1,5 +1,8 @@
 """Settings come from XIAOZHI_* variables with documented defaults."""
 
+import pytest
+from pydantic import ValidationError
+
 from xiaozhi.settings import Settings
 
 
@@ -38,3 +41,12 @@ def test_readme_documents_every_setting():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name in Settings.model_fields:
         assert f"`XIAOZHI_{name.upper()}`" in readme, name
+
+
+def test_rtp_port_range_is_checked_at_start_up():
+    assert Settings(sip_rtp_ports="10000-20000").rtp_port_range == (10000, 20000)
+    assert Settings(sip_rtp_ports="").rtp_port_range is None
+    assert Settings(sip_rtp_ports="auto").rtp_port_range is None
+    for bad in ("20000-10000", "10000", "abc-def", "80-90", "10001-10001", "10000-70000"):
+        with pytest.raises(ValidationError, match="RTP port range"):
+            Settings(sip_rtp_ports=bad)

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +190,9 @@ class Settings(BaseSettings):
     sip_advertised_host: str | None = Field(
         None, description="Address put in SIP Contact/Via and SDP (public or PBX-facing IP); default: host."
     )
-    sip_rtp_ports: str = Field("10000-20000", description="RTP port range of phone calls (open it in the firewall).")
+    sip_rtp_ports: str = Field(
+        "10000-20000", description="RTP port range of phone calls, LOW-HIGH (open it in the firewall); empty or `auto`: any port."
+    )
     sip_max_calls: int = Field(50, description="Most simultaneous phone calls; more get 486 Busy Here.")
     asr_kind: Literal["whisper", "vosk"] = Field(
         "whisper", description="Speech recogniser of the phone line: `whisper` (offline default) or `vosk` (production)."
@@ -233,6 +235,20 @@ class Settings(BaseSettings):
         REPO_ROOT / "telephony" / "prompts.yaml",
         description="Fixed phone prompts (greeting, re-prompts, hold, keypad menu and its questions).",
     )
+
+    @field_validator("sip_rtp_ports")
+    @classmethod
+    def _rtp_ports_parse(cls, value: str) -> str:
+        from telephony.rtp import parse_port_range
+
+        parse_port_range(value)  # a bad range stops start-up with its reason, not a call later
+        return value
+
+    @property
+    def rtp_port_range(self) -> tuple[int, int] | None:
+        from telephony.rtp import parse_port_range
+
+        return parse_port_range(self.sip_rtp_ports)
 
     @property
     def effective_rasa_url(self) -> str:

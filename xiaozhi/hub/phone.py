@@ -152,10 +152,8 @@ class PhoneService:
 
         s = self.settings
         self.bot = await asyncio.to_thread(self.build_bot)
-        lo, _, hi = s.sip_rtp_ports.partition("-")
-        rtp_range = (int(lo), int(hi)) if lo.strip().isdigit() and hi.strip().isdigit() else None
         ua = UserAgent(self.bot, UserAgentConfig(host=s.host, port=s.sip_port, advertised_host=s.sip_advertised_host,
-                                                 rtp_port_range=rtp_range, max_calls=s.sip_max_calls))
+                                                 rtp_port_range=s.rtp_port_range, max_calls=s.sip_max_calls))
         await ua.start()
         self.user_agent = ua
         log.info("phone hotline listening at %s (%d district lines)", self.sip_uri, len(self.lines.lines))

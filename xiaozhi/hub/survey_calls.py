@@ -129,14 +129,13 @@ class PhoneSurveyCaller:
             if phone_ua is not None:
                 return phone_ua
             if "ua" not in cache:
-                lo, _, hi = settings.sip_rtp_ports.partition("-")
                 ua = UserAgent(
                     CallHandler(),
                     UserAgentConfig(
                         host=settings.host,
                         port=0,
                         advertised_host=settings.sip_advertised_host,
-                        rtp_port_range=(int(lo), int(hi)) if hi else None,
+                        rtp_port_range=settings.rtp_port_range,
                     ),
                 )
                 await ua.start()
