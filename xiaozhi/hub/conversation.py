@@ -114,9 +114,11 @@ class ConversationService:
         if not self._subscribers[conversation_id]:
             self._subscribers.pop(conversation_id, None)
 
-    async def post(self, conversation_id: str, role: str, text: str, meta: dict | None = None) -> Message:
-        """Store and publish a message that is not a resident turn (an agent's reply, a system notice)."""
-        msg = await self.store.add_message(conversation_id, role, text, status="answered", meta=meta)
+    async def post(self, conversation_id: str, role: str, text: str, meta: dict | None = None, *,
+                   status: str = "answered") -> Message:
+        """Store and publish a message that gets no bot turn (an agent's reply, a system notice, words a
+        caller said on hold: those stay ``received``, i.e. not answered by the bot)."""
+        msg = await self.store.add_message(conversation_id, role, text, status=status, meta=meta)
         self.publish(conversation_id, {"type": "message", "message": message_out(msg)})
         return msg
 

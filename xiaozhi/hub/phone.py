@@ -21,7 +21,6 @@ from telephony.call import Call
 from telephony.lines import DistrictLines, LinesError
 from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
-from xiaozhi.hub.conversation import message_out
 from xiaozhi.spoken import spoken_chinese
 
 if TYPE_CHECKING:
@@ -228,8 +227,7 @@ class PhoneService:
     async def note(self, call: Call, text: str) -> None:
         """Words the caller said while waiting for or talking to an agent: stored, not answered."""
         conv = self._conversation(call)
-        msg = await self.store.add_message(conv.id, "resident", text, meta={"unanswered": "with_agent"})
-        self.conversations.publish(conv.id, {"type": "message", "message": message_out(msg)})  # the agent's live view
+        await self.conversations.post(conv.id, "resident", text, {"unanswered": "with_agent"}, status="received")
 
     async def escalate(self, call: Call, reason: str) -> None:
         conv = self._conversation(call)
