@@ -92,6 +92,15 @@ async def conversations(app) -> list[Conversation]:
         return list((await s.execute(select(Conversation).order_by(Conversation.created_at))).scalars())
 
 
+async def transcript_then_hang_up(app, peer, call) -> list:
+    """The call's (only) conversation transcript as it is now; then the caller hangs up."""
+    [conv] = await conversations(app)
+    transcript = await app.state.store.transcript(conv.id)
+    peer.in_dialog("BYE", call)
+    await peer.expect(200)
+    return transcript
+
+
 async def escalations(app) -> list[Escalation]:
     async with app.state.store.sessions() as s:
         return list((await s.execute(select(Escalation))).scalars())
@@ -274,10 +283,7 @@ async def test_two_recognition_failures_bring_the_keypad_menu_and_keys_ask_quest
         pressed = time.monotonic()
         await rtp.key("2")
         assert await until_heard(rtp, pressed + 0.3), "the answer to the menu's question"
-        [conv] = await conversations(app)
-        transcript = await app.state.store.transcript(conv.id)
-        peer.in_dialog("BYE", call)
-        await peer.expect(200)
+        transcript = await transcript_then_hang_up(app, peer, call)
     assert [m.text for m in transcript if m.role == "resident"] == ["异地就医怎么备案"]
     assert any(m.role == "bot" for m in transcript)
 
@@ -305,10 +311,7 @@ async def test_a_crashed_recogniser_moves_the_call_to_the_keypad_menu_not_off_th
             assert await until_heard(rtp, pressed + 0.3), "the keypad question is answered"
         finally:
             bot.recognizer = working
-        [conv] = await conversations(app)
-        transcript = await app.state.store.transcript(conv.id)
-        peer.in_dialog("BYE", call)
-        await peer.expect(200)
+        transcript = await transcript_then_hang_up(app, peer, call)
     assert [m.text for m in transcript if m.role == "resident"] == ["医保电子凭证怎么激活"]
 
 
@@ -346,10 +349,7 @@ async def test_recognition_starts_at_a_pause_and_is_used_when_the_caller_has_fin
             await until_quiet(rtp)
         finally:
             bot.recognizer = working
-        [conv] = await conversations(app)
-        transcript = await app.state.store.transcript(conv.id)
-        peer.in_dialog("BYE", call)
-        await peer.expect(200)
+        transcript = await transcript_then_hang_up(app, peer, call)
     assert session.early_wasted == 1 and session.early_used == 2, (session.early_used, session.early_wasted)
     assert len(counting.seconds) == 3 and counting.seconds[2] > counting.seconds[1] + 0.5, counting.seconds
     said = [m.text for m in transcript if m.role == "resident"]
