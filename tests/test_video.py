@@ -7,16 +7,19 @@ peers in Python playing resident and agent; tests/test_video_browser.py does the
 from __future__ import annotations
 
 import asyncio
+import fractions
+import itertools
 import sqlite3
 import time
 
 import av
 import httpx
+import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 from conftest import free_port, make_staff, open_session, staff_login
 from netns import netns_available, private_netns, run_in_netns
-from video_clients import Peer
+from video_clients import Peer, relay_counts
 
 from video.ice import rtc_configuration
 
@@ -244,6 +247,8 @@ def test_media_flows_both_ways_is_recorded_and_freed(video_settings, knowledge_b
                 "resident_screen": resident.received["screen"].mean_rgb(),
                 "connect_s": connect_s,
                 "state": app.state.video.get(sid).describe(),
+                "relay": relay_counts(app.state.video.get(sid)),
+                "plis_to_resident_camera": resident.plis["video"],
             }
             # Chat beside the video lands in the transcript.
             assert (await http.post(f"/api/video/sessions/{sid}/chat", json={"text": "请把医保卡对准摄像头"},
@@ -273,6 +278,20 @@ def test_media_flows_both_ways_is_recorded_and_freed(video_settings, knowledge_b
 
     out = run_in_netns(netns, inside, timeout=120)
     assert out["state"]["state"] == "connected" and out["state"]["recording"] is True
+    # VP8 both ways: every video frame was forwarded as it arrived, none decoded or encoded by the hub.
+    relay = out["relay"]
+    for name in ("to_agent.video", "to_resident.video", "to_resident.screen"):
+        assert relay["sent"][name]["forwarded"] >= 10 and relay["sent"][name]["transcoded"] == 0, relay
+    for name in ("resident.video", "agent.video", "agent.screen"):
+        received = relay["received"][name]
+        assert received["codec"] == "video/vp8" and received["frames"] >= 10 and received["decoded"] == 0, relay
+    # Opus both ways: audio forwarded too; decoded only for the recordings' AAC.
+    for name in ("to_agent.audio", "to_resident.audio"):
+        assert relay["sent"][name]["forwarded"] >= 50 and relay["sent"][name]["transcoded"] == 0, relay
+    for name in ("resident.audio", "agent.audio"):
+        assert relay["received"][name]["codec"] == "audio/opus" and relay["received"][name]["decoded"] >= 50, relay
+    # The agent joined after the resident's camera had started: the hub asked it for a keyframe.
+    assert relay["received"]["resident.video"]["plis"] >= 1 and out["plis_to_resident_camera"] >= 1
     # Colours survive the relay (VP8 is lossy, so only roughly).
     assert out["agent_sees"][0] > 150 and out["agent_sees"][1] < 80       # resident's red
     assert out["resident_sees"][1] > 150 and out["resident_sees"][0] < 80  # agent camera's green
@@ -289,8 +308,12 @@ def test_media_flows_both_ways_is_recorded_and_freed(video_settings, knowledge_b
         with av.open(str(path)) as container:
             kinds = {s.type for s in container.streams}
             assert kinds == {"audio", "video"}
-            frames = sum(1 for _ in container.decode(video=0))
-            assert frames >= 10, (path, frames)
+            assert container.streams.video[0].codec_context.name == "vp8"  # remuxed as received, not re-encoded
+            frames = list(container.decode(video=0))
+            assert len(frames) >= 10, (path, len(frames))
+            assert (frames[0].width, frames[0].height) == (320, 240)
+            colour = frames[-1].to_ndarray(format="rgb24").reshape(-1, 3).mean(axis=0)
+            assert colour[0] > 150 if path.name.endswith("resident.mkv") else colour[1] > 150, (path, colour)
 
 
 def test_an_agent_who_logs_out_leaves_the_call(video_hub, monkeypatch):
@@ -327,3 +350,326 @@ def test_an_agent_who_logs_out_leaves_the_call(video_hub, monkeypatch):
     with pytest.raises(WebSocketDisconnect):
         with video_hub.websocket_connect(f"/api/video/sessions/{sid}/ws?token={token}") as ws:
             ws.receive_json()
+
+
+# -- forwarding video without transcoding (video/passthrough.py, video/relay.py) -----------------------
+def test_aiortc_internals_the_video_forwarding_relies_on():
+    """Fails loudly when an aiortc upgrade moves what video/passthrough.py reaches into."""
+    import aiortc
+
+    from video import passthrough
+
+    assert passthrough.check_aiortc() == [], (
+        f"aiortc {aiortc.__version__} changed internals video/passthrough.py uses (written for "
+        f"{passthrough.AIORTC_VERSION}): {passthrough.check_aiortc()}")
+
+    async def live() -> tuple:
+        pc = RTCPeerConnection(rtc_configuration([]))
+        transceiver = pc.addTransceiver("video")
+        receiver = transceiver.receiver
+        plain = getattr(receiver, passthrough.DECODER_QUEUE)
+        tap = passthrough.install_tap(receiver)
+        installed = getattr(receiver, passthrough.DECODER_QUEUE)
+        await pc.close()
+        return type(plain).__name__, installed is tap, type(receiver.getSynchronizationSources()).__name__
+
+    assert asyncio.run(live()) == ("Queue", True, "list")
+
+
+class FakeReceiver:
+    """Stands in for RTCRtpReceiver: one media SSRC, records the PLIs it is asked to send."""
+
+    def __init__(self) -> None:
+        self.plis: list[tuple[float, int]] = []
+
+    def getSynchronizationSources(self):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(source=1111)]
+
+    async def _send_rtcp_pli(self, ssrc: int) -> None:
+        self.plis.append((time.monotonic(), ssrc))
+
+
+def vp8_frames(count: int = 30, rgb=(30, 200, 30)) -> list[bytes]:
+    from video_clients import vp8_clip
+
+    return list(vp8_clip(rgb, seconds=count / 15))[:count]
+
+
+def test_encoded_tap_forwards_from_a_keyframe_and_decodes_only_on_demand():
+    from aiortc.jitterbuffer import JitterFrame
+    from aiortc.mediastreams import MediaStreamError
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    from video import passthrough
+
+    vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
+    clip = vp8_frames()
+    key, deltas = clip[0], clip[1:]
+    assert passthrough.is_vp8_keyframe(key) and not any(passthrough.is_vp8_keyframe(d) for d in deltas)
+    assert passthrough.vp8_size(key) == (320, 240) and passthrough.vp8_size(deltas[0]) is None
+
+    async def scenario() -> dict:
+        receiver = FakeReceiver()
+        tap = passthrough.EncodedTap(receiver, asyncio.get_running_loop())
+        put = lambda data, ts: tap.put((vp8, JitterFrame(data, ts)))  # what aiortc's receiver does
+        put(key, 0)
+        put(deltas[0], 6000)
+        reader = tap.open_reader()  # a destination joins mid-stream: no delta before the next keyframe
+        put(deltas[1], 12000)
+        put(deltas[2], 18000)
+        await asyncio.sleep(0)
+        first_pli = len(receiver.plis)
+        await asyncio.sleep(0.4)  # the requests inside the 300 ms window were folded into one more
+        plis_after_window = len(receiver.plis)
+        put(key, 24000)
+        put(deltas[3], 30000)
+        got = [await reader.recv(), await reader.recv()]
+        queued_for_decoder = tap.qsize()  # nobody wants decoded frames: aiortc's decoder gets nothing
+        release = tap.hold_decoding()  # the fallback path starts: decoding from the next keyframe on
+        put(deltas[4], 36000)
+        put(key, 42000)
+        put(deltas[5], 48000)
+        decoder_items = [tap.get_nowait() for _ in range(tap.qsize())]
+        release()
+        put(deltas[6], 54000)
+        after_release = tap.qsize()
+        tap.put(None)  # aiortc stops the receiver: the decoder thread and our readers end
+        await reader.recv()  # deltas[4], key, deltas[5], deltas[6] were forwarded meanwhile
+        for _ in range(3):
+            await reader.recv()
+        try:
+            await reader.recv()
+            ended = False
+        except MediaStreamError:
+            ended = True
+        return {"first_pli": first_pli, "plis": plis_after_window, "got": got, "queued": queued_for_decoder,
+                "decoder": decoder_items, "after_release": after_release, "stop": tap.get_nowait(), "ended": ended,
+                "dropped": reader.dropped, "pli_times": [t for t, _ in receiver.plis]}
+
+    out = asyncio.run(scenario())
+    assert out["first_pli"] == 1 and out["plis"] == 2  # rate-limited: one at once, one after 300 ms
+    assert out["pli_times"][1] - out["pli_times"][0] >= 0.29
+    assert [f.keyframe for f in out["got"]] == [True, False] and out["got"][0].timestamp == 24000
+    assert out["dropped"] == 2 and out["queued"] == 0
+    assert [item[1].timestamp for item in out["decoder"]] == [42000, 48000]  # from the keyframe on
+    assert out["after_release"] == 0 and out["stop"] is None and out["ended"]
+
+
+def test_switchable_track_forwards_packets_on_its_own_clock():
+    from types import SimpleNamespace
+
+    from aiortc.jitterbuffer import JitterFrame
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    from video import passthrough
+    from video.relay import MediaSource, SwitchableTrack
+
+    vp8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
+    vp8_mline = SimpleNamespace(_codecs=[vp8])
+    clip = vp8_frames(10)
+
+    async def scenario() -> dict:
+        loop = asyncio.get_running_loop()
+        sources = []
+        for _ in range(2):
+            receiver = FakeReceiver()
+            sources.append((passthrough.EncodedTap(receiver, loop), receiver))
+        camera = MediaSource(None, None, sources[0][0], vp8_mline)
+        screen = MediaSource(None, None, sources[1][0], vp8_mline)
+        track = SwitchableTrack("video")
+        track.transceiver = vp8_mline  # what attach() learns from the sender's m-line
+        track.set_source(camera)
+        pending = asyncio.ensure_future(track.recv())
+        await asyncio.sleep(0.05)
+        cam_tap, screen_tap = sources[0][0], sources[1][0]
+        cam_tap.put((vp8, JitterFrame(clip[1], 900000)))  # a delta: not sent
+        cam_tap.put((vp8, JitterFrame(clip[0], 906000)))
+        pts = [(await pending).pts]
+        for i, data in enumerate(clip[1:4]):
+            cam_tap.put((vp8, JitterFrame(data, 912000 + 6000 * i)))
+            pts.append((await track.recv()).pts)
+        # Screen share switched in: its clock starts at 0, ours must not go back; it starts at a keyframe.
+        track.set_source(screen)
+        pending = asyncio.ensure_future(track.recv())
+        await asyncio.sleep(0.05)
+        screen_tap.put((vp8, JitterFrame(clip[2], 0)))
+        screen_tap.put((vp8, JitterFrame(clip[0], 6000)))
+        packet = await pending
+        pts.append(packet.pts)
+        screen_tap.put((vp8, JitterFrame(clip[1], 12000)))
+        pts.append((await track.recv()).pts)
+        await asyncio.sleep(0.35)
+        before = len(sources[1][1].plis)
+        track._keyframe_requested()  # the receiving browser sent a PLI: the source is asked
+        await asyncio.sleep(0.35)
+        out = {"pts": pts, "frames": track.frames, "forwarded": track.forwarded, "transcoded": track.transcoded,
+               "first": bytes(packet) == clip[0], "time_base": packet.time_base, "requests": track.keyframe_requests,
+               "plis": (before, len(sources[1][1].plis)), "cam_readers": len(cam_tap.readers)}
+        track.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    pts = out["pts"]
+    assert all(b > a for a, b in itertools.pairwise(pts)), pts
+    assert pts[1] - pts[0] == 6000 and pts[-1] - pts[-2] == 6000  # the source's own frame timing is kept
+    assert pts[4] >= pts[3] + 1 and pts[4] - pts[3] < 90000  # the switch continues on our clock
+    assert out["first"] and out["time_base"] == fractions.Fraction(1, 90000)
+    assert out["frames"] == out["forwarded"] == 6 and out["transcoded"] == 0
+    assert out["plis"][0] >= 1 and out["plis"][1] == out["plis"][0] + 1 and out["requests"] == 1
+    assert out["cam_readers"] == 0  # the old source's reader is gone
+
+
+async def _staff_token(http: httpx.AsyncClient, username: str, role: str) -> str:
+    admin = (await http.post("/api/staff/login", json={"username": "admin", "password": "test-admin-password"})).json()
+    await http.post("/api/staff/users", json={"username": username, "password": f"{username}-password-123", "role": role},
+                    headers={"Authorization": f"Bearer {admin['token']}"})
+    return (await http.post("/api/staff/login", json={"username": username,
+                                                      "password": f"{username}-password-123"})).json()["token"]
+
+
+async def _wait_colour(peer: Peer, name: str, check, timeout: float = 10.0) -> np.ndarray:
+    deadline = time.monotonic() + timeout
+    while True:
+        received = peer.received.get(name)
+        if received is not None and received.last is not None:
+            colour = received.mean_rgb()
+            if check(colour):
+                return colour
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{peer.role} {name}: colour {colour if received else None} after {timeout} s")
+        await asyncio.sleep(0.1)
+
+
+def _on_hub_loop(session, fn, *args) -> None:
+    """Run ``fn(*args)`` in the hub's event loop (the uvicorn thread), e.g. a source switch."""
+    tap = next(s.tap for side in (session.resident, session.agent) if side for s in side.sources.values())
+    tap.loop.call_soon_threadsafe(fn, *args)
+
+
+@pytest.mark.slow
+def test_agent_replaced_and_screen_switched_start_at_keyframes(video_settings, knowledge_base, netns):
+    """A new agent and a source switch each start with a keyframe the hub asked the source for (PLI)."""
+    from browser import serve
+
+    from xiaozhi.hub.app import create_app
+
+    app = create_app(video_settings, knowledge_base=knowledge_base)
+    red, green, blue = (200, 30, 30), (30, 200, 30), (30, 30, 220)
+    yellow, magenta = (210, 210, 30), (200, 30, 200)
+
+    async def scenario(url: str) -> dict:
+        out: dict = {}
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            created = (await http.post("/api/video/sessions", json={})).json()
+            sid, token = created["session_id"], created["token"]
+            resident = Peer("resident", colour=red)
+            assert (await resident.offer(http, f"/api/video/sessions/{sid}/resident/offer", token)).status_code == 200
+            claim(video_settings, sid, "agent8")
+            agent = Peer("agent", colour=green, screen_colour=blue)
+            r = await agent.offer(http, f"/api/video/sessions/{sid}/agent/offer", await _staff_token(http, "agent8", "agent"))
+            assert r.status_code == 200, r.text
+            await _wait_colour(resident, "video", lambda c: c[1] > 150)
+            await agent.wait_frames("video", 10)
+            out["resident_plis_first_agent"] = resident.plis["video"]
+
+            # A supervisor takes the seat over: the resident's camera starts again at a keyframe for them,
+            # and the resident sees and hears the new agent.
+            supervisor = Peer("agent", colour=yellow, screen_colour=magenta, tone_hz=550)
+            r = await supervisor.offer(http, f"/api/video/sessions/{sid}/agent/offer",
+                                       await _staff_token(http, "super8", "supervisor"))
+            assert r.status_code == 200, r.text
+            audio_before = resident.frames("audio")
+            await _wait_colour(resident, "video", lambda c: c[0] > 150 and c[1] > 150 and c[2] < 100)
+            await supervisor.wait_frames("video", 10)
+            await resident.wait_frames("audio", audio_before + 50)
+            out["resident_plis_second_agent"] = resident.plis["video"]
+            out["supervisor_sees"] = supervisor.received["video"].mean_rgb()
+
+            # The hub switches what the resident's camera m-line shows to the supervisor's screen and back.
+            session = app.state.video.get(sid)
+            side = session.agent
+            before = dict(supervisor.plis)
+            _on_hub_loop(session, session.to_resident["video"].set_source, side.sources[side.screen])
+            out["switched"] = await _wait_colour(resident, "video", lambda c: c[0] > 150 and c[2] > 150 and c[1] < 100)
+            out["screen_plis"] = supervisor.plis["screen"] - before["screen"]
+            before = dict(supervisor.plis)
+            _on_hub_loop(session, session.to_resident["video"].set_source, side.sources[side.video])
+            out["back"] = await _wait_colour(resident, "video", lambda c: c[0] > 150 and c[1] > 150 and c[2] < 100)
+            out["camera_plis"] = supervisor.plis["video"] - before["video"]
+            out["relay"] = relay_counts(session)
+            await http.post(f"/api/video/sessions/{sid}/hangup", headers={"Authorization": f"Bearer {token}"})
+            for peer in (resident, agent, supervisor):
+                await peer.close()
+        return out
+
+    def inside():
+        with serve(app, free_port()) as url:
+            return asyncio.run(scenario(url))
+
+    out = run_in_netns(netns, inside, timeout=120)
+    assert out["resident_plis_first_agent"] >= 1
+    assert out["resident_plis_second_agent"] > out["resident_plis_first_agent"]
+    assert out["supervisor_sees"][0] > 150 and out["supervisor_sees"][1] < 80  # the resident's red
+    assert out["screen_plis"] >= 1 and out["camera_plis"] >= 1
+    sent = out["relay"]["sent"]
+    assert all(t["transcoded"] == 0 for t in sent.values()), sent
+    assert sent["to_resident.audio"]["forwarded"] >= 100  # both agents' voices reached the resident
+    # Nothing recorded, no phone: the hub decoded nothing at all, audio or video.
+    assert all(r["decoded"] == 0 for r in out["relay"]["received"].values()), out["relay"]
+
+
+@pytest.mark.slow
+def test_a_peer_without_vp8_is_decoded_and_reencoded(video_settings, knowledge_base, netns):
+    """An agent whose browser offers only H.264: the hub falls back to decoding and re-encoding (both
+    ways), the recording of that side is H.264; the resident side stays VP8 end to end."""
+    from browser import serve
+
+    from xiaozhi.hub.app import create_app
+
+    app = create_app(video_settings, knowledge_base=knowledge_base)
+
+    async def scenario(url: str) -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            created = (await http.post("/api/video/sessions", json={})).json()
+            sid, token = created["session_id"], created["token"]
+            resident = Peer("resident", colour=(200, 30, 30))
+            r = await resident.offer(http, f"/api/video/sessions/{sid}/resident/offer", token, recording_consent=True)
+            assert r.status_code == 200 and "VP8" in r.json()["sdp"] and "H264" not in r.json()["sdp"]
+            claim(video_settings, sid, "agent9")
+            agent = Peer("agent", colour=(30, 200, 30), screen_colour=(30, 30, 220), video_codec="video/H264")
+            r = await agent.offer(http, f"/api/video/sessions/{sid}/agent/offer", await _staff_token(http, "agent9", "agent"))
+            assert r.status_code == 200, r.text
+            assert "H264" in r.json()["sdp"] and "VP8" not in r.json()["sdp"]
+            await agent.wait_frames("video", 15)
+            await resident.wait_frames("video", 15)
+            await resident.wait_frames("screen", 10)
+            out = {"agent_sees": await _wait_colour(agent, "video", lambda c: c[0] > 150),
+                   "resident_sees": await _wait_colour(resident, "video", lambda c: c[1] > 150),
+                   "resident_screen": await _wait_colour(resident, "screen", lambda c: c[2] > 150)}
+            await asyncio.sleep(1.0)
+            out["relay"] = relay_counts(app.state.video.get(sid))
+            await http.post(f"/api/video/sessions/{sid}/hangup", headers={"Authorization": f"Bearer {token}"})
+            out["sid"] = sid
+            await resident.close()
+            await agent.close()
+            return out
+
+    def inside():
+        with serve(app, free_port()) as url:
+            return asyncio.run(scenario(url))
+
+    out = run_in_netns(netns, inside, timeout=120)
+    sent, received = out["relay"]["sent"], out["relay"]["received"]
+    for name in ("to_agent.video", "to_resident.video", "to_resident.screen"):
+        assert sent[name]["transcoded"] >= 10 and sent[name]["forwarded"] == 0, out["relay"]
+    assert received["agent.video"]["codec"] == "video/h264" and received["agent.video"]["decoded"] >= 10
+    assert received["resident.video"]["codec"] == "video/vp8" and received["resident.video"]["decoded"] >= 10
+    folder = video_settings.var_dir / "recordings" / out["sid"]
+    codecs = {}
+    for path in folder.glob("*.mkv"):
+        with av.open(str(path)) as container:
+            codecs[path.name.rsplit("-", 1)[1]] = container.streams.video[0].codec_context.name
+            assert sum(1 for _ in container.decode(video=0)) >= 10
+    assert codecs == {"resident.mkv": "vp8", "agent.mkv": "h264"}

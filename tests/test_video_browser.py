@@ -11,11 +11,13 @@ from __future__ import annotations
 import sqlite3
 import time
 
+import av
 import httpx
 import pytest
 from browser import SCREENSHOT_DIR, launch_chromium, serve
 from conftest import ADMIN_PASSWORD, free_port
 from netns import netns_available, private_netns, run_in_netns
+from video_clients import relay_counts
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -151,6 +153,7 @@ def test_resident_and_agent_pages_talk_through_the_relay(hub_settings, knowledge
                     resident.screenshot(path=str(SCREENSHOT_DIR / "video-resident-connected.png"))
                     agent.screenshot(path=str(SCREENSHOT_DIR / "video-agent-call.png"))
                     out["live"] = app.state.video.get(sid).describe()
+                    out["relay"] = relay_counts(app.state.video.get(sid))
                     out["pcs_live"] = app.state.video.peer_connections
 
                     # The agent hangs up: the resident is told, the server frees both peers.
@@ -186,12 +189,27 @@ def test_resident_and_agent_pages_talk_through_the_relay(hub_settings, knowledge
     assert a1["framesDecoded"] > a0["framesDecoded"] and a1["audioPackets"] > a0["audioPackets"]
     assert r1["framesDecoded"] > r0["framesDecoded"] and r1["audioPackets"] > r0["audioPackets"]
     assert out["screen_frames"] >= 5
+    # Chromium sends and receives VP8 and Opus: the hub forwarded every frame without decoding or
+    # encoding it (audio is decoded only for the recordings' AAC).
+    relay = out["relay"]
+    for name in ("to_agent.video", "to_resident.video", "to_resident.screen", "to_agent.audio", "to_resident.audio"):
+        assert relay["sent"][name]["forwarded"] >= 5 and relay["sent"][name]["transcoded"] == 0, relay
+    for name, received in relay["received"].items():
+        if name.endswith(".audio"):
+            assert received["codec"] == "audio/opus", relay
+        else:
+            assert received["codec"] == "video/vp8" and received["decoded"] == 0, relay
     assert out["live"]["state"] == "connected" and out["live"]["agent"] == "wang" and out["pcs_live"] == 2
     assert "工作人员已结束" in out["ended_text"]
     assert out["pcs_after"] == 0 and out["sessions_after"] == 0
     assert out["before_unload"] == 1 and out["after_unload"] == 0
     files = list((settings.var_dir / "recordings" / out["sid"]).glob("*.mkv"))
     assert len(files) == 2 and all(f.stat().st_size > 10_000 for f in files)
+    for path in files:  # Chromium's VP8, remuxed: decodable, at the capture size
+        with av.open(str(path)) as container:
+            assert container.streams.video[0].codec_context.name == "vp8"
+            frames = list(container.decode(video=0))
+            assert len(frames) >= 10 and (frames[0].width, frames[0].height) == (480, 360), (path, len(frames))
     with sqlite3.connect(settings.var_dir / "xiaozhi.db") as db:
         texts = [row[0] for row in db.execute(
             "SELECT role || ':' || text FROM messages WHERE conversation_id=? ORDER BY seq", (out["sid"],))]

@@ -7,7 +7,9 @@
 Each side negotiates once (HTTP POST offer -> answer; aiortc gathers its candidates first). The
 tracks a side sends are ``SwitchableTrack``s: they exist from the first answer and start carrying
 media when the other side's tracks arrive, so nobody has to renegotiate when the agent joins or
-starts/stops sharing the screen. Recording (with consent) taps the same relay. A phone
+starts/stops sharing the screen. Video and audio are forwarded as they arrived (VP8 and Opus
+frames, no decoding or encoding: ``video.relay``, ``video.passthrough``) unless a peer cannot do
+VP8; the recorder decodes the audio for AAC and remuxes the VP8. A phone
 conversation has no resident peer: the agent's peer is bridged to the call (``video.bridge``).
 
 Either side leaving (hang-up, connection failed/closed, page unload, timeout) closes the whole
@@ -17,25 +19,23 @@ session: both peer connections, the recorders, the phone leg.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from video import passthrough
 from video.bridge import AgentToCaller, CallerAudioTrack
 from video.ice import rtc_configuration
 from video.recording import Recorder
+from video.relay import VIDEO_CLOCK, MediaSource, SwitchableTrack, copy_frame  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-VIDEO_CLOCK = 90000
 
 
 class SessionsFull(Exception):
@@ -50,88 +50,6 @@ class BadOffer(ValueError):
     """The SDP offer could not be applied."""
 
 
-def copy_frame(frame):
-    """A copy of a decoded audio/video frame (cheap next to encoding it)."""
-    if isinstance(frame, av.AudioFrame):
-        out = av.AudioFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name, layout=frame.layout.name)
-        out.sample_rate = frame.sample_rate
-    else:
-        fmt = frame.format.name if frame.format.name in ("yuv420p", "rgb24", "bgr24", "nv12") else None
-        out = (av.VideoFrame.from_ndarray(frame.to_ndarray(), format=fmt) if fmt
-               else frame.reformat(format="yuv420p"))
-    out.pts, out.time_base = frame.pts, frame.time_base
-    return out
-
-
-class SwitchableTrack(MediaStreamTrack):
-    """A sending track whose source can be set, replaced or removed at any time.
-
-    Without a source it sends nothing (``recv`` waits). Timestamps are rewritten on our own clock, so
-    switching between sources (camera -> screen, agent A -> agent B) never makes the receiver's
-    timeline jump backwards.
-    """
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self._source: MediaStreamTrack | None = None
-        self._changed = asyncio.Event()
-        self._t0: float | None = None
-        self._audio_pts = 0
-        self.frames = 0
-
-    @property
-    def source(self) -> MediaStreamTrack | None:
-        return self._source
-
-    def set_source(self, track: MediaStreamTrack | None) -> None:
-        old, self._source = self._source, track
-        if old is not None and old is not track:
-            old.stop()  # a relay proxy: stopping it ends its waiting recv()
-        self._changed.set()
-
-    async def recv(self):
-        while True:
-            if self.readyState != "live":
-                raise MediaStreamError
-            source = self._source
-            if source is None:
-                self._changed.clear()
-                await self._changed.wait()
-                continue
-            try:
-                frame = await source.recv()
-            except MediaStreamError:
-                if self._source is source:
-                    self._source = None
-                continue
-            return self._restamp(frame)
-
-    def _restamp(self, frame):
-        # The relay hands the same frame object to every consumer (the other side's sender, the
-        # recorder, the drain): restamp a copy, never the shared frame.
-        frame = copy_frame(frame)
-        self.frames += 1
-        if self.kind == "audio":
-            frame.pts = self._audio_pts
-            frame.time_base = fractions.Fraction(1, frame.sample_rate)
-            self._audio_pts += frame.samples
-        else:
-            now = time.monotonic()
-            if self._t0 is None:
-                self._t0 = now
-            frame.pts = int((now - self._t0) * VIDEO_CLOCK)
-            frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
-        return frame
-
-    def stop(self) -> None:
-        super().stop()
-        if self._source is not None:
-            self._source.stop()
-            self._source = None
-        self._changed.set()
-
-
 @dataclass
 class Side:
     """One peer connection (resident or agent) and what it receives."""
@@ -141,6 +59,7 @@ class Side:
     audio: MediaStreamTrack | None = None  # received tracks
     video: MediaStreamTrack | None = None
     screen: MediaStreamTrack | None = None
+    sources: dict = field(default_factory=dict)  # received track -> MediaSource (not for a phone bridge's audio)
     recorder: Recorder | None = None
     recording: Path | None = None
     connected_at: float | None = None
@@ -282,7 +201,7 @@ class VideoManager:
             for kind in ("audio", "video"):
                 track = getattr(session.resident, kind)
                 if track is not None:
-                    session.to_agent[kind].set_source(session.relay.subscribe(track))
+                    session.to_agent[kind].set_source(self._source(session, session.resident, track))
         try:
             answer = await self._answer(pc, sdp, sdp_type, list(session.to_agent.values()))
         except BaseException:
@@ -327,12 +246,18 @@ class VideoManager:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=sdp_type))
         except Exception as exc:  # aiortc raises ValueError and friends on malformed SDP
             raise BadOffer(str(exc) or type(exc).__name__) from None
+        if passthrough.available():
+            passthrough.answer_vp8_only(pc)  # VP8 both ways when the peer can: frames are forwarded as they are
         # Video transceivers are taken in m-line order: the first carries the camera, the second the screen.
         for track in tracks:
             try:
-                pc.addTrack(track)
+                sender = pc.addTrack(track)
             except Exception:  # the offer has no m-line for it (e.g. an audio-only agent)
                 log.debug("offer has no room for a %s track", track.kind)
+                continue
+            if isinstance(track, SwitchableTrack):
+                transceiver = next(t for t in pc.getTransceivers() if t.sender is sender)
+                track.attach(sender, transceiver)
         try:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
@@ -353,6 +278,18 @@ class VideoManager:
                     side.video = track
                 else:
                     side.screen = track
+            # Before aiortc starts the receiver's decoder: the encoded frames become available for
+            # forwarding, and nothing is decoded unless a consumer asks for decoded frames. (A phone
+            # bridge's audio goes to the caller as PCM: decoded, as aiortc does it.)
+            if session.kind != "phone" or track.kind == "video":
+                transceiver = next((t for t in pc.getTransceivers() if t.receiver.track is track), None)
+                tap = None
+                if passthrough.available() and transceiver is not None:
+                    try:
+                        tap = passthrough.install_tap(transceiver.receiver)
+                    except RuntimeError:
+                        log.exception("video %s: cannot tap the %s's %s", session.conversation_id, who, track.kind)
+                side.sources[track] = MediaSource(track, session.relay, tap, transceiver)
             # A received track must always be read, or its decoded frames pile up in memory (the
             # resident waiting for an agent): one unbuffered relay consumer keeps it drained.
             self._spawn(session, _drain(session.relay.subscribe(track, buffered=False)))
@@ -381,7 +318,7 @@ class VideoManager:
                 kind = "audio" if track.kind == "audio" else "video"
                 if track is session.resident.screen:
                     return
-                sink[kind].set_source(session.relay.subscribe(track))
+                sink[kind].set_source(self._source(session, session.resident, track))
             return
         # agent -> resident, or agent -> caller
         if session.kind == "phone":
@@ -394,17 +331,27 @@ class VideoManager:
             target = session.to_resident["screen"]
         else:
             target = session.to_resident["video"]
-        target.set_source(session.relay.subscribe(track))
+        target.set_source(self._source(session, session.agent, track))
+
+    @staticmethod
+    def _source(session: VideoSession, side: Side, track: MediaStreamTrack):
+        """What a SwitchableTrack (or a recorder) takes: the MediaSource of a received track."""
+        if track in side.sources:
+            return side.sources[track]
+        return session.relay.subscribe(track)
 
     async def _start_recording(self, session: VideoSession, side: Side, who: str) -> None:
         folder = self.recordings_dir / session.conversation_id
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         path = folder / f"{stamp}-{who}.mkv"
-        tracks = [t for t in (side.audio, side.video) if t is not None]
-        if not tracks:
+        if side.audio is None and side.video is None:
             return
-        recorder = Recorder(path, [session.relay.subscribe(track) for track in tracks])
+        recorder = Recorder(
+            path,
+            audio=self._source(session, side, side.audio) if side.audio is not None else None,
+            video=self._source(session, side, side.video) if side.video is not None else None,
+        )
         recorder.start()
         side.recorder, side.recording = recorder, path
         log.info("video %s: recording the %s side to %s", session.conversation_id, who, path)
