@@ -208,11 +208,20 @@ def test_concurrent_session_limit_and_freeing(video_hub):
                           headers=auth).status_code == 200
 
 
+def served_scenario(app, netns, scenario, timeout: float = 120):
+    """Serve the hub inside the private network namespace and run ``scenario(base_url)`` against it."""
+    from browser import serve
+
+    def inside():
+        with serve(app, free_port()) as url:
+            return asyncio.run(scenario(url))
+
+    return run_in_netns(netns, inside, timeout=timeout)
+
+
 # -- media relayed for real (aiortc peers in a private network namespace) ------------------------------
 @pytest.mark.slow
 def test_media_flows_both_ways_is_recorded_and_freed(video_settings, knowledge_base, netns):
-    from browser import serve
-
     from xiaozhi.hub.app import create_app
 
     app = create_app(video_settings, knowledge_base=knowledge_base)
@@ -272,11 +281,7 @@ def test_media_flows_both_ways_is_recorded_and_freed(video_settings, knowledge_b
             out["sid"] = sid
             return out
 
-    def inside():
-        with serve(app, free_port()) as url:
-            return asyncio.run(scenario(url))
-
-    out = run_in_netns(netns, inside, timeout=120)
+    out = served_scenario(app, netns, scenario)
     assert out["state"]["state"] == "connected" and out["state"]["recording"] is True
     # VP8 both ways: every video frame was forwarded as it arrived, none decoded or encoded by the hub.
     relay = out["relay"]
@@ -551,8 +556,6 @@ def _on_hub_loop(session, fn, *args) -> None:
 @pytest.mark.slow
 def test_agent_replaced_and_screen_switched_start_at_keyframes(video_settings, knowledge_base, netns):
     """A new agent and a source switch each start with a keyframe the hub asked the source for (PLI)."""
-    from browser import serve
-
     from xiaozhi.hub.app import create_app
 
     app = create_app(video_settings, knowledge_base=knowledge_base)
@@ -604,11 +607,7 @@ def test_agent_replaced_and_screen_switched_start_at_keyframes(video_settings, k
                 await peer.close()
         return out
 
-    def inside():
-        with serve(app, free_port()) as url:
-            return asyncio.run(scenario(url))
-
-    out = run_in_netns(netns, inside, timeout=120)
+    out = served_scenario(app, netns, scenario)
     assert out["resident_plis_first_agent"] >= 1
     assert out["resident_plis_second_agent"] > out["resident_plis_first_agent"]
     assert out["supervisor_sees"][0] > 150 and out["supervisor_sees"][1] < 80  # the resident's red
@@ -624,8 +623,6 @@ def test_agent_replaced_and_screen_switched_start_at_keyframes(video_settings, k
 def test_a_peer_without_vp8_is_decoded_and_reencoded(video_settings, knowledge_base, netns):
     """An agent whose browser offers only H.264: the hub falls back to decoding and re-encoding (both
     ways), the recording of that side is H.264; the resident side stays VP8 end to end."""
-    from browser import serve
-
     from xiaozhi.hub.app import create_app
 
     app = create_app(video_settings, knowledge_base=knowledge_base)
@@ -656,11 +653,7 @@ def test_a_peer_without_vp8_is_decoded_and_reencoded(video_settings, knowledge_b
             await agent.close()
             return out
 
-    def inside():
-        with serve(app, free_port()) as url:
-            return asyncio.run(scenario(url))
-
-    out = run_in_netns(netns, inside, timeout=120)
+    out = served_scenario(app, netns, scenario)
     sent, received = out["relay"]["sent"], out["relay"]["received"]
     for name in ("to_agent.video", "to_resident.video", "to_resident.screen"):
         assert sent[name]["transcoded"] >= 10 and sent[name]["forwarded"] == 0, out["relay"]

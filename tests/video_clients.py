@@ -28,18 +28,17 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from video import passthrough
 
 
-class ColourTrack(MediaStreamTrack):
-    kind = "video"
+class PacedTrack(MediaStreamTrack):
+    """A track that produces one item per ``period`` seconds in real time; ``_tick()`` waits for the
+    next slot and returns its number (0, 1, 2...)."""
 
-    def __init__(self, rgb: tuple[int, int, int], size=(320, 240), fps: int = 15, moving: bool = False) -> None:
+    def __init__(self, period: float) -> None:
         super().__init__()
-        self._image = picture(rgb, size, moving)
-        self._moving = moving
-        self._period = 1 / fps
+        self._period = period
         self._start: float | None = None
         self._n = 0
 
-    async def recv(self):
+    async def _tick(self) -> int:
         if self.readyState != "live":
             raise MediaStreamError
         if self._start is None:
@@ -47,9 +46,22 @@ class ColourTrack(MediaStreamTrack):
         else:
             self._n += 1
             await asyncio.sleep(max(0, self._start + self._n * self._period - time.monotonic()))
-        image = np.roll(self._image, 4 * self._n, axis=1) if self._moving else self._image
+        return self._n
+
+
+class ColourTrack(PacedTrack):
+    kind = "video"
+
+    def __init__(self, rgb: tuple[int, int, int], size=(320, 240), fps: int = 15, moving: bool = False) -> None:
+        super().__init__(1 / fps)
+        self._image = picture(rgb, size, moving)
+        self._moving = moving
+
+    async def recv(self):
+        n = await self._tick()
+        image = np.roll(self._image, 4 * n, axis=1) if self._moving else self._image
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-        frame.pts = int(self._n * self._period * 90000)
+        frame.pts = int(n * self._period * 90000)
         frame.time_base = fractions.Fraction(1, 90000)
         return frame
 
@@ -112,16 +124,14 @@ def opus_clip(freq: float, seconds: float = 1.0) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-class EncodedClipTrack(MediaStreamTrack):
+class EncodedClipTrack(PacedTrack):
     """Sends pre-encoded packets (aiortc packs them without encoding), paced in real time, looping;
     ``restart()`` (on a keyframe request) goes back to the clip's keyframe."""
 
     def __init__(self, kind: str, packets: tuple[bytes, ...], period: float, clock: int) -> None:
-        super().__init__()
+        super().__init__(period)
         self.kind = kind
-        self._packets, self._period, self._clock = packets, period, clock
-        self._start: float | None = None
-        self._n = 0
+        self._packets, self._clock = packets, clock
         self._index = 0
         self.restarts = 0
 
@@ -130,16 +140,10 @@ class EncodedClipTrack(MediaStreamTrack):
         self.restarts += 1
 
     async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            self._n += 1
-            await asyncio.sleep(max(0, self._start + self._n * self._period - time.monotonic()))
+        n = await self._tick()
         packet = av.Packet(self._packets[self._index])
         self._index = (self._index + 1) % len(self._packets)
-        packet.pts = round(self._n * self._period * self._clock)
+        packet.pts = round(n * self._period * self._clock)
         packet.time_base = fractions.Fraction(1, self._clock)
         return packet
 
@@ -302,7 +306,8 @@ class Peer:
         while self.frames(name) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{self.role}: {self.frames(name)} {name} frames after {timeout} s (state {self.pc.connectionState})"
+                    f"{self.role}: {self.frames(name)} {name} frames after {timeout} s"
+                    f" (state {self.pc.connectionState})"
                 )
             await asyncio.sleep(0.05)
 
