@@ -208,6 +208,15 @@ def test_concurrent_session_limit_and_freeing(video_hub):
                           headers=auth).status_code == 200
 
 
+async def resident_joins(http: httpx.AsyncClient, colour=(200, 30, 30), **offer_options):
+    """A kiosk session and its resident peer's offer: (session id, token, peer, the answer response)."""
+    created = (await http.post("/api/video/sessions", json={})).json()
+    sid, token = created["session_id"], created["token"]
+    resident = Peer("resident", colour=colour)
+    r = await resident.offer(http, f"/api/video/sessions/{sid}/resident/offer", token, **offer_options)
+    return sid, token, resident, r
+
+
 def served_scenario(app, netns, scenario, timeout: float = 120):
     """Serve the hub inside the private network namespace and run ``scenario(base_url)`` against it."""
     from browser import serve
@@ -228,10 +237,7 @@ def test_media_flows_both_ways_is_recorded_and_freed(video_settings, knowledge_b
 
     async def scenario(url: str) -> dict:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            created = (await http.post("/api/video/sessions", json={})).json()
-            sid, token = created["session_id"], created["token"]
-            resident = Peer("resident", colour=(200, 30, 30))
-            r = await resident.offer(http, f"/api/video/sessions/{sid}/resident/offer", token, recording_consent=True)
+            sid, token, resident, r = await resident_joins(http, recording_consent=True)
             assert r.status_code == 200, r.text
 
             admin = (await http.post("/api/staff/login", json={"username": "admin", "password": "test-admin-password"})).json()
@@ -565,10 +571,8 @@ def test_agent_replaced_and_screen_switched_start_at_keyframes(video_settings, k
     async def scenario(url: str) -> dict:
         out: dict = {}
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            created = (await http.post("/api/video/sessions", json={})).json()
-            sid, token = created["session_id"], created["token"]
-            resident = Peer("resident", colour=red)
-            assert (await resident.offer(http, f"/api/video/sessions/{sid}/resident/offer", token)).status_code == 200
+            sid, token, resident, r = await resident_joins(http, colour=red)
+            assert r.status_code == 200, r.text
             claim(video_settings, sid, "agent8")
             agent = Peer("agent", colour=green, screen_colour=blue)
             r = await agent.offer(http, f"/api/video/sessions/{sid}/agent/offer", await _staff_token(http, "agent8", "agent"))
@@ -629,10 +633,7 @@ def test_a_peer_without_vp8_is_decoded_and_reencoded(video_settings, knowledge_b
 
     async def scenario(url: str) -> dict:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            created = (await http.post("/api/video/sessions", json={})).json()
-            sid, token = created["session_id"], created["token"]
-            resident = Peer("resident", colour=(200, 30, 30))
-            r = await resident.offer(http, f"/api/video/sessions/{sid}/resident/offer", token, recording_consent=True)
+            sid, token, resident, r = await resident_joins(http, recording_consent=True)
             assert r.status_code == 200 and "VP8" in r.json()["sdp"] and "H264" not in r.json()["sdp"]
             claim(video_settings, sid, "agent9")
             agent = Peer("agent", colour=(30, 200, 30), screen_colour=(30, 30, 220), video_codec="video/H264")
