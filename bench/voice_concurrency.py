@@ -4,11 +4,17 @@ For each level N, N calls are placed together (in-process hub, see bench/voice_c
 waits out the greeting and asks one fixture question, the questions staggered over 2 s (callers do
 not finish speaking in the same 20 ms). Prints p50/p95 latency (end of speech -> first bot RTP
 packet with sound) and CPU-seconds per call (the whole process: SIP, media, VAD, ASR threads,
-dialogue, TTS). One recogniser serves all calls (one decode at a time), so ASR queueing dominates.
+dialogue, TTS). One recogniser serves all calls with XIAOZHI_ASR_WORKERS (2) decodes at a time, so
+past a few callers finishing together, ASR queueing dominates.
 
 Target: 10 simultaneous calls with p95 <= 2.5 s.
 
     .venv/bin/python bench/voice_concurrency.py [--levels 1,5,10,20] [--rasa-url URL]
+
+The figures in docs/telephony.md were taken with Rasa answering: start it with
+`XIAOZHI_SIP_ENABLED=false XIAOZHI_HUB_PORT=8199 XIAOZHI_RASA_PORT=5105 XIAOZHI_ACTIONS_PORT=5155
+.venv/bin/xiaozhi run` and pass --rasa-url http://127.0.0.1:5105 (without it the hub answers in
+degraded mode from the knowledge base).
 """
 
 from __future__ import annotations
