@@ -209,6 +209,11 @@ class Settings(BaseSettings):
         description="Whisper's encoder input: the turn plus 2 s (`speech`, ~4x faster) or padded to 30 s (`30s`).",
     )
     tts_kind: str = Field("pyttsx3", description="Speech synthesiser of the phone line (telephony.tts registry).")
+    recording_retention_days: float = Field(
+        180.0,
+        description="Call and video recordings older than this many days are deleted (checked hourly; 0: keep all). "
+        "Set it from the agency's records policy.",
+    )
     phone_recording: bool = Field(
         True,
         description="Record both legs of phone calls to var_dir/recordings (the greeting then says calls may be recorded).",

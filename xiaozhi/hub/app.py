@@ -24,11 +24,13 @@ from xiaozhi.hub.widget import install_widget
 from xiaozhi.hub.routers import video as video_router
 from xiaozhi.hub.desk import AgentDesk  # issue 5: escalation queue and agent console
 from xiaozhi.hub.routers import agent as agent_router
+from xiaozhi.hub.retention import retention_loop
 from xiaozhi.hub.store import Store
 from xiaozhi.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+RETENTION_CHECK_S = 3600.0  # how often old recordings are looked for
 
 
 def _load_knowledge_base(settings: Settings, embedder=None):
@@ -126,9 +128,16 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
             asyncio.create_task(_watch_knowledge_base(app, settings)) if settings.kb_reload_interval_s > 0 else None
         )
         app.state.phone = await _start_phone(settings, store, app.state.conversations)
+        retention = (
+            asyncio.create_task(retention_loop(settings.var_dir / "recordings", settings.recording_retention_days,
+                                               RETENTION_CHECK_S, app.state.accounts))
+            if settings.recording_retention_days > 0 else None
+        )
         try:
             yield
         finally:
+            if retention is not None:
+                retention.cancel()
             if getattr(app.state, "video", None) is not None:
                 await app.state.video.close_all()  # both peers of every video/phone-bridge session
             await app.state.phone.stop()  # hangs up live calls: their conversations close
