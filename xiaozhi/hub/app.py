@@ -98,7 +98,8 @@ async def _start_phone(settings: Settings, store: Store, conversations: Conversa
         try:
             await phone.start()
         except Exception:
-            log.exception("phone hotline not started (SIP port %s); the hub serves the other channels", settings.sip_port)
+            log.exception("phone hotline not started (SIP port %s); the hub serves the other channels",
+                          settings.sip_port)
             await phone.stop()
     return phone
 
