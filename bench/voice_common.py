@@ -133,18 +133,11 @@ async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0
 
 
 def cer(reference: str, hypothesis: str) -> float:
-    """Character error rate (punctuation ignored): Levenshtein distance / reference length."""
-    import re
+    """Character error rate (punctuation ignored): edit distance / reference length."""
+    from telephony.asr import character_errors
 
-    strip = re.compile(r"[\s\W_]+", re.UNICODE)
-    ref, hyp = strip.sub("", reference), strip.sub("", hypothesis)
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i]
-        for j, h in enumerate(hyp, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
-        prev = cur
-    return prev[-1] / max(1, len(ref))
+    errors, length = character_errors(reference, hypothesis)
+    return errors / max(1, length)
 
 
 def summarise(results: list[CallResult]) -> dict:

@@ -186,3 +186,14 @@ def stack(tmp_path_factory):
     time.sleep(0.5)
     assert [pid for pid in children if _pid_alive(pid)] == [], log_path.read_text()
     assert "all services stopped" in log_path.read_text()
+
+
+@pytest.fixture
+def netns():
+    """A private network namespace (see tests/netns.py) for WebRTC peers: its name."""
+    from netns import netns_available, private_netns
+
+    if not netns_available():
+        pytest.skip("needs root and iproute2 for a private network namespace")
+    with private_netns() as (name, _address):
+        yield name

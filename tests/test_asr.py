@@ -7,7 +7,6 @@ wheels are not installed.
 
 from __future__ import annotations
 
-import re
 import wave
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from telephony.asr import (
     Transcript,
     VoskRecognizer,
     WhisperRecognizer,
+    character_errors,
     make_recognizer,
     prompt_from_lexicon,
 )
@@ -47,21 +47,15 @@ def read_pcm(name: str) -> bytes:
         return w.readframes(w.getnframes())
 
 
-def cer_counts(ref: str, hyp: str) -> tuple[int, int]:
-    """Character edit distance and reference length, punctuation and spaces ignored."""
-    ref, hyp = re.sub(r"[\W_]", "", ref), re.sub(r"[\W_]", "", hyp)
-    prev = list(range(len(hyp) + 1))
-    for i, a in enumerate(ref, 1):
-        cur = [i]
-        for j, b in enumerate(hyp, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a != b)))
-        prev = cur
-    return prev[-1], len(ref)
-
-
 @pytest.fixture(scope="module")
 def whisper() -> WhisperRecognizer:
     return WhisperRecognizer()
+
+
+def test_character_errors_ignore_punctuation_and_count_edits() -> None:
+    assert character_errors("异地就医怎么备案？", "医地就医，怎么备案") == (1, 8)
+    assert character_errors("转人工。", "我要转人工") == (2, 3)
+    assert character_errors("", "嗯") == (1, 0)
 
 
 def test_fixtures_are_small_8k_mono() -> None:
@@ -81,7 +75,7 @@ def test_whisper_recognises_fixtures(whisper: WhisperRecognizer, window: str, mo
     for name, ref in FIXTURES:
         t = whisper.transcribe(read_pcm(name))
         assert isinstance(t, Transcript) and t.confidence is not None
-        e, n = cer_counts(ref, t.text)
+        e, n = character_errors(ref, t.text)
         errors, chars = errors + e, chars + n
         hits += KEY_TERMS[name] in t.text
         lines.append(f"{name}: {t.text!r} (raw {t.raw_text!r}, conf {t.confidence}, {t.elapsed_s:.2f} s)")

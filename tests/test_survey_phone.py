@@ -33,30 +33,20 @@ pytestmark = pytest.mark.skipif(not environment_has_sipp(), reason="sipp not ins
 SCENARIOS = Path(__file__).parent / "data" / "telephony"
 
 
+def sipp_uas_command(scenario: str, port: int, timeout: float = 30.0) -> list[str]:
+    """sipp answering one call on ``port`` with a scenario of tests/data/telephony/."""
+    return [
+        SIPP, "-sf", str(SCENARIOS / scenario), "-i", "127.0.0.1", "-p", str(port),
+        "-mi", "127.0.0.1", "-mp", str(free_udp_port(pair=True)), "-m", "1", "-nostdin",
+        "-timeout", f"{int(timeout)}s", "-timeout_error", "-trace_err",
+    ]
+
+
 async def start_sipp_uas(scenario: str, cwd: Path, timeout: float = 30.0) -> tuple[asyncio.subprocess.Process, int]:
     port = free_udp_port()
-    cmd = [
-        SIPP,
-        "-sf",
-        str(SCENARIOS / scenario),
-        "-i",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-mi",
-        "127.0.0.1",
-        "-mp",
-        str(free_udp_port(pair=True)),
-        "-m",
-        "1",
-        "-nostdin",
-        "-timeout",
-        f"{int(timeout)}s",
-        "-timeout_error",
-        "-trace_err",
-    ]
     proc = await asyncio.create_subprocess_exec(
-        *cmd, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+        *sipp_uas_command(scenario, port, timeout), cwd=cwd, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True
     )
     await asyncio.sleep(0.5)  # sipp binds its port
     return proc, port
@@ -176,26 +166,7 @@ def test_hub_calls_back_after_a_phone_conversation_closes(hub_settings, knowledg
     from xiaozhi.hub.app import create_app
 
     sipp_port = free_udp_port()
-    cmd = [
-        SIPP,
-        "-sf",
-        str(SCENARIOS / "uas_survey_dtmf.xml"),
-        "-i",
-        "127.0.0.1",
-        "-p",
-        str(sipp_port),
-        "-mi",
-        "127.0.0.1",
-        "-mp",
-        str(free_udp_port(pair=True)),
-        "-m",
-        "1",
-        "-nostdin",
-        "-timeout",
-        "40s",
-        "-timeout_error",
-        "-trace_err",
-    ]
+    cmd = sipp_uas_command("uas_survey_dtmf.xml", sipp_port, timeout=40)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     settings = hub_settings.model_copy(
         update={

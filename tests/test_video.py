@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 from conftest import free_port, make_staff, open_session, staff_login
-from netns import netns_available, private_netns, run_in_netns
+from netns import run_in_netns
 from video_clients import Peer, relay_counts
 
 from video.ice import rtc_configuration
@@ -63,14 +63,6 @@ def video_hub(video_settings, knowledge_base):
 
     with TestClient(create_app(video_settings, knowledge_base=knowledge_base)) as client:
         yield client
-
-
-@pytest.fixture
-def netns():
-    if not netns_available():
-        pytest.skip("needs root and iproute2 for a private network namespace")
-    with private_netns() as (name, _address):
-        yield name
 
 
 # -- signalling and authorisation (no media needs to flow) ---------------------------------------------

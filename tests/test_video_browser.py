@@ -16,7 +16,7 @@ import httpx
 import pytest
 from browser import SCREENSHOT_DIR, launch_chromium, serve
 from conftest import ADMIN_PASSWORD, free_port
-from netns import netns_available, private_netns, run_in_netns
+from netns import run_in_netns
 from video_clients import relay_counts
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -55,14 +55,6 @@ def _flowing(page, before: dict, timeout: float = 10.0) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"media not flowing on {page.url}: {before} -> {now}")
         time.sleep(0.2)
-
-
-@pytest.fixture
-def netns():
-    if not netns_available():
-        pytest.skip("needs root and iproute2 for a private network namespace")
-    with private_netns() as (name, _address):
-        yield name
 
 
 def test_resident_and_agent_pages_talk_through_the_relay(hub_settings, knowledge_base, netns):

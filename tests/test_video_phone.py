@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from browser import serve
 from conftest import ADMIN_PASSWORD, free_port
-from netns import netns_available, private_netns, run_in_netns
+from netns import run_in_netns
 from video_clients import Peer
 
 from telephony.testing import environment_has_sipp, run_sipp
@@ -46,14 +46,6 @@ def chunk_freqs(pcm: np.ndarray, rate: int, loud: float = 1500) -> list[float]:
         spectrum = np.abs(np.fft.rfft(chunk * np.hanning(size)))
         out.append(float(np.fft.rfftfreq(size, 1 / rate)[int(np.argmax(spectrum))]))
     return out
-
-
-@pytest.fixture
-def netns():
-    if not netns_available():
-        pytest.skip("needs root and iproute2 for a private network namespace")
-    with private_netns() as (name, _address):
-        yield name
 
 
 def test_sipp_caller_presses_0_and_is_bridged_to_an_agent_peer(hub_settings, knowledge_base, netns, tmp_path):
