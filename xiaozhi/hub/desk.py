@@ -26,6 +26,7 @@ import yaml
 from sqlalchemy import func, select, update
 
 from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
+from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.store import Conversation, Escalation, Message, Store, utcnow
 
 if TYPE_CHECKING:
@@ -114,14 +115,8 @@ _QUIET_INTENTS = {"greet", "goodbye", "thanks", "affirm", "deny", "inform", "sto
 _INTERNAL_SLOTS = {"failed_turns", "last_topic", "requested_slot", "session_started_metadata"}
 
 
-class DeskError(Exception):
-    """An action the queue refuses; the router turns it into an HTTP error with the Chinese message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(code)
-        self.status = status
-        self.code = code
-        self.message = message
+class DeskError(ApiError):
+    """An action the queue refuses: an ``ApiError``, so the hub answers it with its status and Chinese message."""
 
 
 def aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -502,7 +497,7 @@ class AgentDesk:
         item = await self.get(item_id)
         if item is not None and item.status in ("claimed", "closed") and self._skilled(user, item):
             raise DeskError(409, "already_claimed", "这条已经被其他工作人员接起，或者已经结束。")
-        item = await self._visible_item(user, item_id)
+        item = self._check_visible(user, item)
         now = utcnow()
         async with self.store.sessions() as s, s.begin():
             result = await s.execute(
@@ -525,7 +520,6 @@ class AgentDesk:
     ) -> Escalation:
         """To another agent (who then holds it), or back to the queue, optionally under another skill."""
         item = await self._held_item(user, item_id, allow_open=self.is_supervisor(user))
-        note_entry = {"by": user.username, "at": utcnow().isoformat(), "text": note.strip()} if note.strip() else None
         if to_agent:
             target = await self.accounts.get_user(to_agent)
             if target is None or not target.active:
@@ -535,7 +529,7 @@ class AgentDesk:
             values = {"status": "claimed", "agent": target.username}
             if item.claimed_at is None:
                 values["claimed_at"] = utcnow()
-            await self._update_if(item, values, note_entry)
+            await self._update_if(item, values, user, note)
             await self._hold(item.conversation_id, target, TRANSFERRED_TEXT)
         else:
             if topic is not None and topic != "" and topic not in TOPIC_LABELS:
@@ -543,7 +537,7 @@ class AgentDesk:
             values = {"status": "waiting", "agent": ""}
             if topic is not None:
                 values["topic"] = topic
-            await self._update_if(item, values, note_entry)
+            await self._update_if(item, values, user, note)
             await self._hand_back(item.conversation_id, BACK_TO_QUEUE_TEXT)
         self._changed()
         return await self.get(item_id)
@@ -551,8 +545,7 @@ class AgentDesk:
     async def release(self, user: StaffUser, item_id: int, note: str = "") -> Escalation:
         """The agent lets go: the item waits in the queue again and the bot answers meanwhile."""
         item = await self._held_item(user, item_id)
-        note_entry = {"by": user.username, "at": utcnow().isoformat(), "text": note.strip()} if note.strip() else None
-        await self._update_if(item, {"status": "waiting", "agent": ""}, note_entry)
+        await self._update_if(item, {"status": "waiting", "agent": ""}, user, note)
         await self._hand_back(item.conversation_id, RELEASED_TEXT)
         self._changed()
         return await self.get(item_id)
@@ -563,11 +556,10 @@ class AgentDesk:
         if disposition not in DISPOSITIONS:
             raise DeskError(422, "unknown_disposition", "请选择处理结果。")
         item = await self._held_item(user, item_id, allow_open=self.is_supervisor(user))
-        note_entry = {"by": user.username, "at": utcnow().isoformat(), "text": note.strip()} if note.strip() else None
         values = {"status": "closed", "closed_at": utcnow(), "disposition": disposition}
         if not item.agent:
             values["agent"] = user.username
-        await self._update_if(item, values, note_entry)
+        await self._update_if(item, values, user, note)
         conv = await self.store.get_conversation(item.conversation_id)
         if conv is not None and conv.status != "closed":
             await self.conversations.post(conv.id, "system", CLOSED_TEXT, {"queue_id": item.id})
@@ -579,24 +571,29 @@ class AgentDesk:
         self._changed()
         return await self.get(item_id)
 
-    async def say(self, user: StaffUser, item_id: int, text: str) -> Message:
-        """An agent's message to the resident: stored with role "agent", published to the resident's socket."""
+    async def say(self, user: StaffUser, item_id: int, text: str) -> tuple[Escalation, Message]:
+        """An agent's message to the resident: stored with role "agent", published to the resident's socket.
+        Returns the item it was said in and the message."""
         item = await self._held_item(user, item_id)
         name = user.display_name or user.username
-        return await self.conversations.post(
+        msg = await self.conversations.post(
             item.conversation_id, "agent", text, {"agent": user.username, "agent_name": name, "queue_id": item.id}
         )
+        return item, msg
 
     # -- helpers ----------------------------------------------------------------------------------
-    async def _visible_item(self, user: StaffUser, item_id: int) -> Escalation:
-        item = await self.get(item_id)
+    async def visible_item(self, user: StaffUser, item_id: int) -> Escalation:
+        """The item if this user may see it; 404 otherwise."""
+        return self._check_visible(user, await self.get(item_id))
+
+    def _check_visible(self, user: StaffUser, item: Escalation | None) -> Escalation:
         if item is None or not self.visible(user, item):
             # Not visible and not there look the same: an agent cannot probe other skills' items.
             raise DeskError(404, "not_found", "没有找到这条排队记录。")
         return item
 
     async def _held_item(self, user: StaffUser, item_id: int, *, allow_open: bool = False) -> Escalation:
-        item = await self._visible_item(user, item_id)
+        item = await self.visible_item(user, item_id)
         if item.status == "claimed" and (item.agent == user.username or self.is_supervisor(user)):
             return item
         if allow_open and item.status in ("waiting", "callback"):
@@ -605,11 +602,13 @@ class AgentDesk:
             raise DeskError(409, "closed", "这条已经结束。")
         raise DeskError(409, "not_holder", "请先接起这条再操作。")
 
-    async def _update_if(self, item: Escalation, values: dict, note: dict | None) -> None:
-        """Apply ``values`` only if nobody changed the item since it was read (no lost updates)."""
-        if note is not None:
+    async def _update_if(self, item: Escalation, values: dict, user: StaffUser, note: str = "") -> None:
+        """Apply ``values`` only if nobody changed the item since it was read (no lost updates); a
+        non-empty ``note`` is added to the item's notes, signed by ``user``."""
+        if note.strip():
             summary = dict(item.summary or {})
-            summary["notes"] = [*summary.get("notes", []), note]
+            entry = {"by": user.username, "at": utcnow().isoformat(), "text": note.strip()}
+            summary["notes"] = [*summary.get("notes", []), entry]
             values = {**values, "summary": summary}
         async with self.store.sessions() as s, s.begin():
             result = await s.execute(

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.conversation import message_out
-from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS, AgentDesk, DeskError
+from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS, AgentDesk
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.routers.staff import client_address, require_role, staff_for_token
 from xiaozhi.hub.schemas import MessageText
@@ -69,10 +69,6 @@ async def _act(request: Request, user: StaffUser, action: str, item, detail: dic
     )
 
 
-def _desk_error(exc: DeskError) -> ApiError:
-    return ApiError(exc.status, exc.code, exc.message)
-
-
 @router.get("/config")
 async def config(request: Request, user: Agent) -> dict:
     """What the console needs to draw itself: who is logged in, labels, dispositions, SLA, service hours."""
@@ -110,19 +106,14 @@ async def queue(
 async def item_detail(item_id: ItemId, request: Request, user: Agent) -> dict:
     """The item, a summary of what the resident wanted and the full transcript."""
     d = desk(request)
-    item = await d.get(item_id)
-    if item is None or not d.visible(user, item):
-        raise ApiError(404, "not_found", "没有找到这条排队记录。")
+    item = await d.visible_item(user, item_id)
     await _act(request, user, "queue.view", item)
     return await d.detail(item)
 
 
 @router.post("/queue/{item_id}/claim")
 async def claim(item_id: ItemId, request: Request, user: Agent) -> dict:
-    try:
-        item = await desk(request).claim(user, item_id)
-    except DeskError as exc:
-        raise _desk_error(exc) from None
+    item = await desk(request).claim(user, item_id)
     await _act(request, user, "queue.claim", item)
     return await desk(request).detail(item)
 
@@ -131,10 +122,7 @@ async def claim(item_id: ItemId, request: Request, user: Agent) -> dict:
 async def transfer(item_id: ItemId, body: TransferIn, request: Request, user: Agent) -> dict:
     if not body.to_agent and body.topic is None and not body.note.strip():
         raise ApiError(422, "transfer_target", "请选择转给哪位工作人员，或者转回队列时写明备注。")
-    try:
-        item = await desk(request).transfer(user, item_id, to_agent=body.to_agent, topic=body.topic, note=body.note)
-    except DeskError as exc:
-        raise _desk_error(exc) from None
+    item = await desk(request).transfer(user, item_id, to_agent=body.to_agent, topic=body.topic, note=body.note)
     detail = {"to_agent": body.to_agent or "", "topic": body.topic or "", "note": bool(body.note.strip())}
     await _act(request, user, "queue.transfer", item, detail)
     return {"item": desk(request).item_out(item)}
@@ -143,22 +131,14 @@ async def transfer(item_id: ItemId, body: TransferIn, request: Request, user: Ag
 @router.post("/queue/{item_id}/release")
 async def release(item_id: ItemId, request: Request, user: Agent, body: ReleaseIn | None = None) -> dict:
     note = body.note if body else ""
-    try:
-        item = await desk(request).release(user, item_id, note)
-    except DeskError as exc:
-        raise _desk_error(exc) from None
+    item = await desk(request).release(user, item_id, note)
     await _act(request, user, "queue.release", item)
     return {"item": desk(request).item_out(item)}
 
 
 @router.post("/queue/{item_id}/close")
 async def close(item_id: ItemId, body: CloseIn, request: Request, user: Agent) -> dict:
-    try:
-        item = await desk(request).close(
-            user, item_id, body.disposition, body.note, end_conversation=body.end_conversation
-        )
-    except DeskError as exc:
-        raise _desk_error(exc) from None
+    item = await desk(request).close(user, item_id, body.disposition, body.note, end_conversation=body.end_conversation)
     detail = {"disposition": body.disposition, "end_conversation": body.end_conversation}
     await _act(request, user, "queue.close", item, detail)
     return {"item": desk(request).item_out(item)}
@@ -167,11 +147,7 @@ async def close(item_id: ItemId, body: CloseIn, request: Request, user: Agent) -
 @router.post("/queue/{item_id}/messages", status_code=201)
 async def say(item_id: ItemId, body: TextIn, request: Request, user: Agent) -> dict:
     """Send a message to the resident (only the agent holding the item, or a supervisor)."""
-    try:
-        msg = await desk(request).say(user, item_id, body.text)
-    except DeskError as exc:
-        raise _desk_error(exc) from None
-    item = await desk(request).get(item_id)
+    item, msg = await desk(request).say(user, item_id, body.text)
     await _act(request, user, "queue.message", item, {"chars": len(body.text)})
     return {"message": message_out(msg)}
 
