@@ -129,5 +129,12 @@ def test_sipp_caller_presses_0_and_is_bridged_to_an_agent_peer(hub_settings, kno
         outbound = np.frombuffer(w.readframes(w.getnframes()), "<i2")
     agent_chunks = [f for f in chunk_freqs(outbound, 8000) if abs(f - 440) < 15]
     assert len(agent_chunks) >= 20, chunk_freqs(outbound, 8000)
+    # ...all of it: from the first to the last 20 ms frame with the agent's voice, no frame is missing
+    # (a frame the bridge lost is a silent frame on the caller's side)
+    frames = outbound[: outbound.size // 160 * 160].reshape(-1, 160).astype(np.float64)
+    voiced = np.flatnonzero(np.sqrt(np.mean(frames**2, axis=1)) > 1500)
+    span = frames[voiced[0] : voiced[-1] + 1]
+    gaps = int(np.sum(np.sqrt(np.mean(span**2, axis=1)) < 300))
+    assert gaps <= 0.05 * len(span), f"{gaps} silent frames among {len(span)} while the agent spoke"
     # The caller hung up: the bridge session and the agent's peer are gone.
     assert out["sessions_after"] == 0 and out["pc_after"] in ("closed", "failed")

@@ -145,3 +145,4 @@ class AgentToCaller:
 
     def stop(self) -> None:
         self.task.cancel()
+        self.track.stop()  # a relay proxy: stopping it unsubscribes it

@@ -323,7 +323,9 @@ class VideoManager:
         # agent -> resident, or agent -> caller
         if session.kind == "phone":
             if track.kind == "audio" and session.leg is not None:
-                session.pump = AgentToCaller(track, session.leg)
+                # through the relay like every other consumer: the drain above reads this track too,
+                # and two readers of one received track would each get every other frame
+                session.pump = AgentToCaller(session.relay.subscribe(track), session.leg)
             return
         if track.kind == "audio":
             target = session.to_resident["audio"]
