@@ -35,10 +35,12 @@ class _Leg:
         self.frames = 0
 
     def write(self, pcm: bytes) -> None:
+        # frames is the leg's timeline, counted also once writing stopped (a full disk): the other leg
+        # is aligned to it, and the padding loop in CallRecorder.outbound_frame waits on it
+        self.frames += 1
         if self._wav is None:
             return
         self._buffer += pcm
-        self.frames += 1
         if len(self._buffer) >= FLUSH_BYTES:
             self.flush()
 

@@ -185,6 +185,30 @@ def test_bad_lines_files_are_clear_errors(tmp_path: Path) -> None:
 
 
 # -- recording ----------------------------------------------------------------------------------------
+def test_a_full_disk_stops_one_leg_without_stopping_the_call(tmp_path: Path) -> None:
+    # the recorder runs in the RTP pacer of every call: a write error must not make it spin
+    import threading
+
+    class FullDisk:
+        def writeframes(self, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+    rec = CallRecorder(tmp_path / "call")
+    rec.caller._wav = FullDisk()
+
+    def a_call() -> None:
+        for _ in range(120):  # the first flush (50 frames) fails, then the caller leg only counts
+            rec.outbound_frame(None)
+        rec.close()
+
+    worker = threading.Thread(target=a_call, daemon=True)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "the recorder hung after the write error"
+    with wave.open(rec.paths["outbound"]) as w:
+        assert w.getnframes() == 120 * 160
+
+
 def test_recorder_writes_both_legs_as_8k_wav(tmp_path: Path) -> None:
     rec = CallRecorder(tmp_path / "call")
     for f in frames(speech())[:100]:
