@@ -89,12 +89,12 @@ def on_response(ua: "UserAgent", response: SipResponse, branch: str) -> bool:
     if response.status < 200:
         out.provisional.set()
         return True
+    if response.status >= 300:  # every final refusal, the first and its retransmissions (17.1.1.3)
+        ua._send(_non2xx_ack(out.request, response).to_bytes(), out.target)
     if out.final is not None and not out.final.done():
         out.final.set_result(response)
     elif 200 <= response.status < 300 and out.ack is not None and out.ack_target is not None:
         ua._send(out.ack, out.ack_target)  # a retransmitted 2xx: our ACK was lost
-    elif response.status >= 300:
-        ua._send(_non2xx_ack(out.request, response).to_bytes(), out.target)
     return True
 
 
@@ -236,8 +236,7 @@ async def _invite_transaction(ua: "UserAgent", out: _OutgoingInvite, data: bytes
             continue
         if 200 <= response.status < 300:
             return response  # answered just as we gave up: take the call
-        ua._send(_non2xx_ack(out.request, response).to_bytes(), out.target)
-        raise CallFailed(487, "no answer")
+        raise CallFailed(487, "no answer")  # the 487 was ACKed as it arrived (on_response)
     raise CallFailed(408, "no answer, CANCEL not answered")
 
 

@@ -140,6 +140,31 @@ def test_busy_line_is_a_failed_attempt_retried_later(tmp_path: Path, cache_dir: 
     assert survey.rating is None
 
 
+def test_the_first_refusal_is_acked_at_once_not_after_its_retransmission() -> None:
+    # RFC 3261 17.1.1.3: the client transaction ACKs every final non-2xx response, the first one too
+    from telephony.sip_message import build_response, new_tag
+    from telephony.testing import SipPeer
+
+    async def scenario():
+        ua = UserAgent(CallHandler(), UserAgentConfig(host="127.0.0.1", port=0, rtp_port_range=None))
+        await ua.start()
+        peer = SipPeer(ua.port)
+        try:
+            call = asyncio.create_task(ua.place_call(f"sip:survey-1@127.0.0.1:{peer.port}", CallHandler()))
+            invite = await peer.expect("INVITE")
+            peer.send(build_response(invite, 486, to_tag=new_tag()).to_bytes())
+            ack = await peer.expect("ACK", timeout=ua.config.t1 / 2)  # before any retransmission could be due
+            with pytest.raises(CallFailed) as err:
+                await call
+            return ack, err.value.status
+        finally:
+            peer.close()
+            await ua.stop()
+
+    ack, status = run_isolated(scenario())
+    assert status == 486 and ack.cseq == (1, "ACK")
+
+
 def test_no_response_from_the_trunk_times_out(tmp_path: Path) -> None:
     async def scenario():
         ua = UserAgent(CallHandler(), UserAgentConfig(host="127.0.0.1", port=0, rtp_port_range=None, t1=0.02))
