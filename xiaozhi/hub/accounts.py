@@ -20,7 +20,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from xiaozhi.hub.store import Base, Store, hash_token, utcnow
+from xiaozhi.hub.store import Base, Store, aware, hash_token, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,6 @@ class LoginRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason  # bad_credentials, locked
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    """SQLite gives naive datetimes back; they were stored as UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
 
 
 class Accounts:
@@ -229,7 +224,7 @@ class Accounts:
         if row is None:
             return None
         session, user = row
-        if session.revoked_at is not None or _aware(session.expires_at) <= utcnow() or not user.active:
+        if session.revoked_at is not None or aware(session.expires_at) <= utcnow() or not user.active:
             return None
         return user
 

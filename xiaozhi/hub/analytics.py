@@ -28,8 +28,8 @@ from statistics import mean
 
 from sqlalchemy import select
 
-from xiaozhi.hub.store import Conversation, Escalation, Message, Store
-from xiaozhi.hub.surveys import LOCAL_TZ, Survey, _aware
+from xiaozhi.hub.store import Conversation, Escalation, Message, Store, aware
+from xiaozhi.hub.surveys import LOCAL_TZ, Survey
 from xiaozhi.masking import mask_pii
 
 GAP_OUTCOMES = ("abstained", "clarifying")
@@ -63,7 +63,7 @@ class Range:
 def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
     if a is None or b is None:
         return None
-    return max(0.0, (_aware(b) - _aware(a)).total_seconds())
+    return max(0.0, (aware(b) - aware(a)).total_seconds())
 
 
 def _avg(values: list[float]) -> float | None:
@@ -118,7 +118,7 @@ def compute(data: dict, rng: Range, *, low_confidence: float = 0.5, knowledge_ba
     hours = {ch: [0] * 24 for ch in sorted(channels)}
     days: Counter = Counter()
     for c in convs:
-        local = _aware(c.created_at).astimezone(LOCAL_TZ)
+        local = aware(c.created_at).astimezone(LOCAL_TZ)
         hours[c.channel][local.hour] += 1
         days[local.date().isoformat()] += 1
 
@@ -163,10 +163,10 @@ def compute(data: dict, rng: Range, *, low_confidence: float = 0.5, knowledge_ba
             else:
                 contained += 1
                 reg["contained"] += 1
-        left_in_queue = any(getattr(e, "disposition", "") == "abandoned" for e in esc) or (
+        left_in_queue = any(e.disposition == "abandoned" for e in esc) or (
             bool(esc)
             and c.status == "closed"
-            and all(getattr(e, "claimed_at", None) is None for e in esc)
+            and all(e.claimed_at is None for e in esc)
             and not any(m.role == "agent" for m in msgs)
         )
         last = msgs[-1] if msgs else None
@@ -180,12 +180,12 @@ def compute(data: dict, rng: Range, *, low_confidence: float = 0.5, knowledge_ba
             durations.append(d)
 
     waits = [
-        w for e in data["escalations"] if (w := _seconds(e.created_at, getattr(e, "claimed_at", None))) is not None
+        w for e in data["escalations"] if (w := _seconds(e.created_at, e.claimed_at)) is not None
     ]
     handles = [
         h
         for e in data["escalations"]
-        if (h := _seconds(getattr(e, "claimed_at", None), getattr(e, "closed_at", None))) is not None
+        if (h := _seconds(e.claimed_at, e.closed_at)) is not None
     ]
     rating_values = list(ratings.values())
     n_esc_convs = len(escalated)
@@ -306,14 +306,14 @@ def conversations_csv(data: dict) -> str:
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(CSV_COLUMNS)
-    for c in sorted(data["conversations"], key=lambda c: _aware(c.created_at)):
+    for c in sorted(data["conversations"], key=lambda c: aware(c.created_at)):
         msgs = by_conv.get(c.id, [])
         resident = [m for m in msgs if m.role == "resident"]
         bots = [m for m in msgs if m.role == "bot"]
         w.writerow(
             [
                 c.id,
-                _aware(c.created_at).astimezone(LOCAL_TZ).isoformat(timespec="seconds"),
+                aware(c.created_at).astimezone(LOCAL_TZ).isoformat(timespec="seconds"),
                 c.channel,
                 c.region_code,
                 mask_pii(c.entry_point or ""),

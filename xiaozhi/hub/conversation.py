@@ -144,8 +144,7 @@ class ConversationService:
     async def _handle(self, conv: Conversation, text: str) -> tuple[Message, list[Message]]:
         # Committed (and echoed) at once, also while an earlier turn of this conversation still waits
         # for Rasa: a message the resident has seen accepted survives a crash of the hub.
-        incoming = await self.store.add_message(conv.id, "resident", text)
-        self.publish(conv.id, {"type": "message", "message": message_out(incoming)})
+        incoming = await self.post(conv.id, "resident", text, status="received")
         async with self._locks.hold(conv.id):  # turns reach the dialogue one at a time, in order
             current = await self.store.get_conversation(conv.id)
             if current is not None and current.status == "with_agent":

@@ -27,7 +27,7 @@ from sqlalchemy import func, select, update
 
 from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
 from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.store import Conversation, Escalation, Message, Store, utcnow
+from xiaozhi.hub.store import Conversation, Escalation, Message, Store, aware, utcnow
 
 if TYPE_CHECKING:
     from xiaozhi.hub.accounts import StaffUser
@@ -117,13 +117,6 @@ _INTERNAL_SLOTS = {"failed_turns", "last_topic", "requested_slot", "session_star
 
 class DeskError(ApiError):
     """An action the queue refuses: an ``ApiError``, so the hub answers it with its status and Chinese message."""
-
-
-def aware(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite gives naive datetimes back; they were stored as UTC."""
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 class Purge:
     files: int = 0
     bytes: int = 0
-    folders: int = 0
 
 
 def purge_recordings(root: Path, max_age_days: float, *, now: float | None = None) -> Purge:
@@ -35,7 +34,7 @@ def purge_recordings(root: Path, max_age_days: float, *, now: float | None = Non
     if max_age_days <= 0 or not root.is_dir():
         return Purge()
     cutoff = (time.time() if now is None else now) - max_age_days * 86400
-    files = size = folders = 0
+    files = size = 0
     for folder, dirnames, filenames in os.walk(root, topdown=False):
         here = Path(folder)
         for name in filenames:
@@ -50,10 +49,9 @@ def purge_recordings(root: Path, max_age_days: float, *, now: float | None = Non
         if here != root:
             try:
                 here.rmdir()  # only succeeds when empty (a recording still being written keeps it)
-                folders += 1
             except OSError:
                 pass
-    return Purge(files, size, folders)
+    return Purge(files, size)
 
 
 async def retention_loop(root: Path, max_age_days: float, interval_s: float, accounts=None) -> None:

@@ -25,13 +25,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from xiaozhi.hub.errors import error_body
+
 log = logging.getLogger(__name__)
 
 _PERIODS = {"second": 1.0, "sec": 1.0, "s": 1.0, "minute": 60.0, "min": 60.0, "m": 60.0, "hour": 3600.0, "h": 3600.0}
-
-RATE_LIMITED_MESSAGE = "请求太频繁，请稍后再试。"
-BODY_TOO_LARGE_MESSAGE = "消息太长了，请分几次发送。"
-
 
 @dataclass(frozen=True)
 class Rate:
@@ -218,14 +216,14 @@ class HubSecurityMiddleware:
         if limited is not None:
             rule, wait = limited
             log.info("%s %s from a client over the %s limit: 429", scope["method"], path, rule)
-            await self._reject(send, 429, "rate_limited", RATE_LIMITED_MESSAGE, path, scope,
+            await self._reject(send, 429, "rate_limited", path, scope,
                                [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
             return
 
         declared = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"content-length"), None)
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             log.info("%s %s rejected: body of %s bytes", scope["method"], path, declared)
-            await self._reject(send, 413, "body_too_large", BODY_TOO_LARGE_MESSAGE, path, scope, [])
+            await self._reject(send, 413, "body_too_large", path, scope, [])
             return
 
         received = 0
@@ -247,7 +245,7 @@ class HubSecurityMiddleware:
             if too_large:  # the framework turned our interruption into its own error: answer 413 instead
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await self._reject(send, 413, "body_too_large", BODY_TOO_LARGE_MESSAGE, path, scope, [])
+                    await self._reject(send, 413, "body_too_large", path, scope, [])
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -266,10 +264,10 @@ class HubSecurityMiddleware:
             if not (too_large or isinstance(exc, _BodyTooLarge)):
                 raise
             if not started:  # otherwise the 413 went out already
-                await self._reject(send, 413, "body_too_large", BODY_TOO_LARGE_MESSAGE, path, scope, [])
+                await self._reject(send, 413, "body_too_large", path, scope, [])
 
-    async def _reject(self, send, status: int, code: str, message: str, path: str, scope, extra) -> None:
-        body = json.dumps({"error": code, "message": message}, ensure_ascii=False).encode()
+    async def _reject(self, send, status: int, code: str, path: str, scope, extra) -> None:
+        body = json.dumps(error_body(status, code), ensure_ascii=False).encode()  # the hub's one error shape
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
         headers += security_headers(path, "application/json", scope.get("scheme", "http"), self.frame_ancestors)
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -22,6 +22,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite gives datetimes back naive; they were stored as UTC. (None stays None.)"""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.timezone.utc)
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

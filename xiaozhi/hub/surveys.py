@@ -24,7 +24,7 @@ from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, select, upda
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from xiaozhi.hub.store import Base, Conversation, Store, utcnow
+from xiaozhi.hub.store import Base, Conversation, Store, aware, utcnow
 from xiaozhi.masking import mask_pii
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,6 @@ class SurveyError(Exception):
         super().__init__(code)
         self.code = code
         self.message = message
-
-
-def _aware(t: dt.datetime) -> dt.datetime:
-    """SQLite hands datetimes back naive (they were stored as UTC)."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
 
 
 def parse_quiet_hours(text: str) -> tuple[dt.time, dt.time] | None:
@@ -177,7 +172,7 @@ class SurveyService:
         now = self.clock()
         if conv.channel == "phone":
             status = "pending" if self.phone_caller is not None else "unreachable"
-            closed = _aware(conv.closed_at) if conv.closed_at else now
+            closed = aware(conv.closed_at) if conv.closed_at else now
             due = self.policy.first_call(closed)
         else:
             status, due = "offered", now

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from xiaozhi.hub.accounts import Accounts, LoginRejected, Role, StaffUser
 from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.store import aware
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/staff", tags=["staff"])
@@ -188,8 +189,7 @@ class AuditOut(BaseModel):
     @field_validator("at")
     @classmethod
     def _utc(cls, value: dt.datetime) -> dt.datetime:
-        # SQLite hands back naive datetimes; they were stored in UTC, and RFC 3339 wants the offset.
-        return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+        return aware(value)  # RFC 3339 wants the offset
 
     actor: str
     role: str
