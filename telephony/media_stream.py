@@ -104,8 +104,6 @@ class MediaStream(asyncio.DatagramProtocol):
         self.last_received_at: float | None = None
         # Called once per 20 ms tick with the frame sent (None: silence), e.g. to record our leg.
         self.on_sent: Callable[[np.ndarray | None], None] | None = None
-        self.first_audio_sent_at: float | None = None  # loop time of the last talkspurt's first packet
-        self._was_silent = True
 
     # lifecycle -----------------------------------------------------------------------------
     async def open(self, host: str, port_range: tuple[int, int] | None) -> int:
@@ -194,9 +192,6 @@ class MediaStream(asyncio.DatagramProtocol):
             else:
                 payload = silence if self.send_silence else None
                 self._idle = True
-            if frame is not None and self._was_silent:
-                self.first_audio_sent_at = loop.time()
-            self._was_silent = frame is None
             if payload is not None and self.send_enabled:
                 self._send_rtp(payload)
             if self.on_sent is not None:

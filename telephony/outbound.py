@@ -305,7 +305,6 @@ async def _confirm(
         codec=agreed.codec if agreed else "PCMU",
         on_hangup=ua._hangup_requested,
     )
-    call.metadata["direction"] = "outbound"
     holder["call"] = call
     ua.calls[call.call_id] = call
     ua._dialogs[call.call_id] = _Dialog(

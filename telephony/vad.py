@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FRAME_MS = 20
-FRAME_SAMPLES = 160
+from .audio import FRAME_MS
 
 
 def frame_energy_db(samples: np.ndarray) -> float:

@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .asr import Recognizer
-from .audio import to_int16
+from .asr import PUNCTUATION, Recognizer
+from .audio import FRAME_BYTES, to_int16
 from .call import Call
 from .handler import CallHandler
 from .recording import CallRecorder
@@ -40,13 +40,12 @@ from .vad import EnergyVad, TurnDetector
 log = logging.getLogger("telephony.voice")
 
 BACKCHANNELS = frozenset({"嗯", "嗯嗯", "好", "好的", "对", "对对", "是", "是的", "哦", "噢", "啊", "行", "可以", "明白", "知道了"})
-_PUNCT = re.compile(r"[\s\W_]+", re.UNICODE)
-_SILENT_FRAME = bytes(320)
+_SILENT_FRAME = bytes(FRAME_BYTES)
 
 
 def is_backchannel(text: str) -> bool:
     """A short acknowledgement (嗯、好、对…) rather than a question."""
-    bare = _PUNCT.sub("", text)
+    bare = PUNCTUATION.sub("", text)
     return bool(bare) and (bare in BACKCHANNELS or (len(bare) <= 3 and set(bare) <= {"嗯", "好", "对", "是", "哦", "啊"}))
 
 
@@ -121,8 +120,6 @@ class TurnTiming:
     dialogue_s: float = 0.0
     tts_s: float = 0.0
     early: bool = False  # the transcript came from recognition started at a pause (early_asr_ms)
-    play_at: float = 0.0
-    first_packet_at: float | None = None
     text: str = ""
 
 
@@ -132,14 +129,14 @@ class CallSession:
     def __init__(self, call: Call, config: VoiceConfig) -> None:
         self.call = call
         self.vad = EnergyVad()
+        # (a pause as long as the end silence never fires: the end comes first)
         self.turns = TurnDetector(end_silence_ms=config.end_silence_ms, max_turn_s=config.max_turn_s,
-                                  pause_ms=config.early_asr_ms if config.early_asr_ms < config.end_silence_ms else 0)
+                                  pause_ms=config.early_asr_ms)
         self.mode = "bot"  # bot, menu, hold, bridged, ending
         self.silences = 0
         self.failures = 0
         self.digits: list[str] | None = None  # a number being typed
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.worker: asyncio.Task | None = None
         self.timer: asyncio.Task | None = None  # no-input or inter-digit timer
         self.hold_task: asyncio.Task | None = None
         self.busy = False  # a turn is being recognised/answered
@@ -151,7 +148,6 @@ class CallSession:
         self.agent_sink: Callable[[bytes], None] | None = None
         self.timings: list[TurnTiming] = []
         self.last_frame_at = 0.0
-        self.gap_watch: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
         self.barge_ins = 0
         self.backchannels = 0
@@ -168,14 +164,12 @@ class VoiceBot(CallHandler):
         self.prompts = prompts
         self.config = config or VoiceConfig()
         self.sessions: dict[str, CallSession] = {}
-        self.on_turn: Callable[[CallSession, TurnTiming], None] | None = None  # benchmarks, tests
         self.decoding = 0  # recognitions in flight, all calls
 
     # -- hooks -----------------------------------------------------------------------------------
     async def on_call_started(self, call: Call) -> None:
         session = CallSession(call, self.config)
         self.sessions[call.call_id] = session
-        call.metadata["voice"] = session
         if self.config.recording_dir is not None:
             stamp = time.strftime("%Y%m%d", time.gmtime())
             safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", call.call_id)[:80]
@@ -186,9 +180,9 @@ class VoiceBot(CallHandler):
             else:
                 call.metadata["recording"] = session.recorder.paths
                 call.media.on_sent = session.recorder.outbound_frame
-        session.worker = self._spawn(session, self._work(session))
+        self._spawn(session, self._work(session))
         session.last_frame_at = asyncio.get_running_loop().time()
-        session.gap_watch = self._spawn(session, self._watch_gaps(session))
+        self._spawn(session, self._watch_gaps(session))
         try:
             await self.backend.call_started(call)
         except Exception:
@@ -283,17 +277,13 @@ class VoiceBot(CallHandler):
         self._cancel_timer(session)
         if session.digits is not None:  # typing a number
             if digit == "#":
-                number, session.digits = "".join(session.digits), None
-                if number:
-                    session.queue.put_nowait(("keypad", number))
-                else:
-                    self._arm_no_input(session)
+                await self._submit_digits(session)
             elif digit == "*":
                 session.digits = None
                 self._arm_no_input(session)
             elif digit.isdigit():
                 session.digits.append(digit)
-                self._arm_timer(session, self.config.inter_digit_s, self._digits_timeout)
+                self._arm_timer(session, self.config.inter_digit_s, self._submit_digits)
             return
         if digit == "0":  # at once, not behind a turn still being recognised or answered
             call.stop_playback()
@@ -305,14 +295,10 @@ class VoiceBot(CallHandler):
                 session.mode = "bot"
                 session.queue.put_nowait(("keypad", self.config.menu_options[digit]))
                 return
-            if digit == "*":
-                call.stop_playback()
-                self._say_prompt_nowait(session, "menu")
-                return
         if digit.isdigit():
             call.stop_playback()
             session.digits = [digit]
-            self._arm_timer(session, self.config.inter_digit_s, self._digits_timeout)
+            self._arm_timer(session, self.config.inter_digit_s, self._submit_digits)
         elif digit == "*":
             call.stop_playback()
             self._say_prompt_nowait(session, "menu")
@@ -460,26 +446,14 @@ class VoiceBot(CallHandler):
         session.call.stop_playback()  # nothing stale before the answer
         playback = self._play(session, to_int16(pcm), listen=not (turn.escalated or turn.hang_up))
         if timing is not None:
-            timing.dialogue_s, timing.tts_s, timing.play_at, timing.text = dialogue_s, tts_s, loop.time(), text
+            timing.dialogue_s, timing.tts_s, timing.text = dialogue_s, tts_s, text
             session.timings.append(timing)
-            self._spawn(session, self._note_first_packet(session, timing))
         if turn.escalated:
             session.mode = "hold"
             session.hold_task = self._spawn(session, self._hold(session, after=playback))
         elif turn.hang_up:
             session.mode = "ending"
             self._hang_up_after_playback(session)
-
-    async def _note_first_packet(self, session: CallSession, timing: TurnTiming) -> None:
-        media = session.call.media
-        for _ in range(10):
-            await asyncio.sleep(0.02)
-            sent = media.first_audio_sent_at
-            if sent is not None and sent >= timing.play_at - 0.001:
-                timing.first_packet_at = sent
-                break
-        if self.on_turn is not None:
-            self.on_turn(session, timing)
 
     async def _to_agent(self, session: CallSession, how: str) -> None:
         if session.mode in ("hold", "bridged", "ending"):
@@ -589,7 +563,8 @@ class VoiceBot(CallHandler):
             return
         await self._say_prompt(session, "menu" if session.mode == "menu" else "reprompt_silence")
 
-    async def _digits_timeout(self, session: CallSession) -> None:
+    async def _submit_digits(self, session: CallSession) -> None:
+        """The number typed so far goes to the dialogue (# pressed, or the inter-digit pause ran out)."""
         if session.digits:
             number, session.digits = "".join(session.digits), None
             session.queue.put_nowait(("keypad", number))

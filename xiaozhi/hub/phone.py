@@ -83,6 +83,11 @@ class AgentAudioLeg:
         self._service._detach(self)
 
 
+# settings of the phone line's patience -> the VoiceConfig fields they set
+_TIMING_SETTINGS = {"phone_end_of_turn_ms": "end_silence_ms", "phone_no_input_s": "no_input_s",
+                    "phone_early_asr_ms": "early_asr_ms"}
+
+
 class PhoneService:
     """The hotline: user agent + voice bot + the conversation backend for it."""
 
@@ -112,17 +117,10 @@ class PhoneService:
         menu = (yaml.safe_load(s.phone_prompts_file.read_text(encoding="utf-8")) or {}).get("menu_options") or {}
         recording_dir = s.var_dir / "recordings" if s.phone_recording else None
         options = {"recording_dir": recording_dir, "menu_options": {str(k): str(v) for k, v in menu.items()}}
-        if s.phone_elderly_mode:
-            # the elderly defaults, unless the operator set a value explicitly
-            if "phone_end_of_turn_ms" in s.model_fields_set:
-                options["end_silence_ms"] = s.phone_end_of_turn_ms
-            if "phone_no_input_s" in s.model_fields_set:
-                options["no_input_s"] = s.phone_no_input_s
-            if "phone_early_asr_ms" in s.model_fields_set:
-                options["early_asr_ms"] = s.phone_early_asr_ms
-            return VoiceConfig.elderly(**options)
-        return VoiceConfig(end_silence_ms=s.phone_end_of_turn_ms, no_input_s=s.phone_no_input_s,
-                           early_asr_ms=s.phone_early_asr_ms, **options)
+        timing = {field: getattr(s, setting) for setting, field in _TIMING_SETTINGS.items()
+                  # in elderly mode its own defaults, unless the operator set a value explicitly
+                  if not s.phone_elderly_mode or setting in s.model_fields_set}
+        return (VoiceConfig.elderly if s.phone_elderly_mode else VoiceConfig)(**timing, **options)
 
     def build_bot(self) -> VoiceBot:
         """Recogniser, synthesiser and the prompt cache (blocking: run in a thread at start-up)."""

@@ -25,18 +25,17 @@ class SurveyCallHandler(CallHandler):
     def __init__(self, question: bytes) -> None:
         self.question = question
         self.answer: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self.keys: list[str] = []
 
     async def on_call_started(self, call: Call) -> None:
         call.play(self.question)
 
     async def on_dtmf(self, call: Call, digit: str) -> None:
-        self.keys.append(digit)
-        if digit in "12345" and not self.answer.done():
-            call.stop_playback()
+        if self.answer.done():
+            return
+        call.stop_playback()
+        if digit in "12345":
             self.answer.set_result(int(digit))
-        elif digit not in "12345" and not self.answer.done():
-            call.stop_playback()
+        else:
             call.play(self.question)  # a wrong key: ask again
 
     async def on_call_ended(self, call: Call, reason: str) -> None:
