@@ -117,7 +117,6 @@ class AgentToCaller:
     def __init__(self, track: MediaStreamTrack, leg: AgentAudioLeg) -> None:
         self.track = track
         self.leg = leg
-        self.frames_sent = 0
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=PHONE_RATE)
         self._buffer = bytearray()
         self.task = asyncio.create_task(self._run(), name="agent-to-caller")
@@ -129,7 +128,6 @@ class AgentToCaller:
             chunk = bytes(self._buffer[:PHONE_FRAME_BYTES])
             del self._buffer[:PHONE_FRAME_BYTES]
             self.leg.send(chunk)
-            self.frames_sent += 1
 
     async def _run(self) -> None:
         while True:

@@ -33,7 +33,7 @@ from video import passthrough
 from video.bridge import AgentToCaller, CallerAudioTrack
 from video.ice import rtc_configuration
 from video.recording import Recorder
-from video.relay import VIDEO_CLOCK, MediaSource, SwitchableTrack, copy_frame  # noqa: F401 (re-exported)
+from video.relay import MediaSource, SwitchableTrack
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ class Side:
     screen: MediaStreamTrack | None = None
     sources: dict = field(default_factory=dict)  # received track -> MediaSource (not for a phone bridge's audio)
     recorder: Recorder | None = None
-    recording: Path | None = None
     connected_at: float | None = None
 
 
@@ -81,7 +80,6 @@ class VideoSession:
     caller_track: CallerAudioTrack | None = None
     pump: AgentToCaller | None = None
     closed: bool = False
-    close_reason: str = ""
     tasks: set = field(default_factory=set)
 
     @property
@@ -198,10 +196,9 @@ class VideoManager:
         self._receive(session, side, "agent")
         # The resident's camera and microphone go to the agent through the relay.
         if session.resident is not None:
-            for kind in ("audio", "video"):
-                track = getattr(session.resident, kind)
+            for track in (session.resident.audio, session.resident.video):
                 if track is not None:
-                    session.to_agent[kind].set_source(self._source(session, session.resident, track))
+                    self._route(session, "resident", track)
         try:
             answer = await self._answer(pc, sdp, sdp_type, list(session.to_agent.values()))
         except BaseException:
@@ -343,19 +340,18 @@ class VideoManager:
         return session.relay.subscribe(track)
 
     async def _start_recording(self, session: VideoSession, side: Side, who: str) -> None:
-        folder = self.recordings_dir / session.conversation_id
-        folder.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        path = folder / f"{stamp}-{who}.mkv"
         if side.audio is None and side.video is None:
             return
+        folder = self.recordings_dir / session.conversation_id
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{who}.mkv"
         recorder = Recorder(
             path,
             audio=self._source(session, side, side.audio) if side.audio is not None else None,
             video=self._source(session, side, side.video) if side.video is not None else None,
         )
         recorder.start()
-        side.recorder, side.recording = recorder, path
+        side.recorder = recorder
         log.info("video %s: recording the %s side to %s", session.conversation_id, who, path)
 
     async def _connect_timeout(self, session: VideoSession, side: Side, who: str) -> None:
@@ -411,7 +407,7 @@ class VideoManager:
         session = self.sessions.pop(conversation_id, None)
         if session is None or session.closed:
             return None
-        session.closed, session.close_reason = True, reason
+        session.closed = True
         for track in list(session.to_resident.values()) + list(session.to_agent.values()):
             track.stop()
         if session.caller_track is not None:

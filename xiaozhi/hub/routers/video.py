@@ -24,6 +24,7 @@ from video.session import BadOffer, SessionGone, SessionsFull, VideoManager
 from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.conversation import message_out, preview
 from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.routers.chat import check_length
 from xiaozhi.hub.routers.staff import bearer_token, staff_for_token
 from xiaozhi.hub.schemas import MessageText
 from xiaozhi.hub.store import Conversation, Escalation
@@ -65,11 +66,7 @@ def manager(app) -> VideoManager:
     video = getattr(app.state, "video", None)
     if video is None:
         settings = app.state.settings
-        try:
-            ice_servers_for(settings)  # fail here, loudly, on a broken XIAOZHI_ICE_SERVERS
-        except IceConfigError:
-            log.exception("video is unavailable: bad ICE configuration")
-            raise ApiError(503, "video_unavailable", "视频服务配置有误，暂时无法使用，请联系管理员。") from None
+        _ice_for(app, "hub")  # fail here, loudly, on a broken XIAOZHI_ICE_SERVERS
         video = VideoManager(
             ice_servers=lambda: ice_servers_for(settings, "hub"),
             max_sessions=settings.video_max_sessions,
@@ -153,12 +150,7 @@ def _ice_for(app, who: str) -> list[dict]:
 @router.get("/config")
 async def public_config(request: Request) -> dict:
     """What a page shows before anything starts (recording notice); ICE servers come with a session."""
-    settings = request.app.state.settings
-    return {
-        "recording": settings.video_recording,
-        "consent_notice": CONSENT_NOTICE if settings.video_recording else "",
-        "capture": capture(settings),
-    }
+    return _page_config(request.app.state.settings)
 
 
 @router.post("/sessions", status_code=201)
@@ -177,14 +169,16 @@ def capture(settings) -> dict:
     return {"width": int(width), "height": int(height), "frameRate": int(fps)}
 
 
-def _session_config(app, who: str) -> dict:
-    settings = app.state.settings
+def _page_config(settings) -> dict:
     return {
-        "ice_servers": _ice_for(app, who),
         "recording": settings.video_recording,
         "consent_notice": CONSENT_NOTICE if settings.video_recording else "",
         "capture": capture(settings),
     }
+
+
+def _session_config(app, who: str) -> dict:
+    return {"ice_servers": _ice_for(app, who), **_page_config(app.state.settings)}
 
 
 @router.get("/sessions/{conversation_id}")
@@ -290,9 +284,7 @@ async def chat(
 ) -> dict:
     """Text beside the video; lands in the conversation's transcript (the bot does not answer here)."""
     who, conv, user = await identify(request.app, conversation_id, bearer_token(authorization))
-    limit = request.app.state.settings.max_message_chars
-    if len(body.text) > limit:
-        raise ApiError(413, "message_too_long", f"消息太长了（{len(body.text)}字），请控制在{limit}字以内。")
+    check_length(body.text, request.app.state.settings.max_message_chars)
     meta = {"channel": "video"}
     if user is not None:
         meta["agent"] = user.username
