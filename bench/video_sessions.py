@@ -120,18 +120,7 @@ async def worker(url: str, sessions: int, seconds: float, screen: bool, transcod
 
 
 # -- the hub and the browser part ------------------------------------------------------------------
-def enter_private_namespace() -> str:
-    from netns import _ip, enter_netns
-
-    name = f"xzbench-{os.getpid()}"
-    _ip("netns", "add", name)
-    _ip("link", "set", "lo", "up", ns=name)
-    _ip("addr", "add", "10.203.250.1/32", "dev", "lo", ns=name)
-    enter_netns(name)
-    return name
-
-
-def browser_part(url: str, trials: int, seconds: float, settings) -> dict:
+def browser_part(url: str, trials: int, seconds: float) -> dict:
     import httpx
     from browser import launch_chromium
     from playwright.sync_api import sync_playwright
@@ -229,9 +218,11 @@ def main() -> None:
     from xiaozhi.hub.app import create_app
     from xiaozhi.settings import Settings
 
+    from netns import enter_netns, private_netns
+
     levels = [int(x) for x in args.levels.split(",")]
-    ns = enter_private_namespace()
-    try:
+    with private_netns("xzbench") as (ns, _address):
+        enter_netns(ns)  # this thread, the hub's server thread, Chromium and the client process
         with tempfile.TemporaryDirectory() as tmp:
             settings = Settings(var_dir=Path(tmp), rasa_url=f"http://127.0.0.1:{free_port()}", kb_reload_interval_s=0,
                                 admin_password=SecretStr(ADMIN_PASSWORD), video_max_sessions=max(levels) + 2,
@@ -241,7 +232,7 @@ def main() -> None:
             with serve(app, free_port()) as url:
                 print(f"recording {'off' if args.no_recording else 'on'}; load average before: {os.getloadavg()[0]:.2f}")
                 if not args.skip_browser:
-                    b = browser_part(url, args.trials, args.seconds, settings)
+                    b = browser_part(url, args.trials, args.seconds)
                     a, r = b["agent_connect_s"], b["resident_connect_s"]
                     print(f"\nconnect time, {len(a)} trials (Chromium, private netns, no TURN):")
                     print(f"  agent page open -> media both ways: p50 {statistics.median(a):.2f} s  p95 {pct(a, 95):.2f} s  max {max(a):.2f} s")
@@ -267,8 +258,6 @@ def main() -> None:
                           f"resident saw {res['decoded']['resident']}{'' if res['decoded_ok'] else ' WRONG'}", flush=True)
                     time.sleep(3)
                 print(f"\nheld at 15 fps: {held} simultaneous two-way sessions")
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 if __name__ == "__main__":
