@@ -27,7 +27,8 @@ quiet() {
 # Playwright, never `playwright install`) and Chinese glyphs in their screenshots.
 # coturn: the TURN relay the video tests route media through (and the documented deployment).
 # kamailio: checks the deployment's dispatcher configuration (kamailio -c).
-APT_PACKAGES=(espeak-ng sox sip-tester baresip-core kamailio chromium fonts-wqy-zenhei coturn)
+# postgresql: server binaries for the hub's PostgreSQL tests (tests/postgres.py starts a throwaway cluster).
+APT_PACKAGES=(espeak-ng sox sip-tester baresip-core kamailio chromium fonts-wqy-zenhei coturn postgresql)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -61,12 +61,60 @@ def knowledge_base(settings: Settings):
     return open_knowledge_base(settings)
 
 
+DATABASES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL cluster for the session (tests/postgres.py); fails, never skips, without one."""
+    from postgres import PostgresUnavailable, postgres_cluster
+
+    try:
+        with postgres_cluster() as cluster:  # stopped and removed at the end of the session
+            yield cluster
+    except PostgresUnavailable as e:
+        pytest.fail(f"PostgreSQL for the hub's database tests: {e}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres) -> str:
+    """A postgresql+asyncpg:// URL of a database shared by the session; see fresh_postgres_url for an empty one."""
+    return postgres.create_database("xiaozhi")
+
+
 @pytest.fixture
-def hub_settings(settings: Settings, tmp_path: Path) -> Settings:
+def fresh_postgres_url(postgres) -> str:
+    """A new, empty database of the session's cluster (CREATE DATABASE with a unique name): no rows of other tests."""
+    return postgres.create_database()
+
+
+@pytest.fixture
+def database_backend() -> str:
+    """The hub fixtures' database. A module runs its hubs on both by overriding this fixture:
+
+    @pytest.fixture(params=DATABASES)
+    def database_backend(request) -> str:
+        return request.param
+    """
+    return "sqlite"
+
+
+@pytest.fixture
+def database_url(database_backend: str, request: pytest.FixtureRequest) -> str | None:
+    """None: SQLite in the hub's var_dir (the default); else a fresh PostgreSQL database."""
+    if database_backend == "postgresql":
+        return request.getfixturevalue("fresh_postgres_url")
+    assert database_backend == "sqlite", database_backend
+    return None
+
+
+@pytest.fixture
+def hub_settings(settings: Settings, tmp_path: Path, database_url: str | None) -> Settings:
     """A hub with its own database; Rasa's port has nothing listening (degraded mode) unless a test starts it."""
     return settings.model_copy(
         update={
             "var_dir": tmp_path,
+            "database_url": database_url,
             "rasa_url": f"http://127.0.0.1:{free_port()}",
             "kb_reload_interval_s": 0,
             "admin_password": SecretStr(ADMIN_PASSWORD),

@@ -12,7 +12,9 @@ import secrets
 import uuid
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, event, func, inspect, select
+from sqlalchemy import (
+    JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, event, func, inspect, select, update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -62,7 +64,8 @@ def _add_missing_columns(sync_conn) -> None:
             default = ""
             if column.default is not None and column.default.is_scalar:
                 value = column.default.arg
-                default = f" DEFAULT {int(value) if isinstance(value, bool) else repr(value)}"
+                # TRUE/FALSE, not 1/0: PostgreSQL refuses an integer default for a boolean column.
+                default = f" DEFAULT {str(value).upper() if isinstance(value, bool) else repr(value)}"
             elif isinstance(column.type, JSON):
                 default = " DEFAULT '{}'"
             elif not column.nullable:
@@ -191,6 +194,32 @@ class Store:
             if conv is not None:
                 for key, value in fields.items():
                     setattr(conv, key, value)
+
+    async def close_conversation(self, conversation_id: str) -> bool:
+        """Mark it closed unless it already is; True for the one caller (of any replica) that closed it."""
+        async with self.sessions() as s, s.begin():
+            done = await s.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id, Conversation.status != "closed")
+                .values(status="closed", closed_at=utcnow(), updated_at=utcnow())
+            )
+            return done.rowcount == 1
+
+    async def idle_conversations(self, channel: str, status: str, quiet_since: dt.datetime, limit: int = 200) -> list[Conversation]:
+        """Conversations in ``status`` with neither a message nor a change since ``quiet_since``."""
+        recent = select(Message.id).where(Message.conversation_id == Conversation.id, Message.created_at >= quiet_since)
+        async with self.sessions() as s:
+            rows = await s.execute(
+                select(Conversation)
+                .where(
+                    Conversation.channel == channel,
+                    Conversation.status == status,
+                    Conversation.updated_at < quiet_since,
+                    ~recent.exists(),
+                )
+                .limit(limit)
+            )
+            return list(rows.scalars())
 
     # -- messages ---------------------------------------------------------------------------------
     async def add_message(
