@@ -31,6 +31,24 @@ TOPICS = (
 
 Topic = Enum("Topic", {t: t for t in TOPICS}, type=str)  # type: ignore[misc]
 
+# What residents, agents and staff see for a topic (agent console skills, analytics dashboard).
+TOPIC_LABELS = {
+    "e_voucher": "医保电子凭证",
+    "cross_region": "异地就医",
+    "reimbursement": "医疗费用报销",
+    "enrollment": "参保缴费",
+    "personal_account": "个人账户",
+    "chronic_disease": "门诊慢特病",
+    "maternity": "生育保险",
+    "card": "社保卡",
+    "referral": "转诊转院",
+    "drug_catalog": "药品目录",
+    "payment_reform": "支付方式改革",
+    "designated_institutions": "定点医药机构",
+    "service_info": "经办服务",
+    "other": "其他",
+}
+
 LOCAL_RULE_NOTICE = "以当地医保部门规定为准"
 
 

@@ -6,19 +6,35 @@ import asyncio
 import datetime as dt
 
 import pytest
-from conftest import open_session
+from conftest import DATABASES, open_session
 
 from xiaozhi.hub.store import Store
 from xiaozhi.hub.surveys import LOCAL_TZ, SurveyPolicy, SurveyService, parse_quiet_hours
 
 
-def run_isolated(coro):
+@pytest.fixture(params=DATABASES)
+def database_backend(request) -> str:
+    """Every hub and store in this module runs on SQLite and on PostgreSQL (conftest.py)."""
+    return request.param
+
+
+def run_isolated(coro, store: Store | None = None):
     """Run a coroutine on a fresh loop in its own thread: a session-wide Playwright (sync API) keeps
-    an event loop running in the main thread once any browser test has run."""
+    an event loop running in the main thread once any browser test has run.
+
+    With a store, its connections are closed before that loop ends: asyncpg's belong to the loop
+    that opened them (the store opens new ones on the next loop)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    async def run():
+        try:
+            return await coro
+        finally:
+            if store is not None:
+                await store.close()
+
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        return pool.submit(asyncio.run, run()).result()
 
 
 def local(y, mo, d, h, mi=0) -> dt.datetime:
@@ -68,11 +84,10 @@ class Clock:
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'surveys.db'}")
-    run_isolated(s.create_schema())
+def store(tmp_path, database_url):
+    s = Store(database_url or f"sqlite+aiosqlite:///{tmp_path / 'surveys.db'}")
+    run_isolated(s.create_schema(), s)
     yield s
-    run_isolated(s.close())
 
 
 def test_phone_survey_retries_then_gives_up_never_at_night(store) -> None:
@@ -119,7 +134,7 @@ def test_phone_survey_retries_then_gives_up_never_at_night(store) -> None:
         # every attempt fell outside the quiet hours
         assert not any(POLICY.in_quiet_hours(when) for _, when in calls)
 
-    run_isolated(scenario())
+    run_isolated(scenario(), store)
 
 
 def test_keypad_answer_is_stored_once_and_a_second_close_does_not_reschedule(store) -> None:
@@ -146,7 +161,7 @@ def test_keypad_answer_is_stored_once_and_a_second_close_does_not_reschedule(sto
         assert err.value.code == "already_answered"
         assert (await svc.for_conversation(conv.id)).rating == 4
 
-    run_isolated(scenario())
+    run_isolated(scenario(), store)
 
 
 def test_phone_survey_without_a_trunk_is_recorded_unreachable(store) -> None:
@@ -157,7 +172,7 @@ def test_phone_survey_without_a_trunk_is_recorded_unreachable(store) -> None:
         assert s.status == "unreachable"
         assert await svc.run_due() == 0
 
-    run_isolated(scenario())
+    run_isolated(scenario(), store)
 
 
 def test_chat_survey_offered_on_close_answered_once_comment_masked(hub) -> None:
@@ -246,7 +261,7 @@ def test_an_escalation_closed_without_closing_the_conversation_gets_a_survey(sto
         await svc.run_due()  # once only
         assert len(published) == 1
 
-    run_isolated(scenario())
+    run_isolated(scenario(), store)
 
 
 def test_bad_survey_settings_are_logged_and_the_hub_still_serves(hub_settings, knowledge_base, caplog) -> None:

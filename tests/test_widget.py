@@ -121,6 +121,13 @@ def widget_hub(hub_settings, knowledge_base):
             yield url, app, f"{host_url}/guide.html"
 
 
+def open_widget(page, url: str) -> None:
+    """Open the host page, open the widget and wait for the greeting."""
+    page.goto(url)
+    page.locator("#xiaozhi-widget button.launch").click()
+    bot_messages(page).first.wait_for()
+
+
 def bot_messages(page):
     return page.locator("#xiaozhi-widget .log > li.bot")
 
@@ -134,6 +141,8 @@ def test_resident_asks_sees_sources_reloads_escalates_and_rates(chromium, widget
     page.goto(host_url)
     launch = page.locator("#xiaozhi-widget button.launch")
     launch.wait_for()
+    # the emoji is decoration: screen readers hear only 医保咨询
+    assert page.get_by_role("button", name="医保咨询", exact=True).count() == 1
     # host CSS does not reach into the widget
     assert launch.evaluate("b => getComputedStyle(b).backgroundColor") == "rgb(11, 107, 203)"
     assert "serif" != launch.evaluate("b => getComputedStyle(b).fontFamily")
@@ -163,12 +172,15 @@ def test_resident_asks_sees_sources_reloads_escalates_and_rates(chromium, widget
     assert steps.count() >= 2
     steps.first.check()
     assert answer.locator(".steps label").first.inner_text().startswith("1.")
+    # this hub runs without the dialogue engine: the answer comes straight from the policy library,
+    # and the resident is told so in plain words
+    assert answer.locator(".tag").inner_text() == "系统繁忙，此答复直接摘自政策资料库"
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-    cite.first.scroll_into_view_if_needed()
-    page.screenshot(path=str(SCREENSHOT_DIR / "widget-answer.png"))
     page.get_by_role("button", name="大字").click()
     assert page.get_by_role("button", name="大字").get_attribute("aria-pressed") == "true"
     assert float(log.evaluate("l => parseFloat(getComputedStyle(l).fontSize)")) >= 20
+    cite.first.scroll_into_view_if_needed()
+    page.screenshot(path=str(SCREENSHOT_DIR / "widget-answer.png"))  # large text on (docs/widget.md)
     page.get_by_role("button", name="大字").click()
 
     session = page.evaluate(f"JSON.parse(localStorage.getItem('xiaozhi.widget:{hub_url}'))")
@@ -201,8 +213,9 @@ def test_resident_asks_sees_sources_reloads_escalates_and_rates(chromium, widget
         assert time.monotonic() < deadline, "the conversation was not queued for an agent"
         time.sleep(0.2)
 
-    # the conversation ends: the survey appears, 1–5 and a comment, answered once
+    # the conversation ends (after a confirmation): the survey appears, 1–5 and a comment, answered once
     page.get_by_role("button", name="结束对话").click()
+    page.get_by_role("button", name="确定结束").click()
     rating = page.locator("#xiaozhi-widget [role=radiogroup]")
     rating.wait_for(timeout=15000)
     rating.get_by_role("radio", name="4分").click()
@@ -267,6 +280,10 @@ def test_keyboard_focus_order_and_phone_screen(chromium, widget_hub) -> None:
         "xz-input",
     ], order
     assert order[8] == "发送"
+    # touch targets of at least 44 px on a phone
+    for name in ("大字", "高对比", "关闭咨询窗口", "转人工", "结束对话", "发送"):
+        size = page.get_by_role("button", name=name, exact=True).bounding_box()
+        assert size["height"] >= 44 and size["width"] >= 44, (name, size)
     page.get_by_role("button", name="高对比").click()
     page.screenshot(path=str(SCREENSHOT_DIR / "widget-phone-high-contrast.png"))
     context.close()
@@ -278,9 +295,7 @@ def test_http_fallback_when_the_websocket_is_refused(chromium, widget_hub) -> No
     page = context.new_page()
     # A proxy that drops WebSockets: the widget must still talk over HTTP.
     page.add_init_script("window.WebSocket = function () { throw new Error('blocked by proxy'); };")
-    page.goto(host_url)
-    page.locator("#xiaozhi-widget button.launch").click()
-    bot_messages(page).first.wait_for()
+    open_widget(page, host_url)
     page.get_by_label("输入您的问题").fill("异地就医怎么备案")
     page.get_by_role("button", name="发送").click()
     bot_messages(page).nth(1).wait_for(timeout=30000)
@@ -304,9 +319,7 @@ def test_quick_reply_with_the_real_dialogue_engine(chromium, stack) -> None:
             status=200, content_type="text/html; charset=utf-8", body=HOST_PAGE.format(hub=hub_url)
         ),
     )
-    page.goto(url)
-    page.locator("#xiaozhi-widget button.launch").click()
-    bot_messages(page).first.wait_for()
+    open_widget(page, url)
     options = page.locator("#xiaozhi-widget .log > li.bot .opts button")
     for question in ("我想问一下那个钱", "卡", "怎么办"):
         before = bot_messages(page).count()
@@ -347,9 +360,7 @@ def test_reconnects_after_the_connection_drops_and_catches_up(chromium, widget_h
         sockets.append((ws, server, sent))
 
     page.route_web_socket(re.compile(r".*/api/sessions/.*/ws.*"), through)
-    page.goto(host_url)
-    page.locator("#xiaozhi-widget button.launch").click()
-    bot_messages(page).first.wait_for()
+    open_widget(page, host_url)
     deadline = 0
     while not sockets and deadline < 50:
         page.wait_for_timeout(100)
@@ -378,9 +389,7 @@ def test_an_agent_answers_in_the_widget_and_closing_brings_the_survey(chromium, 
     hub_url, app, host_url = widget_hub
     context = chromium.new_context(locale="zh-CN")
     page = context.new_page()
-    page.goto(host_url)
-    page.locator("#xiaozhi-widget button.launch").click()
-    bot_messages(page).first.wait_for()
+    open_widget(page, host_url)
     page.get_by_role("button", name="转人工", exact=True).click()
     page.locator("#xiaozhi-widget .typing", has_text="人工").wait_for(timeout=15000)
 
@@ -412,6 +421,13 @@ def test_an_agent_answers_in_the_widget_and_closing_brings_the_survey(chromium, 
         agent_msg = page.locator("#xiaozhi-widget .log > li.agent", has_text="人工客服小王")
         agent_msg.wait_for(timeout=15000)
         assert agent_msg.inner_text().startswith("人工客服：")
+        # while a person holds the conversation the bot does not "type"
+        page.get_by_label("输入您的问题").fill("好的，我想问一下报销")
+        page.keyboard.press("Enter")
+        page.locator("#xiaozhi-widget .log > li.resident", has_text="我想问一下报销").wait_for(timeout=15000)
+        assert "医保小智正在输入" not in page.locator("#xiaozhi-widget .typing").inner_text()
+        page.wait_for_timeout(500)
+        assert "医保小智正在输入" not in page.locator("#xiaozhi-widget .typing").inner_text()
         closed = http.post(
             f"/api/agent/queue/{item_id}/close",
             headers=auth,
@@ -423,4 +439,193 @@ def test_an_agent_answers_in_the_widget_and_closing_brings_the_survey(chromium, 
     page.get_by_role("button", name="提交评价").click()
     page.locator("#xiaozhi-widget .survey", has_text="感谢您的评价").wait_for(timeout=10000)
     assert _sql(app, "select rating, reason from surveys") == [(5, "agent_closed")]
+    context.close()
+
+
+def _session(page, hub_url: str) -> dict | None:
+    return page.evaluate(f"JSON.parse(localStorage.getItem('xiaozhi.widget:{hub_url}'))")
+
+
+def _ask(page, question: str):
+    """Type a question, send it, and return the bot reply that follows it."""
+    before = bot_messages(page).count()
+    page.get_by_label("输入您的问题").fill(question)
+    page.keyboard.press("Enter")
+    reply = bot_messages(page).nth(before)
+    reply.wait_for(timeout=30000)
+    return reply
+
+
+def test_ending_asks_first_then_offers_a_new_conversation(chromium, widget_hub) -> None:
+    """结束对话 asks for confirmation; afterwards 开始新的对话 starts afresh (also after a reload, when
+    the closed conversation comes back with its survey), and an expired survey is not offered."""
+    hub_url, app, host_url = widget_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    open_widget(page, host_url)
+    _ask(page, "医保电子凭证怎么激活")
+    first = _session(page, hub_url)
+    page.get_by_role("button", name="结束对话").click()
+    # asked first; 继续咨询 keeps the conversation
+    page.get_by_role("button", name="继续咨询").click()
+    assert page.get_by_role("button", name="确定结束").count() == 0
+    assert _sql(app, "select status from conversations where id=?", first["session_id"]) != [("closed",)]
+    page.get_by_role("button", name="结束对话").click()
+    page.get_by_role("button", name="确定结束").click()
+    page.locator("#xiaozhi-widget [role=radiogroup]").wait_for(timeout=15000)
+    new = page.get_by_role("button", name="开始新的对话")
+    assert new.is_visible() and page.get_by_role("button", name="结束对话").count() == 0
+
+    # a reload brings the closed conversation back (its survey can still be answered), with the way out
+    page.reload()
+    page.locator("#xiaozhi-widget [role=radiogroup]").wait_for(timeout=15000)
+    assert page.get_by_role("button", name="开始新的对话").is_visible()
+    # an expired survey is not offered again
+    with sqlite3_connect(app) as db:
+        db.execute("update surveys set status='expired' where conversation_id=?", (first["session_id"],))
+    page.reload()
+    page.get_by_role("button", name="开始新的对话").wait_for(timeout=15000)
+    page.wait_for_timeout(500)
+    assert page.locator("#xiaozhi-widget [role=radiogroup]").count() == 0
+
+    page.get_by_role("button", name="开始新的对话").click()
+    page.wait_for_function(
+        f"(JSON.parse(localStorage.getItem('xiaozhi.widget:{hub_url}')) || {{}}).session_id"
+        f" && JSON.parse(localStorage.getItem('xiaozhi.widget:{hub_url}')).session_id !== '{first['session_id']}'"
+    )
+    assert bot_messages(page).count() == 1  # only the new greeting
+    assert page.locator("#xiaozhi-widget .log > li.resident").count() == 0
+    assert page.get_by_role("button", name="结束对话").is_visible()
+    answer = _ask(page, "异地就医怎么备案")
+    assert answer.locator(".cite").count() >= 1
+    assert page.locator("#xiaozhi-widget .log > li.resident").count() == 1
+    assert errors == []
+    context.close()
+
+
+def sqlite3_connect(app):
+    import sqlite3
+
+    return sqlite3.connect(app.state.settings.effective_database_url.split(":///", 1)[1])
+
+
+def test_a_question_to_a_conversation_closed_elsewhere_starts_a_new_one(chromium, widget_hub) -> None:
+    """The hub refuses a message to a closed conversation (409 conversation_closed): the widget
+    starts a fresh conversation and asks the question there."""
+    import httpx
+
+    hub_url, _, host_url = widget_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    page.add_init_script("window.WebSocket = function () { throw new Error('blocked by proxy'); };")  # HTTP only
+    open_widget(page, host_url)
+    old = _session(page, hub_url)
+    r = httpx.post(
+        f"{hub_url}/api/sessions/{old['session_id']}/close",
+        headers={"Authorization": f"Bearer {old['token']}"},
+        json={},
+    )
+    assert r.status_code == 200, r.text
+    answer = _ask(page, "医保电子凭证怎么激活")
+    assert answer.locator(".cite").count() >= 1
+    fresh = _session(page, hub_url)
+    assert fresh["session_id"] != old["session_id"]
+    assert page.locator("#xiaozhi-widget .log > li.resident").count() == 1
+    context.close()
+
+
+def test_a_refused_token_starts_a_clean_new_conversation(chromium, widget_hub) -> None:
+    """The hub closes the socket with 4401: the new conversation shows none of the old one, and its
+    messages (whose sequence numbers restart at 1) are all shown."""
+    hub_url, _, host_url = widget_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    sockets: list = []
+
+    def through(ws) -> None:
+        server = ws.connect_to_server()
+        sockets.append((ws, server))
+
+    page.route_web_socket(re.compile(r".*/api/sessions/.*/ws.*"), through)
+    open_widget(page, host_url)
+    _ask(page, "医保电子凭证怎么激活")
+    old = _session(page, hub_url)
+    sockets[-1][0].close(code=4401, reason="token_revoked")
+    page.wait_for_function(
+        f"(JSON.parse(localStorage.getItem('xiaozhi.widget:{hub_url}')) || {{}}).session_id"
+        f" && JSON.parse(localStorage.getItem('xiaozhi.widget:{hub_url}')).session_id !== '{old['session_id']}'",
+        timeout=15000,
+    )
+    bot_messages(page).first.wait_for()
+    assert page.locator("#xiaozhi-widget .log > li.resident").count() == 0
+    answer = _ask(page, "异地就医怎么备案")
+    assert answer.locator(".cite").count() >= 1
+    assert "异地就医怎么备案" in page.locator("#xiaozhi-widget .log > li.resident").first.inner_text()
+    assert bot_messages(page).count() == 2
+    context.close()
+
+
+def test_a_question_typed_while_connecting_is_kept_and_sent(chromium, widget_hub) -> None:
+    """The hub cannot be reached at first: the typed question stays in the box, the resident is told
+    the connection is being restored, and it is sent once connected."""
+    _, _, host_url = widget_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    refused = []
+
+    def flaky(route) -> None:
+        if route.request.method == "POST" and len(refused) < 2:
+            refused.append(1)
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(re.compile(r".*/api/sessions$"), flaky)
+    page.goto(host_url)
+    page.locator("#xiaozhi-widget button.launch").click()
+    page.get_by_label("输入您的问题").fill("医保电子凭证怎么激活")
+    page.keyboard.press("Enter")
+    assert page.get_by_label("输入您的问题").input_value() == "医保电子凭证怎么激活"
+    assert "正在恢复连接" in page.locator("#xiaozhi-widget .typing").inner_text()
+    resident = page.locator("#xiaozhi-widget .log > li.resident", has_text="医保电子凭证怎么激活")
+    resident.wait_for(timeout=15000)
+    bot_messages(page).nth(1).wait_for(timeout=30000)
+    assert len(refused) == 2 and page.get_by_label("输入您的问题").input_value() == ""
+    assert resident.count() == 1
+    context.close()
+
+
+CONTRAST = """el => {
+  const rgb = s => s.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const lum = c => { const [r, g, b] = c.map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+                     return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const st = getComputedStyle(el);
+  const a = lum(rgb(st.color)), b = lum(rgb(st.backgroundColor));
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+
+def test_high_contrast_mode_keeps_text_readable(chromium, widget_hub) -> None:
+    """In 高对比 mode (yellow on black) the selected rating and the buttons filled with the theme
+    colour have text of at least WCAG AA contrast (4.5:1)."""
+    _, _, host_url = widget_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    open_widget(page, host_url)
+    page.get_by_role("button", name="高对比").click()
+    page.get_by_role("button", name="结束对话").click()
+    assert page.get_by_role("button", name="确定结束").evaluate(CONTRAST) >= 4.5
+    page.get_by_role("button", name="确定结束").click()
+    page.locator("#xiaozhi-widget [role=radiogroup]").wait_for(timeout=15000)
+    page.get_by_role("radio", name="4分").click()
+    for name, el in (
+        ("selected rating", page.get_by_role("radio", name="4分")),
+        ("提交评价", page.get_by_role("button", name="提交评价")),
+        ("发送", page.get_by_role("button", name="发送")),
+        ("unselected rating", page.get_by_role("radio", name="3分")),
+    ):
+        ratio = el.evaluate(CONTRAST)
+        assert ratio >= 4.5, (name, ratio)
     context.close()

@@ -47,17 +47,23 @@
     ".tag{display:inline-block;margin-left:4px;padding:0 6px;border-radius:8px;background:#fff3cd;color:#6b4e00;font-size:.75em}",
     ".opts{display:flex;flex-wrap:wrap;gap:6px;margin-top:8px}",
     ".opts button,.rate button{border:1px solid var(--c);background:var(--bg);color:var(--fg);border-radius:16px;padding:4px 12px}",
-    ".rate button[aria-pressed=true]{background:var(--c);color:#fff}",
+    ".rate button[aria-pressed=true]{background:var(--c);color:#fff}.hc .rate button[aria-pressed=true]{color:#000}",
     ".typing{min-height:1.6em;padding:0 12px;color:var(--muted);font-size:.9em}",
     ".tools{display:flex;gap:6px;padding:6px 10px;border-top:1px solid var(--line)}",
     ".tools button{flex:1;border:1px solid var(--c);background:var(--bg);color:var(--fg);border-radius:8px;padding:6px}",
+    ".tools button[hidden],.confirm[hidden]{display:none}",
+    ".confirm{display:flex;flex-wrap:wrap;align-items:center;gap:6px;padding:8px 10px;border-top:1px solid var(--line)}",
+    ".confirm p{flex-basis:100%;margin:0}.confirm button{flex:1;border:1px solid var(--c);background:var(--bg);color:var(--fg);border-radius:8px;padding:6px}",
+    ".confirm .yes{background:var(--c);color:#fff}.hc .confirm .yes{color:#000}",
     "form{display:flex;gap:6px;padding:8px 10px 10px}",
     "textarea{flex:1;resize:none;font:inherit;padding:8px;border:1px solid var(--line);border-radius:8px;background:var(--bg);color:var(--fg);height:2.8em}",
     "form button{background:var(--c);color:#fff;border:0;border-radius:8px;padding:0 16px}.hc form button{color:#000}",
     ".q{margin:0}",
     ".sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}",
-    ".survey .b{max-width:100%;flex:1}.survey textarea{width:100%;margin-top:6px}.survey .send{margin-top:6px;background:var(--c);color:#fff;border:0;border-radius:8px;padding:4px 14px}",
-    "@media (max-width:480px){.root.open{top:0;bottom:0;left:0;right:0}.open .panel{width:100vw;max-width:100vw;height:100%;max-height:none;border-radius:0}}"
+    ".survey .b{max-width:100%;flex:1}.survey textarea{width:100%;margin-top:6px}.survey .send{margin-top:6px;background:var(--c);color:#fff;border:0;border-radius:8px;padding:4px 14px}.hc .survey .send{color:#000}",
+    // phones: the whole screen, and touch targets of at least 44 px
+    "@media (max-width:480px){.root.open{top:0;bottom:0;left:0;right:0}.open .panel{width:100vw;max-width:100vw;height:100%;max-height:none;border-radius:0}" +
+      "header button,.tools button,.confirm button,form button,.opts button,.rate button,.survey .send{min-height:44px;min-width:44px}}"
   ].join("\n");
 
   var prefs = load(PREFS) || {};
@@ -69,6 +75,11 @@
   var retryTimer = null;
   var started = false;
   var surveyShown = false;
+  var withAgent = false; // an agent holds the conversation: the bot does not type
+  var ended = false; // this conversation is closed; the next question starts a new one
+  var pending = null; // a question asked while there was no conversation to send it to
+  var lastSent = null; // the last question sent over the WebSocket (re-sent if it was refused as closed)
+  var SURVEY_OPEN = ["pending", "offered", "calling"];
 
   function load(k) { try { return JSON.parse(localStorage.getItem(k) || "null"); } catch (e) { return null; } }
   function save(k, v) { try { localStorage.setItem(k, JSON.stringify(v)); } catch (e) { /* private mode: session lasts the page */ } }
@@ -88,7 +99,8 @@
   try { var sheet = new CSSStyleSheet(); sheet.replaceSync(CSS); shadow.adoptedStyleSheets = [sheet]; }
   catch (e) { var style = el("style"); style.textContent = CSS; shadow.appendChild(style); }
   var root = el("div", { class: "root", lang: "zh-CN" });
-  var launch = el("button", { class: "launch", type: "button", "aria-haspopup": "dialog", "aria-expanded": "false", "aria-controls": "xz-panel" }, "💬 医保咨询");
+  var launch = el("button", { class: "launch", type: "button", "aria-haspopup": "dialog", "aria-expanded": "false", "aria-controls": "xz-panel" });
+  launch.append(el("span", { "aria-hidden": "true" }, "💬 "), "医保咨询");
   var panel = el("section", { class: "panel", id: "xz-panel", role: "dialog", "aria-modal": "false", "aria-labelledby": "xz-title" });
   var head = el("header");
   var title = el("h2", { id: "xz-title" }, "医保小智 在线咨询");
@@ -102,13 +114,18 @@
   var humanBtn = el("button", { type: "button" }, "转人工");
   var videoBtn = el("button", { type: "button", "aria-label": "视频办理（在新窗口打开）" }, "视频办理");
   var endBtn = el("button", { type: "button" }, "结束对话");
-  tools.append(humanBtn, videoBtn, endBtn);
+  var newBtn = el("button", { type: "button", hidden: "" }, "开始新的对话");
+  tools.append(humanBtn, videoBtn, endBtn, newBtn);
+  var confirmBar = el("div", { class: "confirm", role: "group", "aria-labelledby": "xz-confirm", hidden: "" });
+  var confirmYes = el("button", { type: "button", class: "yes" }, "确定结束");
+  var confirmNo = el("button", { type: "button" }, "继续咨询");
+  confirmBar.append(el("p", { id: "xz-confirm" }, "确定要结束本次对话吗？结束后工作人员将无法继续在这里回复您。"), confirmYes, confirmNo);
   var form = el("form", { "aria-label": "发送消息" });
   var label = el("label", { for: "xz-input", class: "sr" }, "输入您的问题");
   var input = el("textarea", { id: "xz-input", rows: "1", maxlength: "1000", placeholder: "请输入您的问题" });
   var send = el("button", { type: "submit" }, "发送");
   form.append(label, input, send);
-  panel.append(head, log, typing, tools, form);
+  panel.append(head, log, typing, confirmBar, tools, form);
   root.append(launch, panel);
   shadow.appendChild(root);
   applyPrefs();
@@ -150,7 +167,7 @@
     var b = el("div", { class: "b" });
     b.appendChild(el("span", { class: m.role === "resident" ? "sr" : "who" }, m.role === "resident" ? "我说：" : (WHO[m.role] || "") + "："));
     b.appendChild(document.createTextNode(m.text));
-    if (meta.degraded) b.appendChild(el("span", { class: "tag" }, "简化模式"));
+    if (meta.degraded) b.appendChild(el("span", { class: "tag" }, "系统繁忙，此答复直接摘自政策资料库"));
     if (meta.steps && meta.steps.length) {
       var ul = el("ul", { class: "steps", "aria-label": "办理步骤清单" });
       meta.steps.forEach(function (s, i) {
@@ -196,18 +213,27 @@
     return fetch(SERVER + path, { method: opts.method || "GET", headers: headers, body: opts.body ? JSON.stringify(opts.body) : undefined, mode: "cors", credentials: "omit" })
       .then(function (res) {
         return res.json().catch(function () { return {}; }).then(function (body) {
-          if (!res.ok) { var e = new Error(body.message || "请求失败（" + res.status + "）"); e.status = res.status; throw e; }
+          if (!res.ok) { var e = new Error(body.message || "请求失败（" + res.status + "）"); e.status = res.status; e.code = body.error; throw e; }
           return body;
         });
       });
   }
   function base() { return "/api/sessions/" + encodeURIComponent(session.session_id); }
 
+  var starting = null; // one start at a time: a retry must not open a second conversation
   function start() {
+    if (starting) return starting;
+    var p = starting = startNow();
+    var done = function () { if (starting === p) starting = null; };
+    p.then(done, done);
+    return p;
+  }
+  function startNow() {
     var resume = session ? api(base() + "/messages").then(function (t) {
       if (session.greeting) render({ seq: 0, role: "bot", text: session.greeting });
       t.messages.forEach(render);
-      if (t.status === "closed") return checkSurvey(true);
+      withAgent = t.status === "with_agent";
+      if (t.status === "closed") { setEnded(true); return checkSurvey(true); }
     }, function (e) { if (e.status === 401 || e.status === 403 || e.status === 404) { session = null; } else throw e; }) : Promise.resolve();
     return resume.then(function () {
       if (session) return;
@@ -216,7 +242,37 @@
         save(KEY, session);
         render({ seq: 0, role: "bot", text: s.greeting });
       });
-    }).then(connect);
+    }).then(function () { connect(); flushPending(); });
+  }
+
+  // A fresh conversation: nothing of the old one (messages, sequence numbers, survey, socket) is kept.
+  function reset() {
+    var old = socket;
+    socket = null;
+    if (old) { old.onclose = old.onmessage = null; try { old.close(); } catch (e) { /* already closed */ } }
+    if (retryTimer) { clearTimeout(retryTimer); retryTimer = null; }
+    session = null; starting = null;
+    try { localStorage.removeItem(KEY); } catch (e) { /* private mode */ }
+    shown = {}; lastSeq = 0; surveyShown = false; withAgent = false; lastSent = null;
+    log.textContent = "";
+    setEnded(false);
+    status("");
+  }
+  function startOver(note) {
+    reset();
+    started = true;
+    return start().then(function () { if (note) status(note); }, function (e) { status("连接失败：" + e.message + "，稍后自动重试。"); retry(); });
+  }
+  function setEnded(flag) {
+    ended = flag;
+    endBtn.hidden = flag; newBtn.hidden = !flag; confirmBar.hidden = true;
+    humanBtn.hidden = videoBtn.hidden = flag; // a closed conversation can only be followed by a new one
+  }
+  function flushPending() {
+    if (!pending || !session || ended) return;
+    var t = pending; pending = null;
+    if (input.value.trim() === t) input.value = "";
+    say(t);
   }
 
   function retry() {
@@ -242,31 +298,58 @@
     ws.onmessage = function (ev) {
       var e; try { e = JSON.parse(ev.data); } catch (x) { return; }
       if (e.type === "message") { render(e.message); if (e.message.role !== "resident") status(""); }
-      else if (e.type === "typing") status("医保小智正在输入…");
+      else if (e.type === "typing") { if (!withAgent) status("医保小智正在输入…"); }
       else if (e.type === "escalated") status("已为您转接人工客服，请稍候。");
-      else if (e.type === "agent_joined") status("人工客服已接入，请直接提问。");
-      else if (e.type === "agent_left") status("人工客服已离开，医保小智继续为您服务。");
-      else if (e.type === "closed") { status("本次对话已结束。"); checkSurvey(true); }
+      else if (e.type === "agent_joined") { withAgent = true; status("人工客服已接入，请直接提问。"); }
+      else if (e.type === "agent_left") { withAgent = false; status("人工客服已离开，医保小智继续为您服务。"); }
+      else if (e.type === "closed") { withAgent = false; setEnded(true); status("本次对话已结束。如需继续咨询，请点“开始新的对话”。"); checkSurvey(true); }
       else if (e.type === "survey") showSurvey(e.survey);
+      else if (e.type === "error" && e.error === "conversation_closed") { var again = lastSent; lastSent = null; restartWith(again); }
       else if (e.type === "error") status(e.message);
     };
     ws.onclose = function (ev) {
       if (socket === ws) socket = null;
-      if (ev.code === 4401 || ev.code === 4403) { session = null; localStorage.removeItem(KEY); }
+      if (ev.code === 4401 || ev.code === 4403) {
+        // the hub no longer accepts this conversation's token: start a new one, nothing of the old kept
+        reset();
+        status("之前的对话已失效，正在为您开始新的对话…");
+      }
       retry();
     };
   }
 
   function say(text) {
     text = (text || "").trim();
-    if (!text || !session) return;
-    status("医保小智正在输入…");
-    if (socket && socket.readyState === 1) { socket.send(JSON.stringify({ text: text })); return; }
+    if (!text) return;
+    if (ended) { restartWith(text); return; }
+    if (!session) { waitFor(text); return; }
+    status(withAgent ? "" : "医保小智正在输入…");
+    if (socket && socket.readyState === 1) { lastSent = text; socket.send(JSON.stringify({ text: text })); return; }
     api(base() + "/messages", { method: "POST", body: { text: text } }).then(function (r) {
       render(r.message); r.replies.forEach(render); status("");
-    }, function (e) { status(e.message + "（已断开，正在重连）"); retry(); });
+    }, function (e) {
+      if (e.code === "conversation_closed") restartWith(text);
+      else { status(e.message + "（已断开，正在重连）"); retry(); }
+    });
   }
-  form.addEventListener("submit", function (ev) { ev.preventDefault(); var t = input.value; input.value = ""; say(t); });
+  // No conversation yet (still connecting, or reconnecting): keep the question and send it once connected.
+  function waitFor(text) {
+    pending = text;
+    status("正在恢复连接，连上后会自动发送您的问题，请稍候。");
+    if (!started) { started = true; start().catch(function () { retry(); }); } else if (!starting && !retryTimer) retry();
+  }
+  // The conversation has ended (here or elsewhere): a new one, and the question goes there.
+  function restartWith(text) {
+    startOver("上一个对话已经结束，已为您开始新的对话。").then(function () { if (text) say(text); });
+  }
+  form.addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var t = input.value.trim();
+    if (!t) return;
+    if (!session) { waitFor(t); return; } // the typed question stays in the box until it is sent
+    input.value = "";
+    say(t);
+  });
   input.addEventListener("keydown", function (ev) { if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); form.requestSubmit(); } });
 
   function escalate() {
@@ -283,13 +366,25 @@
   });
   endBtn.addEventListener("click", function () {
     if (!session) return;
-    api(base() + "/close", { method: "POST", body: {} }).then(function () { status("本次对话已结束，感谢您的咨询。"); checkSurvey(true); }, function (e) { status(e.message); });
+    confirmBar.hidden = false;
+    confirmNo.focus();
   });
+  confirmNo.addEventListener("click", function () { confirmBar.hidden = true; endBtn.focus(); });
+  confirmYes.addEventListener("click", function () {
+    confirmBar.hidden = true;
+    if (!session) return;
+    api(base() + "/close", { method: "POST", body: {} }).then(function () {
+      withAgent = false; setEnded(true); newBtn.focus();
+      status("本次对话已结束，感谢您的咨询。如需继续咨询，请点“开始新的对话”。");
+      checkSurvey(true);
+    }, function (e) { status(e.message); });
+  });
+  newBtn.addEventListener("click", function () { startOver().then(function () { input.focus(); }); });
 
   // ---- follow-up survey (智能回访) -----------------------------------------------------------
   function checkSurvey() {
     if (!session || surveyShown) return Promise.resolve();
-    return api(base() + "/survey").then(function (r) { if (r.survey && r.survey.status !== "answered") showSurvey(r.survey); }, function () {});
+    return api(base() + "/survey").then(function (r) { if (r.survey && SURVEY_OPEN.indexOf(r.survey.status) >= 0) showSurvey(r.survey); }, function () {});
   }
   function showSurvey(s) {
     if (surveyShown || !s) return;

@@ -7,10 +7,14 @@ Definitions (docs/analytics.md):
 - *escalation rate*: escalated / asked;
 - *abandoned*: the resident left before an agent took the conversation (its escalation was never
   claimed and the conversation closed), or the resident's last question got no reply;
-- *knowledge gaps*: resident questions whose reply abstained, only clarified, or had confidence
-  below the abstain threshold, grouped by the knowledge-base entry nearest to them (or, without a
-  knowledge base, by their normalised text), so staff see what the corpus lacks;
-- *waiting time*: escalation created -> claimed; *handling time*: claimed -> closed.
+- *knowledge gaps*: resident questions whose reply abstained, only clarified, or was answered from
+  the knowledge base with a search confidence (``kb_confidence``) below the abstain threshold,
+  grouped by the knowledge-base entry nearest to them (or, without a knowledge base, by their
+  normalised text), so staff see what the corpus lacks. The NLU intent confidence (``confidence``)
+  is another scale and is not used;
+- *waiting time* (live queue only): escalation created -> claimed, or -> closed for a resident who
+  gave up waiting; out-of-hours callback tickets are reported apart (created -> called back);
+  *handling time*: claimed -> closed.
 Personal data: question samples, contacts and comments pass mask_pii before they leave here.
 """
 
@@ -24,15 +28,91 @@ import time
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from statistics import mean
 
+import yaml
 from sqlalchemy import select
 
+from knowledge_base.schema import TOPIC_LABELS
+from xiaozhi.hub.desk import CALLBACK_TEXT
 from xiaozhi.hub.store import Conversation, Escalation, Message, Store, aware
 from xiaozhi.hub.surveys import LOCAL_TZ, Survey
 from xiaozhi.masking import mask_pii
 
 GAP_OUTCOMES = ("abstained", "clarifying")
+INTENT_LABELS_FILE = Path(__file__).resolve().parent / "intent_labels.yaml"
+_CALLBACK_PREFIX = CALLBACK_TEXT.split("{", 1)[0]
+
+
+_PROVINCE_FULL = {
+    "150000": "内蒙古自治区",
+    "450000": "广西壮族自治区",
+    "540000": "西藏自治区",
+    "640000": "宁夏回族自治区",
+    "650000": "新疆维吾尔自治区",
+}
+
+
+def _region_names() -> dict[str, str]:
+    """GB/T 2260 code -> name for regions the knowledge base has no entry for (the dialogue's
+    vocabulary table, bot/actions/regions.py; absent when the hub is installed without bot/)."""
+    try:
+        from bot.actions.regions import CODE_NAMES
+    except ImportError:  # pragma: no cover - packaged hub without the dialogue sources
+        return {}
+    names = {}
+    for code, name in CODE_NAMES.items():
+        if code in _PROVINCE_FULL:
+            names[code] = _PROVINCE_FULL[code]
+        elif code[:2] in ("11", "12", "31", "50") or not code.endswith("0000"):
+            names[code] = name + "市"
+        else:
+            names[code] = name + "省"
+    return names
+
+
+REGION_NAMES = _region_names()
+
+
+@cache
+def intent_labels() -> dict[str, str]:
+    """Chinese labels of the dialogue's intents (data file next to this module)."""
+    return yaml.safe_load(INTENT_LABELS_FILE.read_text(encoding="utf-8")) or {}
+
+
+def intent_label(intent: str) -> str:
+    return intent_labels().get(intent, intent)
+
+
+def topic_label(topic: str | None) -> str:
+    return TOPIC_LABELS.get(topic or "", topic or "")
+
+
+def kb_confidence(meta: dict) -> float | None:
+    """The knowledge-base search confidence behind a bot reply (same scale as the abstain threshold):
+    ``kb_confidence`` on answers from the knowledge base (Rasa's action and the hub's degraded
+    answers), else the ``search`` block's confidence. None for replies not from a search (greetings,
+    form prompts). ``confidence`` is the NLU intent score, another scale, and is ignored."""
+    conf = meta.get("kb_confidence")
+    if conf is None and isinstance(meta.get("search"), dict):
+        conf = meta["search"].get("confidence")
+    return conf if isinstance(conf, (int, float)) and not isinstance(conf, bool) else None
+
+
+def is_callback(esc: Escalation, messages: list[Message]) -> bool:
+    """An out-of-hours callback ticket (never in the live queue). Its status is ``callback`` only
+    until an agent takes it, so also recognise it by the callback notice the desk posted for it, or
+    the 已回电 disposition."""
+    if esc.status == "callback" or esc.disposition == "called_back":
+        return True
+    return any(
+        m.role == "system" and (m.meta or {}).get("queue_id") == esc.id and m.text.startswith(_CALLBACK_PREFIX)
+        for m in messages
+    )
+
+
 _PUNCT = re.compile(r"[\s\W_]+", re.UNICODE)
 
 
@@ -147,8 +227,8 @@ def compute(data: dict, rng: Range, *, low_confidence: float = 0.5, knowledge_ba
             cites = meta.get("citations") or []
             if outcome == "answered" and cites and cites[0].get("topic"):
                 topics[cites[0]["topic"]] += 1
-            conf = meta.get("confidence", meta.get("kb_confidence"))
-            low = isinstance(conf, (int, float)) and conf < low_confidence
+            conf = kb_confidence(meta)
+            low = outcome == "answered" and conf is not None and conf < low_confidence
             if (outcome in GAP_OUTCOMES or low) and m.reply_to in resident:
                 gaps.append((resident[m.reply_to].text, outcome if outcome in GAP_OUTCOMES else "low_confidence"))
                 resident.pop(m.reply_to)  # one entry per question even when two replies qualify
@@ -179,22 +259,23 @@ def compute(data: dict, rng: Range, *, low_confidence: float = 0.5, knowledge_ba
         if d is not None:
             durations.append(d)
 
-    waits = [
-        w for e in data["escalations"] if (w := _seconds(e.created_at, e.claimed_at)) is not None
-    ]
-    handles = [
-        h
-        for e in data["escalations"]
-        if (h := _seconds(e.claimed_at, e.closed_at)) is not None
-    ]
+    closed_at = {c.id: c.closed_at for c in convs}
+    waits_answered: list[float] = []
+    waits_abandoned: list[float] = []
+    callbacks: list[Escalation] = []
+    for e in data["escalations"]:
+        if is_callback(e, by_conv.get(e.conversation_id, [])):
+            callbacks.append(e)
+        elif e.claimed_at is not None:
+            waits_answered.append(_seconds(e.created_at, e.claimed_at))
+        elif (left := e.closed_at or closed_at.get(e.conversation_id)) is not None:
+            waits_abandoned.append(_seconds(e.created_at, left))  # gave up: waited until they left
+        # still waiting: not counted until it ends
+    callback_times = [w for e in callbacks if (w := _seconds(e.created_at, e.claimed_at)) is not None]
+    handles = [h for e in data["escalations"] if (h := _seconds(e.claimed_at, e.closed_at)) is not None]
     rating_values = list(ratings.values())
     n_esc_convs = len(escalated)
-    region_names = {}
-    entries = getattr(knowledge_base, "entries", None) or {}
-    for entry in entries.values() if isinstance(entries, dict) else entries:
-        region = getattr(entry, "region", None)
-        if region is not None and getattr(region, "code", None):
-            region_names[region.code] = region.label
+    names = region_names(kb_region_names(knowledge_base))
     return {
         "range": {"from": rng.first_day.isoformat(), "to": rng.last_day.isoformat(), "timezone": "Asia/Shanghai"},
         "totals": {
@@ -206,16 +287,27 @@ def compute(data: dict, rng: Range, *, low_confidence: float = 0.5, knowledge_ba
             "escalation_rate": _rate(esc_asked, asked),
             "abandoned": abandoned,
             "abandon_rate": _rate(abandoned, len(convs)),
-            "avg_wait_s": _avg(waits),
+            "avg_wait_s": _avg(waits_answered + waits_abandoned),
             "avg_handle_s": _avg(handles),
             "avg_conversation_s": _avg(durations),
+        },
+        "queue": {
+            "answered": len(waits_answered),
+            "abandoned": len(waits_abandoned),
+            "avg_wait_answered_s": _avg(waits_answered),
+            "avg_wait_abandoned_s": _avg(waits_abandoned),
+        },
+        "callbacks": {
+            "count": len(callbacks),
+            "called_back": len(callback_times),
+            "avg_callback_s": _avg(callback_times),
         },
         "by_channel": dict(channels),
         "by_hour": hours,
         "by_day": dict(sorted(days.items())),
         "outcomes": dict(outcomes),
-        "top_intents": [{"intent": k, "count": v} for k, v in intents.most_common(10)],
-        "top_topics": [{"topic": k, "count": v} for k, v in topics.most_common(10)],
+        "top_intents": [{"intent": k, "label": intent_label(k), "count": v} for k, v in intents.most_common(10)],
+        "top_topics": [{"topic": k, "label": topic_label(k), "count": v} for k, v in topics.most_common(10)],
         "satisfaction": {
             "answered": len(rating_values),
             "surveys": len(data["surveys"]),
@@ -226,7 +318,7 @@ def compute(data: dict, rng: Range, *, low_confidence: float = 0.5, knowledge_ba
         "by_region": [
             {
                 "region": code,
-                "region_name": region_names.get(code, ""),
+                "region_name": names.get(code, ""),
                 "conversations": r["conversations"],
                 "asked": r["asked"],
                 "containment_rate": _rate(r["contained"], r["asked"]),
@@ -237,6 +329,32 @@ def compute(data: dict, rng: Range, *, low_confidence: float = 0.5, knowledge_ba
         ],
         "knowledge_gaps": group_gaps(gaps, knowledge_base, limit=gap_limit),
     }
+
+
+def kb_region_names(knowledge_base) -> dict[str, str]:
+    """Region code -> name for every region the knowledge base has entries for."""
+    names = {}
+    entries = getattr(knowledge_base, "entries", None) or {}
+    for entry in entries.values() if isinstance(entries, dict) else entries:
+        region = getattr(entry, "region", None)
+        if region is not None and getattr(region, "code", None):
+            names[region.code] = region.label
+    return names
+
+
+def region_names(kb_names: dict[str, str]) -> dict[str, str]:
+    """Region code -> name: the knowledge base's own (``kb_region_names``), else the dialogue vocabulary's."""
+    return {**REGION_NAMES, **{code: name for code, name in kb_names.items() if name}}
+
+
+async def region_options(store: Store, knowledge_base=None) -> list[dict]:
+    """The regions the filter offers: those of the knowledge base and those conversations carry."""
+    async with store.sessions() as s:
+        seen = {c for (c,) in await s.execute(select(Conversation.region_code).distinct()) if c}
+    kb = kb_region_names(knowledge_base)
+    names = region_names(kb)
+    codes = sorted((seen | set(kb)) - {"100000"})  # 全国 is not a place a conversation comes from
+    return [{"code": c, "name": names.get(c, "")} for c in codes]
 
 
 def group_gaps(gaps: list[tuple[str, str]], knowledge_base=None, *, limit: int = 30) -> list[dict]:
@@ -263,6 +381,7 @@ def group_gaps(gaps: list[tuple[str, str]], knowledge_base=None, *, limit: int =
                 "label": label,
                 "nearest_entry": entry_id,
                 "topic": topic,
+                "topic_label": topic_label(topic),
                 "count": 0,
                 "outcomes": Counter(),
                 "samples": [],
@@ -311,7 +430,8 @@ def conversations_csv(data: dict) -> str:
         resident = [m for m in msgs if m.role == "resident"]
         bots = [m for m in msgs if m.role == "bot"]
         w.writerow(
-            [
+            _csv_safe(v) if isinstance(v, str) else v
+            for v in [
                 c.id,
                 aware(c.created_at).astimezone(LOCAL_TZ).isoformat(timespec="seconds"),
                 c.channel,
@@ -323,15 +443,16 @@ def conversations_csv(data: dict) -> str:
                 (bots[-1].meta or {}).get("outcome", "") if bots else "",
                 "yes" if c.id in escalated else "no",
                 ratings.get(c.id) or "",
-                _csv_safe(mask_pii(resident[0].text)[:200]) if resident else "",
+                mask_pii(resident[0].text)[:200] if resident else "",
             ]
         )
     return "\ufeff" + out.getvalue()  # BOM: Excel opens the UTF-8 Chinese text correctly
 
 
 def _csv_safe(text: str) -> str:
-    """Spreadsheet formula injection: a cell must not start with = + - @."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+    """Spreadsheet formula injection: a text cell must not start with = + - @ (or a tab or carriage
+    return, which some spreadsheets strip before reading a formula)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 # -- Prometheus ----------------------------------------------------------------------------------

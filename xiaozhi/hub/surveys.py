@@ -40,6 +40,9 @@ PHONE_NO_ANSWER = "没有收到您的按键，我们稍后再联系您，再见�
 # pending: a phone survey waiting for its call; offered: shown in the chat; calling: a call is up;
 # answered; failed: every attempt used; expired: nobody answered in time; unreachable: no channel to ask on.
 OPEN_STATES = ("pending", "offered", "calling")
+# A follow-up call rings for at most 45 s and waits 20 s for a key: one still "calling" after this
+# long was cut off (its hub crashed or restarted) and is tried again.
+CALL_STALE_S = 600
 
 
 class Survey(Base):
@@ -254,23 +257,35 @@ class SurveyService:
         await self.sweep_closed_escalations()
         if self.phone_caller is None or self.policy.in_quiet_hours(now):
             return 0
-        async with self.store.sessions() as s, s.begin():
-            due = list(
-                (
-                    await s.execute(
-                        select(Survey)
-                        .where(Survey.status == "pending", Survey.due_at <= now)
-                        .order_by(Survey.due_at)
-                        .limit(20)
-                    )
-                ).scalars()
-            )
-            for survey in due:
-                survey.status = "calling"
-                survey.attempts += 1
+        due = await self.claim(await self.due_ids(now), now)
         for survey in due:
             await self._call(survey)
         return len(due)
+
+    async def due_ids(self, now: dt.datetime) -> list[int]:
+        async with self.store.sessions() as s:
+            rows = await s.execute(
+                select(Survey.id)
+                .where(Survey.status == "pending", Survey.due_at <= now)
+                .order_by(Survey.due_at)
+                .limit(20)
+            )
+            return list(rows.scalars())
+
+    async def claim(self, survey_ids: list[int], now: dt.datetime) -> list[Survey]:
+        """Take the surveys still pending for a call. With several hub replicas polling, each survey
+        is claimed by one of them. While calling, due_at records when the call started (recover())."""
+        claimed = []
+        for survey_id in survey_ids:
+            async with self.store.sessions() as s, s.begin():
+                done = await s.execute(
+                    update(Survey)
+                    .where(Survey.id == survey_id, Survey.status == "pending")
+                    .values(status="calling", attempts=Survey.attempts + 1, due_at=now)
+                )
+                if done.rowcount == 1:
+                    claimed.append(await s.get(Survey, survey_id))
+        return claimed
 
     async def _call(self, survey: Survey) -> None:
         assert self.phone_caller is not None
@@ -307,17 +322,16 @@ class SurveyService:
 
         since = self.clock() - dt.timedelta(hours=self.policy.expire_hours)
         async with self.store.sessions() as s:
+            # IN, not JOIN + DISTINCT: PostgreSQL has no equality for the json column (conversations.meta).
+            handled = select(Escalation.conversation_id).where(
+                Escalation.status == "closed",
+                Escalation.claimed_at.is_not(None),
+                Escalation.closed_at >= since,
+            )
             rows = await s.execute(
                 select(Conversation)
-                .join(Escalation, Escalation.conversation_id == Conversation.id)
                 .outerjoin(Survey, Survey.conversation_id == Conversation.id)
-                .where(
-                    Escalation.status == "closed",
-                    Escalation.claimed_at.is_not(None),
-                    Escalation.closed_at >= since,
-                    Survey.id.is_(None),
-                )
-                .distinct()
+                .where(Conversation.id.in_(handled), Survey.id.is_(None))
                 .limit(100)
             )
             conversations = list(rows.scalars())
@@ -326,14 +340,19 @@ class SurveyService:
         return len(conversations)
 
     async def recover(self) -> None:
-        """A call cut off by a restart is tried again (its attempt still counts)."""
+        """A call cut off by a crash or restart (of any replica) is tried again, its attempt still
+        counted: one still "calling" CALL_STALE_S after it started. A call in progress on another
+        replica is younger than that and is left alone."""
+        started_before = self.clock() - dt.timedelta(seconds=CALL_STALE_S)
         async with self.store.sessions() as s, s.begin():
-            await s.execute(update(Survey).where(Survey.status == "calling").values(status="pending"))
+            await s.execute(
+                update(Survey).where(Survey.status == "calling", Survey.due_at < started_before).values(status="pending")
+            )
 
     async def poll_forever(self, interval_s: float) -> None:
-        await self.recover()
         while True:
             try:
+                await self.recover()
                 await self.run_due()
             except Exception:
                 log.exception("survey scheduler round failed")

@@ -74,6 +74,14 @@ async def summary(request: Request, user: Supervisor, selection: Annotated[Selec
     )
 
 
+@router.get("/api/staff/analytics/regions")
+async def regions(request: Request, user: Supervisor) -> dict:
+    """The regions the region filter offers (knowledge-base regions and regions conversations came
+    from), each with its GB/T 2260 code and Chinese name."""
+    items = await analytics.region_options(request.app.state.store, request.app.state.knowledge_base)
+    return {"regions": items}
+
+
 @router.get(
     "/api/staff/analytics/export.csv",
     response_class=Response,

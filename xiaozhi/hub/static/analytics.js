@@ -7,6 +7,7 @@
   var COLORS = { web: "#1f77b4", phone: "#ff7f0e", video: "#2ca02c" };
   var CHANNEL = { web: "网页", phone: "电话", video: "视频" };
   var OUTCOME = { answered: "已解答", clarifying: "追问澄清", abstained: "未能回答", escalated: "转人工", degraded: "简化模式" };
+  var ROLE = { agent: "坐席", supervisor: "主管", admin: "管理员" };
   var token = function () { return sessionStorage.getItem(TOKEN_KEY); };
 
   function api(path, opts) {
@@ -36,7 +37,7 @@
     return n;
   }
   function pct(x) { return x == null ? "—" : (x * 100).toFixed(1) + "%"; }
-  function secs(x) { if (x == null) return "—"; return x < 60 ? Math.round(x) + "秒" : (x / 60).toFixed(1) + "分钟"; }
+  function secs(x) { if (x == null) return "—"; return x < 60 ? Math.round(x) + "秒" : x < 3600 ? (x / 60).toFixed(1) + "分钟" : (x / 3600).toFixed(1) + "小时"; }
 
   // ---- charts -------------------------------------------------------------------------------
   function hbars(target, rows, label) {   // rows: [[name, value, title?]]
@@ -85,12 +86,16 @@
     box.appendChild(lg);
   }
 
-  function kpis(t, sat) {
+  function kpis(t, sat, cb) {
     var box = $("kpis"); box.textContent = "";
     [["会话量", t.conversations], ["自助解决率", pct(t.containment_rate)], ["转人工率", pct(t.escalation_rate)],
      ["放弃会话", t.abandoned + "（" + pct(t.abandon_rate) + "）"], ["满意度", sat.average == null ? "—" : sat.average.toFixed(2) + " / 5"],
-     ["平均等待", secs(t.avg_wait_s)], ["平均处理", secs(t.avg_handle_s)]].forEach(function (k) {
-      var d = el("div", { class: "kpi" }); d.appendChild(el("div", { class: "v" }, String(k[1]))); d.appendChild(el("div", { class: "l" }, k[0])); box.appendChild(d);
+     ["平均等待", secs(t.avg_wait_s)], ["平均处理", secs(t.avg_handle_s)],
+     ["非工作时间回访", cb.count, cb.called_back ? "平均 " + secs(cb.avg_callback_s) + " 后回电" : "", "登记后由工作人员在服务时间回电，不计入平均等待"]].forEach(function (k) {
+      var d = el("div", { class: "kpi" }); d.appendChild(el("div", { class: "v" }, String(k[1]))); d.appendChild(el("div", { class: "l" }, k[0]));
+      if (k[2]) d.appendChild(el("div", { class: "s" }, k[2]));
+      if (k[3]) d.title = k[3];
+      box.appendChild(d);
     });
   }
 
@@ -107,28 +112,37 @@
   }
 
   function render(f) {
-    kpis(f.totals, f.satisfaction);
+    kpis(f.totals, f.satisfaction, f.callbacks);
     stackedHours("hours", f.by_hour);
     hbars("channels", Object.keys(f.by_channel).map(function (c) { return [CHANNEL[c] || c, f.by_channel[c], "", COLORS[c]]; }), "渠道分布");
     hbars("days", Object.keys(f.by_day).map(function (d) { return [d, f.by_day[d]]; }), "每日咨询量");
-    hbars("intents", f.top_intents.map(function (x) { return [x.intent, x.count]; }), "热门意图");
-    hbars("topics", f.top_topics.map(function (x) { return [x.topic, x.count]; }), "热门主题");
+    hbars("intents", f.top_intents.map(function (x) { return [x.label || x.intent, x.count]; }), "热门意图");
+    hbars("topics", f.top_topics.map(function (x) { return [x.label || x.topic, x.count]; }), "热门主题");
     hbars("satisfaction", ["5", "4", "3", "2", "1"].map(function (k) { return [k + "分", f.satisfaction.distribution[k]]; }), "满意度分布");
     hbars("outcomes", Object.keys(f.outcomes).map(function (o) { return [OUTCOME[o] || o, f.outcomes[o]]; }), "回复结果");
     table("regions", ["地区", "会话量", "提问会话", "自助解决率", "转人工率", "满意度"], f.by_region.map(function (r) {
       return [r.region_name ? r.region_name + "（" + r.region + "）" : r.region, r.conversations, r.asked, pct(r.containment_rate), pct(r.escalation_rate), r.satisfaction];
     }));
     table("gaps", ["最接近的知识条目 / 问题", "主题", "次数", "未答上", "追问", "低置信度", "问题示例（已脱敏）"], f.knowledge_gaps.map(function (g) {
-      return [g.label, g.topic, g.count, g.outcomes.abstained || 0, g.outcomes.clarifying || 0, g.outcomes.low_confidence || 0,
+      return [g.label, g.topic_label || g.topic, g.count, g.outcomes.abstained || 0, g.outcomes.clarifying || 0, g.outcomes.low_confidence || 0,
               el("span", { class: "samples" }, g.samples.join(" ｜ "))];
     }));
   }
 
   function params() {
     var p = new URLSearchParams({ from: $("from").value, to: $("to").value });
-    if ($("region").value.trim()) p.set("region", $("region").value.trim());
+    if ($("region").value) p.set("region", $("region").value);
     if ($("channel").value) p.set("channel", $("channel").value);
     return p.toString();
+  }
+  function regions() {
+    return api("/api/staff/analytics/regions").then(function (r) {
+      var sel = $("region"), keep = sel.value || new URLSearchParams(location.search).get("region") || "";
+      while (sel.options.length > 1) sel.remove(1);
+      r.regions.forEach(function (g) { sel.appendChild(el("option", { value: g.code }, g.name ? g.name + "（" + g.code + "）" : g.code)); });
+      sel.value = keep;
+      if (sel.value !== keep) sel.value = "";
+    }, function () { /* the filter keeps only 全部 */ });
   }
   function load() {
     $("status").textContent = "加载中…";
@@ -146,8 +160,9 @@
     $("from").value = q.get("from") || week; $("to").value = q.get("to") || today;
     if (!token()) { show("login"); return; }
     api("/api/staff/me").then(function (me) {
-      $("who").textContent = (me.display_name || me.username) + "（" + me.role + "）";
-      show("dash"); load();
+      $("who").textContent = (me.display_name || me.username) + "（" + (ROLE[me.role] || me.role) + "）";
+      show("dash");
+      return regions().then(load);
     }, fail);
   }
 

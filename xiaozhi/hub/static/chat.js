@@ -24,7 +24,7 @@
     const bubble = el("div", "bubble", message.text);
     const meta = message.meta || {};
     if (message.role === "agent") bubble.insertBefore(el("span", "who", "工作人员" + (meta.agent_name || "") + "："), bubble.firstChild);
-    if (meta.degraded) bubble.appendChild(el("span", "tag", "简化模式"));
+    if (meta.degraded) bubble.appendChild(el("span", "tag", "系统繁忙，此答复直接摘自政策资料库"));
     if (meta.steps && meta.steps.length) {
       const steps = el("ol");
       meta.steps.forEach(function (s) { steps.appendChild(el("li", "", s)); });
