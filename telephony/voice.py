@@ -80,6 +80,10 @@ class DialogueBackend(Protocol):
     async def call_ended(self, call: Call, reason: str) -> None: ...
 
 
+class RecognitionTimeout(RuntimeError):
+    """The recogniser did not answer within ``VoiceConfig.asr_timeout_s``; handled like a crash."""
+
+
 @dataclass
 class VoiceConfig:
     """Behaviour of the phone line. ``elderly()`` gives the 适老化 variant (more patience)."""
@@ -95,6 +99,9 @@ class VoiceConfig:
     no_input_s: float = 8.0  # silence after the bot finished speaking before a re-prompt
     max_silences: int = 3
     max_failures: int = 2  # recognition failures before the keypad menu
+    # A recogniser that has not answered after this long counts as crashed: the caller goes to the
+    # keypad menu (0 still reaches an agent) instead of waiting in silence. 0: no limit.
+    asr_timeout_s: float = 10.0
     inter_digit_s: float = 5.0  # a number typed without # is taken after this pause
     max_turn_s: float = 15.0
     hold_gap_s: float = 1.5  # silence between hold-prompt repeats
@@ -250,11 +257,25 @@ class VoiceBot(CallHandler):
         session.early = (event.audio, task)
 
     async def _transcribe(self, audio: bytes):
+        """The recogniser's transcript; raises ``RecognitionTimeout`` after ``asr_timeout_s``.
+
+        A thread cannot be stopped: a hung decode keeps its worker (and counts in ``decoding``, so
+        no early guesses pile onto it) until it returns, but the call no longer waits for it.
+        """
         self.decoding += 1
-        try:
-            return await asyncio.to_thread(self.recognizer.transcribe, audio)
-        finally:
+        decode = asyncio.ensure_future(asyncio.to_thread(self.recognizer.transcribe, audio))
+
+        def finished(fut: asyncio.Future) -> None:
             self.decoding -= 1
+            if not fut.cancelled():
+                fut.exception()  # retrieved: an abandoned decode's error is not news
+
+        decode.add_done_callback(finished)
+        timeout = self.config.asr_timeout_s or None
+        try:
+            return await asyncio.wait_for(asyncio.shield(decode), timeout)
+        except TimeoutError:
+            raise RecognitionTimeout(f"no transcript after {timeout:g} s") from None
 
     async def _watch_gaps(self, session: CallSession) -> None:
         """A caller's phone may stop sending RTP when they stop talking (silence suppression, or a

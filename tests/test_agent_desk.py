@@ -9,12 +9,18 @@ import datetime as dt
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import make_staff, open_session, staff_login
+from conftest import DATABASES, make_staff, open_session, staff_login
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from xiaozhi.hub.app import create_app
 from xiaozhi.hub.desk import DeskError, ServiceHours
+
+
+@pytest.fixture(params=DATABASES)
+def database_backend(request) -> str:
+    """Every hub and store in this module runs on SQLite and on PostgreSQL (conftest.py)."""
+    return request.param
 
 
 def escalate(client, sid: str, auth: dict, **body) -> dict:

@@ -81,6 +81,7 @@ def test_compose_has_the_production_shape(compose):
     assert _env(services["hub"])["XIAOZHI_DATABASE_URL"].startswith("postgresql+asyncpg://")
     endpoints = yaml.safe_load((DEPLOY / "rasa" / "endpoints.yml").read_text())
     assert endpoints["tracker_store"]["dialect"] == "postgresql" and endpoints["lock_store"]["type"] == "redis"
+    assert endpoints["tracker_store"]["type"] == "xiaozhi_tracker_store.CachedSQLTrackerStore"  # on PYTHONPATH: bot/rasa_runtime
     assert "deploy/rasa/endpoints.yml" in services["rasa"]["command"]
 
 
@@ -181,6 +182,7 @@ def test_k8s_has_the_production_shape(k8s):
     assert ("Deployment", "kamailio") in by_name and ("DaemonSet", "coturn") in by_name
     endpoints = yaml.safe_load(by_name[("ConfigMap", "rasa-endpoints")]["data"]["endpoints.yml"])
     assert endpoints["tracker_store"]["dialect"] == "postgresql" and endpoints["lock_store"]["type"] == "redis"
+    assert endpoints["tracker_store"]["type"] == "xiaozhi_tracker_store.CachedSQLTrackerStore"  # on PYTHONPATH: bot/rasa_runtime
 
 
 def test_k8s_references_resolve(k8s):

@@ -2,7 +2,14 @@
 
 import json
 
-from conftest import open_session
+import pytest
+from conftest import DATABASES, open_session
+
+
+@pytest.fixture(params=DATABASES)
+def database_backend(request) -> str:
+    """Every hub and store in this module runs on SQLite and on PostgreSQL (conftest.py)."""
+    return request.param
 
 
 def test_openapi_docs_and_chat_page_are_served(hub):
@@ -116,6 +123,23 @@ def test_websocket_with_a_wrong_token_is_closed(hub):
         assert exc.code == 4401
     else:
         raise AssertionError("the socket should have been closed")
+
+
+def test_a_closed_conversation_refuses_new_messages_with_409_over_http_and_websocket(hub):
+    sid, auth = open_session(hub)
+    token = auth["Authorization"].split()[1]
+    with hub.websocket_connect(f"/api/sessions/{sid}/ws?token={token}") as ws:
+        assert hub.post(f"/api/sessions/{sid}/close", headers=auth).status_code == 200
+        ws.send_text(json.dumps({"text": "还有一个问题"}))
+        refused = ws.receive_json()
+        while refused["type"] in ("closed", "survey"):  # what closing published first
+            refused = ws.receive_json()
+    assert refused["type"] == "error" and refused["error"] == "conversation_closed"
+    r = hub.post(f"/api/sessions/{sid}/messages", json={"text": "还有一个问题"}, headers=auth)
+    assert r.status_code == 409 and r.json()["error"] == "conversation_closed" and "重新开始" in r.json()["message"]
+    assert hub.post(f"/api/sessions/{sid}/escalate", headers=auth).status_code == 409
+    texts = [m["text"] for m in hub.get(f"/api/sessions/{sid}/messages", headers=auth).json()["messages"]]
+    assert "还有一个问题" not in texts
 
 
 def test_knowledge_base_search_endpoint(hub):

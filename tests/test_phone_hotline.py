@@ -295,23 +295,63 @@ class BrokenRecognizer:
         raise RuntimeError("recogniser crashed")
 
 
+async def recogniser_failure_goes_to_the_keypad(app, peer, call, rtp, failing, *, asr_timeout_s=None,
+                                                 release=lambda: None) -> list:
+    """Give the bot a failing recogniser: the caller, who asks a question, is told to use the keypad
+    and stays on the line; after the working recogniser is back (and the failing one ``release``d),
+    a key press gets its question answered. Returns the transcript after hanging up."""
+    bot = app.state.phone.bot
+    session = next(iter(bot.sessions.values()))
+    working, timeout = bot.recognizer, bot.config.asr_timeout_s
+    bot.recognizer = failing
+    if asr_timeout_s is not None:
+        bot.config.asr_timeout_s = asr_timeout_s
+    try:
+        sent = await rtp.say(trimmed("02_yidi_beian"))
+        assert await until_heard(rtp, sent), "the caller is told to use the keypad"
+        await until_quiet(rtp)
+        assert session.mode == "menu" and not call_ended(app)
+        bot.recognizer = working
+        release()
+        pressed = time.monotonic()
+        await rtp.key("1")
+        assert await until_heard(rtp, pressed + 0.3), "the keypad question is answered"
+    finally:
+        release()
+        bot.recognizer, bot.config.asr_timeout_s = working, timeout
+    return await transcript_then_hang_up(app, peer, call)
+
+
 async def test_a_crashed_recogniser_moves_the_call_to_the_keypad_menu_not_off_the_line(hub_settings, knowledge_base):
     async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
         await until_quiet(rtp)
-        bot = app.state.phone.bot
-        session = next(iter(bot.sessions.values()))
-        working, bot.recognizer = bot.recognizer, BrokenRecognizer()
-        try:
-            sent = await rtp.say(trimmed("02_yidi_beian"))
-            assert await until_heard(rtp, sent), "the caller is told to use the keypad"
-            await until_quiet(rtp)
-            assert session.mode == "menu" and not call_ended(app)
-            pressed = time.monotonic()
-            await rtp.key("1")
-            assert await until_heard(rtp, pressed + 0.3), "the keypad question is answered"
-        finally:
-            bot.recognizer = working
-        transcript = await transcript_then_hang_up(app, peer, call)
+        transcript = await recogniser_failure_goes_to_the_keypad(app, peer, call, rtp, BrokenRecognizer())
+    assert [m.text for m in transcript if m.role == "resident"] == ["医保电子凭证怎么激活"]
+
+
+class HungRecognizer:
+    """A recogniser that never answers (a stuck model process) until the test lets it go."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.calls = 0
+
+    def transcribe(self, pcm16_8k: bytes):
+        self.calls += 1
+        self.release.wait(60)  # longer than until_heard waits: only the timeout gets the menu in time
+        raise RuntimeError("released")
+
+
+async def test_a_hung_recogniser_times_out_to_the_keypad_menu_like_a_crash(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        hung = HungRecognizer()
+        transcript = await recogniser_failure_goes_to_the_keypad(
+            app, peer, call, rtp, hung, asr_timeout_s=1.0, release=hung.release.set
+        )
+    assert hung.calls >= 1
     assert [m.text for m in transcript if m.role == "resident"] == ["医保电子凭证怎么激活"]
 
 
@@ -452,6 +492,8 @@ def test_elderly_mode_gives_more_patience_unless_set_explicitly(hub_settings) ->
     off = PhoneService(hub_settings.model_copy(update={"phone_recording": False}), None, None).voice_config()
     assert off.recording_dir is None and plain.recording_dir == hub_settings.var_dir / "recordings"
     assert plain.menu_options["2"] == "异地就医怎么备案"
+    patient = hub_settings.model_copy(update={"phone_asr_timeout_s": 3.5})
+    assert PhoneService(patient, None, None).voice_config().asr_timeout_s == 3.5
 
 
 async def test_words_said_just_before_pressing_0_are_kept_for_the_agent(hub_settings, knowledge_base):

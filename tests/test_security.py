@@ -194,8 +194,9 @@ def test_websocket_binary_oversized_and_malformed_frames(hub):
     with hub.websocket_connect(f"/api/sessions/{sid}/ws?token={token}") as ws:
         ws.send_bytes(b"\x00\x01\x02")
         assert ws.receive_json()["error"] == "binary_not_supported"
-        for garbage, code in [("{not json", "invalid_json"), ("[1, 2]", "empty_message"), ('{"text": 5}', "empty_message"),
-                              ('{"text": null}', "empty_message"), ('"text"', "empty_message"), ("null", "empty_message"),
+        # JSON that is not an object is "bad_message", as on the agent and video sockets (xiaozhi/hub/frames.py)
+        for garbage, code in [("{not json", "invalid_json"), ("[1, 2]", "bad_message"), ('{"text": 5}', "empty_message"),
+                              ('{"text": null}', "empty_message"), ('"text"', "bad_message"), ("null", "bad_message"),
                               ('{"text": "   "}', "empty_message"), ('{"text": "' + "问" * 1200 + '"}', "message_too_long")]:
             ws.send_text(garbage)
             event = ws.receive_json()
@@ -235,3 +236,86 @@ def test_secrets_never_appear_in_printed_settings(monkeypatch):
     assert s.es_password == SecretStr("hunter2-es")
     dumped = repr(s) + str(s.model_dump())
     assert "hunter2-es" not in dumped and "rasa-tok-123" not in dumped
+
+
+# -- garbage on the staff WebSockets -----------------------------------------------------------------
+def _next_error(ws) -> dict:
+    for _ in range(10):
+        event = ws.receive_json()
+        if event["type"] == "error":
+            return event
+    raise AssertionError("no error frame")
+
+
+def test_agent_socket_answers_garbage_and_stays_open(hub, caplog):
+    caplog.set_level("INFO", logger="xiaozhi.hub.frames")
+    token = staff_login(hub)["Authorization"].split()[1]
+    limit = hub.app.state.settings.ws_max_frame_bytes
+    with hub.websocket_connect(f"/api/agent/ws?token={token}") as ws:
+        assert ws.receive_json()["type"] == "hello"
+        ws.send_bytes(b"\x00\x01binary")
+        error = _next_error(ws)
+        assert error["error"] == "binary_not_supported" and "文字" in error["message"]
+        ws.send_text("这不是 JSON")
+        assert _next_error(ws)["error"] == "invalid_json"
+        ws.send_text("[1, 2, 3]")
+        assert _next_error(ws)["error"] == "bad_message"
+        ws.send_text('{"type": "shout"}')
+        assert _next_error(ws)["error"] == "unknown_type"
+        ws.send_json({"type": "ping"})  # still open and answering
+        while (event := ws.receive_json())["type"] != "pong":
+            assert event["type"] in ("queue", "message")
+        ws.send_text('{"type": "ping", "pad": "' + "x" * (limit + 10) + '"}')
+        assert _next_error(ws)["error"] == "frame_too_large"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            for _ in range(10):
+                ws.receive_json()
+        assert closed.value.code == 1009
+    assert "binary WebSocket frame" in caplog.text
+
+
+# -- staff login lockout ------------------------------------------------------------------------------
+def _from(hub, address: str):
+    from fastapi.testclient import TestClient
+
+    return TestClient(hub.app, client=(address, 5000))
+
+
+def _login(client, password: str):
+    from conftest import ADMIN_PASSWORD  # noqa: F401  (the fixture's admin)
+
+    return client.post("/api/staff/login", json={"username": "admin", "password": password})
+
+
+def test_an_outsider_cannot_lock_a_staff_member_out_from_elsewhere(hub):
+    from conftest import ADMIN_PASSWORD
+
+    attacker = _from(hub, "203.0.113.66")
+    for _ in range(5):
+        assert _login(attacker, "x" * 12).status_code == 401
+    locked = _login(attacker, ADMIN_PASSWORD)
+    assert locked.status_code == 429 and "15分钟" in locked.json()["message"]
+    # The admin at their own desk is not affected.
+    assert _login(_from(hub, "192.0.2.10"), ADMIN_PASSWORD).status_code == 200
+    audit = hub.get("/api/staff/audit", headers=staff_login(hub), params={"actor": "admin"}).json()
+    assert any(e["action"] == "login.locked" and e["client"] == "203.0.113.66" for e in audit)
+
+
+def test_failures_from_many_addresses_slow_the_account_down_but_not_where_it_works_from(hub):
+    from conftest import ADMIN_PASSWORD
+
+    accounts = hub.app.state.accounts
+    clock = FakeClock()
+    accounts._clock = clock
+    accounts.account_max_failures = 6
+    desk = _from(hub, "192.0.2.10")
+    assert _login(desk, ADMIN_PASSWORD).status_code == 200  # the admin's usual address
+    for i in range(6):  # a botnet: two guesses per address, never enough to lock any one of them
+        bot = _from(hub, f"198.51.100.{i // 2 + 1}")
+        assert _login(bot, "x" * 12).status_code == 401
+    stranger = _from(hub, "198.51.100.200")
+    slowed = _login(stranger, ADMIN_PASSWORD)
+    assert slowed.status_code == 429 and "一分钟" in slowed.json()["message"]
+    assert _login(desk, ADMIN_PASSWORD).status_code == 200  # known address: never slowed
+    clock.now += accounts.account_backoff_s
+    assert _login(stranger, ADMIN_PASSWORD).status_code == 200  # the backoff passes by itself

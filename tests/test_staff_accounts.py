@@ -1,6 +1,13 @@
 """Staff accounts: login, roles, logout, lockout, admin-only account management, the audit log."""
 
-from conftest import ADMIN_PASSWORD, make_staff, open_session, staff_login
+import pytest
+from conftest import ADMIN_PASSWORD, DATABASES, make_staff, open_session, staff_login
+
+
+@pytest.fixture(params=DATABASES)
+def database_backend(request) -> str:
+    """Every hub and store in this module runs on SQLite and on PostgreSQL (conftest.py)."""
+    return request.param
 
 
 def test_the_first_admin_logs_in_and_sees_who_they_are(hub):

@@ -659,3 +659,51 @@ def test_a_peer_without_vp8_is_decoded_and_reencoded(video_settings, knowledge_b
             codecs[path.name.rsplit("-", 1)[1]] = container.streams.video[0].codec_context.name
             assert sum(1 for _ in container.decode(video=0)) >= 10
     assert codecs == {"resident.mkv": "vp8", "agent.mkv": "h264"}
+
+
+def test_garbage_on_the_video_socket_gets_an_error_not_a_crash(video_hub):
+    from starlette.websockets import WebSocketDisconnect
+
+    created = video_hub.post("/api/video/sessions", json={}).json()
+    sid, token = created["session_id"], created["token"]
+    limit = video_hub.app.state.settings.ws_max_frame_bytes
+    with video_hub.websocket_connect(f"/api/video/sessions/{sid}/ws?token={token}") as ws:
+        assert ws.receive_json()["event"] == "state"
+        ws.send_bytes(b"\xff\xfe")
+        error = ws.receive_json()
+        assert error["type"] == "error" and error["error"] == "binary_not_supported" and error["message"]
+        ws.send_text("{not json")
+        assert ws.receive_json()["error"] == "invalid_json"
+        ws.send_text('"just a string"')
+        assert ws.receive_json()["error"] == "bad_message"
+        ws.send_text("{}")  # the page's keep-alive: accepted silently
+        ws.send_bytes(b"again")
+        assert ws.receive_json()["error"] == "binary_not_supported"  # the socket is still there
+        ws.send_text("{}" + " " * limit)
+        assert ws.receive_json()["error"] == "frame_too_large"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1009
+
+
+def test_staff_reads_messages_and_live_watching_are_audited(video_hub):
+    """A supervisor may read any transcript: each read, message and socket is on the record."""
+    created = video_hub.post("/api/video/sessions", json={}).json()
+    sid = created["session_id"]
+    supervisor = make_staff(video_hub, "super_audit", "supervisor")
+    assert video_hub.get(f"/api/video/sessions/{sid}", headers=supervisor).status_code == 200
+    assert video_hub.post(f"/api/video/sessions/{sid}/chat", json={"text": "您好，我来帮您看看"},
+                          headers=supervisor).status_code == 201
+    token = supervisor["Authorization"].split()[1]
+    with video_hub.websocket_connect(f"/api/video/sessions/{sid}/ws?token={token}") as ws:
+        ws.receive_json()
+    # The resident's own reads are not staff actions.
+    assert video_hub.get(f"/api/video/sessions/{sid}", headers={"Authorization": f"Bearer {created['token']}"}).status_code == 200
+    audit = video_hub.get("/api/staff/audit", params={"actor": "super_audit"}, headers=staff_login(video_hub)).json()
+    actions = {(e["action"], e["target"]) for e in audit}
+    assert {("video.view", sid), ("video.message", sid), ("video.watch", sid)} <= actions, actions
+    message = next(e for e in audit if e["action"] == "video.message")
+    assert message["detail"] == {"chars": len("您好，我来帮您看看")} and message["client"]
+    assert "您好" not in str(audit)  # the audit log holds no message text
+    everyone = video_hub.get("/api/staff/audit", headers=staff_login(video_hub)).json()
+    assert not any(e["actor"] == "" and e["target"] == sid for e in everyone)

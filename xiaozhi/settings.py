@@ -39,7 +39,21 @@ class Settings(BaseSettings):
     var_dir: Path = Field(REPO_ROOT / "var", description="Directory for the SQLite database and logs.")
     database_url: str | None = Field(
         None,
-        description="SQLAlchemy async URL; default SQLite in var_dir. PostgreSQL: postgresql+asyncpg://...",
+        description="SQLAlchemy async URL; default SQLite in var_dir. PostgreSQL: postgresql+asyncpg://... "
+        "(several hub replicas share it, and share live events through it: LISTEN/NOTIFY).",
+    )
+    idle_close_min: float = Field(
+        30.0,
+        description="A web chat nobody has written in for this many minutes is closed (the resident has "
+        "left): it gets its follow-up survey and counts in analytics. One waiting for a person gets 4x as "
+        "long; one an agent holds is never closed this way. 0: never.",
+    )
+    replica_url: str = Field(
+        "",
+        description="With several hub replicas: this replica's own address as the others reach it "
+        "(http://<pod IP>:8000). A live video session or phone call is held by one replica; an agent's "
+        "request for it that reaches another replica is forwarded there. \"auto\": this host's IP and hub port "
+        "(containers). Empty: one hub.",
     )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "xiaozhi",
@@ -232,6 +246,12 @@ class Settings(BaseSettings):
     phone_no_input_s: float = Field(
         8.0, description="Seconds of caller silence after the bot spoke before a re-prompt (12 in elderly mode unless set)."
     )
+    phone_asr_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds the speech recogniser may take for one caller turn; after that the call goes to the "
+        "keypad menu as if the recogniser had crashed (0: no limit).",
+    )
     phone_lines_file: Path = Field(
         REPO_ROOT / "telephony" / "district_lines.yaml",
         description="Former district numbers of the merged hotline and their GB/T 2260 region codes.",
@@ -262,6 +282,15 @@ class Settings(BaseSettings):
     @property
     def effective_hub_url(self) -> str:
         return (self.hub_url or f"http://{self.host}:{self.hub_port}").rstrip("/")
+
+    @property
+    def effective_replica_url(self) -> str:
+        """``replica_url``; "auto": this host's address (a container's own IP) and the hub port."""
+        if self.replica_url == "auto":
+            import socket
+
+            return f"http://{socket.gethostbyname(socket.gethostname())}:{self.hub_port}"
+        return self.replica_url.rstrip("/")
 
     @property
     def effective_database_url(self) -> str:

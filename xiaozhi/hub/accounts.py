@@ -87,7 +87,7 @@ class AuditEntry(Base):
 class LoginRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
-        self.reason = reason  # bad_credentials, locked
+        self.reason = reason  # bad_credentials, locked (this address), throttled (this account)
 
 
 class Accounts:
@@ -100,13 +100,27 @@ class Accounts:
         session_hours: float = 12.0,
         max_failures: int = 5,
         lockout_s: float = 900.0,
+        account_max_failures: int = 50,
+        account_backoff_s: float = 60.0,
+        clock=time.monotonic,
     ) -> None:
         self.store = store
         self.session_hours = session_hours
+        # Lockout (docs/threat-model.md, "Staff login"): ``max_failures`` wrong passwords for one
+        # account from one client address lock that pair for ``lockout_s``; other addresses are not
+        # affected, so nobody can lock a colleague out from elsewhere. Across all addresses, more than
+        # ``account_max_failures`` failures within ``lockout_s`` slow the account down instead: one
+        # attempt per backoff period (doubling up to ``account_backoff_s``) from addresses the account
+        # has not logged in from successfully; addresses it has logged in from are never slowed.
         self.max_failures = max_failures
         self.lockout_s = lockout_s
+        self.account_max_failures = account_max_failures
+        self.account_backoff_s = account_backoff_s
+        self._clock = clock
         self._hasher = PasswordHasher()
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._failures: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self._account_failures: dict[str, deque[float]] = defaultdict(deque)
+        self._known_clients: dict[str, dict[str, float]] = defaultdict(dict)  # username -> address -> last login
         # Verifying a hash for an unknown user costs the same as for a known one (no user probing).
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 
@@ -181,17 +195,37 @@ class Accounts:
         return user
 
     # -- sessions -------------------------------------------------------------------------------
-    def _locked(self, username: str) -> bool:
-        now = time.monotonic()
-        failures = self._failures[username]
+    def _recent(self, failures: deque[float], now: float) -> int:
         while failures and now - failures[0] > self.lockout_s:
             failures.popleft()
-        return len(failures) >= self.max_failures
+        return len(failures)
 
-    async def login(self, username: str, password: str) -> tuple[StaffUser, str, dt.datetime]:
-        """Returns the user, a new bearer token and its expiry; raises ``LoginRejected``."""
-        if self._locked(username):
-            raise LoginRejected("locked")
+    def _locked(self, username: str, client: str) -> str | None:
+        """Why a login attempt is refused before its password is checked: locked, throttled or None."""
+        now = self._clock()
+        key = (username, client)
+        if self._recent(self._failures[key], now) >= self.max_failures:
+            return "locked"
+        if not self._failures[key]:
+            self._failures.pop(key, None)
+        account = self._account_failures[username]
+        over = self._recent(account, now) - self.account_max_failures
+        if not account:
+            self._account_failures.pop(username, None)
+        if over >= 0 and client not in self._known_clients.get(username, {}):
+            wait = min(self.account_backoff_s, 2.0 ** min(over, 16))
+            if now - account[-1] < wait:
+                return "throttled"
+        return None
+
+    async def login(self, username: str, password: str, client: str = "") -> tuple[StaffUser, str, dt.datetime]:
+        """Returns the user, a new bearer token and its expiry; raises ``LoginRejected``.
+
+        ``client`` is the caller's address: lockout counts failures per account and address.
+        """
+        refused = self._locked(username, client)
+        if refused:
+            raise LoginRejected(refused)
         user = await self.get_user(username)
         try:
             self._hasher.verify(user.password_hash if user else self._dummy_hash, password)
@@ -199,9 +233,15 @@ class Accounts:
         except (VerificationError, InvalidHashError):
             ok = False
         if not ok:
-            self._failures[username].append(time.monotonic())
+            now = self._clock()
+            self._failures[(username, client)].append(now)
+            self._account_failures[username].append(now)
             raise LoginRejected("bad_credentials")
-        self._failures.pop(username, None)
+        self._failures.pop((username, client), None)
+        known = self._known_clients[username]
+        known[client] = self._clock()
+        if len(known) > 64:  # bounded: the oldest addresses are forgotten first
+            del known[min(known, key=known.get)]
         token = secrets.token_urlsafe(32)
         expires = utcnow() + dt.timedelta(hours=self.session_hours)
         async with self.store.sessions() as s, s.begin():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from xiaozhi.hub.accounts import Accounts, Role
+from xiaozhi.hub.bus import make_bus
 from xiaozhi.hub.conversation import ConversationService
 from xiaozhi.hub.errors import install_error_handlers
 from xiaozhi.hub.rasa_client import RasaClient
@@ -31,6 +33,7 @@ from xiaozhi.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 RETENTION_CHECK_S = 3600.0  # how often old recordings are looked for
+IDLE_CHECK_S = 60.0  # how often idle web conversations are looked for
 
 
 def _load_knowledge_base(settings: Settings, embedder=None):
@@ -119,8 +122,11 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         app.state.accounts = Accounts(store, session_hours=settings.staff_session_hours)
         await _bootstrap_admin(app.state.accounts, settings)
         app.state.knowledge_base = knowledge_base
-        app.state.conversations = ConversationService(store, rasa, lambda: app.state.knowledge_base)
+        bus = make_bus(settings.effective_database_url)  # live events across hub replicas
+        await bus.start()
+        app.state.conversations = ConversationService(store, rasa, lambda: app.state.knowledge_base, bus)
         app.state.desk = AgentDesk(store, app.state.conversations, app.state.accounts, settings)
+        await app.state.desk.start()
         survey_poller = start_surveys(app, settings)  # follow-up surveys on close; turn metrics
         if knowledge_base is None:
             app.state.knowledge_base = await asyncio.to_thread(_load_knowledge_base, settings)
@@ -129,6 +135,13 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
             asyncio.create_task(_watch_knowledge_base(app, settings)) if settings.kb_reload_interval_s > 0 else None
         )
         app.state.phone = await _start_phone(settings, store, app.state.conversations)
+        idle = (
+            asyncio.create_task(app.state.conversations.close_idle_forever(
+                dt.timedelta(minutes=settings.idle_close_min), dt.timedelta(minutes=4 * settings.idle_close_min),
+                IDLE_CHECK_S,
+            ))
+            if settings.idle_close_min > 0 else None
+        )
         retention = (
             asyncio.create_task(retention_loop(settings.var_dir / "recordings", settings.recording_retention_days,
                                                RETENTION_CHECK_S, app.state.accounts))
@@ -137,8 +150,9 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         try:
             yield
         finally:
-            if retention is not None:
-                retention.cancel()
+            for task in (retention, idle):
+                if task is not None:
+                    task.cancel()
             if getattr(app.state, "video", None) is not None:
                 await app.state.video.close_all()  # both peers of every video/phone-bridge session
             await app.state.phone.stop()  # hangs up live calls: their conversations close
@@ -146,6 +160,8 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
                 watcher.cancel()
             await stop_surveys(app, survey_poller)
             await app.state.conversations.drain(settings.rasa_timeout_s + 5)
+            await app.state.desk.stop()
+            await bus.close()
             await rasa.close()
             await store.close()
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Awaitable, Callable
 
 from knowledge_base.search import KnowledgeBase
+from xiaozhi.hub.bus import LocalBus
+from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.rasa_client import BotReply, RasaClient, RasaUnavailable
 from xiaozhi.hub.store import Conversation, Message, Store, utcnow
 from xiaozhi.masking import mask_pii
@@ -76,14 +79,23 @@ class KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
+def ensure_open(conv: Conversation | None) -> None:
+    if conv is not None and conv.status == "closed":
+        raise ApiError(409, "conversation_closed", "这个对话已经结束，请重新开始对话。")
+
+
 class ConversationService:
     def __init__(
         self,
         store: Store,
         rasa: RasaClient,
         knowledge_base: Callable[[], KnowledgeBase | None],
+        bus: LocalBus | None = None,
     ) -> None:
         self.store = store
+        # Live events reach the sockets of every hub replica (xiaozhi/hub/bus.py).
+        self.bus = bus or LocalBus()
+        self.bus.on("conversation", self._deliver)
         self.rasa = rasa
         self._kb = knowledge_base
         self._locks = KeyedLocks()
@@ -123,7 +135,28 @@ class ConversationService:
         return msg
 
     def publish(self, conversation_id: str, event: dict) -> None:
-        """Send an event to the conversation's live subscribers (resident and agent sockets)."""
+        """Send an event to the conversation's live subscribers (resident and agent sockets), on
+        every replica. A message too big for the bus reaches other replicas as its sequence number."""
+        remote = None
+        if event.get("type") == "message":
+            remote = {"id": conversation_id, "event": {"type": "message_ref", "seq": event["message"]["seq"]}}
+        self.bus.publish("conversation", {"id": conversation_id, "event": event}, remote)
+
+    def _deliver(self, payload: dict, _origin: str):
+        conversation_id, event = payload.get("id"), payload.get("event") or {}
+        if conversation_id not in self._subscribers:
+            return None
+        if event.get("type") == "message_ref":
+            return self._deliver_stored(conversation_id, int(event.get("seq") or 0))
+        self._put(conversation_id, event)
+        return None
+
+    async def _deliver_stored(self, conversation_id: str, seq: int) -> None:
+        for msg in await self.store.transcript(conversation_id, after_seq=seq - 1):
+            if msg.seq == seq:
+                self._put(conversation_id, {"type": "message", "message": message_out(msg)})
+
+    def _put(self, conversation_id: str, event: dict) -> None:
         for queue in list(self._subscribers.get(conversation_id, ())):
             try:
                 queue.put_nowait(event)
@@ -132,7 +165,11 @@ class ConversationService:
 
     # -- turns ----------------------------------------------------------------------------------
     async def handle(self, conv: Conversation, text: str) -> tuple[Message, list[Message]]:
-        """One resident turn. The resident's message is committed before anything else is tried."""
+        """One resident turn. The resident's message is committed before anything else is tried.
+
+        A closed conversation takes no more turns (409 ``conversation_closed``): the resident's
+        client keeps the text and starts a new conversation with it."""
+        ensure_open(conv)
         # An accepted turn runs to the end even when the resident's connection goes away (which
         # cancels the request): the reply is stored and waits in the transcript, and a half-done
         # database transaction is never abandoned.
@@ -209,11 +246,12 @@ class ConversationService:
                     return reply
         return BotReply(text=DEGRADED_NO_ANSWER, outcome="abstained", extra={"degraded": True})
 
-    async def close(self, conv: Conversation, reason: str) -> None:
-        """End a conversation (resident left, agent closed it, call hung up); runs the closed hooks once."""
-        if conv.status == "closed":
-            return
-        await self.store.update_conversation(conv.id, status="closed", closed_at=utcnow())
+    async def close(self, conv: Conversation, reason: str) -> bool:
+        """End a conversation (resident left, agent closed it, call hung up); runs the closed hooks
+        once, on the replica whose close took effect (True there)."""
+        if conv.status == "closed" or not await self.store.close_conversation(conv.id):
+            conv.status = "closed"  # already closed (here or by another replica): hooks ran then
+            return False
         conv.status = "closed"
         self.publish(conv.id, {"type": "closed", "reason": reason})
         for hook in list(self.closed_hooks):
@@ -221,6 +259,28 @@ class ConversationService:
                 await hook(conv, reason)
             except Exception:  # one failing hook (a survey) must not stop the others
                 log.exception("closed hook %r failed for conversation %s", hook, conv.id)
+        return True
+
+    async def close_idle(self, open_after: dt.timedelta, waiting_after: dt.timedelta) -> int:
+        """Close web conversations nobody has written in for a while: the resident has gone (their
+        tab is closed). A conversation waiting for a person is given longer; one an agent holds is
+        the agent's to close. Closing runs the hooks: survey, queue item marked abandoned."""
+        now = utcnow()
+        closed = 0
+        for status, after in (("open", open_after), ("escalated", waiting_after)):
+            for conv in await self.store.idle_conversations("web", status, now - after):
+                closed += await self.close(conv, "idle")
+        return closed
+
+    async def close_idle_forever(self, open_after: dt.timedelta, waiting_after: dt.timedelta, every_s: float) -> None:
+        while True:
+            try:
+                count = await self.close_idle(open_after, waiting_after)
+                if count:
+                    log.info("closed %d idle web conversation(s)", count)
+            except Exception:
+                log.exception("idle conversation sweep failed")
+            await asyncio.sleep(every_s)
 
     async def escalate(self, conv: Conversation, reason: str, **details) -> None:
         """Put the conversation in the agent queue (``details``: e.g. priority, topic, elderly)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from zoneinfo import ZoneInfo
 import yaml
 from sqlalchemy import func, select, update
 
+from knowledge_base.schema import TOPIC_LABELS
 from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.store import Conversation, Escalation, Message, Store, aware, utcnow
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPEN_STATUSES = ("waiting", "claimed", "callback")
+PRESENCE_S = 10.0  # how often a replica tells the others which agents are online on it
 CANNED_FILE = Path(__file__).resolve().parent / "canned_responses.yaml"
 
 QUEUED_TEXT = "已为您转接人工客服，正在排队，请稍候。您前面说的内容工作人员都能看到，不用再重复。"
@@ -52,22 +55,6 @@ RELEASED_TEXT = "工作人员暂时离开了对话，您仍在人工服务队列
 CLOSED_TEXT = "本次人工服务已结束，感谢您的耐心。如还有问题，可以继续问医保小智。"
 
 # Knowledge-base topics are the skills agents are routed by; labels are what the console shows.
-TOPIC_LABELS = {
-    "e_voucher": "医保电子凭证",
-    "cross_region": "异地就医",
-    "reimbursement": "医疗费用报销",
-    "enrollment": "参保缴费",
-    "personal_account": "个人账户",
-    "chronic_disease": "门诊慢特病",
-    "maternity": "生育保险",
-    "card": "社保卡",
-    "referral": "转诊转院",
-    "drug_catalog": "药品目录",
-    "payment_reform": "支付方式改革",
-    "designated_institutions": "定点医药机构",
-    "service_info": "经办服务",
-    "other": "其他",
-}
 INTENT_TOPICS = {
     "ask_e_voucher": "e_voucher",
     "ask_e_voucher_usage": "e_voucher",
@@ -279,16 +266,49 @@ class AgentDesk:
             settings.desk_service_hours, settings.desk_service_days, settings.desk_timezone
         )
         self.sla_warning_s = settings.desk_sla_warning_s
-        self._online: dict[str, int] = {}
+        self._online: dict[str, int] = {}  # agents with a desk socket on this replica
+        self._remote_online: dict[str, tuple[list[str], float]] = {}  # other replicas' (agents, when told)
         self._watchers: set[asyncio.Queue] = set()
+        self._presence_task: asyncio.Task | None = None
         self.canned = load_canned_responses()
         conversations.desk = self
         conversations.closed_hooks.append(self._conversation_closed)
+        # Queue changes and presence travel to every hub replica (xiaozhi/hub/bus.py).
+        self.bus = conversations.bus
+        self.bus.on("desk", self._desk_event)
+
+    async def start(self) -> None:
+        """With other replicas listening: tell them who is online here, now and every PRESENCE_S."""
+        if self.bus.shared and self._presence_task is None:
+            self.bus.publish("desk", {"kind": "hello"})
+            self._presence_task = asyncio.create_task(self._announce_presence())
+
+    async def stop(self) -> None:
+        if self._presence_task is not None:
+            self._presence_task.cancel()
+            await asyncio.gather(self._presence_task, return_exceptions=True)
+
+    async def _announce_presence(self) -> None:
+        while True:
+            self._presence_changed()
+            await asyncio.sleep(PRESENCE_S)
+
+    def _desk_event(self, payload: dict, origin: str) -> None:
+        kind = payload.get("kind")
+        if origin != self.bus.replica:
+            if kind == "hello":  # a replica started: it learns who is online here at once
+                self._presence_changed()
+                return
+            if kind == "presence":
+                self._remote_online[origin] = (list(payload.get("online") or []), time.monotonic())
+        for queue in list(self._watchers):
+            if queue.empty():  # one pending "changed" is enough: the socket re-reads the whole queue
+                queue.put_nowait({"type": "queue_changed"})
 
     # -- presence and live updates -----------------------------------------------------------------
     def agent_online(self, username: str) -> None:
         self._online[username] = self._online.get(username, 0) + 1
-        self._changed()
+        self._presence_changed()
 
     def agent_offline(self, username: str) -> None:
         left = self._online.get(username, 0) - 1
@@ -296,11 +316,14 @@ class AgentDesk:
             self._online[username] = left
         else:
             self._online.pop(username, None)
-        self._changed()
+        self._presence_changed()
 
     @property
     def online(self) -> list[str]:
-        return sorted(self._online)
+        """Agents online on any replica (another replica's word lasts 3 x PRESENCE_S)."""
+        fresh = time.monotonic() - 3 * PRESENCE_S
+        remote = {name for names, told in self._remote_online.values() if told >= fresh for name in names}
+        return sorted(set(self._online) | remote)
 
     def watch(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)
@@ -315,9 +338,11 @@ class AgentDesk:
         self._changed()
 
     def _changed(self) -> None:
-        for queue in list(self._watchers):
-            if queue.empty():  # one pending "changed" is enough: the socket re-reads the whole queue
-                queue.put_nowait({"type": "queue_changed"})
+        self.bus.publish("desk", {"kind": "changed"})
+
+    def _presence_changed(self) -> None:
+        """Tell every replica (this one too: its sockets redraw) who is online here."""
+        self.bus.publish("desk", {"kind": "presence", "online": sorted(self._online)})
 
     def in_service(self, now: dt.datetime | None = None) -> bool:
         return self.hours.open_at(now or utcnow())
@@ -345,7 +370,7 @@ class AgentDesk:
         if topic not in TOPIC_LABELS:
             topic = ""
         summary["elderly"] = elderly
-        staffed = self.in_service() and not (self.settings.desk_callback_when_no_agent_online and not self._online)
+        staffed = self.in_service() and not (self.settings.desk_callback_when_no_agent_online and not self.online)
         esc = await self.store.add_escalation(
             conv.id,
             conv.channel,

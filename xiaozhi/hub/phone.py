@@ -21,6 +21,7 @@ from telephony.call import Call
 from telephony.lines import DistrictLines, LinesError
 from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
+from xiaozhi.hub.owner import owner_meta
 from xiaozhi.spoken import spoken_chinese
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class AgentAudioLeg:
 
 # settings of the phone line's patience -> the VoiceConfig fields they set
 _TIMING_SETTINGS = {"phone_end_of_turn_ms": "end_silence_ms", "phone_no_input_s": "no_input_s",
-                    "phone_early_asr_ms": "early_asr_ms"}
+                    "phone_early_asr_ms": "early_asr_ms", "phone_asr_timeout_s": "asr_timeout_s"}
 
 
 class PhoneService:
@@ -196,6 +197,7 @@ class PhoneService:
             meta["line"] = line.name
         if "recording" in call.metadata:
             meta["recording"] = call.metadata["recording"]
+        meta.update(owner_meta(self.settings))  # the call lives here: agents on other replicas are forwarded here
         conv, _token = await self.store.create_conversation(
             "phone", region, contact=mask_number(call.caller), entry_point=call.dialled[:128], meta=meta
         )

@@ -7,7 +7,6 @@ is never accepted. Every action on a resident's conversation goes into the audit
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
@@ -23,6 +22,7 @@ from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.conversation import message_out
 from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS, AgentDesk
 from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.frames import receive_json_frame
 from xiaozhi.hub.routers.staff import client_address, require_role, staff_for_token
 from xiaozhi.hub.schemas import MessageText
 
@@ -256,16 +256,15 @@ async def agent_socket(websocket: WebSocket, token: str | None = None) -> None:
                 await changes.get()
 
     async def receive(tg: anyio.abc.TaskGroup) -> None:
+        frame_limit = app.state.settings.ws_max_frame_bytes
         while True:
-            raw = await websocket.receive_text()
-            try:
-                payload = json.loads(raw)
-            except json.JSONDecodeError:
-                log.info("agent %s: invalid JSON on the agent socket", user.username)
-                await send({"type": "error", "error": "invalid_json", "message": "消息不是合法的 JSON。"})
+            payload = await receive_json_frame(websocket, send, frame_limit, f"agent {user.username}")
+            if payload is None:
                 continue
-            if isinstance(payload, dict) and payload.get("type") == "ping":
+            if payload.get("type") == "ping":
                 await send({"type": "pong"})
+            else:
+                await send({"type": "error", "error": "unknown_type", "message": "不支持的消息类型，只接受 ping。"})
 
     async def guarded(part, tg: anyio.abc.TaskGroup) -> None:
         """Either half ending (the agent left, the login died) ends the socket."""

@@ -6,7 +6,6 @@ A conversation is reached only with the token handed out when it was created.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from typing import Annotated, Literal
@@ -14,8 +13,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, Field
 
-from xiaozhi.hub.conversation import ConversationService, message_out, preview
+from xiaozhi.hub.conversation import ConversationService, ensure_open, message_out, preview
 from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.frames import receive_json_frame
 from xiaozhi.hub.routers.staff import bearer_token
 from xiaozhi.hub.schemas import MessageText
 from xiaozhi.hub.store import Conversation, Store
@@ -117,8 +117,7 @@ async def escalate(
     """The "转人工" button: queue the conversation for a person (a callback ticket out of service hours).
 
     Asking again keeps the first request's place. ``status``: waiting, claimed or callback."""
-    if conv.status == "closed":
-        raise ApiError(409, "conversation_closed", "这个对话已经结束，请重新开始对话。")
+    ensure_open(conv)
     details = {"announce": True, **({"elderly": True} if body and body.elderly else {})}
     item = await request.app.state.desk.enqueue(conv, "requested", **details)
     return {"queue_id": item.id, "status": item.status}
@@ -147,20 +146,9 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
     pump_task = asyncio.create_task(pump())
     try:
         while True:
-            frame = await websocket.receive()
-            if frame["type"] == "websocket.disconnect":
-                break
-            raw = frame.get("text")
-            if raw is None:  # a binary frame
-                await websocket.send_json({"type": "error", "error": "binary_not_supported", "message": "只支持文字消息。"})
+            payload = await receive_json_frame(websocket, websocket.send_json, frame_limit, f"conversation {conv.id}")
+            if payload is None:  # garbage, answered
                 continue
-            if len(raw.encode("utf-8")) > frame_limit:
-                log.info("conversation %s: closed on a %d-character WebSocket frame", conv.id, len(raw))
-                await websocket.send_json(
-                    {"type": "error", "error": "frame_too_large", "message": f"消息太长了，请控制在{limit}字以内。"}
-                )
-                await websocket.close(code=1009, reason="frame_too_large")
-                break
             wait = limits.check_message(conv.id, websocket.client.host if websocket.client else "")
             if wait > 0:
                 await websocket.send_json(
@@ -168,13 +156,7 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
                      "retry_after": max(1, math.ceil(wait))}
                 )
                 continue
-            try:
-                payload = json.loads(raw)
-                text = payload.get("text", "") if isinstance(payload, dict) else ""
-            except json.JSONDecodeError:
-                log.info("conversation %s: invalid JSON on WebSocket", conv.id)
-                await websocket.send_json({"type": "error", "error": "invalid_json", "message": "消息不是合法的 JSON。"})
-                continue
+            text = payload.get("text", "")
             if not isinstance(text, str) or not text.strip():
                 await websocket.send_json({"type": "error", "error": "empty_message", "message": "消息不能为空。"})
                 continue
@@ -184,10 +166,16 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
                     {"type": "error", "error": "message_too_long", "message": f"消息太长了，请控制在{limit}字以内。"}
                 )
                 continue
-            current = await app.state.store.get_conversation(conv.id)
-            if current is None or current.status != "with_agent":  # an agent answers in their own time
+            current = await app.state.store.get_conversation(conv.id) or conv
+            try:
+                ensure_open(current)
+            except ApiError as exc:
+                log.info("conversation %s: message on a closed conversation refused", conv.id)
+                await websocket.send_json({"type": "error", "error": exc.code, "message": exc.message})
+                continue
+            if current.status != "with_agent":  # an agent answers in their own time
                 await websocket.send_json({"type": "typing"})
-            await conversations.handle(conv, text.strip())
+            await conversations.handle(current, text.strip())
     except WebSocketDisconnect:
         pass
     finally:

@@ -118,12 +118,14 @@ def _recheck_agent_sockets(request: Request) -> None:
 @router.post("/login", response_model=LoginOut)
 async def login(body: LoginIn, request: Request) -> LoginOut:
     try:
-        user, token, expires = await accounts(request).login(body.username, body.password)
+        user, token, expires = await accounts(request).login(body.username, body.password, client_address(request))
     except LoginRejected as exc:
         log.info("staff login rejected for %r from %s: %s", body.username, client_address(request), exc.reason)
         await accounts(request).audit(body.username, f"login.{exc.reason}", client=client_address(request))
         if exc.reason == "locked":
             raise ApiError(429, "too_many_attempts", "登录失败次数过多，请15分钟后再试。") from None
+        if exc.reason == "throttled":
+            raise ApiError(429, "too_many_attempts", "这个账号近期登录失败次数过多，请稍等一分钟再试。") from None
         raise ApiError(401, "bad_credentials", "用户名或密码不正确。") from None
     await accounts(request).audit(user, "login", client=client_address(request))
     return LoginOut(token=token, expires_at=expires, user=StaffOut.of(user))
@@ -146,8 +148,10 @@ async def me(user: Annotated[StaffUser, Depends(current_staff)]) -> StaffOut:
 
 
 @router.get("/users", response_model=list[StaffOut])
-async def list_users(request: Request, _: Annotated[StaffUser, Depends(require_role(Role.admin))]) -> list[StaffOut]:
-    return [StaffOut.of(u) for u in await accounts(request).list_users()]
+async def list_users(request: Request, admin: Annotated[StaffUser, Depends(require_role(Role.admin))]) -> list[StaffOut]:
+    users = await accounts(request).list_users()
+    await accounts(request).audit(admin, "user.list", "", {"count": len(users)}, client=client_address(request))
+    return [StaffOut.of(u) for u in users]
 
 
 @router.post("/users", response_model=StaffOut, status_code=201)
@@ -202,11 +206,16 @@ class AuditOut(BaseModel):
 @router.get("/audit", response_model=list[AuditOut])
 async def audit_log(
     request: Request,
-    _: Annotated[StaffUser, Depends(require_role(Role.admin))],
+    admin: Annotated[StaffUser, Depends(require_role(Role.admin))],
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     actor: str | None = None,
 ) -> list[AuditOut]:
+    entries = await accounts(request).audit_log(limit, actor)
+    # Reading the audit log is itself recorded (after the read, so the answer does not show it).
+    await accounts(request).audit(
+        admin, "audit.read", actor or "", {"limit": limit, "count": len(entries)}, client=client_address(request)
+    )
     return [
         AuditOut(at=e.at, actor=e.actor, role=e.role, action=e.action, target=e.target, detail=e.detail, client=e.client)
-        for e in await accounts(request).audit_log(limit, actor)
+        for e in entries
     ]

@@ -10,7 +10,6 @@ Who may do what:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Annotated
 
@@ -24,8 +23,10 @@ from video.session import BadOffer, SessionGone, SessionsFull, VideoManager
 from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.conversation import message_out, preview
 from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.frames import receive_json_frame
+from xiaozhi.hub.owner import elsewhere, forward, owner_meta
 from xiaozhi.hub.routers.chat import check_length
-from xiaozhi.hub.routers.staff import bearer_token, staff_for_token
+from xiaozhi.hub.routers.staff import bearer_token, client_address, staff_for_token
 from xiaozhi.hub.schemas import MessageText
 from xiaozhi.hub.store import Conversation, Escalation
 
@@ -77,10 +78,28 @@ def manager(app) -> VideoManager:
         )
         app.state.video = video
 
+        bus = app.state.conversations.bus
+
         async def conversation_closed(conv: Conversation, reason: str) -> None:
             await video.close(conv.id, f"conversation_{reason}")
 
+        def closed_on_another_replica(payload: dict, origin: str):
+            # Every replica publishes a conversation's "closed" event on the bus; the one holding its
+            # video session (not necessarily the one that closed it) hangs up.
+            conv_id, event = str(payload.get("id")), payload.get("event") or {}
+            if origin != bus.replica and event.get("type") == "closed" and video.get(conv_id) is not None:
+                return video.close(conv_id, f"conversation_{event.get('reason') or 'closed'}")
+            return None
+
+        def agent_dropped_on_another_replica(payload: dict, origin: str):
+            conv_id = str(payload.get("drop_agent"))
+            if origin != bus.replica and video.get(conv_id) is not None:
+                return video.drop_agent(conv_id, str(payload.get("agent")), "agent_logged_out")
+            return None
+
         app.state.conversations.closed_hooks.append(conversation_closed)
+        bus.on("conversation", closed_on_another_replica)
+        bus.on("video", agent_dropped_on_another_replica)
     return video
 
 
@@ -186,6 +205,9 @@ async def session_info(conversation_id: str, request: Request, authorization: An
     """State of the video session, the ICE servers to use and (for an agent) the transcript so far."""
     who, conv, user = await identify(request.app, conversation_id, bearer_token(authorization))
     session = manager(request.app).get(conversation_id)
+    owner = elsewhere(request.app.state.settings, conv)
+    if owner and session is None:  # the session's state is known where it lives
+        return await forward(request, owner)
     body = {
         "conversation_id": conv.id,
         "channel": conv.channel,
@@ -197,6 +219,10 @@ async def session_info(conversation_id: str, request: Request, authorization: An
     if who == "agent":
         body["contact"] = conv.contact  # stored masked
         body["messages"] = [message_out(m) for m in await request.app.state.store.transcript(conv.id)]
+        # Staff reading a resident's transcript is on the record, as on the agent desk.
+        await request.app.state.accounts.audit(
+            user, "video.view", conv.id, {"messages": len(body["messages"])}, client=client_address(request)
+        )
     return body
 
 
@@ -220,9 +246,13 @@ async def resident_offer(
     except BadOffer as exc:
         log.info("bad SDP offer from the resident of %s: %s", conv.id, preview(str(exc)))
         raise ApiError(400, "bad_sdp", "视频连接参数有误，请刷新页面重试。") from None
-    if conv.channel != "video":  # a chat conversation moves to video
-        await app.state.store.update_conversation(conv.id, channel="video", meta={**(conv.meta or {}), "from_channel": conv.channel})
-        conv.channel = "video"
+    if conv.channel != "video" or owner_meta(app.state.settings):
+        # A chat conversation moves to video; with several replicas, this one now holds the session.
+        meta = {**(conv.meta or {}), **owner_meta(app.state.settings)}
+        if conv.channel != "video":
+            meta["from_channel"] = conv.channel
+        await app.state.store.update_conversation(conv.id, channel="video", meta=meta)
+        conv.channel, conv.meta = "video", meta
     if conv.status not in ("escalated", "with_agent"):
         await app.state.conversations.escalate(conv, reason="video")
     log.info("video session %s: resident connected its offer (recording %s)", conv.id, record)
@@ -238,6 +268,9 @@ async def agent_offer(
     user = await staff_for_token(app, bearer_token(authorization))
     conv = await authorise_agent(app, conversation_id, user)
     video = manager(app)
+    owner = elsewhere(app.state.settings, conv)
+    if owner and video.get(conv.id) is None:  # another replica holds the resident's peer (or the call)
+        return await forward(request, owner)
     try:
         if conv.channel == "phone":
             phone = getattr(app.state, "phone", None)
@@ -257,7 +290,9 @@ async def agent_offer(
     except BadOffer as exc:
         log.info("bad SDP offer from agent %s for %s: %s", user.username, conv.id, preview(str(exc)))
         raise ApiError(400, "bad_sdp", "视频连接参数有误，请刷新页面重试。") from None
-    await app.state.accounts.audit(user, f"{'phone' if conv.channel == 'phone' else 'video'}.join", conv.id, {})
+    await app.state.accounts.audit(
+        user, f"{'phone' if conv.channel == 'phone' else 'video'}.join", conv.id, {}, client=client_address(request)
+    )
     return {"sdp": answer.sdp, "type": answer.type, "kind": "phone" if conv.channel == "phone" else "video"}
 
 
@@ -272,9 +307,12 @@ async def hangup(
     """Either side ends the call (also sent by ``navigator.sendBeacon`` when the page is closed)."""
     token = bearer_token(authorization) or (body.token if body else None)
     who, conv, user = await identify(request.app, conversation_id, token)
+    owner = elsewhere(request.app.state.settings, conv)
+    if owner and manager(request.app).get(conv.id) is None:
+        return await forward(request, owner)
     session = await manager(request.app).close(conv.id, f"{who}_hangup")
     if user is not None and session is not None:
-        await request.app.state.accounts.audit(user, "video.hangup", conv.id, {})
+        await request.app.state.accounts.audit(user, "video.hangup", conv.id, {}, client=client_address(request))
     return {"closed": session is not None}
 
 
@@ -289,6 +327,10 @@ async def chat(
     if user is not None:
         meta["agent"] = user.username
     msg = await request.app.state.conversations.post(conv.id, who, body.text, meta)
+    if user is not None:
+        await request.app.state.accounts.audit(
+            user, "video.message", conv.id, {"chars": len(body.text)}, client=client_address(request)
+        )
     return {"message": message_out(msg)}
 
 
@@ -302,6 +344,10 @@ async def events(websocket: WebSocket, conversation_id: str, token: str | None =
         await websocket.close(code=4401 if exc.status == 401 else 4403, reason=exc.code)
         return
     await websocket.accept()
+    if user is not None:  # staff following a resident's conversation live
+        await app.state.accounts.audit(
+            user, "video.watch", conv.id, {}, client=websocket.client.host if websocket.client else ""
+        )
     service = app.state.conversations
     queue = service.subscribe(conv.id)
     session = manager(app).get(conv.id)
@@ -320,18 +366,19 @@ async def events(websocket: WebSocket, conversation_id: str, token: str | None =
             except ApiError as exc:
                 log.info("agent %s lost access to %s (%s): leaving the call", user.username, conv.id, exc.code)
                 await manager(app).drop_agent(conv.id, user.username, "agent_logged_out")
+                # ...also when the call is held by another replica
+                app.state.conversations.bus.publish("video", {"drop_agent": conv.id, "agent": user.username})
                 await websocket.close(code=4401 if exc.status == 401 else 4403, reason=exc.code)
                 return
 
     sender = asyncio.create_task(pump())
     watcher = asyncio.create_task(still_allowed()) if who == "agent" else None
     try:
+        who_label = f"video {conv.id} ({user.username if user else 'resident'})"
+        frame_limit = app.state.settings.ws_max_frame_bytes
         while True:
-            raw = await websocket.receive_text()
-            try:
-                json.loads(raw)  # nothing is accepted from the socket yet beyond keep-alive pings
-            except json.JSONDecodeError:
-                await websocket.send_json({"type": "error", "error": "bad_json", "message": "消息格式有误。"})
+            # Nothing is accepted from the socket yet beyond keep-alive pings ("{}"); garbage gets an error.
+            await receive_json_frame(websocket, websocket.send_json, frame_limit, who_label)
     except WebSocketDisconnect:
         pass
     finally:
