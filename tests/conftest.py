@@ -133,6 +133,22 @@ def hub(hub_settings: Settings, knowledge_base):
         yield client
 
 
+def client_from(hub, address: str, **kwargs):
+    """The running ``hub`` (a TestClient) as seen from another client address.
+
+    It shares the hub's event loop: a TestClient that is not entered runs every request and every
+    WebSocket on a new loop of its own, while the app's queues, locks and database pool belong to
+    the loop its lifespan started on; used from another loop they can wait forever (that hung the
+    authorization test's WebSockets in CI now and then).
+    """
+    from fastapi.testclient import TestClient
+
+    other = TestClient(hub.app, client=(address, 5000), **kwargs)
+    other.portal = hub.portal
+    other.app_state.update(hub.app_state)  # the lifespan's state, as the transport reads it
+    return other
+
+
 @pytest.fixture
 def live_hub(hub_settings: Settings, knowledge_base):
     """A hub served over real HTTP/WebSocket (for the browser); yields (base_url, app)."""

@@ -16,7 +16,7 @@ resident's token, an agent, a supervisor, an admin, and an agent who logged out.
 from __future__ import annotations
 
 import pytest
-from conftest import ADMIN_PASSWORD, open_session, staff_login
+from conftest import ADMIN_PASSWORD, client_from, open_session, staff_login
 from starlette.routing import Mount
 from starlette.websockets import WebSocketDisconnect
 
@@ -214,13 +214,6 @@ def _http(client, method: str, url: str, token: str | None, body: dict | None = 
     return client.request(method, url, headers=headers, **kwargs)
 
 
-# WebSockets whose admitted case is not opened here: the agent desk socket did not always end when
-# the client closed it (the test client then waits forever: it hung a clean-clone CI run again in
-# session 4 after being re-enabled); the refused identities are still checked. Remove once that
-# handler ends on disconnect.
-WS_NOT_OPENED_WHEN_ADMITTED = {("WS", "/api/agent/ws")}
-
-
 def _websocket_admitted(client, url: str, token: str | None) -> bool:
     sep = "&" if "?" in url else "?"
     target = f"{url}{sep}token={token}" if token else url
@@ -236,9 +229,7 @@ def _websocket_admitted(client, url: str, token: str | None) -> bool:
 @pytest.fixture
 def trusted_client(hub):
     """The hub seen from an exempt address, so dozens of logins are not rate-limited."""
-    from fastapi.testclient import TestClient
-
-    return TestClient(hub.app, client=("127.0.0.1", 50000), raise_server_exceptions=False)
+    return client_from(hub, "127.0.0.1", raise_server_exceptions=False)
 
 
 def test_each_route_admits_exactly_its_level(hub, trusted_client):
@@ -255,8 +246,6 @@ def test_each_route_admits_exactly_its_level(hub, trusted_client):
             url = concrete(path, ids)
             should = identity in ADMITTED[level]
             if method == "WS":
-                if should and (method, path) in WS_NOT_OPENED_WHEN_ADMITTED:
-                    continue
                 admitted = _websocket_admitted(trusted_client, url, ids.token(identity))
                 detail = "accepted" if admitted else "refused"
             else:
@@ -268,7 +257,7 @@ def test_each_route_admits_exactly_its_level(hub, trusted_client):
             checked += 1
             if admitted != should:
                 problems.append(f"{method} {path} ({level}) as {identity}: {detail}")
-    assert checked >= 7 * len(ROUTES) - 7 - 3 * len(WS_NOT_OPENED_WHEN_ADMITTED)
+    assert checked >= 7 * len(ROUTES) - 7
     assert not problems, "\n".join(problems)
 
 

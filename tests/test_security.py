@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import open_session, staff_login
+from conftest import client_from, open_session, staff_login
 from pydantic import SecretStr
 from starlette.websockets import WebSocketDisconnect
 
@@ -84,9 +84,7 @@ def test_session_creation_is_limited_per_client(strict_hub):
         assert strict_hub.post("/api/sessions", json={}).status_code == 201
     _assert_429(strict_hub.post("/api/sessions", json={}))
     # another client address has its own allowance
-    from fastapi.testclient import TestClient
-
-    other = TestClient(strict_hub.app, client=("203.0.113.9", 5000))
+    other = client_from(strict_hub, "203.0.113.9")
     assert other.post("/api/sessions", json={}).status_code == 201
 
 
@@ -276,9 +274,7 @@ def test_agent_socket_answers_garbage_and_stays_open(hub, caplog):
 
 # -- staff login lockout ------------------------------------------------------------------------------
 def _from(hub, address: str):
-    from fastapi.testclient import TestClient
-
-    return TestClient(hub.app, client=(address, 5000))
+    return client_from(hub, address)
 
 
 def _login(client, password: str):
