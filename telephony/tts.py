@@ -6,17 +6,15 @@
 * numbers are read aloud through ``xiaozhi.spoken.spoken_chinese`` (amounts, dates, phone numbers).
 * ``PromptCache`` renders the fixed prompts of ``prompts.yaml`` once and plays them from disk.
 
-espeak is a process-wide singleton (one synthesis callback, one current voice), so every espeak
-synthesis in the process runs under one lock, and ``synthesize_async`` runs it on one dedicated
-worker thread, off the event loop.
+espeak runs in worker processes, one per voice setting (see ``EspeakWorker``): its process-wide,
+multi-threaded state cannot take the hub down with it. ``synthesize_async`` waits for a render on
+one dedicated thread, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -109,58 +107,49 @@ def make_synthesizer(kind: str = "pyttsx3", **options: Any) -> Synthesizer:
 # --------------------------------------------------------------------------------------------
 # pyttsx3 + espeak-ng
 # --------------------------------------------------------------------------------------------
-_ESPEAK_LOCK = threading.RLock()  # espeak has one global state per process: one synthesis at a time
-_ENGINE: Any = None
-_APPLIED_VOICE: str | None = None
-_APPLIED_RATE: int | None = None
+# espeak-ng is initialised by pyttsx3 in AUDIO_OUTPUT_RETRIEVAL mode, which synthesises on
+# espeak's own thread while the caller's thread queues text and changes voice and rate. That
+# library state is process-wide and racy: a CI run died of a segfault inside espeak_Synth, and a
+# rate change inside one process did not always take. So espeak never runs in the hub: each voice
+# setting (voice, rate, volume) gets a worker process of its own that renders one text at a time.
+# A worker that crashes or hangs is replaced and the text rendered again; the hub and its live
+# calls carry on.
+_WORKER_START_TIMEOUT_S = 60.0  # spawn + imports + espeak init; far less on a warm machine
 
 
 def _driver_print_to_log(*args: Any, **_kwargs: Any) -> None:
     log.debug("pyttsx3 espeak driver: %s", " ".join(map(str, args)))
 
 
-def _quiet_driver_prints() -> None:
-    """pyttsx3's espeak driver ``print``s "Audio saved to <file>" from its event callback, sometimes
-    after ``runAndWait`` returned (so redirecting stdout around the call missed it): inside that
-    module only, ``print`` goes to this module's debug log instead of the process's stdout."""
-    import pyttsx3.drivers.espeak as driver
-
-    driver.print = _driver_print_to_log  # a module global shadows the builtin for that module alone
-
-
-def _release_engine() -> None:
-    """At exit, while modules are still loaded: pyttsx3's driver __del__ fails during interpreter teardown."""
-    global _ENGINE
-    _ENGINE = None
-    gc.collect()
-
-
 def _espeak_engine() -> Any:
-    """The process's pyttsx3 espeak engine (created once; espeak cannot be initialised twice)."""
-    global _ENGINE
-    if _ENGINE is None:
-        try:
-            import pyttsx3
-
-            _ENGINE = pyttsx3.init("espeak")
-            _quiet_driver_prints()
-            atexit.register(_release_engine)
-        except ImportError as e:
-            raise TTSUnavailable(f"pyttsx3 is not installed ({e})") from e
-        except (OSError, RuntimeError, AttributeError) as e:
-            raise TTSUnavailable(
-                f"espeak-ng is not usable ({e}); install it with: apt-get install espeak-ng"
-            ) from e
-    return _ENGINE
-
-
-def espeak_available() -> bool:
+    """The worker's pyttsx3 espeak engine (espeak cannot be initialised twice in a process)."""
     try:
-        with _ESPEAK_LOCK:
-            _espeak_engine()
-        return True
-    except TTSUnavailable:
-        return False
+        import pyttsx3
+        import pyttsx3.drivers.espeak as driver
+
+        engine = pyttsx3.init("espeak")
+    except ImportError as e:
+        raise TTSUnavailable(f"pyttsx3 is not installed ({e})") from e
+    except (OSError, RuntimeError, AttributeError) as e:
+        raise TTSUnavailable(f"espeak-ng is not usable ({e}); install it with: apt-get install espeak-ng") from e
+    # The driver prints "Audio saved to <file>" from its callback; this module global shadows the
+    # builtin for that module alone, so it goes to the debug log instead of the hub's stdout.
+    driver.print = _driver_print_to_log
+    return engine
+
+
+def _pick_voice(engine: Any, wanted: str) -> str:
+    voices = engine.getProperty("voices")
+    for match in (wanted, FALLBACK_VOICE):
+        exact = [v for v in voices if v.id.split("/")[-1] == match]
+        loose = [v for v in voices if match in v.id or match in (v.name or "")]
+        found = exact or loose
+        if found:
+            if match != wanted:
+                log.warning("espeak voice %r not found; falling back to %r (reads many characters "
+                            "as English-spelled pinyin)", wanted, found[0].id)
+            return found[0].id
+    raise TTSUnavailable(f"no Mandarin espeak-ng voice ({wanted!r} or {FALLBACK_VOICE!r}) installed")
 
 
 def _read_wav_when_complete(path: Path, *, timeout: float, poll: float = 0.01) -> np.ndarray | None:
@@ -200,13 +189,174 @@ def trim_silence(samples: np.ndarray, *, threshold: int = 300, keep_lead_s: floa
     return samples[start:end]
 
 
+def _render_in_worker(engine: Any, text: str, retries: int, timeout: float) -> tuple[np.ndarray, int]:
+    """``text`` as 8 kHz samples and the number of espeak runs it took (worker process only)."""
+    from pyttsx3.drivers import _espeak
+
+    with tempfile.TemporaryDirectory(prefix="tts-") as tmp:
+        for attempt in range(1, retries + 2):
+            path = Path(tmp) / f"out{attempt}.wav"  # a new file each attempt: never a stale one
+            started = time.monotonic()
+            engine.save_to_file(text, str(path))
+            engine.runAndWait()
+            # runAndWait normally returns after the write; a missing file gets a short grace
+            samples = _read_wav_when_complete(path, timeout=min(0.5, timeout))
+            _espeak.Synchronize()  # espeak's thread is idle before anything else touches espeak
+            if samples is not None and samples.size:
+                log.debug("tts: %d chars -> %.2f s audio in %.3f s", len(text),
+                          samples.size / SAMPLE_RATE, time.monotonic() - started)
+                return samples, attempt
+            log.warning("tts: espeak wrote no audio (attempt %d of %d)", attempt, retries + 1)
+    raise TTSError(f"espeak wrote no audio for {text[:30]!r} after {retries + 1} attempts")
+
+
+def _worker_main(conn: Any, voice: str, rate: int, volume: float, retries: int, timeout: float) -> None:
+    """A TTS worker process: set espeak up once for this voice, then answer render requests.
+
+    Requests are texts (``None`` ends the worker); answers are ``("ok", pcm, espeak_runs)`` or
+    ``("error", exception_class_name, message)``. The first message is ``("ready", voice_id)``.
+    """
+    try:
+        engine = _espeak_engine()
+        voice_id = _pick_voice(engine, voice)
+        # The driver's own setProperty applies at once; engine.setProperty would queue the change
+        # until the next runAndWait (measured with pyttsx3 2.99: one render late).
+        driver = engine.proxy._driver
+        driver.setProperty("voice", voice_id)
+        driver.setProperty("rate", rate)
+        driver.setProperty("volume", volume)
+    except TTSError as e:
+        conn.send(("error", type(e).__name__, str(e)))
+        return
+    conn.send(("ready", voice_id))
+    while True:
+        try:
+            text = conn.recv()
+        except (EOFError, OSError):  # the hub has gone
+            return
+        if text is None:
+            return
+        try:
+            samples, runs = _render_in_worker(engine, text, retries, timeout)
+            conn.send(("ok", samples.astype("<i2").tobytes(), runs))
+        except Exception as e:  # noqa: BLE001 — reported to the caller, the worker carries on
+            conn.send(("error", type(e).__name__, str(e)))
+
+
+class EspeakWorker:
+    """One espeak worker process for one voice setting, restarted when it crashes or hangs.
+
+    ``render`` is thread-safe: callers take turns (espeak renders one text at a time anyway).
+    """
+
+    def __init__(self, voice: str, rate: int, volume: float, *, retries: int = 2, timeout: float = 10.0) -> None:
+        self.config = (voice, rate, volume, retries, timeout)
+        self.timeout = timeout
+        self.restarts = 0  # workers replaced after a crash or a hang (tests and metrics)
+        self.voice_id = ""
+        self._lock = threading.Lock()
+        self._process: Any = None
+        self._conn: Any = None
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        # spawn: a fresh interpreter, never a fork of a process with threads and event loops
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_worker_main, args=(child, *self.config), name="xiaozhi-tts", daemon=True)
+        process.start()
+        child.close()
+        self._process, self._conn = process, parent
+        reply = self._reply(_WORKER_START_TIMEOUT_S, "starting")
+        if reply[0] != "ready":
+            self._stop()
+            raise TTSUnavailable(reply[2])
+        self.voice_id = reply[1]
+
+    def _reply(self, timeout: float, doing: str) -> tuple:
+        try:
+            if self._conn.poll(timeout):
+                return self._conn.recv()
+            problem = f"no answer after {timeout:g} s"
+        except (EOFError, OSError):
+            self._process.join(1)
+            problem = f"exit code {self._process.exitcode}"
+        self._stop()
+        raise _WorkerLost(f"espeak worker died while {doing} ({problem})")
+
+    def _stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(5)
+
+    def render(self, text: str) -> tuple[bytes, int]:
+        """``text`` as 8 kHz PCM and the espeak runs it took; one retry in a new worker if the worker dies."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if not self._process.is_alive():
+                        self.restarts += 1
+                        self._start()
+                    self._conn.send(text)
+                    reply = self._reply(self.timeout * 3, f"rendering {text[:20]!r}")
+                except (_WorkerLost, OSError) as e:
+                    log.error("tts: %s%s", e, "; rendering it again in a new worker" if attempt == 1 else "")
+                    if attempt == 2:
+                        raise TTSError(f"speech synthesis failed twice: {e}") from None
+                    continue
+                if reply[0] == "ok":
+                    return reply[1], reply[2]
+                raise TTSError(f"{reply[1]}: {reply[2]}")
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+            self._process.join(2)
+            self._stop()
+
+
+class _WorkerLost(TTSError):
+    """The worker process died or stopped answering (it has been stopped)."""
+
+
+_WORKERS: dict[tuple, EspeakWorker] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def espeak_worker(voice: str = PREFERRED_VOICE, rate: int = DEFAULT_RATE, volume: float = 1.0,
+                  **options: Any) -> EspeakWorker:
+    """The process's worker for this voice setting (started on first use, shared afterwards)."""
+    key = (voice, int(rate), float(volume), tuple(sorted(options.items())))
+    with _WORKERS_LOCK:
+        worker = _WORKERS.get(key)
+        if worker is None:
+            worker = _WORKERS[key] = EspeakWorker(voice, int(rate), float(volume), **options)
+        return worker
+
+
+def espeak_available() -> bool:
+    """Whether a Mandarin espeak voice can be rendered here (starts the default worker)."""
+    try:
+        espeak_worker()
+        return True
+    except TTSUnavailable:
+        return False
+
+
 class Pyttsx3Synthesizer:
     """Mandarin speech from espeak-ng through pyttsx3, as 8 kHz 16-bit mono PCM.
 
-    Each call renders to a fresh temp WAV (``save_to_file`` + ``runAndWait``), then waits for that
-    file to be complete (exists, non-empty, size stable, parseable) instead of trusting that
-    ``runAndWait`` returned after the write; an attempt that wrote nothing is repeated (``retries``).
-    Voice and rate are set before every call because all instances share espeak's global state.
+    Rendering happens in this voice setting's worker process (``espeak_worker``). Each text is
+    rendered to a fresh temp WAV (``save_to_file`` + ``runAndWait``), then read once the file is
+    complete (exists, non-empty, size stable, parseable) instead of trusting that ``runAndWait``
+    returned after the write; an attempt that wrote nothing is repeated (``retries``).
     """
 
     engine_name = "pyttsx3-espeak"
@@ -221,25 +371,9 @@ class Pyttsx3Synthesizer:
         self.volume = float(volume)
         self.normalize_numbers = normalize_numbers
         self.trim = trim
-        self.timeout = timeout
-        self.retries = retries
         self.engine_calls = 0  # espeak renders actually run (tests and metrics)
-        with _ESPEAK_LOCK:
-            self.voice_id = self._pick_voice(_espeak_engine(), voice)
-
-    @staticmethod
-    def _pick_voice(engine: Any, wanted: str) -> str:
-        voices = engine.getProperty("voices")
-        for match in (wanted, FALLBACK_VOICE):
-            exact = [v for v in voices if v.id.split("/")[-1] == match]
-            loose = [v for v in voices if match in v.id or match in (v.name or "")]
-            found = exact or loose
-            if found:
-                if match != wanted:
-                    log.warning("espeak voice %r not found; falling back to %r (reads many characters "
-                                "as English-spelled pinyin)", wanted, found[0].id)
-                return found[0].id
-        raise TTSUnavailable(f"no Mandarin espeak-ng voice ({wanted!r} or {FALLBACK_VOICE!r}) installed")
+        self.worker = espeak_worker(voice, self.rate, self.volume, retries=retries, timeout=timeout)
+        self.voice_id = self.worker.voice_id
 
     @property
     def cache_identity(self) -> Mapping[str, Any]:
@@ -252,58 +386,15 @@ class Pyttsx3Synthesizer:
         spoken = spoken_chinese(text) if self.normalize_numbers else text
         if not re.search(r"\w", spoken):
             return b""
-        samples = self._render(spoken)
+        pcm, runs = self.worker.render(spoken)
+        self.engine_calls += runs
+        samples = np.frombuffer(pcm, dtype="<i2")
         if self.trim:
             samples = trim_silence(samples)
         return samples.astype("<i2").tobytes()
 
     async def synthesize_async(self, text: str) -> bytes:
         return await synthesize_async(self, text)
-
-    def _apply_settings(self, engine: Any) -> None:
-        """Set voice, rate and volume in espeak now, before this call's synthesis.
-
-        ``engine.setProperty`` only queues the change, and measured with pyttsx3 2.99 it takes effect
-        one ``runAndWait`` late (a rate-300 call came out at the previous call's rate). The espeak
-        driver's own ``setProperty`` applies it immediately (espeak_SetVoiceByName/SetParameter), so
-        it is used when present, and the rate is read back from espeak to check.
-        """
-        driver = getattr(getattr(engine, "proxy", None), "_driver", None)
-        apply = getattr(driver, "setProperty", None) or engine.setProperty
-        global _APPLIED_VOICE
-        if _APPLIED_VOICE != self.voice_id:  # a voice change resets espeak's rate: only when needed
-            apply("voice", self.voice_id)
-            _APPLIED_VOICE = self.voice_id
-        apply("rate", self.rate)
-        apply("volume", self.volume)
-        global _APPLIED_RATE
-        if _APPLIED_RATE not in (None, self.rate):
-            log.warning("espeak rate changed %s -> %s in one process: measured with espeak-ng's synchronous "
-                        "mode, renders after a rate change sometimes keep the old rate; use one rate per "
-                        "process", _APPLIED_RATE, self.rate)
-        _APPLIED_RATE = self.rate
-
-    def _save(self, engine: Any, text: str, path: Path) -> None:
-        engine.save_to_file(text, str(path))
-        engine.runAndWait()
-
-    def _render(self, text: str) -> np.ndarray:
-        with _ESPEAK_LOCK, tempfile.TemporaryDirectory(prefix="tts-") as tmp:
-            engine = _espeak_engine()
-            self._apply_settings(engine)
-            for attempt in range(1, self.retries + 2):
-                path = Path(tmp) / f"out{attempt}.wav"  # a new file each attempt: never a stale one
-                self.engine_calls += 1
-                started = time.monotonic()
-                self._save(engine, text, path)
-                # runAndWait normally returns after the write; a missing file gets a short grace
-                samples = _read_wav_when_complete(path, timeout=min(0.5, self.timeout))
-                if samples is not None and samples.size:
-                    log.debug("tts: %d chars -> %.2f s audio in %.3f s", len(text),
-                              samples.size / SAMPLE_RATE, time.monotonic() - started)
-                    return samples
-                log.warning("tts: espeak wrote no audio (attempt %d of %d)", attempt, self.retries + 1)
-        raise TTSError(f"espeak wrote no audio for {text[:30]!r} after {self.retries + 1} attempts")
 
 
 register_synthesizer("pyttsx3", Pyttsx3Synthesizer)
