@@ -42,6 +42,17 @@ def _load_knowledge_base(settings: Settings, embedder=None):
     return open_knowledge_base(settings, embedder=embedder)
 
 
+async def _stop_tasks(*tasks: asyncio.Task | None, timeout_s: float = 10.0) -> None:
+    """Cancel the hub's background tasks and wait (a bounded time) until they have ended."""
+    running = [t for t in tasks if t is not None and not t.done()]
+    for task in running:
+        task.cancel()
+    if running:
+        _, pending = await asyncio.wait(running, timeout=timeout_s)
+        for task in pending:
+            log.warning("background task %s still running %g s after it was cancelled", task.get_name(), timeout_s)
+
+
 async def _watch_knowledge_base(app: FastAPI, settings: Settings) -> None:
     """Reload when `xiaozhi kb index` marks a new index current; the old one serves until then."""
     from knowledge_base.embedded import current_generation
@@ -132,32 +143,31 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
             app.state.knowledge_base = await asyncio.to_thread(_load_knowledge_base, settings)
             log.info("knowledge base ready: %d entries", len(app.state.knowledge_base.entries))
         watcher = (
-            asyncio.create_task(_watch_knowledge_base(app, settings)) if settings.kb_reload_interval_s > 0 else None
+            asyncio.create_task(_watch_knowledge_base(app, settings), name="kb-reload")
+            if settings.kb_reload_interval_s > 0 else None
         )
         app.state.phone = await _start_phone(settings, store, app.state.conversations)
         idle = (
             asyncio.create_task(app.state.conversations.close_idle_forever(
                 dt.timedelta(minutes=settings.idle_close_min), dt.timedelta(minutes=4 * settings.idle_close_min),
                 IDLE_CHECK_S,
-            ))
+            ), name="idle-close")
             if settings.idle_close_min > 0 else None
         )
         retention = (
             asyncio.create_task(retention_loop(settings.var_dir / "recordings", settings.recording_retention_days,
-                                               RETENTION_CHECK_S, app.state.accounts))
+                                               RETENTION_CHECK_S, app.state.accounts), name="retention")
             if settings.recording_retention_days > 0 else None
         )
         try:
             yield
         finally:
-            for task in (retention, idle):
-                if task is not None:
-                    task.cancel()
+            # Stopped and waited for before anything they use closes: a task cancelled in the middle
+            # of a query finishes its session's cleanup first, and must not find the pool gone.
+            await _stop_tasks(retention, idle, watcher)
             if getattr(app.state, "video", None) is not None:
                 await app.state.video.close_all()  # both peers of every video/phone-bridge session
             await app.state.phone.stop()  # hangs up live calls: their conversations close
-            if watcher is not None:
-                watcher.cancel()
             await stop_surveys(app, survey_poller)
             await app.state.conversations.drain(settings.rasa_timeout_s + 5)
             await app.state.desk.stop()

@@ -35,6 +35,7 @@ class LocalBus:
     def __init__(self) -> None:
         self.replica = uuid.uuid4().hex[:12]
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
+        self._running: set[asyncio.Future] = set()  # handlers' coroutines still running (ended on close)
 
     @property
     def shared(self) -> bool:
@@ -53,7 +54,9 @@ class LocalBus:
             try:
                 result = handler(payload, origin)
                 if asyncio.iscoroutine(result):
-                    asyncio.ensure_future(result)
+                    task = asyncio.ensure_future(result)
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
             except Exception:
                 log.exception("bus handler for %s failed", topic)
 
@@ -61,7 +64,10 @@ class LocalBus:
         pass
 
     async def close(self) -> None:
-        pass
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=5)
 
 
 class PostgresBus(LocalBus):
@@ -96,6 +102,7 @@ class PostgresBus(LocalBus):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await super().close()
 
     async def _run(self) -> None:
         import asyncpg

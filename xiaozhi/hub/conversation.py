@@ -112,7 +112,11 @@ class ConversationService:
             return True
         _, pending = await asyncio.wait(set(self._turns), timeout=timeout_s)
         if pending:
-            log.warning("%d turn(s) still in progress at shutdown", len(pending))
+            # each turn stores the resident's message first thing: what is lost is a reply
+            log.warning("%d turn(s) still in progress at shutdown: cancelled", len(pending))
+            for turn in pending:
+                turn.cancel()
+            await asyncio.wait(pending, timeout=5)
         return not pending
 
     # -- pub/sub for live channels (WebSocket) --------------------------------------------------
