@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,7 +132,23 @@ def hub(hub_settings: Settings, knowledge_base):
     from xiaozhi.hub.app import create_app
 
     with TestClient(create_app(hub_settings, knowledge_base=knowledge_base)) as client:
+        loop = client.portal.call(asyncio.get_running_loop)
         yield client
+        # If shutting the hub down hangs, say which of its tasks are still running (pytest-timeout
+        # only shows threads, and the loop's thread just waits for them).
+        watchdog = threading.Timer(120, dump_tasks, (loop, "hub still shutting down after 120 s"))
+        watchdog.daemon = True
+        watchdog.start()
+    watchdog.cancel()
+
+
+def dump_tasks(loop, why: str) -> None:
+    """Print every task of ``loop`` with its stack to stderr (read from another thread: diagnostics only)."""
+    print(f"\n=== {why}: tasks of the hub's event loop ===", file=sys.stderr)
+    for task in list(asyncio.all_tasks(loop)):
+        print(f"--- {task!r}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 def client_from(hub, address: str, **kwargs):
