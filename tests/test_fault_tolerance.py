@@ -281,3 +281,39 @@ def test_the_real_rasa_killed_is_restarted_and_the_hub_recovers_by_itself(stack)
         transcript = client.get(f"/api/sessions/{sid}/messages", headers=auth).json()["messages"]
     assert [m["text"] for m in transcript if m["role"] == "resident"] == ["异地就医怎么备案", "医保电子凭证怎么激活"]
     assert len(re.findall(r"started Rasa \(pid (\d+)\)", log_path.read_text())) == len(rasa_pids) + 1
+
+
+def test_shutdown_closes_the_database_only_after_the_hubs_own_tasks_have_ended(hub_settings, knowledge_base,
+                                                                                monkeypatch):
+    """A background task cancelled at shutdown may still be cleaning up (SQLAlchemy finishes a
+    session's close before a cancelled task ends): the store must not close under it."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from xiaozhi.hub.app import create_app
+    from xiaozhi.hub.conversation import ConversationService
+    from xiaozhi.hub.store import Store
+
+    sweeping, cleaned_up, seen_at_close = threading.Event(), [], []
+
+    async def slow_sweep(self, open_after, waiting_after) -> int:
+        sweeping.set()
+        try:
+            await asyncio.Event().wait()  # a query in progress when the hub stops
+        finally:
+            await asyncio.sleep(0.3)  # its session's cleanup, run to completion
+            cleaned_up.append(True)
+        return 0
+
+    original_close = Store.close
+
+    async def close(self) -> None:
+        seen_at_close.append(bool(cleaned_up))
+        await original_close(self)
+
+    monkeypatch.setattr(ConversationService, "close_idle", slow_sweep)
+    monkeypatch.setattr(Store, "close", close)
+    with TestClient(create_app(hub_settings, knowledge_base=knowledge_base)):
+        assert sweeping.wait(10)
+    assert seen_at_close == [True]
