@@ -272,6 +272,25 @@ def test_agent_socket_answers_garbage_and_stays_open(hub, caplog):
     assert "binary WebSocket frame" in caplog.text
 
 
+@pytest.mark.timeout(60)  # the old failure mode was a socket never closed: the client waited forever
+def test_a_desk_socket_whose_queue_half_fails_is_closed_with_1011_and_logged(hub, caplog, monkeypatch):
+    from xiaozhi.hub.desk import AgentDesk
+
+    token = staff_login(hub)["Authorization"].split()[1]
+
+    async def broken_queue(self, user):
+        raise ValueError("the queue query failed")
+
+    monkeypatch.setattr(AgentDesk, "queue_for", broken_queue)
+    with hub.websocket_connect(f"/api/agent/ws?token={token}") as ws:
+        assert ws.receive_json()["type"] == "hello"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            for _ in range(10):
+                ws.receive_json()
+        assert closed.value.code == 1011  # the console reconnects
+    assert "desk socket failed" in caplog.text and "the queue query failed" in caplog.text
+
+
 # -- staff login lockout ------------------------------------------------------------------------------
 def _from(hub, address: str):
     return client_from(hub, address)

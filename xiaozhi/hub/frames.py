@@ -3,12 +3,24 @@ garbage the same way and never crashes on it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
+import anyio
 from fastapi import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketState
 
 log = logging.getLogger(__name__)
+
+
+async def close_if_open(websocket: WebSocket, code: int, reason: str) -> None:
+    """Send the close frame unless one was sent or the client has gone; never skipped by a cancellation
+    (the other half of a socket ending cancels this one: the close must still go out)."""
+    if websocket.application_state != WebSocketState.CONNECTED or websocket.client_state == WebSocketState.DISCONNECTED:
+        return
+    with anyio.CancelScope(shield=True), contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
+        await websocket.close(code=code, reason=reason)
 
 
 async def receive_json_frame(websocket: WebSocket, send, frame_limit: int, who: str) -> dict | None:
@@ -28,8 +40,10 @@ async def receive_json_frame(websocket: WebSocket, send, frame_limit: int, who: 
         return None
     if len(raw.encode("utf-8")) > frame_limit:
         log.info("%s: closed on a %d-character WebSocket frame", who, len(raw))
-        await send({"type": "error", "error": "frame_too_large", "message": "消息太长了，请分几次发送。"})
-        await websocket.close(code=1009, reason="frame_too_large")
+        with anyio.CancelScope(shield=True):  # the answer and the close go out together, or neither
+            with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
+                await send({"type": "error", "error": "frame_too_large", "message": "消息太长了，请分几次发送。"})
+            await close_if_open(websocket, 1009, "frame_too_large")
         raise WebSocketDisconnect(1009)
     try:
         payload = json.loads(raw)

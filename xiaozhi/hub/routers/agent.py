@@ -22,7 +22,7 @@ from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.conversation import message_out
 from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS, AgentDesk
 from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.frames import receive_json_frame
+from xiaozhi.hub.frames import close_if_open, receive_json_frame
 from xiaozhi.hub.routers.staff import client_address, require_role, staff_for_token
 from xiaozhi.hub.schemas import MessageText
 
@@ -267,11 +267,13 @@ async def agent_socket(websocket: WebSocket, token: str | None = None) -> None:
                 await send({"type": "error", "error": "unknown_type", "message": "不支持的消息类型，只接受 ping。"})
 
     async def guarded(part, tg: anyio.abc.TaskGroup) -> None:
-        """Either half ending (the agent left, the login died) ends the socket."""
+        """Either half ending (the agent left, the login died, a fault) ends the socket."""
         try:
             await part(tg)
         except gone:
             pass
+        except Exception:
+            log.exception("agent %s: desk socket failed; closing it", user.username)
         finally:
             tg.cancel_scope.cancel()
 
@@ -284,6 +286,9 @@ async def agent_socket(websocket: WebSocket, token: str | None = None) -> None:
     except gone:
         pass
     finally:
+        # Ended by a fault or a cancellation before any close was sent: the console is told
+        # (1011) and reconnects, rather than waiting on a socket nobody serves any more.
+        await close_if_open(websocket, 1011, "internal_error")
         d.unwatch(changes)
         d.agent_offline(user.username)
         for conversation_id, (queue, _) in list(held.items()):
