@@ -84,6 +84,44 @@ def test_resident_and_agent_on_different_replicas_see_each_other_live(replicas):
     assert "wang" not in a.app.state.desk.online
 
 
+def test_replicas_starting_together_on_an_empty_database_all_start_with_one_first_admin(hub_settings, knowledge_base):
+    """A deployment's first start: four hubs create the schema and the first admin at the same time.
+
+    Without the start-up lock all but one failed on PostgreSQL's catalog (duplicate pg_type rows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import func, select
+
+    from xiaozhi.hub.accounts import AuditEntry, StaffUser
+
+    apps = [create_app(hub_settings, knowledge_base=knowledge_base) for _ in range(4)]
+
+    async def start_and_stop(app):
+        async with app.router.lifespan_context(app):
+            return app.state.store.engine.url
+
+    async def first_start():
+        results = await asyncio.gather(*(start_and_stop(app) for app in apps), return_exceptions=True)
+        from xiaozhi.hub.store import Store
+
+        store = Store(hub_settings.effective_database_url)
+        try:
+            async with store.sessions() as s:
+                users = (await s.execute(select(StaffUser.username))).scalars().all()
+                created = (await s.execute(
+                    select(func.count()).select_from(AuditEntry).where(AuditEntry.action == "user.create")
+                )).scalar_one()
+        finally:
+            await store.close()
+        return results, users, created
+
+    with ThreadPoolExecutor(1) as pool:  # a fresh loop: Playwright may own this thread's
+        results, users, created = pool.submit(asyncio.run, first_start()).result()
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures
+    assert users == [hub_settings.admin_username] and created == 1
+
+
 def test_a_due_follow_up_call_is_placed_once_by_two_polling_replicas(fresh_postgres_url):
     from concurrent.futures import ThreadPoolExecutor
 

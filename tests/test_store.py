@@ -1,4 +1,4 @@
-"""The store upgrades a database made by an older release by adding the columns added since (SQLite and PostgreSQL)."""
+"""The store: upgrading a database made by an older release (new columns and indexes), and what several replicas do to one database (SQLite and PostgreSQL)."""
 
 import asyncio
 import sqlite3
@@ -68,3 +68,74 @@ def test_older_tables_gain_boolean_integer_and_json_columns_on_both_databases(tm
     user, (item,) = asyncio.run(upgrade())
     assert user.active is True and not user.skills
     assert (item.priority, item.topic, item.agent, item.claimed_at, item.disposition, item.summary) == (0, "", "", None, "", {})
+
+
+def test_a_conversation_has_one_open_queue_item_even_when_replicas_queue_it_at_once(tmp_path, database_url):
+    """Four stores (as four hub replicas) queue the same conversations concurrently: one item each.
+
+    Before the partial unique index, PostgreSQL let every replica's read-then-insert through."""
+    from xiaozhi.hub.store import Escalation
+
+    url = database_url or f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}"
+
+    async def race():
+        stores = [Store(url) for _ in range(4)]
+        try:
+            await stores[0].create_schema()  # replicas starting together: tests/test_replicas.py
+            results = []
+            for _ in range(10):
+                conv, _token = await stores[0].create_conversation("web")
+                items = await asyncio.gather(*(s.add_escalation(conv.id, "web", "requested") for s in stores))
+                results.append((conv.id, {item.id for item in items}))
+            # Closed, the item no longer counts: the same conversation may be queued again.
+            conv_id, (item_id,) = results[0]
+            async with stores[0].sessions() as s, s.begin():
+                (await s.get(Escalation, item_id)).status = "closed"
+            again = await stores[1].add_escalation(conv_id, "web", "requested")
+            return results, item_id, again.id
+        finally:
+            for s in stores:
+                await s.close()
+
+    results, first, again = asyncio.run(race())
+    assert all(len(ids) == 1 for _conv, ids in results), results
+    assert again != first
+
+
+def test_an_older_queue_with_duplicate_open_items_still_starts_and_logs_why_it_lacks_the_index(
+    tmp_path, database_url, caplog
+):
+    from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, inspect, insert
+
+    url = database_url or f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    old = MetaData()  # escalations as an older release made them, without the one-open-item index
+    queue = Table("escalations", old, Column("id", Integer, primary_key=True), Column("conversation_id", String(36)),
+                  Column("channel", String(16)), Column("reason", String(32)), Column("status", String(16)),
+                  Column("created_at", DateTime(timezone=True)))
+
+    async def upgrade(rows):
+        store = Store(url)
+        try:
+            async with store.engine.begin() as conn:
+                await conn.run_sync(old.drop_all)
+                await conn.run_sync(old.create_all)
+                for conversation_id, status in rows:
+                    await conn.execute(insert(queue).values(conversation_id=conversation_id, channel="web",
+                                                            reason="requested", status=status))
+            await store.create_schema()
+            async with store.engine.connect() as conn:
+                names = await conn.run_sync(lambda c: {i["name"] for i in inspect(c).get_indexes("escalations")})
+            item = await store.add_escalation("c-dup", "web", "requested")
+            return names, item, len(await store.escalations())
+        finally:
+            await store.close()
+
+    names, item, waiting = asyncio.run(upgrade([("c-dup", "waiting"), ("c-dup", "waiting"), ("c-old", "closed")]))
+    assert "uq_escalations_open_conversation" not in names
+    assert "remove the duplicates" in caplog.text and "uq_escalations_open_conversation" in caplog.text
+    assert item.conversation_id == "c-dup" and waiting == 2, "the hub still works on the old rows"
+
+    caplog.clear()
+    names, item, waiting = asyncio.run(upgrade([("c-dup", "closed"), ("c-dup", "waiting"), ("c-old", "closed")]))
+    assert "uq_escalations_open_conversation" in names, "rows that fit get the index on upgrade"
+    assert waiting == 1 and "remove the duplicates" not in caplog.text

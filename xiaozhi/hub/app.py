@@ -131,7 +131,8 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         app.state.store = store
         app.state.rasa = rasa
         app.state.accounts = Accounts(store, session_hours=settings.staff_session_hours)
-        await _bootstrap_admin(app.state.accounts, settings)
+        async with store.exclusive("xiaozhi.admin-bootstrap"):  # replicas starting together: one first admin
+            await _bootstrap_admin(app.state.accounts, settings)
         app.state.knowledge_base = knowledge_base
         bus = make_bus(settings.effective_database_url)  # live events across hub replicas
         await bus.start()

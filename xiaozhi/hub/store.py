@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import secrets
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy import (
-    JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, event, func, inspect, select, update,
+    JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event, func, inspect, select, text, update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> dt.datetime:
@@ -73,6 +79,28 @@ def _add_missing_columns(sync_conn) -> None:
             sync_conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl_type}{default}')
 
 
+def _add_missing_indexes(sync_conn) -> None:
+    """Indexes added since a database was made; create_all only makes them with a new table.
+
+    One the existing rows violate (a unique index over duplicates an older release let in) is
+    logged and left out, so the hub still starts; the code that writes those rows copes either way.
+    """
+    inspector = inspect(sync_conn)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name in present:
+                continue
+            try:
+                with sync_conn.begin_nested():  # a failure must not abort the schema transaction (PostgreSQL)
+                    index.create(sync_conn)
+            except IntegrityError as exc:
+                log.error("index %s not created: existing rows of %s violate it (%s); remove the duplicates",
+                          index.name, table.name, exc.orig)
+
+
 class Conversation(Base):
     __tablename__ = "conversations"
 
@@ -107,10 +135,18 @@ class Message(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+OPEN_ESCALATION = "status IN ('waiting', 'claimed', 'callback')"
+
+
 class Escalation(Base):
     """A conversation waiting for a person. The agent desk works this queue."""
 
     __tablename__ = "escalations"
+    # One open item per conversation, also when two replicas queue the same conversation at once.
+    __table_args__ = (
+        Index("uq_escalations_open_conversation", "conversation_id", unique=True,
+              postgresql_where=text(OPEN_ESCALATION), sqlite_where=text(OPEN_ESCALATION)),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"), index=True)
@@ -140,8 +176,28 @@ class Store:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """Run a block in one replica at a time (a PostgreSQL advisory lock named ``name``).
+
+        Hub replicas starting together on an empty database otherwise all create the tables at once
+        (all but one fail on PostgreSQL's catalog constraints) and could each create a first admin.
+        SQLite is one hub's file: the block just runs.
+        """
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        async with self.engine.connect() as conn:  # the lock belongs to this connection's session
+            await conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
     async def create_schema(self) -> None:
-        async with self.engine.begin() as conn:
+        """Create missing tables, columns and indexes; replicas may call it together (see ``exclusive``)."""
+        async with self.exclusive("xiaozhi.schema"), self.engine.begin() as conn:
             if self.engine.dialect.name == "sqlite":
                 # WAL keeps readers (transcripts) from blocking the writer (new messages). With WAL,
                 # synchronous=NORMAL survives a killed process (only power loss can drop the last
@@ -149,6 +205,7 @@ class Store:
                 await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
             await conn.run_sync(Base.metadata.create_all)
             await conn.run_sync(_add_missing_columns)
+            await conn.run_sync(_add_missing_indexes)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -292,23 +349,26 @@ class Store:
         """Queue a conversation; one that is already queued, held or waiting for a callback keeps its item.
 
         ``fields``: further Escalation columns (priority, topic, status, summary)."""
-        async with self.sessions() as s, s.begin():
-            waiting = (
-                await s.execute(
-                    select(Escalation)
-                    .where(
-                        Escalation.conversation_id == conversation_id,
-                        Escalation.status.in_(("waiting", "claimed", "callback")),
-                    )
-                    .order_by(Escalation.id.desc())
-                    .limit(1)
-                )
-            ).scalar_one_or_none()
-            if waiting is not None:
-                return waiting
-            esc = Escalation(conversation_id=conversation_id, channel=channel, reason=reason, **fields)
-            s.add(esc)
-        return esc
+        open_item = (
+            select(Escalation)
+            .where(Escalation.conversation_id == conversation_id, text(OPEN_ESCALATION))
+            .order_by(Escalation.id.desc())
+            .limit(1)
+        )
+        try:
+            async with self.sessions() as s, s.begin():
+                waiting = (await s.execute(open_item)).scalar_one_or_none()
+                if waiting is not None:
+                    return waiting
+                esc = Escalation(conversation_id=conversation_id, channel=channel, reason=reason, **fields)
+                s.add(esc)
+            return esc
+        except IntegrityError:  # another replica queued it between our read and our insert
+            async with self.sessions() as s:
+                waiting = (await s.execute(open_item)).scalar_one_or_none()
+            if waiting is None:
+                raise
+            return waiting
 
     async def escalations(self, status: str = "waiting") -> list[Escalation]:
         async with self.sessions() as s:
