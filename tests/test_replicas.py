@@ -12,7 +12,7 @@ import datetime as dt
 import time
 
 import pytest
-from conftest import make_staff, open_session
+from conftest import ADMIN_PASSWORD, client_from, make_staff, open_session
 from fastapi.testclient import TestClient
 
 from xiaozhi.hub.app import create_app
@@ -82,6 +82,26 @@ def test_resident_and_agent_on_different_replicas_see_each_other_live(replicas):
             break
         asyncio.run(asyncio.sleep(0.05))
     assert "wang" not in a.app.state.desk.online
+
+
+def test_wrong_passwords_count_on_every_replica(replicas):
+    """Five guesses from one address, spread over two replicas, lock that address on both.
+
+    With the counters in each replica's memory the guesser got five per replica."""
+    a, b = replicas
+    guesser = [client_from(a, "203.0.113.66"), client_from(b, "203.0.113.66")]
+
+    def login(client, password):
+        return client.post("/api/staff/login", json={"username": "admin", "password": password})
+
+    for i in range(5):
+        assert login(guesser[i % 2], "x" * 12).status_code == 401
+    for client in guesser:
+        locked = login(client, ADMIN_PASSWORD)
+        assert locked.status_code == 429 and "15分钟" in locked.json()["message"]
+    # Only that address: the admin at their desk logs in through either replica.
+    assert login(client_from(b, "192.0.2.10"), ADMIN_PASSWORD).status_code == 200
+    assert login(client_from(a, "192.0.2.10"), ADMIN_PASSWORD).status_code == 200
 
 
 def test_replicas_starting_together_on_an_empty_database_all_start_with_one_first_admin(hub_settings, knowledge_base):

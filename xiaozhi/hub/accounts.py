@@ -13,11 +13,10 @@ import enum
 import logging
 import secrets
 import time
-from collections import defaultdict, deque
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, select, update
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, delete, exists, func, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from xiaozhi.hub.store import Base, Store, aware, hash_token, utcnow
@@ -69,6 +68,24 @@ class StaffSession(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The address the login came from: addresses an account has logged in from are never slowed down.
+    client: Mapped[str] = mapped_column(String(64), default="")
+
+
+class LoginFailure(Base):
+    """A wrong password (or unknown user), kept for the lockout window only.
+
+    In the database, not in one replica's memory: behind a load balancer every replica must count
+    the same guesses, or N replicas would allow N times as many.
+    """
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_username_at", "username", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(64), default="")
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class AuditEntry(Base):
@@ -102,7 +119,7 @@ class Accounts:
         lockout_s: float = 900.0,
         account_max_failures: int = 50,
         account_backoff_s: float = 60.0,
-        clock=time.monotonic,
+        clock=time.time,
     ) -> None:
         self.store = store
         self.session_hours = session_hours
@@ -116,11 +133,10 @@ class Accounts:
         self.lockout_s = lockout_s
         self.account_max_failures = account_max_failures
         self.account_backoff_s = account_backoff_s
+        # Failures and known addresses live in the database (shared by every replica); ``clock``
+        # gives wall-clock seconds (replicas compare each other's timestamps).
         self._clock = clock
         self._hasher = PasswordHasher()
-        self._failures: dict[tuple[str, str], deque[float]] = defaultdict(deque)
-        self._account_failures: dict[str, deque[float]] = defaultdict(deque)
-        self._known_clients: dict[str, dict[str, float]] = defaultdict(dict)  # username -> address -> last login
         # Verifying a hash for an unknown user costs the same as for a known one (no user probing).
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 
@@ -195,35 +211,46 @@ class Accounts:
         return user
 
     # -- sessions -------------------------------------------------------------------------------
-    def _recent(self, failures: deque[float], now: float) -> int:
-        while failures and now - failures[0] > self.lockout_s:
-            failures.popleft()
-        return len(failures)
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), dt.timezone.utc)
 
-    def _locked(self, username: str, client: str) -> str | None:
+    async def _locked(self, username: str, client: str) -> str | None:
         """Why a login attempt is refused before its password is checked: locked, throttled or None."""
-        now = self._clock()
-        key = (username, client)
-        if self._recent(self._failures[key], now) >= self.max_failures:
-            return "locked"
-        if not self._failures[key]:
-            self._failures.pop(key, None)
-        account = self._account_failures[username]
-        over = self._recent(account, now) - self.account_max_failures
-        if not account:
-            self._account_failures.pop(username, None)
-        if over >= 0 and client not in self._known_clients.get(username, {}):
-            wait = min(self.account_backoff_s, 2.0 ** min(over, 16))
-            if now - account[-1] < wait:
-                return "throttled"
-        return None
+        now = self._now()
+        since = now - dt.timedelta(seconds=self.lockout_s)
+        recent = (LoginFailure.username == username, LoginFailure.at > since)
+        async with self.store.sessions() as s:
+            pair = (await s.execute(
+                select(func.count()).select_from(LoginFailure).where(*recent, LoginFailure.client == client)
+            )).scalar_one()
+            if pair >= self.max_failures:
+                return "locked"
+            count, last = (await s.execute(select(func.count(), func.max(LoginFailure.at)).where(*recent))).one()
+            over = count - self.account_max_failures
+            if over < 0:
+                return None
+            known = (await s.execute(select(exists().where(
+                StaffSession.client == client,
+                StaffSession.user_id == select(StaffUser.id).where(StaffUser.username == username).scalar_subquery(),
+            )))).scalar_one()
+        if known:
+            return None
+        wait = min(self.account_backoff_s, 2.0 ** min(over, 16))
+        return "throttled" if (now - aware(last)).total_seconds() < wait else None
+
+    async def _failed(self, username: str, client: str) -> None:
+        now = self._now()
+        async with self.store.sessions() as s, s.begin():
+            s.add(LoginFailure(username=username[:64], client=client[:64], at=now))
+            # What has left every window goes: the table holds at most one lockout period of guesses.
+            await s.execute(delete(LoginFailure).where(LoginFailure.at <= now - dt.timedelta(seconds=self.lockout_s)))
 
     async def login(self, username: str, password: str, client: str = "") -> tuple[StaffUser, str, dt.datetime]:
         """Returns the user, a new bearer token and its expiry; raises ``LoginRejected``.
 
         ``client`` is the caller's address: lockout counts failures per account and address.
         """
-        refused = self._locked(username, client)
+        refused = await self._locked(username, client)
         if refused:
             raise LoginRejected(refused)
         user = await self.get_user(username)
@@ -233,19 +260,14 @@ class Accounts:
         except (VerificationError, InvalidHashError):
             ok = False
         if not ok:
-            now = self._clock()
-            self._failures[(username, client)].append(now)
-            self._account_failures[username].append(now)
+            await self._failed(username, client)
             raise LoginRejected("bad_credentials")
-        self._failures.pop((username, client), None)
-        known = self._known_clients[username]
-        known[client] = self._clock()
-        if len(known) > 64:  # bounded: the oldest addresses are forgotten first
-            del known[min(known, key=known.get)]
         token = secrets.token_urlsafe(32)
         expires = utcnow() + dt.timedelta(hours=self.session_hours)
         async with self.store.sessions() as s, s.begin():
-            s.add(StaffSession(token_hash=hash_token(token), user_id=user.id, expires_at=expires))
+            # Success clears this address's failures for the account (not other addresses').
+            await s.execute(delete(LoginFailure).where(LoginFailure.username == username, LoginFailure.client == client))
+            s.add(StaffSession(token_hash=hash_token(token), user_id=user.id, expires_at=expires, client=client[:64]))
             if self._hasher.check_needs_rehash(user.password_hash):
                 fresh = await s.get(StaffUser, user.id)
                 fresh.password_hash = self._hasher.hash(password)
