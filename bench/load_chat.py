@@ -78,14 +78,17 @@ async def resident(client: httpx.AsyncClient, n: int, messages: int, think: tupl
             errors.append("degraded reply (Rasa not answering)")
 
 
-async def step(url: str, sessions: int, messages: int, think: tuple[float, float], seed: int, pids: list[int]) -> dict:
+async def step(url: str, sessions: int, messages: int, think: tuple[float, float], seed: int,
+               parts: dict[str, list[int]]) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     limits = httpx.Limits(max_connections=sessions + 10, max_keepalive_connections=sessions + 10)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
+        cpu0, t0 = {name: _cpu_seconds(pids) for name, pids in parts.items()}, time.perf_counter()
         await asyncio.gather(*(resident(client, n, messages, think, seed, latencies, errors) for n in range(sessions)))
-        wall, cpu = time.perf_counter() - t0, _cpu_seconds(pids) - cpu0
+        wall = time.perf_counter() - t0
+        cpu = {name: _cpu_seconds(pids) - cpu0[name] for name, pids in parts.items()}
+    per_message = {name: 1000 * seconds / len(latencies) for name, seconds in cpu.items()} if latencies else {}
     return {
         "sessions": sessions,
         "messages": len(latencies),
@@ -95,24 +98,26 @@ async def step(url: str, sessions: int, messages: int, think: tuple[float, float
         "p95_ms": percentile(latencies, 0.95) if latencies else float("nan"),
         "max_ms": max(latencies) if latencies else float("nan"),
         "messages_per_s": len(latencies) / wall,
-        "cpu_ms_per_message": 1000 * cpu / len(latencies) if latencies and pids else None,
+        "cpu_ms_per_message": sum(per_message.values()) if per_message else None,
+        "cpu_ms_per_message_by_part": per_message,
     }
 
 
-def _service_pids(log: Path | None) -> list[int]:
-    """The hub, Rasa and action server of a `xiaozhi run` started here (from its log), with their children."""
+def _service_pids(log: Path | None) -> dict[str, list[int]]:
+    """The hub, Rasa and action server of a `xiaozhi run` started here (from its log), each with its children."""
     if log is None:
-        return []
+        return {}
     import re
 
-    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", log.read_text())]
-    children = []
-    for pid in pids:
+    parts = {}
+    for name, pid in re.findall(r"started (.+?) \(pid (\d+)\)", log.read_text()):
+        pid = int(pid)
         try:
-            children += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         except FileNotFoundError:
-            pass
-    return pids + children
+            children = []
+        parts[name] = [pid, *children]
+    return parts
 
 
 def main() -> None:
@@ -133,15 +138,16 @@ def main() -> None:
     else:
         proc, url, cold, log = start_stack()
         print(f"started `xiaozhi run` in {cold:.1f} s at {url}")
-    pids = _service_pids(log)
+    parts = _service_pids(log)
     results = []
     try:
         # warm-up: lazy initialisation in Rasa and the hub is not part of any step
-        asyncio.run(step(url, 2, 2, (0.1, 0.2), 99, []))
+        asyncio.run(step(url, 2, 2, (0.1, 0.2), 99, {}))
         for n in steps:
-            result = asyncio.run(step(url, n, args.messages, think, args.seed, pids))
+            result = asyncio.run(step(url, n, args.messages, think, args.seed, parts))
             results.append(result)
-            cpu = f"  CPU {result['cpu_ms_per_message']:.0f} ms/msg" if result["cpu_ms_per_message"] else ""
+            by_part = ", ".join(f"{name} {ms:.0f}" for name, ms in result["cpu_ms_per_message_by_part"].items())
+            cpu = f"  CPU {result['cpu_ms_per_message']:.0f} ms/msg ({by_part})" if result["cpu_ms_per_message"] else ""
             print(f"{n:4d} sessions  {result['messages']:4d} msgs  p50 {result['p50_ms']:5.0f} ms  "
                   f"p95 {result['p95_ms']:5.0f} ms  max {result['max_ms']:5.0f} ms  "
                   f"{result['messages_per_s']:5.1f} msg/s  errors {result['errors']}{cpu}", flush=True)
