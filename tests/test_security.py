@@ -106,6 +106,24 @@ def test_messages_are_limited_per_conversation_over_http_and_websocket_together(
     assert [m["text"] for m in messages if m["role"] == "resident"] == ["你好", "转人工"]
 
 
+@pytest.mark.timeout(60)  # before the fix the socket stayed open and receive_json waited forever
+def test_garbage_frames_count_against_the_message_rate_and_a_flood_is_cut_off(strict_hub, caplog):
+    sid, auth = open_session(strict_hub)
+    token = auth["Authorization"].split()[1]
+    with strict_hub.websocket_connect(f"/api/sessions/{sid}/ws?token={token}") as ws:
+        for _ in range(2):  # within the allowance (2/minute here): answered, the socket stays open
+            ws.send_text("{not json")
+            assert ws.receive_json()["error"] == "invalid_json"
+        ws.send_bytes(b"\x00" * 10)
+        assert ws.receive_json()["error"] == "binary_not_supported"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1008
+    assert "too many unusable frames" in caplog.text
+    # The flood used the conversation's allowance: HTTP is limited too, until it refills.
+    _assert_429(strict_hub.post(f"/api/sessions/{sid}/messages", json={"text": "你好"}, headers=auth))
+
+
 def test_kb_search_and_staff_login_are_limited(strict_hub):
     for _ in range(2):
         assert strict_hub.get("/api/kb/search", params={"q": "医保码"}).status_code == 200

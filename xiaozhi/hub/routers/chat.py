@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from xiaozhi.hub.conversation import ConversationService, ensure_open, message_out, preview
 from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.frames import receive_json_frame
+from xiaozhi.hub.frames import close_if_open, receive_json_frame
 from xiaozhi.hub.routers.staff import bearer_token
 from xiaozhi.hub.schemas import MessageText
 from xiaozhi.hub.store import Conversation, Store
@@ -147,9 +147,14 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
     try:
         while True:
             payload = await receive_json_frame(websocket, websocket.send_json, frame_limit, f"conversation {conv.id}")
-            if payload is None:  # garbage, answered
-                continue
+            # Every frame counts against the conversation's message rate, garbage too.
             wait = limits.check_message(conv.id, websocket.client.host if websocket.client else "")
+            if payload is None:  # garbage, answered; a client that keeps sending it is cut off
+                if wait > 0:
+                    log.warning("conversation %s: WebSocket closed after too many unusable frames", conv.id)
+                    await close_if_open(websocket, 1008, "too_many_bad_frames")
+                    return
+                continue
             if wait > 0:
                 await websocket.send_json(
                     {"type": "error", "error": "rate_limited", "message": "发送太频繁，请稍后再试。",
