@@ -28,7 +28,8 @@ quiet() {
 # coturn: the TURN relay the video tests route media through (and the documented deployment).
 # kamailio: checks the deployment's dispatcher configuration (kamailio -c).
 # postgresql: server binaries for the hub's PostgreSQL tests (tests/postgres.py starts a throwaway cluster).
-APT_PACKAGES=(espeak-ng sox sip-tester baresip-core kamailio chromium fonts-wqy-zenhei coturn postgresql)
+# redis-server: the shared rate limits of several hub replicas (tests/redis_server.py starts a throwaway one).
+APT_PACKAGES=(espeak-ng sox sip-tester baresip-core kamailio chromium fonts-wqy-zenhei coturn postgresql redis-server)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     )
     rate_limit_kb_search: str = Field("120/minute", description="Knowledge-base searches per client address.")
     rate_limit_login: str = Field("10/minute", description="Staff login attempts per client address.")
+    rate_limit_redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://host:6379/2) for rate limits shared by every hub replica; unset: each "
+        "replica limits on its own. If Redis stops answering, each replica limits on its own until it returns.",
+    )
     rate_limit_exempt_networks: str = Field(
         "127.0.0.1/32,::1/128",
         description="Comma-separated CIDRs never rate-limited: the action servers and load balancer health checks.",

@@ -174,6 +174,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
             await app.state.desk.stop()
             await bus.close()
             await rasa.close()
+            await app.state.limits.close()
             await store.close()
 
     app = FastAPI(

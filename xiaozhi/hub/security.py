@@ -93,6 +93,68 @@ class RateLimiter:
         return len(self._buckets)
 
 
+# One token bucket, atomically, on the Redis server's clock (replicas' clocks never meet here).
+# The bucket expires once it would be full again, so idle clients cost no memory.
+_BUCKET_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local capacity, per_second, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(bucket[1]), tonumber(bucket[2])
+if tokens == nil or at == nil then tokens, at = capacity, now end
+tokens = math.min(capacity, tokens + math.max(0, now - at) * per_second)
+local wait = 0
+if tokens >= cost then tokens = tokens - cost else wait = (cost - tokens) / per_second end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(capacity / per_second) + 1)
+return tostring(wait)
+"""
+
+
+class SharedRateLimiter:
+    """The same token buckets in Redis, so every hub replica draws on one allowance per client.
+
+    ``XIAOZHI_RATE_LIMIT_REDIS_URL`` (the deployment's Redis, also Rasa's lock store). When Redis
+    does not answer, the replica falls back to its own in-memory buckets (``fallback``) and says so
+    in the log, retrying Redis after ``retry_s``: a broken Redis must not take the hotline down.
+    """
+
+    def __init__(self, url: str, fallback: RateLimiter, *, timeout_s: float = 0.25, retry_s: float = 5.0,
+                 prefix: str = "xiaozhi:rate:") -> None:
+        import redis.asyncio as redis_asyncio
+
+        self.fallback = fallback
+        self.retry_s = retry_s
+        self._prefix = prefix
+        self._client = redis_asyncio.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._bucket = self._client.register_script(_BUCKET_LUA)
+        self._down_until = 0.0  # monotonic: while Redis is considered down, the fallback answers
+        self.shared = True
+
+    async def hit(self, rule: str, key: str, rate: Rate, cost: float = 1.0) -> float:
+        from redis.exceptions import RedisError
+
+        if time.monotonic() < self._down_until:
+            return self.fallback.hit(rule, key, rate, cost)
+        try:
+            wait = float(await self._bucket(keys=[f"{self._prefix}{rule}:{key}"],
+                                            args=[rate.count, rate.per_second, cost]))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._down_until = time.monotonic() + self.retry_s
+            if self.shared:
+                log.error("rate limits: Redis is not answering (%s); this replica limits on its own until it does",
+                          type(exc).__name__)
+                self.shared = False
+            return self.fallback.hit(rule, key, rate, cost)
+        if not self.shared:
+            log.warning("rate limits: Redis answers again; limits are shared by the replicas")
+            self.shared = True
+        return wait
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -111,7 +173,11 @@ class Limits:
 
     def __init__(self, settings, limiter: RateLimiter | None = None) -> None:
         self.enabled = settings.rate_limit_enabled
-        self.limiter = limiter or RateLimiter()
+        self.limiter = limiter or RateLimiter()  # this replica's buckets (the fallback when shared)
+        self.shared = (
+            SharedRateLimiter(settings.rate_limit_redis_url, self.limiter)
+            if settings.rate_limit_redis_url and self.enabled else None
+        )
         self.exempt = _networks(settings.rate_limit_exempt_networks)
         self.messages = Rate.parse(settings.rate_limit_messages)
         self.rules = [
@@ -132,7 +198,16 @@ class Limits:
             return False
         return any(address in net for net in self.exempt)
 
-    def check_request(self, method: str, path: str, client: str) -> tuple[str, float] | None:
+    async def _hit(self, rule: str, key: str, rate: Rate) -> float:
+        if self.shared is not None:
+            return await self.shared.hit(rule, key, rate)
+        return self.limiter.hit(rule, key, rate)
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
+
+    async def check_request(self, method: str, path: str, client: str) -> tuple[str, float] | None:
         """(rule name, retry-after seconds) when this request is over its limit, else None."""
         if not self.enabled or self.is_exempt(client):
             return None
@@ -143,15 +218,15 @@ class Limits:
             if match is None:
                 continue
             key = match.group(1) if rule.key == "session" else client
-            wait = self.limiter.hit(rule.name, key, rule.rate)
+            wait = await self._hit(rule.name, key, rule.rate)
             return (rule.name, wait) if wait > 0 else None
         return None
 
-    def check_message(self, conversation_id: str, client: str) -> float:
+    async def check_message(self, conversation_id: str, client: str) -> float:
         """A WebSocket message: the same per-conversation bucket as HTTP messages. Returns the wait."""
         if not self.enabled or self.is_exempt(client):
             return 0.0
-        return self.limiter.hit("messages", conversation_id, self.messages)
+        return await self._hit("messages", conversation_id, self.messages)
 
 
 def _client_host(scope) -> str:
@@ -212,7 +287,7 @@ class HubSecurityMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        limited = self.limits.check_request(scope["method"], path, _client_host(scope))
+        limited = await self.limits.check_request(scope["method"], path, _client_host(scope))
         if limited is not None:
             rule, wait = limited
             log.info("%s %s from a client over the %s limit: 429", scope["method"], path, rule)

@@ -148,7 +148,7 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
         while True:
             payload = await receive_json_frame(websocket, websocket.send_json, frame_limit, f"conversation {conv.id}")
             # Every frame counts against the conversation's message rate, garbage too.
-            wait = limits.check_message(conv.id, websocket.client.host if websocket.client else "")
+            wait = await limits.check_message(conv.id, websocket.client.host if websocket.client else "")
             if payload is None:  # garbage, answered; a client that keeps sending it is cut off
                 if wait > 0:
                     log.warning("conversation %s: WebSocket closed after too many unusable frames", conv.id)
