@@ -52,6 +52,14 @@ class Base(DeclarativeBase):
     pass
 
 
+def _missing(inspector, listed, members):
+    """(table, member) for each column or index (``members`` of a table) that an existing table lacks."""
+    for table in Base.metadata.sorted_tables:
+        if inspector.has_table(table.name):
+            present = {item["name"] for item in listed(table.name)}
+            yield from ((table, member) for member in members(table) if member.name not in present)
+
+
 def _add_missing_columns(sync_conn) -> None:
     """Additive schema upgrade: a database made by an older release gains the columns added since.
 
@@ -59,24 +67,18 @@ def _add_missing_columns(sync_conn) -> None:
     changes) needs a real migration.
     """
     inspector = inspect(sync_conn)
-    for table in Base.metadata.sorted_tables:
-        if not inspector.has_table(table.name):
-            continue
-        present = {col["name"] for col in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            ddl_type = column.type.compile(dialect=sync_conn.dialect)
-            default = ""
-            if column.default is not None and column.default.is_scalar:
-                value = column.default.arg
-                # TRUE/FALSE, not 1/0: PostgreSQL refuses an integer default for a boolean column.
-                default = f" DEFAULT {str(value).upper() if isinstance(value, bool) else repr(value)}"
-            elif isinstance(column.type, JSON):
-                default = " DEFAULT '{}'"
-            elif not column.nullable:
-                default = " DEFAULT ''"
-            sync_conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl_type}{default}')
+    for table, column in _missing(inspector, inspector.get_columns, lambda table: table.columns):
+        ddl_type = column.type.compile(dialect=sync_conn.dialect)
+        default = ""
+        if column.default is not None and column.default.is_scalar:
+            value = column.default.arg
+            # TRUE/FALSE, not 1/0: PostgreSQL refuses an integer default for a boolean column.
+            default = f" DEFAULT {str(value).upper() if isinstance(value, bool) else repr(value)}"
+        elif isinstance(column.type, JSON):
+            default = " DEFAULT '{}'"
+        elif not column.nullable:
+            default = " DEFAULT ''"
+        sync_conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl_type}{default}')
 
 
 def _add_missing_indexes(sync_conn) -> None:
@@ -86,19 +88,13 @@ def _add_missing_indexes(sync_conn) -> None:
     logged and left out, so the hub still starts; the code that writes those rows copes either way.
     """
     inspector = inspect(sync_conn)
-    for table in Base.metadata.sorted_tables:
-        if not inspector.has_table(table.name):
-            continue
-        present = {index["name"] for index in inspector.get_indexes(table.name)}
-        for index in table.indexes:
-            if index.name in present:
-                continue
-            try:
-                with sync_conn.begin_nested():  # a failure must not abort the schema transaction (PostgreSQL)
-                    index.create(sync_conn)
-            except IntegrityError as exc:
-                log.error("index %s not created: existing rows of %s violate it (%s); remove the duplicates",
-                          index.name, table.name, exc.orig)
+    for table, index in _missing(inspector, inspector.get_indexes, lambda table: table.indexes):
+        try:
+            with sync_conn.begin_nested():  # a failure must not abort the schema transaction (PostgreSQL)
+                index.create(sync_conn)
+        except IntegrityError as exc:
+            log.error("index %s not created: existing rows of %s violate it (%s); remove the duplicates",
+                      index.name, table.name, exc.orig)
 
 
 class Conversation(Base):
