@@ -321,6 +321,24 @@ def test_prometheus_metrics_count_turns_outcomes_and_queue(hub) -> None:
     assert 'xiaozhi_surveys_open{status="offered"} 1.0' in text
 
 
+def test_metrics_need_the_bearer_token_once_one_is_set(hub_settings, knowledge_base, caplog) -> None:
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from xiaozhi.hub.app import create_app
+
+    caplog.set_level("INFO")
+    settings = hub_settings.model_copy(update={"metrics_token": SecretStr("scrape-me-please")})
+    with TestClient(create_app(settings, knowledge_base=knowledge_base)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic scrape-me-please"}):
+            refused = client.get("/metrics", headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"] == "metrics_token_required"
+            assert "xiaozhi_turns_total" not in refused.text
+        ok = client.get("/metrics", headers={"Authorization": "Bearer scrape-me-please"})
+        assert ok.status_code == 200 and "xiaozhi_turns_total" in ok.text
+    assert "/metrics refused" in caplog.text and "scrape-me-please" not in caplog.text
+
+
 def test_dashboard_page_is_served(hub) -> None:
     r = hub.get("/staff/analytics")
     assert r.status_code == 200 and "精准分析" in r.text

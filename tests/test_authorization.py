@@ -69,7 +69,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/widget-demo"): PUBLIC,
     ("GET", "/widget-demo.css"): PUBLIC,
     # Prometheus metrics (aggregates, no personal data); the ingress does not route it (deploy/)
-    ("GET", "/metrics"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,  # unless XIAOZHI_METRICS_TOKEN is set: test_analytics.py
     # agent desk
     ("GET", "/api/agent/config"): AGENT,
     ("GET", "/api/agent/canned"): AGENT,

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     )
     rate_limit_kb_search: str = Field("120/minute", description="Knowledge-base searches per client address.")
     rate_limit_login: str = Field("10/minute", description="Staff login attempts per client address.")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="When set, GET /metrics requires `Authorization: Bearer <token>` (Prometheus: "
+        "`authorization: {credentials: ...}`); unset, /metrics is open to whoever can reach the hub.",
+    )
     rate_limit_redis_url: str | None = Field(
         None,
         description="Redis URL (redis://host:6379/2) for rate limits shared by every hub replica; unset: each "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import secrets
 from pathlib import Path
 from typing import Annotated
 
@@ -117,8 +118,17 @@ async def page() -> FileResponse:
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}},
 )
 async def metrics(request: Request) -> Response:
-    """Prometheus text format: turns, outcomes, turn latency, queue length, open surveys, active calls."""
+    """Prometheus text format: turns, outcomes, turn latency, queue length, open surveys, active calls.
+
+    With ``XIAOZHI_METRICS_TOKEN`` set, only a scraper presenting it as a bearer token gets them."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    expected = request.app.state.settings.metrics_token
+    if expected is not None and expected.get_secret_value():
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
+            log.info("/metrics refused: no or wrong bearer token")
+            raise ApiError(401, "metrics_token_required", "需要监控令牌。")
 
     m: analytics.HubMetrics = request.app.state.metrics
     await m.refresh(request.app)
