@@ -176,3 +176,17 @@ def test_tracebacks_and_stack_info_are_masked(real_log):
 def test_bearer_tokens_in_messages_are_hidden(real_log):
     logging.getLogger("xiaozhi.test").warning("upstream said: Authorization: Bearer abc.def.ghi")
     assert "abc.def.ghi" not in real_log.getvalue()
+
+
+def test_a_password_inside_a_url_never_reaches_the_log():
+    from xiaozhi.masking import mask_log_text
+
+    line = ("engine postgresql+asyncpg://xiaozhi:Pa55-w0rd@postgres:5432/xiaozhi, limits "
+            "redis://:s3cret%2F@redis:6379/2, es https://elastic:es.pw@es01:9200")
+    masked = mask_log_text(line)
+    assert "Pa55-w0rd" not in masked and "s3cret" not in masked and "es.pw" not in masked
+    assert "postgresql+asyncpg://xiaozhi:***@postgres:5432/xiaozhi" in masked
+    assert "redis://:***@redis:6379/2" in masked and "https://elastic:***@es01:9200" in masked
+    # Not a URL with a password: left alone.
+    for plain in ("http://127.0.0.1:8000/docs", "sip:12345@10.0.0.1:5060", "邮箱 li@example.com"):
+        assert mask_log_text(plain) == plain

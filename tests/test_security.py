@@ -246,12 +246,23 @@ def test_no_secret_setting_has_a_default():
 
 
 def test_secrets_never_appear_in_printed_settings(monkeypatch):
+    import subprocess
+    import sys
+
     monkeypatch.setenv("XIAOZHI_ES_PASSWORD", "hunter2-es")
     monkeypatch.setenv("XIAOZHI_RASA_TOKEN", "rasa-tok-123")
+    # Passwords inside URL settings: the deployment builds them from secrets (deploy/).
+    monkeypatch.setenv("XIAOZHI_DATABASE_URL", "postgresql+asyncpg://xiaozhi:db-pw-456@postgres:5432/xiaozhi")
+    monkeypatch.setenv("XIAOZHI_RATE_LIMIT_REDIS_URL", "redis://:redis-pw-789@redis:6379/2")
     s = Settings()
     assert s.es_password == SecretStr("hunter2-es")
-    dumped = repr(s) + str(s.model_dump())
-    assert "hunter2-es" not in dumped and "rasa-tok-123" not in dumped
+    assert s.effective_database_url.endswith(":db-pw-456@postgres:5432/xiaozhi"), "the hub itself gets the real URL"
+    shown = subprocess.run([sys.executable, "-m", "xiaozhi", "settings"], capture_output=True, text=True,
+                           timeout=120, check=True).stdout
+    for printed in (repr(s), str(s.model_dump(include={"es_password", "rasa_token"})), shown):
+        for secret in ("hunter2-es", "rasa-tok-123", "db-pw-456", "redis-pw-789"):
+            assert secret not in printed, (secret, printed[:300])
+    assert "postgresql+asyncpg://xiaozhi:***@postgres:5432/xiaozhi" in shown
 
 
 # -- garbage on the staff WebSockets -----------------------------------------------------------------

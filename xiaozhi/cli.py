@@ -87,7 +87,9 @@ def show_settings(markdown: Annotated[bool, typer.Option(help="Print the documen
                 default = str(default).replace(str(REPO_ROOT), "<repo>").replace(str(Path.home()), "~")
             typer.echo(f"| `XIAOZHI_{name.upper()}` | `{default}` | {field.description} |")
         return
-    typer.echo(_settings().model_dump_json(indent=2))
+    from xiaozhi.masking import mask_secrets
+
+    typer.echo(mask_secrets(_settings().model_dump_json(indent=2)))  # SecretStr fields and URL passwords
 
 
 # -- knowledge base -----------------------------------------------------------------------------------

@@ -121,14 +121,17 @@ _SECRET_NAMES = (
 )
 _RE_SECRET_PARAM = re.compile(rf"(?i)((?:^|[?&;\s])(?:{_SECRET_NAMES})=)([^&;\s\"'#]+)")
 _RE_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
+# The password of a URL: postgresql+asyncpg://user:PASSWORD@host/db, redis://:PASSWORD@host:6379/2.
+_RE_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@", re.IGNORECASE)
 # Something percent-encoded: a path or query as an access log writes it.
 _RE_URLISH = re.compile(r"[^\s\"'<>]*%[0-9A-Fa-f]{2}[^\s\"'<>]*")
 _URL_SAFE = "/?&=:;,@!$'()*+~#"
 
 
 def mask_secrets(text: str) -> str:
-    """``?token=abc`` → ``?token=***``, ``Bearer abc`` → ``Bearer ***``."""
+    """``?token=abc`` → ``?token=***``, ``Bearer abc`` → ``Bearer ***``, ``://user:pw@`` → ``://user:***@``."""
     text = _RE_SECRET_PARAM.sub(lambda m: m.group(1) + "***", text)
+    text = _RE_URL_PASSWORD.sub(lambda m: m.group(1) + "***@", text)
     return _RE_BEARER.sub(lambda m: m.group(1) + "***", text)
 
 

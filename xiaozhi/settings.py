@@ -19,6 +19,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="XIAOZHI_", env_file=None, extra="ignore")
 
+    def __repr_args__(self):
+        """Like pydantic's, but a password inside a URL setting (database, Redis, Elasticsearch) is ***."""
+        from xiaozhi.masking import mask_secrets
+
+        for name, value in super().__repr_args__():
+            yield name, mask_secrets(value) if isinstance(value, str) else value
+
     # --- network -------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the hub, Rasa and the action server listen on.")
     hub_port: int = Field(8000, description="Port of the FastAPI hub (chat page, API, /docs).")
