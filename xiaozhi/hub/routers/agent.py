@@ -23,6 +23,7 @@ from xiaozhi.hub.conversation import message_out
 from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS, AgentDesk
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.frames import close_if_open, receive_json_frame
+from xiaozhi.hub.routers.knowledge import search_loaded
 from xiaozhi.hub.routers.staff import client_address, require_role, staff_for_token
 from xiaozhi.hub.schemas import MessageText
 
@@ -167,10 +168,7 @@ async def kb_search(
     k: Annotated[int, Query(ge=1, le=10)] = 5,
 ) -> dict:
     """Knowledge-base search for the console: ranked entries with their answers, steps and sources."""
-    kb = request.app.state.knowledge_base
-    if kb is None:
-        raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
-    result = await asyncio.to_thread(kb.search, q, region=region, k=k)
+    result = await search_loaded(request, q, region, k)
     return {
         "confidence": round(result.confidence, 3),
         "abstain": result.abstain,

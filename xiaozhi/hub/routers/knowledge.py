@@ -12,6 +12,14 @@ from xiaozhi.hub.errors import ApiError
 router = APIRouter(prefix="/api/kb", tags=["knowledge base"])
 
 
+async def search_loaded(request: Request, q: str, region: str | None, k: int):
+    """The hub's knowledge base searched off the event loop; 503 while it is still loading."""
+    kb = request.app.state.knowledge_base
+    if kb is None:
+        raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
+    return await asyncio.to_thread(kb.search, q, region=region, k=k)
+
+
 @router.get("/search")
 async def search(
     request: Request,
@@ -19,10 +27,7 @@ async def search(
     region: Annotated[str | None, Query(pattern=r"^\d{6}$")] = None,
     k: Annotated[int, Query(ge=1, le=20)] = 5,
 ) -> dict:
-    kb = request.app.state.knowledge_base
-    if kb is None:
-        raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
-    result = await asyncio.to_thread(kb.search, q, region=region, k=k)
+    result = await search_loaded(request, q, region, k)
     out = result.as_dict()
     if result.best is not None:
         entry = result.best.entry
