@@ -48,7 +48,7 @@ def test_the_token_bucket_in_redis_bursts_then_refills_and_expires(redis):
             after = await limiter.hit("t", "client", rate)
             other = await limiter.hit("t", "someone-else", rate)
             ttl = await limiter._client.ttl("xiaozhi:rate:t:client")
-            return waits, after, other, ttl, limiter.shared
+            return waits, after, other, ttl, limiter.redis_ok
         finally:
             await limiter.close()
 
@@ -81,6 +81,7 @@ def test_a_redis_outage_leaves_each_replica_limiting_on_its_own_until_redis_retu
     assert [a.post("/api/sessions", json={}).status_code for _ in range(4)] == [201, 201, 201, 429]
     assert b.post("/api/sessions", json={}).status_code == 201
     assert "Redis is not answering" in caplog.text
+    assert "xiaozhi_rate_limits_shared 0.0" in a.get("/metrics").text  # for an alert: Redis is away
     redis.start()
     for app_client in (a, b):
         app_client.app.state.limits.shared.retry_s = 0.0
@@ -88,4 +89,5 @@ def test_a_redis_outage_leaves_each_replica_limiting_on_its_own_until_redis_retu
     for client in (b, a):  # Redis again (a fresh server: a full bucket)
         assert client.post("/api/sessions", json={}).status_code == 201
     assert "Redis answers again" in caplog.text
-    assert all(client.app.state.limits.shared.shared for client in (a, b))
+    assert all(client.app.state.limits.shared.redis_ok for client in (a, b))
+    assert "xiaozhi_rate_limits_shared 1.0" in a.get("/metrics").text

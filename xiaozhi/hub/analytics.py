@@ -486,6 +486,11 @@ class HubMetrics:
         self.surveys_open = Gauge(
             "xiaozhi_surveys_open", "Follow-up surveys not yet answered", ["status"], registry=self.registry
         )
+        self.limits_shared = Gauge(
+            "xiaozhi_rate_limits_shared",
+            "1 while rate limits are shared through Redis, 0 while this replica limits on its own (Redis away)",
+            registry=self.registry,
+        )
 
     def instrument(self, service) -> None:
         """Count turns, outcomes and latency around ConversationService.handle (no change to its code)."""
@@ -529,3 +534,6 @@ class HubMetrics:
         user_agent = getattr(getattr(app.state, "phone", None), "user_agent", None)
         calls = getattr(user_agent, "calls", None)
         self.active_calls.set(len(calls) if calls is not None else 0)
+        shared = getattr(getattr(app.state, "limits", None), "shared", None)  # only with XIAOZHI_RATE_LIMIT_REDIS_URL
+        if shared is not None:
+            self.limits_shared.set(1 if shared.redis_ok else 0)

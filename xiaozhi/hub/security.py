@@ -129,7 +129,7 @@ class SharedRateLimiter:
         self._client = redis_asyncio.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._bucket = self._client.register_script(_BUCKET_LUA)
         self._down_until = 0.0  # monotonic: while Redis is considered down, the fallback answers
-        self.shared = True
+        self.redis_ok = True  # False while this replica limits on its own
 
     async def hit(self, rule: str, key: str, rate: Rate, cost: float = 1.0) -> float:
         from redis.exceptions import RedisError
@@ -141,14 +141,14 @@ class SharedRateLimiter:
                                             args=[rate.count, rate.per_second, cost]))
         except (RedisError, OSError, TimeoutError) as exc:
             self._down_until = time.monotonic() + self.retry_s
-            if self.shared:
+            if self.redis_ok:
                 log.error("rate limits: Redis is not answering (%s); this replica limits on its own until it does",
                           type(exc).__name__)
-                self.shared = False
+                self.redis_ok = False
             return self.fallback.hit(rule, key, rate, cost)
-        if not self.shared:
+        if not self.redis_ok:
             log.warning("rate limits: Redis answers again; limits are shared by the replicas")
-            self.shared = True
+            self.redis_ok = True
         return wait
 
     async def close(self) -> None:
