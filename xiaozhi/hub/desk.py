@@ -29,7 +29,7 @@ from sqlalchemy import func, select, update
 from knowledge_base.schema import TOPIC_LABELS
 from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
 from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.store import Conversation, Escalation, Message, Store, aware, utcnow
+from xiaozhi.hub.store import OPEN_STATUSES, Conversation, Escalation, Message, Store, aware, utcnow
 
 if TYPE_CHECKING:
     from xiaozhi.hub.accounts import StaffUser
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OPEN_STATUSES = ("waiting", "claimed", "callback")
 PRESENCE_S = 10.0  # how often a replica tells the others which agents are online on it
 CANNED_FILE = Path(__file__).resolve().parent / "canned_responses.yaml"
 

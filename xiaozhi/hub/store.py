@@ -131,7 +131,8 @@ class Message(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-OPEN_ESCALATION = "status IN ('waiting', 'claimed', 'callback')"
+# A queue item still open: waiting in the queue, held by an agent, or waiting for a callback.
+OPEN_STATUSES = ("waiting", "claimed", "callback")
 
 
 class Escalation(Base):
@@ -141,7 +142,7 @@ class Escalation(Base):
     # One open item per conversation, also when two replicas queue the same conversation at once.
     __table_args__ = (
         Index("uq_escalations_open_conversation", "conversation_id", unique=True,
-              postgresql_where=text(OPEN_ESCALATION), sqlite_where=text(OPEN_ESCALATION)),
+              postgresql_where=text(f"status IN {OPEN_STATUSES!r}"), sqlite_where=text(f"status IN {OPEN_STATUSES!r}")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -347,7 +348,7 @@ class Store:
         ``fields``: further Escalation columns (priority, topic, status, summary)."""
         open_item = (
             select(Escalation)
-            .where(Escalation.conversation_id == conversation_id, text(OPEN_ESCALATION))
+            .where(Escalation.conversation_id == conversation_id, Escalation.status.in_(OPEN_STATUSES))
             .order_by(Escalation.id.desc())
             .limit(1)
         )

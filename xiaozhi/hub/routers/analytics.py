@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, Response
 from xiaozhi.hub import analytics
 from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.routers.staff import client_address, require_role
+from xiaozhi.hub.routers.staff import bearer_token, client_address, require_role
 from xiaozhi.hub.surveys import LOCAL_TZ
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,10 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     expected = request.app.state.settings.metrics_token
-    if expected is not None and expected.get_secret_value():
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
+    expected = expected.get_secret_value() if expected is not None else ""
+    if expected:
+        given = bearer_token(request.headers.get("authorization")) or ""
+        if not secrets.compare_digest(given.encode(), expected.encode()):
             log.info("/metrics refused: no or wrong bearer token")
             raise ApiError(401, "metrics_token_required", "需要监控令牌。")
 
