@@ -239,7 +239,26 @@ class Settings(BaseSettings):
         "speech",
         description="Whisper's encoder input: the turn plus 2 s (`speech`, ~4x faster) or padded to 30 s (`30s`).",
     )
-    tts_kind: str = Field("pyttsx3", description="Speech synthesiser of the phone line (telephony.tts registry).")
+    tts_kind: str = Field(
+        "kokoro",
+        description="Speech synthesiser of the phone line (telephony.tts registry): `kokoro` (Kokoro-82M, neural) "
+        "or `pyttsx3` (espeak-ng; also the fallback when Kokoro cannot load).",
+    )
+    tts_voice: str = Field(
+        "zf_xiaobei",
+        description="Kokoro voice: `zf_xiaobei` (female), `zm_yunxi` (male), or the path of a kokoro-js voices/*.bin file.",
+    )
+    tts_speed: float = Field(
+        1.0, ge=0.5, le=2.0, description="Kokoro speaking speed (0.85 in elderly mode unless set)."
+    )
+    tts_workers: int = Field(
+        2, ge=1, description="Kokoro renders that run at once (threads, one core each); about one per core."
+    )
+    tts_prerender: bool = Field(
+        True,
+        description="Render the fixed prompts and every knowledge-base spoken answer in the background after "
+        "start-up and each re-index (cached under cache_dir/tts), so callers hear them without waiting.",
+    )
     recording_retention_days: float = Field(
         180.0,
         description="Call and video recordings older than this many days are deleted (checked hourly; 0: keep all). "
