@@ -2,6 +2,12 @@
 
 Symmetric RTP: we send to the address the caller's RTP actually comes from (latched on the first
 valid packet), not only to the address in the SDP, which is often wrong behind NAT.
+
+Not a reflector: an answered call sends nothing to the address its SDP names until the caller
+confirmed it (the ACK of our 200 OK, ``confirm()``); before that, only to a source that sent us
+valid RTP from the signalling peer's or the SDP's host. Once latched, another source takes over
+only after the latched one has been silent for ``RELATCH_AFTER_S`` and the newcomer has sent
+``RELATCH_PACKETS`` valid packets in a row with one SSRC: a single spoofed packet moves nothing.
 """
 
 from __future__ import annotations
@@ -9,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ipaddress
 import random
 import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +33,7 @@ log = logging.getLogger("telephony.rtp")
 
 FRAME_S = 0.020
 RELATCH_AFTER_S = 2.0  # accept a new source once the latched one has been silent this long
+RELATCH_PACKETS = 3  # ... and the new source has sent this many valid packets in a row (one SSRC)
 MAX_RTP_DATAGRAM = 2048
 
 
@@ -56,6 +65,7 @@ class MediaStats:
     dropped: collections.Counter = field(default_factory=collections.Counter)
     ssrc_changes: int = 0
     max_late_ms: float = 0.0  # how far behind its 20 ms schedule the sender ever fell
+    send_errors: int = 0  # datagrams the socket refused to send
 
 
 class MediaStream(asyncio.DatagramProtocol):
@@ -71,11 +81,16 @@ class MediaStream(asyncio.DatagramProtocol):
             media timers happy); when False, nothing is sent while idle and each talkspurt
             starts with the marker bit.
         reorder_window: how many later packets to hold while waiting for a missing one.
+        confirmed: whether the far end has confirmed the session (our ACK was received, or we sent
+            it: outbound calls). Until ``confirm()``, nothing is sent to ``remote``.
+        trusted_hosts: hosts whose RTP may be latched before the session is confirmed (the
+            signalling peer's and the SDP's).
     """
 
     def __init__(self, *, codec: G711Codec, dtmf_payload_type: int | None, remote: tuple[str, int] | None,
                  on_audio: Callable[[bytes], None], on_dtmf: Callable[[str], None],
-                 send_silence: bool = True, reorder_window: int = 3, label: str = "") -> None:
+                 send_silence: bool = True, reorder_window: int = 3, label: str = "",
+                 confirmed: bool = True, trusted_hosts: tuple[str, ...] = ()) -> None:
         self.codec = codec
         self.dtmf_payload_type = dtmf_payload_type
         self.remote = remote
@@ -88,8 +103,13 @@ class MediaStream(asyncio.DatagramProtocol):
         self.stats = MediaStats()
         self._transport: asyncio.DatagramTransport | None = None
         self.local_port: int | None = None
+        self.confirmed = confirmed
+        self.trusted_hosts = {h.strip("[]") for h in trusted_hosts if h}
+        self.family: int | None = None  # the RTP socket's address family, once open
         self._latched: tuple[str, int] | None = None
         self._latched_at = 0.0
+        self._candidate: tuple[tuple[str, int], int] | None = None  # (source, ssrc) on probation
+        self._candidate_packets = 0
         self._audio_ssrc: int | None = None
         self._reorder = ReorderBuffer(window=reorder_window)
         self._dtmf = DtmfDecoder()
@@ -124,8 +144,26 @@ class MediaStream(asyncio.DatagramProtocol):
                 continue
             self._transport = transport  # type: ignore[assignment]
             self.local_port = transport.get_extra_info("sockname")[1]
+            sock = transport.get_extra_info("socket")
+            self.family = sock.family if sock is not None else None
             return self.local_port  # type: ignore[return-value]
         raise OSError(f"no free RTP port in {port_range}: {last_error}")
+
+    def can_reach(self, address: str | None) -> bool:
+        """Whether this stream's socket can send to ``address`` (an IP literal; None: on hold)."""
+        if address is None:
+            return True
+        try:
+            version = ipaddress.ip_address(address.strip("[]")).version
+        except ValueError:
+            return False  # names are never resolved for media
+        if self.family is None:
+            return False
+        return (self.family == socket.AF_INET and version == 4) or (self.family == socket.AF_INET6 and version == 6)
+
+    def confirm(self) -> None:
+        """The far end confirmed the session (ACK): media may now go to the address its SDP names."""
+        self.confirmed = True
 
     def start(self) -> None:
         """Start the 20 ms sender."""
@@ -134,17 +172,22 @@ class MediaStream(asyncio.DatagramProtocol):
             self._pacer = asyncio.get_running_loop().create_task(self._pace(), name=f"rtp-pacer-{self.label}")
 
     async def close(self) -> None:
+        """Stop sending and close the socket; never raises (a failed sender must not keep a call alive)."""
         self.stop_playback()
-        if self._pacer is not None:
-            self._pacer.cancel()
-            try:
-                await self._pacer
-            except asyncio.CancelledError:
-                pass
-            self._pacer = None
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        try:
+            if self._pacer is not None:
+                self._pacer.cancel()
+                try:
+                    await self._pacer
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    log.exception("rtp[%s]: the sender had failed", self.label)
+                self._pacer = None
+        finally:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
 
     # outbound ------------------------------------------------------------------------------
     def play(self, audio: bytes | np.ndarray) -> Playback:
@@ -211,14 +254,25 @@ class MediaStream(asyncio.DatagramProtocol):
                     self._ts = (self._ts + skipped * FRAME_SAMPLES) & 0xFFFFFFFF
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
+    @property
+    def target(self) -> tuple[str, int] | None:
+        """Where our RTP goes now: the latched source, else (once confirmed) the SDP's address."""
+        return self._latched or (self.remote if self.confirmed else None)
+
     def _send_rtp(self, payload: bytes) -> None:
-        target = self._latched or self.remote
+        target = self.target
         if target is None or self._transport is None:
             return
         packet = build_rtp(self.codec.payload_type, self._seq, self._ts, self._ssrc, payload, marker=self._first_packet)
         self._first_packet = False
         self._seq = (self._seq + 1) & 0xFFFF
-        self._transport.sendto(packet, target)
+        try:
+            self._transport.sendto(packet, target)
+        except (OSError, ValueError, TypeError) as exc:  # e.g. an address of the other family
+            self.stats.send_errors += 1
+            if self.stats.send_errors == 1:
+                log.warning("rtp[%s]: cannot send to %s: %s", self.label, target, exc)
+            return
         self.stats.sent += 1
 
     # inbound -------------------------------------------------------------------------------
@@ -242,14 +296,11 @@ class MediaStream(asyncio.DatagramProtocol):
             self.stats.dropped["comfort noise" if pt == 13 else "unknown payload type"] += 1
             return
         now = asyncio.get_running_loop().time()
-        if self._latched != addr:
-            if self._latched is not None and now - self._latched_at < RELATCH_AFTER_S:
-                self.stats.dropped["unexpected source"] += 1
-                return
-            if self._latched is not None:
-                log.info("rtp[%s]: media source moved to %s:%s", self.label, *addr)
-            self._latched = addr
+        if self._latched != addr and not self._may_latch(addr, packet.ssrc, now):
+            self.stats.dropped["unexpected source"] += 1
+            return
         self._latched_at = now
+        self._candidate = None  # the latched source spoke: a newcomer starts its probation again
         self.last_received_at = now
         self.stats.received += 1
         if not self.receive_enabled:
@@ -265,6 +316,26 @@ class MediaStream(asyncio.DatagramProtocol):
             self._reorder.reset()
         for ordered in self._reorder.push(packet):
             self._deliver(ordered)
+
+    def _may_latch(self, addr: tuple[str, int], ssrc: int, now: float) -> bool:
+        """Whether a valid packet from ``addr`` (not the latched source) makes it the media peer."""
+        if self._latched is None:
+            if not self.confirmed and addr[0] not in self.trusted_hosts:
+                return False  # before the ACK only the caller's own hosts can start our media
+            self._latched = addr
+            return True
+        if now - self._latched_at < RELATCH_AFTER_S:
+            return False
+        if self._candidate != (addr, ssrc):
+            self._candidate = (addr, ssrc)
+            self._candidate_packets = 0
+        self._candidate_packets += 1
+        if self._candidate_packets < RELATCH_PACKETS:
+            return False
+        log.info("rtp[%s]: media source moved to %s:%s", self.label, *addr)
+        self._latched = addr
+        self._candidate = None
+        return True
 
     def _deliver(self, packet: RtpPacket) -> None:
         self._pending += self.codec.decode(packet.payload).astype("<i2").tobytes()

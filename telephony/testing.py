@@ -49,6 +49,36 @@ def free_udp_port(pair: bool = False) -> int:
     raise RuntimeError("no free UDP port")
 
 
+def open_sockets() -> int:
+    """How many sockets this process has open (Linux /proc): a call that leaks its RTP socket shows here."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+    return count
+
+
+async def until_sockets(count: int, timeout: float = 2.0) -> None:
+    """Wait until this process has ``count`` sockets open (a transport closes its socket one loop turn later)."""
+    deadline = time.monotonic() + timeout
+    while (now := open_sockets()) != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{now} sockets open, expected {count}: a call left its RTP socket behind")
+        await asyncio.sleep(0.02)
+
+
+async def until_no_calls(ua: UserAgent, timeout: float = 5.0) -> None:
+    """Wait until the user agent holds no call and no slot (AssertionError after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while ua.calls or ua.slots_in_use:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"calls still held after {timeout} s: {list(ua.calls.values())}")
+        await asyncio.sleep(0.02)
+
+
 @asynccontextmanager
 async def running_user_agent(handler: CallHandler, **config: object) -> AsyncIterator[UserAgent]:
     """A user agent on an ephemeral loopback port, stopped (all calls hung up) on exit."""

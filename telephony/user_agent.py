@@ -5,6 +5,10 @@ ACK, BYE, CANCEL (487 for the pending INVITE), OPTIONS, INFO (dtmf-relay); 405/5
 Client side: its own BYE, routed through the dialog's route set and retransmitted until answered.
 Outbound calls (UAC INVITE, ACK, CANCEL): ``place_call`` in telephony/outbound.py (follow-up surveys).
 Responses follow the top Via (RFC 3261 18.2.2) with rport/received (RFC 3581).
+
+A call that fails in any way (cancelled before it was set up, refused, never acknowledged, media
+that cannot be sent, a bug) leaves no call, RTP socket or slot behind: ``_answer`` cleans up
+whatever it opened, and ``_end_call`` always forgets the call, even when closing its media fails.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class _InviteTransaction:
     request: SipRequest
     addr: tuple[str, int]
     call: Call | None = None
+    media: MediaStream | None = None  # opened for this INVITE, until a Call owns it
     last_response: bytes | None = None
     final_status: int | None = None
     acked: asyncio.Event = field(default_factory=asyncio.Event)
@@ -132,9 +137,15 @@ class UserAgent(asyncio.DatagramProtocol):
         self._completed: dict[tuple[str, ...], tuple[bytes, tuple[str, int]]] = {}
         self._client: dict[str, asyncio.Future[int]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._opening = 0  # INVITEs whose RTP socket is being opened: they hold a slot already
         self._transport: asyncio.DatagramTransport | None = None
         self.port: int = self.config.port
         self._last_garbage_log = -1e9
+
+    @property
+    def slots_in_use(self) -> int:
+        """Calls holding one of ``max_calls`` slots (live calls and INVITEs being set up)."""
+        return len(self.calls) + self._opening
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -405,10 +416,27 @@ class UserAgent(asyncio.DatagramProtocol):
             del self._invite_by_cseq[cseq_key]
 
     async def _answer(self, tx: _InviteTransaction, key: tuple[str, ...]) -> None:
+        """Answer a new INVITE; whatever goes wrong, nothing it opened outlives the transaction."""
+        try:
+            await self._set_up_call(tx, key)
+        except Exception:
+            log.exception("call %s: setting up the call failed", tx.request.call_id[:12])
+            if tx.final_status is None:
+                self._final(tx, key, 500, to_tag=tx.call.local_tag if tx.call else new_tag())
+            if tx.call is not None:
+                await self._end_call(tx.call, EndReason.REJECTED)
+        finally:
+            if tx.call is None and tx.media is not None:  # opened, never handed to a call
+                await tx.media.close()
+            tx.media = None
+
+    async def _set_up_call(self, tx: _InviteTransaction, key: tuple[str, ...]) -> None:
+        if tx.final_status is not None:
+            return  # CANCELled (487) before we got here
         request, source = tx.request, tx.addr
         local_tag = new_tag()
         content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        if len(self.calls) >= self.config.max_calls:
+        if self.slots_in_use >= self.config.max_calls:
             self.stats["calls_rejected"] += 1
             self._final(tx, key, 486, to_tag=local_tag)
             return
@@ -460,19 +488,34 @@ class UserAgent(asyncio.DatagramProtocol):
             on_audio=lambda frame: holder["call"]._push_audio(frame) if holder else None,
             on_dtmf=lambda digit: holder["call"]._push_dtmf(digit) if holder else None,
             send_silence=self.config.send_silence, label=request.call_id[:8],
+            confirmed=False, trusted_hosts=(source[0], agreed.remote_address or ""),
         )
         media.send_enabled = agreed.direction in ("sendrecv", "sendonly")
+        tx.media = media
+        self._opening += 1
         try:
             rtp_port = await media.open(self.config.host or "0.0.0.0", self.config.rtp_port_range)
         except OSError as exc:
             log.error("no RTP port for call %s: %s", request.call_id[:12], exc)
             self._final(tx, key, 503, to_tag=local_tag, extra=[("retry-after", "5")])
             return
+        finally:
+            self._opening -= 1
+        if tx.final_status is not None:
+            log.info("call %s cancelled while it was being set up", request.call_id[:12])
+            return  # the finally of _answer closes the socket
+        if not media.can_reach(agreed.remote_address):
+            self.stats["calls_rejected"] += 1
+            log.info("488 for call %s: media address %s is not reachable from our RTP socket",
+                     request.call_id[:12], agreed.remote_address)
+            self._final(tx, key, 488, to_tag=local_tag,
+                        extra=[("warning", '301 xiaozhi "Incompatible network address formats"')])
+            return
         call = Call(call_id=request.call_id, caller=caller, caller_display=from_.display, dialled=dialled,
                     local_tag=local_tag, remote_tag=from_.tag or "", media=media, codec=agreed.codec,
                     on_hangup=self._hangup_requested)
         holder["call"] = call
-        tx.call = call
+        tx.call = call  # from here on the call owns the socket: _end_call closes it
         self.calls[call.call_id] = call
         dialog = _Dialog(
             call=call, local_uri=f"{request.headers.get('to')};tag={local_tag}", remote_uri=request.headers.get("from") or "",
@@ -494,6 +537,7 @@ class UserAgent(asyncio.DatagramProtocol):
             except asyncio.TimeoutError:
                 pass
         if tx.cancelled.is_set() or call.state is CallState.ENDED:
+            await self._end_call(call, EndReason.CANCELLED)  # a no-op when it has ended already
             return
         host = self._local_host(source[0])
         answer = build_answer(offer, agreed, address=host, port=rtp_port,
@@ -527,6 +571,10 @@ class UserAgent(asyncio.DatagramProtocol):
             self._final(tx, key, 488, to_tag=call.local_tag)
             return
         media = call.media
+        if not media.can_reach(agreed.remote_address):
+            self._final(tx, key, 488, to_tag=call.local_tag,
+                        extra=[("warning", '301 xiaozhi "Incompatible network address formats"')])
+            return
         media.codec = G711Codec(agreed.codec)
         media.dtmf_payload_type = agreed.dtmf_payload_type
         media.remote = (agreed.remote_address, agreed.remote_port) if agreed.remote_address else None
@@ -546,10 +594,14 @@ class UserAgent(asyncio.DatagramProtocol):
             return
         if tx is None or tx.acked.is_set():
             return
-        tx.acked.set()
         call = tx.call
+        if call is not None and tx.final_status is not None and 200 <= tx.final_status < 300 \
+                and request.to.tag != call.local_tag:
+            return  # not an ACK of our 200 OK: whoever sent it never saw it
+        tx.acked.set()
         if call is None or tx.final_status is None or not 200 <= tx.final_status < 300:
             return
+        call.media.confirm()  # the caller has our answer: media may go where its SDP says
         if call.state is CallState.ANSWERED:
             call._begin(self.handler)
             dialog = self._dialogs.get(call.call_id)
@@ -622,11 +674,13 @@ class UserAgent(asyncio.DatagramProtocol):
         if call.state is CallState.ENDED and call.call_id not in self.calls:
             return
         call._finish(reason)
-        await call.media.close()
-        self.calls.pop(call.call_id, None)
-        loop = asyncio.get_running_loop()
-        # keep the dialog a while so retransmitted BYEs still match, then forget it
-        loop.call_later(64 * self.config.t1, self._forget_dialog, call)
+        try:
+            await call.media.close()
+        finally:  # the slot is freed even if closing the media failed
+            if self.calls.get(call.call_id) is call:
+                del self.calls[call.call_id]
+            # keep the dialog a while so retransmitted BYEs still match, then forget it
+            asyncio.get_running_loop().call_later(64 * self.config.t1, self._forget_dialog, call)
         await call._join()
 
     def _forget_dialog(self, call: Call) -> None:

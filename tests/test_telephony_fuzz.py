@@ -273,3 +273,45 @@ def test_sdp_offers_are_accepted_exactly_when_they_carry_g711(pts, data) -> None
     answer = parse_sdp(build_answer(offer, agreed, address="127.0.0.1", port=5004, session_id=1, version=1))
     assert isinstance(answer, SessionDescription)
     assert int(answer.media[0].formats[0]) == agreed.payload_type and answer.media[0].port == 5004
+
+
+# -- issue 19: failed calls never use up the hotline's slots --------------------------------------
+async def test_fifty_failing_call_attempts_leave_every_slot_free() -> None:
+    """The probe that exhausted the hotline: datagram pairs that fail a call in every known way.
+
+    INVITE+CANCEL in one burst, IPv6 media to the IPv4 endpoint, offers never acknowledged (Timer H),
+    unusable codecs, a BYE before the ACK: afterwards no call, slot or RTP socket is left, and a real
+    caller is answered, not told 486 Busy Here.
+    """
+    from telephony.sip_message import parse_name_addr
+    from telephony.testing import open_sockets, until_no_calls, until_sockets
+
+    async with running_user_agent(DemoHandler(), t1=0.02, t2=0.08, max_calls=5) as ua:
+        peer = SipPeer(ua.port)
+        try:
+            before = open_sockets()
+            ipv6 = peer.sdp_offer().replace("c=IN IP4 127.0.0.1", "c=IN IP6 ::1")
+            for i in range(50):
+                kind = i % 5
+                if kind == 0:
+                    peer.cancel(peer.invite())
+                elif kind == 1:
+                    peer.invite(sdp=ipv6)
+                elif kind == 2:
+                    peer.invite()  # 200 OK never acknowledged
+                elif kind == 3:
+                    peer.invite(sdp=peer.sdp_offer(codecs="18 9"))
+                else:
+                    call = peer.invite()
+                    ok = await peer.expect(200)
+                    call.to_tag = parse_name_addr(ok.headers.get("to")).tag
+                    peer.in_dialog("BYE", call)  # hung up before acknowledging
+                await asyncio.sleep(0.01)
+            await until_no_calls(ua, timeout=10)  # Timer H is 64 * 0.02 = 1.3 s here
+            await until_sockets(before)
+            while await peer.receive(0.2) is not None:  # drain retransmissions and BYEs
+                pass
+            await peer.answered_call()
+            assert len(ua.calls) == 1
+        finally:
+            peer.close()

@@ -18,7 +18,10 @@ import pytest
 from telephony.audio import tone
 from telephony.g711 import ulaw_encode
 from telephony.handler import DemoHandler
-from telephony.testing import LoopbackCapture, environment_has_sipp, free_udp_port, run_sipp, running_user_agent
+from telephony.testing import (
+    LoopbackCapture, environment_has_sipp, free_udp_port, open_sockets, run_sipp, running_user_agent, until_no_calls,
+    until_sockets,
+)
 
 pytestmark = pytest.mark.skipif(not environment_has_sipp(), reason="sipp not installed: apt-get install sip-tester")
 
@@ -120,11 +123,13 @@ async def test_offer_without_pcmu_or_pcma_is_refused_with_488(workdir: Path) -> 
 
 async def test_cancel_while_ringing_gets_200_and_the_invite_487(workdir: Path) -> None:
     handler = DemoHandler()
-    async with running_user_agent(handler, answer_delay_s=3.0) as ua:
-        result = await run_sipp(SCENARIOS / "uac_cancel.xml", ua.port, cwd=workdir, timeout=10)
+    async with running_user_agent(handler, answer_delay_s=3.0, max_calls=2) as ua:
+        before = open_sockets()
+        result = await run_sipp(SCENARIOS / "uac_cancel.xml", ua.port, cwd=workdir, timeout=15, calls=4)
         assert_sipp_ok(result)
-        await wait_until(lambda: not ua.calls)
-        assert not ua.calls and ua.stats["calls_answered"] == 0
+        await until_no_calls(ua)
+        await until_sockets(before)  # no RTP socket left behind (issue 19)
+        assert ua.stats["calls_answered"] == 0 and ua.stats["calls_rejected"] == 0  # 4 calls, 2 slots: none lost
     assert handler.records == {}  # the handler never heard of it
 
 

@@ -17,7 +17,7 @@ from telephony.audio import tone
 from telephony.g711 import ulaw_encode
 from telephony.rtp import RtpPacket, build_rtp, parse_rtp
 from telephony.sdp import parse_sdp
-from telephony.sip_message import SipRequest, SipResponse, build_response, parse_via
+from telephony.sip_message import SipRequest, SipResponse, build_response, parse_name_addr, parse_via
 from telephony.testing import SipPeer, running_user_agent
 
 
@@ -261,3 +261,165 @@ async def test_silent_media_ends_the_call_and_shutdown_hangs_up_the_rest(peer_fa
     bye = await other.expect("BYE", timeout=2)
     assert isinstance(bye, SipRequest)
     assert handler.ended == ["rtp_timeout", "shutdown"]
+
+
+# -- issue 19: a call that fails in any way leaves no call, socket or slot behind ------------------
+import uvloop  # noqa: E402
+
+from telephony.media_stream import RELATCH_PACKETS, MediaStream  # noqa: E402
+from telephony.g711 import G711Codec  # noqa: E402
+from telephony.testing import open_sockets, until_no_calls, until_sockets  # noqa: E402
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}  # uvicorn runs the hub on uvloop
+
+
+def run_on(loop: str, scenario) -> None:
+    """Run ``scenario()`` on a fresh event loop of this kind (the hub's own loop is uvloop)."""
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(scenario())
+
+
+async def invite_responses(peer: SipPeer, seconds: float) -> list[int]:
+    """Statuses of the responses to INVITE that arrive within ``seconds``, in order (CANCEL's are skipped)."""
+    statuses = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        msg = await peer.receive(left)
+        if isinstance(msg, SipResponse) and msg.cseq[1] == "INVITE":
+            statuses.append(msg.status)
+    return statuses
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_ipv6_offer_to_an_ipv4_endpoint_is_refused_and_leaves_nothing_behind(loop: str) -> None:
+    async def scenario() -> None:
+        async with running_user_agent(DemoHandler(), t1=0.05) as ua:
+            peer = SipPeer(ua.port)
+            try:
+                before = open_sockets()
+                call = peer.invite(sdp=peer.sdp_offer().replace("c=IN IP4 127.0.0.1", "c=IN IP6 ::1"))
+                final = None
+                while final is None or final.status < 200:
+                    final = await peer.receive(2.0)
+                    assert final is not None, "no final response"
+                call.to_tag = parse_name_addr(final.headers.get("to")).tag
+                peer.ack(call)
+                if final.status == 200:  # the old behaviour: then at least a proper BYE must end it
+                    await asyncio.sleep(0.3)
+                    peer.in_dialog("BYE", call)
+                    await peer.expect(200)
+                await until_no_calls(ua)
+                await until_sockets(before)
+                assert final.status == 488 and final.headers.get("warning").startswith("301 ")
+            finally:
+                peer.close()
+
+    run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_media_that_cannot_be_sent_still_closes_cleanly(loop: str) -> None:
+    """A sender whose socket refuses the address (uvloop raises) must not make close() raise and keep the call."""
+    async def scenario() -> None:
+        media = MediaStream(codec=G711Codec("PCMU"), dtmf_payload_type=None, remote=("::1", 4000),
+                            on_audio=lambda f: None, on_dtmf=lambda d: None)
+        before = open_sockets()
+        await media.open("127.0.0.1", None)
+        media.start()
+        await asyncio.sleep(0.1)
+        await media.close()
+        await until_sockets(before)
+        if loop == "uvloop":  # asyncio reports the refusal to error_received instead of raising
+            assert media.stats.send_errors > 0 and media.stats.sent == 0
+
+    run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("when", ["in the same burst", "while ringing"])
+async def test_invite_then_cancel_gets_487_and_no_ringing_and_leaves_nothing_behind(peer_factory, when: str) -> None:
+    delay = 0.3 if when == "while ringing" else 0.0
+    async with running_user_agent(DemoHandler(), t1=0.05, max_calls=2, answer_delay_s=delay) as ua:
+        peer = peer_factory(ua.port)
+        before = open_sockets()
+        for _ in range(5):  # more than max_calls: a leak would also show as 486 below
+            call = peer.invite()
+            if when == "while ringing":
+                await peer.expect(180)
+            peer.cancel(call)
+            statuses = await invite_responses(peer, 0.4)
+            assert 487 in statuses and set(statuses[statuses.index(487):]) == {487}, statuses  # no 180 after it
+            assert 200 not in statuses
+            peer.ack(call)
+        await until_no_calls(ua)
+        await until_sockets(before)
+        await peer.answered_call()  # the slots are free: a real caller is answered, not told 486
+        assert len(ua.calls) == 1
+
+
+async def test_an_invite_never_acknowledged_sends_no_rtp_anywhere_and_ends_at_timer_h(peer_factory) -> None:
+    async with running_user_agent(DemoHandler(prompt=tone(500, 3.0)), t1=0.05, t2=0.2) as ua:
+        peer = peer_factory(ua.port)
+        victim = peer_factory(ua.port)  # the third party a forged SDP names
+        before = open_sockets()
+        peer.invite(sdp=peer.sdp_offer(port=victim.rtp_port))
+        await peer.expect(200)
+        reflected = await victim.receive_rtp(3.4)  # Timer H: 64 * T1 = 3.2 s
+        assert reflected == [], f"{len(reflected)} RTP packets sent before any ACK"
+        bye = await peer.expect("BYE", timeout=2)
+        peer.send(build_response(bye, 200).to_bytes())
+        await until_no_calls(ua)
+        await until_sockets(before)
+
+
+async def test_media_waits_for_the_ack_or_a_packet_from_the_callers_own_host(peer_factory) -> None:
+    async with running_user_agent(DemoHandler(), t1=0.2) as ua:
+        peer = peer_factory(ua.port)
+        sdp_target = peer_factory(ua.port)
+        stranger = __import__("socket").socket(__import__("socket").AF_INET, __import__("socket").SOCK_DGRAM)
+        stranger.bind(("127.0.0.2", 0))  # neither the signalling host nor the SDP's
+        stranger.setblocking(False)
+        try:
+            call = peer.invite(sdp=peer.sdp_offer(port=sdp_target.rtp_port))
+            ok = await peer.expect(200)
+            rtp_target = ("127.0.0.1", rtp_port_of(ok))
+            stranger.sendto(build_rtp(0, 1, 160, 7, b"\xff" * 160), rtp_target)
+            assert await sdp_target.receive_rtp(0.4) == []  # not before the ACK
+            await asyncio.sleep(0.05)
+            with pytest.raises(BlockingIOError):
+                stranger.recv(4096)  # a packet from an unrelated host starts nothing
+            # the caller's own RTP (from the signalling host) starts our media before the ACK, back to it
+            peer.rtp.sendto(build_rtp(0, 1, 160, 5, b"\xff" * 160), rtp_target)
+            assert len(await peer.receive_rtp(0.3)) > 5
+            call.to_tag = parse_name_addr(ok.headers.get("to")).tag
+            forged = PeerCallCopy(call, to_tag="not-ours")
+            peer.ack(forged)  # an ACK that never saw our 200 OK confirms nothing
+            await asyncio.sleep(0.1)
+            assert next(iter(ua.calls.values())).state.value == "answered"
+            peer.ack(call)
+            await asyncio.sleep(0.1)
+            assert next(iter(ua.calls.values())).state.value == "confirmed"
+        finally:
+            stranger.close()
+
+
+def PeerCallCopy(call, **changes):
+    from dataclasses import replace
+
+    return replace(call, **changes)
+
+
+async def test_one_spoofed_packet_does_not_move_the_media_but_a_real_new_source_does(peer_factory) -> None:
+    async with running_user_agent(DemoHandler(), rtp_timeout_s=0) as ua:
+        peer = peer_factory(ua.port)
+        intruder = peer_factory(ua.port)
+        call, ok = await peer.answered_call()
+        rtp_target = ("127.0.0.1", rtp_port_of(ok))
+        peer.rtp.sendto(build_rtp(0, 1, 160, 5, b"\xff" * 160), rtp_target)
+        assert len(await peer.receive_rtp(0.3)) > 5
+        await asyncio.sleep(2.1)  # the caller is silent longer than RELATCH_AFTER_S
+        intruder.rtp.sendto(build_rtp(0, 1, 160, 9, b"\xff" * 160), rtp_target)
+        assert await intruder.receive_rtp(0.3) == []
+        assert len(await peer.receive_rtp(0.2)) > 5  # still to the caller
+        for i in range(RELATCH_PACKETS):  # a source that really streams (a NAT rebinding) takes over
+            intruder.rtp.sendto(build_rtp(0, 2 + i, 320 + i * 160, 9, b"\xff" * 160), rtp_target)
+        assert len(await intruder.receive_rtp(0.3)) > 5
