@@ -121,3 +121,51 @@ def test_agent_accepts_a_chat_escalation_and_talks_with_the_resident(chromium, l
     finally:
         desk_ctx.close()
         resident_ctx.close()
+
+
+def test_after_a_reload_the_agent_reopens_a_held_conversation_by_clicking_it(chromium, live_hub) -> None:
+    """Issue 19: a `const open` in renderQueue hid open(id), so clicking a queue item threw and, after a
+    reload, an agent could neither reply to, release nor close a conversation they held."""
+    url, _app = live_hub
+    _make_agent(url, "wangfang", "wangfang-password-1", "王芳")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        created = client.post("/api/sessions", json={}).json()
+        headers = {"Authorization": f"Bearer {created['token']}"}
+        sid = created["session_id"]
+        client.post(f"/api/sessions/{sid}/messages", json={"text": "门诊慢特病怎么申请"}, headers=headers)
+        assert client.post(f"/api/sessions/{sid}/escalate", json={}, headers=headers).status_code == 200
+
+    ctx = chromium.new_context(viewport={"width": 1440, "height": 900}, locale="zh-CN")
+    errors: list[str] = []
+    try:
+        desk = ctx.new_page()
+        desk.on("pageerror", lambda exc: errors.append(str(exc)))
+        desk.set_default_timeout(TIMEOUT_MS)
+        desk.goto(f"{url}/agent")
+        desk.fill("#username", "wangfang")
+        desk.fill("#password", "wangfang-password-1")
+        desk.click("#login-form button[type=submit]")
+        item = desk.locator("#queue li", has_text="门诊慢特病")
+        item.locator("button.claim").click()
+        expect(desk.locator("#conv-state")).to_have_text("我正在处理")
+
+        desk.reload()  # the console forgets which conversation was open; the agent still holds it
+        expect(desk.locator("#desk-view")).to_be_visible()
+        expect(desk.locator("#conv")).to_be_hidden()
+        held = desk.locator("#queue li[data-status=claimed]", has_text="门诊慢特病")
+        expect(held).to_contain_text("我正在处理")
+        held.locator(".q").click()  # the item itself, not a button in it
+        expect(desk.locator("#conv")).to_be_visible()
+        expect(desk.locator("#conv-state")).to_have_text("我正在处理")
+        expect(desk.locator("#transcript li.resident")).to_have_count(1)
+        expect(desk.locator("#reply")).to_be_enabled()
+        desk.fill("#reply", "您好，门诊慢特病可以在浙里办申请，我把步骤发给您。")
+        desk.click("#send")
+        expect(desk.locator("#transcript li.agent")).to_have_count(1)
+        expect(desk.locator("#release-btn")).to_be_enabled()
+        desk.select_option("#disposition", "resolved")
+        desk.click("#close-btn")
+        expect(desk.locator("#action-status")).to_contain_text("已解决")
+        assert errors == [], errors
+    finally:
+        ctx.close()

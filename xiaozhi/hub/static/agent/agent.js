@@ -154,10 +154,11 @@
   function renderQueue() {
     const ol = $("queue");
     ol.textContent = "";
-    const open = items.filter(function (i) { return i.status !== "closed"; });
-    $("queue-count").textContent = String(open.filter(function (i) { return i.status !== "claimed"; }).length);
-    $("queue-empty").hidden = open.length > 0;
-    open.forEach(function (item) {
+    // not named "open": that would hide open(id) below, and clicking an item threw (issue 19)
+    const shown = items.filter(function (i) { return i.status !== "closed"; });
+    $("queue-count").textContent = String(shown.filter(function (i) { return i.status !== "claimed"; }).length);
+    $("queue-empty").hidden = shown.length > 0;
+    shown.forEach(function (item) {
       const sla = item.status === "waiting" && waited(item) >= config.sla_warning_s;
       const li = el("li", (item.id === selected ? "selected " : "") + (sla ? "sla" : ""));
       li.dataset.id = item.id;
@@ -191,7 +192,7 @@
         foot.appendChild(a);
       }
       li.appendChild(foot);
-      li.addEventListener("click", function () { open(item.id); });
+      li.addEventListener("click", function () { openItem(item.id); });
       ol.appendChild(li);
     });
   }
@@ -199,7 +200,7 @@
   setInterval(function () { if (auth && items.length) renderQueue(); }, 1000);
 
   // -- one conversation ----------------------------------------------------------------------------
-  async function open(id) {
+  async function openItem(id) {
     try {
       const detail = await api("/api/agent/queue/" + id);
       show(detail);
