@@ -58,7 +58,8 @@ from elasticsearch import (
 )
 from elasticsearch.helpers import BulkIndexError, bulk
 
-from knowledge_base.embedded import encode_corpus, entry_texts, lexical_documents, mark_current
+from knowledge_base.embedded import asked_by_points, encode_corpus, entry_texts, lexical_documents, mark_current
+from knowledge_base.units import layout
 from knowledge_base.embedder import Embedder
 from knowledge_base.loader import Corpus
 from knowledge_base.schema import Entry
@@ -264,13 +265,17 @@ class ElasticsearchBackend:
         """One vector per entry text, in ``entry_texts`` order; cached on disk like the embedded backend's."""
         if self.vector_cache_dir is not None:
             vectors, _owners, _ = encode_corpus(corpus, self.embedder, Path(self.vector_cache_dir), progress=progress)
-            return vectors
+            rows = layout(corpus)
+            return vectors[[i for i, u in enumerate(rows.row_unit) if rows.units[u].kind == "entry"]]
         texts = [t for e in corpus.entries for t in entry_texts(e)]
         if not texts:
             return np.zeros((0, self.embedder.dimension), np.float32)
         return self.embedder.encode(texts)
 
     def documents(self, index: str, corpus: Corpus, vectors: np.ndarray) -> Iterator[dict[str, Any]]:
+        # Knowledge points' ways of asking join their entry's lexical fields, as in the embedded
+        # backend; their vectors stay with the answer stage (KnowledgeBase.units), not in the cluster.
+        asked_too = asked_by_points(layout(corpus))
         row = 0
         for entry in corpus.entries:
             for variant, variant_text in enumerate(entry_texts(entry)):
@@ -286,12 +291,12 @@ class ElasticsearchBackend:
                     "vector": vectors[row].tolist(),
                 }
                 if variant == 0:
-                    doc.update(self._text_fields(entry))
+                    doc.update(self._text_fields(entry, asked_too.get(entry.id, ())))
                 row += 1
                 yield doc
 
-    def _text_fields(self, entry: Entry) -> dict[str, Any]:
-        lexical = lexical_documents(entry, self.text)
+    def _text_fields(self, entry: Entry, asked_too: tuple[str, ...] = ()) -> dict[str, Any]:
+        lexical = lexical_documents(entry, self.text, asked_too)
         return {
             "title": entry.title,
             "questions": list(entry.questions),

@@ -22,6 +22,7 @@ from knowledge_base.loader import Corpus
 from knowledge_base.schema import Entry
 from knowledge_base.search import Query, Rankings
 from knowledge_base.text import TextProcessor
+from knowledge_base.units import Layout, layout
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ def entry_texts(entry: Entry) -> list[str]:
     return [entry.title, *entry.questions]
 
 
-def lexical_documents(entry: Entry, text: TextProcessor) -> dict[str, str]:
-    asked = text.normalise(" ".join([entry.title, *entry.questions, *entry.tags]))
+def lexical_documents(entry: Entry, text: TextProcessor, asked_too: tuple[str, ...] = ()) -> dict[str, str]:
+    """The token streams of an entry; ``asked_too`` adds its knowledge points' ways of asking."""
+    asked = text.normalise(" ".join([entry.title, *entry.questions, *entry.tags, *asked_too]))
     answer = text.normalise(" ".join([entry.spoken, entry.answer, *entry.steps]), correct=False)
     return {
         "words": " ".join(text.words(asked)),
@@ -53,6 +55,9 @@ class EmbeddedBackend:
         embedder: Embedder,
         vectors: np.ndarray,
         owners: np.ndarray,
+        *,
+        question_rows: np.ndarray | None = None,
+        asked_too: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.text = text
         self.embedder = embedder
@@ -60,6 +65,9 @@ class EmbeddedBackend:
         self._vectors = vectors
         self._owners = owners  # row -> entry position, rows grouped by entry in ascending order
         self._starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        # Passage rows refine an answer inside an entry; only question rows rank the entries.
+        self._passage_rows = None if question_rows is None else np.flatnonzero(~question_rows)
+        self._asked_too = asked_too or {}
         self._index, self._schema = self._build_lexical(entries)
 
     # -- building ---------------------------------------------------------------------------------
@@ -73,7 +81,7 @@ class EmbeddedBackend:
         writer = index.writer(heap_size=50_000_000, num_threads=1)
         for pos, entry in enumerate(entries):
             doc = tantivy.Document()
-            for name, value in lexical_documents(entry, self.text).items():
+            for name, value in lexical_documents(entry, self.text, self._asked_too.get(entry.id, ())).items():
                 doc.add_text(name, value)
             doc.add_unsigned("pos", pos)
             writer.add_document(doc)
@@ -119,6 +127,8 @@ class EmbeddedBackend:
     def _dense(self, text: str, allowed: set[str], depth: int) -> list[tuple[str, float]]:
         qv = self.embedder.encode_one(text)
         sims = self._vectors @ qv
+        if self._passage_rows is not None and len(self._passage_rows):
+            sims[self._passage_rows] = -np.inf
         per_entry = np.maximum.reduceat(sims, self._starts)  # best variant of each entry
         order = np.argsort(-per_entry)
         out = []
@@ -132,8 +142,12 @@ class EmbeddedBackend:
 
 
 # -- the on-disk vector cache -----------------------------------------------------------------------
+# Bumped when the row layout changes (v2: knowledge points and passages have rows of their own).
+_LAYOUT_VERSION = "v2"
+
+
 def _cache_key(corpus: Corpus, embedder: Embedder) -> str:
-    return f"{corpus.fingerprint}-{embedder.fingerprint}"
+    return f"{corpus.fingerprint}-{embedder.fingerprint}-{_LAYOUT_VERSION}"
 
 
 def mark_current(index_dir: Path, name: str) -> None:
@@ -162,19 +176,16 @@ def encode_corpus(
     progress: Callable[[int, int], None] | None = None,
     batch: int = 64,
 ) -> tuple[np.ndarray, np.ndarray, Path]:
-    """Vectors for every entry text, from the cache when the corpus and model are unchanged."""
+    """Vectors for every row of the corpus layout (units.py), from the cache when corpus and model are unchanged."""
     target = index_dir / _cache_key(corpus, embedder)
     if (target / "manifest.json").exists():
         vectors = np.load(target / "vectors.npy")
         owners = np.load(target / "owners.npy")
         mark_current(index_dir, target.name)
         return vectors, owners, target
-    texts: list[str] = []
-    owners_list: list[int] = []
-    for pos, entry in enumerate(corpus.entries):
-        for t in entry_texts(entry):
-            texts.append(t)
-            owners_list.append(pos)
+    rows = layout(corpus)
+    texts = rows.texts
+    owners_list = rows.row_entry
     started = time.perf_counter()
     chunks = []
     for i in range(0, len(texts), batch):
@@ -192,6 +203,7 @@ def encode_corpus(
         json.dumps(
             {
                 "entries": len(corpus.entries),
+                "points": len(corpus.points),
                 "texts": len(texts),
                 "model": embedder.model_name,
                 "corpus_fingerprint": corpus.fingerprint,
@@ -207,8 +219,21 @@ def encode_corpus(
     return vectors, owners, target
 
 
+def asked_by_points(rows: Layout) -> dict[str, tuple[str, ...]]:
+    """Per entry, every way its knowledge points are asked: the lexical rankers index them with the entry."""
+    out: dict[str, tuple[str, ...]] = {}
+    for unit in rows.units:
+        if unit.kind == "point":
+            out[unit.entry.id] = out.get(unit.entry.id, ()) + unit.texts
+    return out
+
+
 def build_embedded_backend(
     corpus: Corpus, text: TextProcessor, embedder: Embedder, index_dir: Path, **kwargs
 ) -> EmbeddedBackend:
     vectors, owners, _ = encode_corpus(corpus, embedder, index_dir, **kwargs)
-    return EmbeddedBackend(corpus.entries, text, embedder, vectors, owners)
+    rows = layout(corpus)
+    return EmbeddedBackend(
+        corpus.entries, text, embedder, vectors, owners,
+        question_rows=np.asarray(rows.row_is_question, dtype=bool), asked_too=asked_by_points(rows),
+    )

@@ -40,7 +40,7 @@ def open_knowledge_base(
         from knowledge_base.embedded import build_embedded_backend
 
         backend = build_embedded_backend(corpus, text, embedder, settings.kb_index_dir, progress=progress)
-    return KnowledgeBase(
+    kb = KnowledgeBase(
         corpus,
         backend,
         text,
@@ -50,3 +50,15 @@ def open_knowledge_base(
         calibration=Calibration(dense_mid=settings.kb_confidence_midpoint),
         embedder=embedder,
     )
+    attach_answerer(kb, settings.kb_index_dir)
+    return kb
+
+
+def attach_answerer(kb: KnowledgeBase, index_dir) -> None:
+    """The answer stage needs a vector per unit row: the embedded index's own, or the same cache for ES."""
+    from knowledge_base.answers import Answerer, UnitIndex
+    from knowledge_base.embedded import encode_corpus
+    from knowledge_base.units import layout
+
+    vectors, _owners, _ = encode_corpus(kb.corpus, kb.embedder, index_dir)
+    kb.answerer = Answerer(kb, UnitIndex(layout(kb.corpus), vectors))

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from knowledge_base.schema import LOCAL_RULE_NOTICE, Entry, EntryFile
+from knowledge_base.schema import LOCAL_RULE_NOTICE, SPOKEN_POINT_TARGET, Entry, EntryFile, KnowledgePoint
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -24,7 +24,9 @@ class Problem:
     path: str
     entry_id: str | None
     message: str
-    severity: str = "error"  # "error" stops indexing; "warning" is reported only
+    # "error" stops indexing; "source" (a citation a resident cannot check: site root, no document
+    # or date) is served but refused by `kb validate`; "warning" is reported only.
+    severity: str = "error"
 
     def __str__(self) -> str:
         where = f"{self.path}" + (f" [{self.entry_id}]" if self.entry_id else "")
@@ -36,13 +38,41 @@ class Corpus:
     entries: list[Entry]
     problems: list[Problem] = field(default_factory=list)
     fingerprint: str = ""
+    points: list[KnowledgePoint] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "error"]
 
+    @property
+    def refused(self) -> list[Problem]:
+        """What `kb validate` refuses: errors, and citations a resident cannot check."""
+        return [p for p in self.problems if p.severity in ("error", "source")]
+
     def by_id(self) -> dict[str, Entry]:
         return {e.id: e for e in self.entries}
+
+    def points_of(self) -> dict[str, list[KnowledgePoint]]:
+        """Each entry's knowledge points, in file order."""
+        out: dict[str, list[KnowledgePoint]] = {}
+        for point in self.points:
+            out.setdefault(point.entry, []).append(point)
+        return out
+
+    def coverage(self) -> dict[str, dict[str, int]]:
+        """Per topic: entries, knowledge points, and how many of those points are verified."""
+        topics: dict[str, dict[str, int]] = {}
+        entries = self.by_id()
+        for e in self.entries:
+            topics.setdefault(e.topic_name, {"entries": 0, "points": 0, "verified": 0})["entries"] += 1
+        for p in self.points:
+            parent = entries.get(p.entry)
+            if parent is None:
+                continue
+            row = topics[parent.topic_name]
+            row["points"] += 1
+            row["verified"] += p.verified
+        return topics
 
 
 def _data_files(root: Path) -> list[Path]:
@@ -53,6 +83,8 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
     """Load and validate every data file below ``root``; problems are collected, not raised."""
     today = today or dt.date.today()
     entries: list[Entry] = []
+    points: list[KnowledgePoint] = []
+    point_files: dict[str, str] = {}
     problems: list[Problem] = []
     digest = hashlib.sha256()
     seen: dict[str, str] = {}
@@ -80,6 +112,7 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
                 problems.append(
                     Problem(rel, entry.id, f"local_figure entries must say “{LOCAL_RULE_NOTICE}”")
                 )
+            problems.extend(Problem(rel, entry.id, m, "source") for m in entry.source.problems())
             if entry.review:
                 problems.append(Problem(rel, entry.id, f"needs review: {entry.review}", "warning"))
             if entry.effective_date > today:
@@ -89,8 +122,41 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
                     Problem(rel, entry.id, f"source older than {stale_after_years} years: re-check it", "warning")
                 )
             entries.append(entry)
+        for raw_point in doc.points:
+            point_id = raw_point.get("id") if isinstance(raw_point, dict) else None
+            try:
+                point = KnowledgePoint.model_validate({**raw_point, "region": doc.region})
+            except ValidationError as exc:
+                problems.append(Problem(rel, point_id, _short_validation_message(exc)))
+                continue
+            if point.id in seen or point.id in point_files:
+                problems.append(Problem(rel, point.id, f"duplicate id (also in {seen.get(point.id) or point_files[point.id]})"))
+                continue
+            point_files[point.id] = rel
+            problems.extend(_check_point(rel, point))
+            points.append(point)
+    by_id = {e.id: e for e in entries}
+    for point in list(points):
+        if point.entry not in by_id:
+            problems.append(Problem(point_files[point.id], point.id, f"parent entry {point.entry!r} does not exist"))
+            points.remove(point)
     problems.extend(_check_overrides(entries, seen))
-    return Corpus(entries=entries, problems=problems, fingerprint=digest.hexdigest()[:16])
+    return Corpus(entries=entries, problems=problems, fingerprint=digest.hexdigest()[:16], points=points)
+
+
+def _check_point(rel: str, point: KnowledgePoint) -> list[Problem]:
+    found = [Problem(rel, point.id, m, "source") for m in point.source.problems()]
+    text = point.answer + point.spoken
+    if point.local_figure and LOCAL_RULE_NOTICE not in text:
+        found.append(Problem(rel, point.id, f"local_figure points must say “{LOCAL_RULE_NOTICE}”"))
+    if len(point.spoken) > SPOKEN_POINT_TARGET:
+        found.append(Problem(rel, point.id, f"spoken form has {len(point.spoken)} characters (aim for <= {SPOKEN_POINT_TARGET})", "warning"))
+    missing = [f for f in point.facts if f not in point.answer]
+    if missing:
+        found.append(Problem(rel, point.id, f"facts not stated in the answer: {', '.join(missing)}", "warning"))
+    if point.review:
+        found.append(Problem(rel, point.id, f"needs review: {point.review}", "warning"))
+    return found
 
 
 def _check_overrides(entries: list[Entry], where: dict[str, str]) -> list[Problem]:

@@ -10,7 +10,7 @@ import datetime as dt
 import re
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 TOPICS = (
     "e_voucher",
@@ -86,11 +86,42 @@ NATIONAL = Region(level=RegionLevel.national, code="100000", name="全国")
 
 
 class Source(BaseModel):
+    """Where a rule is stated: the official document (number, issuer, date) and the page that states it."""
+
     model_config = ConfigDict(extra="forbid")
 
     title: str = Field(min_length=2)
     url: HttpUrl
     publisher: str | None = None
+    # The document number (医保发〔2022〕22号) or, for a document without one, its official title.
+    document: str | None = None
+    date: dt.date | None = None
+
+    @property
+    def is_site_root(self) -> bool:
+        """A site root names who, not what: a resident cannot find the rule from it."""
+        return (self.url.path or "/").strip("/") == "" and not self.url.query
+
+    def problems(self) -> list[str]:
+        """What keeps this citation from being checkable (kb validate refuses these)."""
+        found = []
+        if self.is_site_root:
+            found.append(f"source url {self.url} is a site root: cite the page that states the rule")
+        if not self.document:
+            found.append("source has no document (number, or the official title)")
+        if self.date is None:
+            found.append("source has no date")
+        return found
+
+    def as_citation(self) -> dict:
+        out = {"title": self.title, "url": str(self.url)}
+        if self.document:
+            out["document"] = self.document
+        if self.publisher:
+            out["publisher"] = self.publisher
+        if self.date:
+            out["date"] = self.date.isoformat()
+        return out
 
 
 class Entry(BaseModel):
@@ -149,7 +180,7 @@ class Entry(BaseModel):
             "id": self.id,
             "topic": self.topic_name,
             "title": self.title,
-            "source": {"title": self.source.title, "url": str(self.source.url)},
+            "source": self.source.as_citation(),
             "region": self.region.label,
             "region_code": self.region.code,
             "effective_date": self.effective_date.isoformat(),
@@ -157,10 +188,85 @@ class Entry(BaseModel):
         }
 
 
+# The sub-cases a knowledge point can be limited to (``when``), and the values each may take. The
+# dialogue reads the same slots from a resident's story (knowledge_base/questions.py).
+CASE_SLOTS: dict[str, tuple[str, ...]] = {
+    "insurance": ("职工", "居民"),
+    "stage": ("住院中", "已出院", "未就医"),
+    "filed": ("已备案", "未备案"),
+    "scope": ("省内", "跨省"),
+    "person": ("老人", "儿童", "新生儿", "学生", "灵活就业", "退休", "在职", "军人", "外地户籍"),
+    "channel": ("线上", "线下"),
+}
+
+SPOKEN_POINT_TARGET = 60  # characters a knowledge point's spoken answer should stay under
+
+
+class KnowledgePoint(BaseModel):
+    """One precise question under a broad entry: its answer first, in 1-3 sentences, with its source.
+
+    Retrieval indexes points beside entries; the assistant answers with the point and offers the
+    parent entry (its full answer and steps) as "more".
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    entry: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    question: str = Field(min_length=4)
+    asks: list[str] = Field(default_factory=list)
+    answer: str = Field(min_length=6, max_length=400)
+    spoken: str = Field(min_length=4, max_length=160)
+    facts: list[str] = Field(default_factory=list)
+    when: dict[str, str] = Field(default_factory=dict)
+    source: Source
+    review: str | None = None
+    local_figure: bool = False
+    region: Region = NATIONAL
+
+    @field_validator("answer", "spoken", "question")
+    @classmethod
+    def _join_folded_lines(cls, value: str) -> str:
+        return join_cjk_lines(value)
+
+    @field_validator("asks", "facts", mode="before")
+    @classmethod
+    def _texts(cls, value):
+        return [join_cjk_lines(str(v)) for v in value] if isinstance(value, list) else value
+
+    @field_validator("when")
+    @classmethod
+    def _known_case(cls, value: dict[str, str]) -> dict[str, str]:
+        for slot, case in value.items():
+            if slot not in CASE_SLOTS:
+                raise ValueError(f"unknown when-slot {slot!r} (known: {', '.join(CASE_SLOTS)})")
+            if case not in CASE_SLOTS[slot]:
+                raise ValueError(f"when.{slot} must be one of {', '.join(CASE_SLOTS[slot])}, not {case!r}")
+        return value
+
+    @property
+    def verified(self) -> bool:
+        return self.review is None
+
+    @property
+    def has_figure(self) -> bool:
+        """Amounts, ratios, deadlines: an unverified point never states these on its own."""
+        return bool(re.search(r"\d", self.answer + self.spoken))
+
+
 class EntryFile(BaseModel):
-    """The layout of one data file: a region block and the entries it holds."""
+    """The layout of one data file: a region block, the entries and the knowledge points it holds."""
 
     model_config = ConfigDict(extra="forbid")
 
     region: Region = NATIONAL
-    entries: list[dict]
+    entries: list[dict] = Field(default_factory=list)
+    points: list[dict] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_anchor_blocks(cls, data):
+        # Keys named x-… hold YAML anchors (a shared source block cited by many points: &s22 / *s22).
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not str(k).startswith("x-")}
+        return data

@@ -181,6 +181,7 @@ class KnowledgeBase:
         self.embedder = embedder  # kept so a reload reuses the loaded model
         self.entries = corpus.by_id()
         self.regions = RegionResolver(corpus.entries)
+        self.answerer = None  # knowledge_base.answers.Answerer, attached by the factory
 
     def prepare(self, question: str) -> Query:
         normalised = self.text.normalise(question)

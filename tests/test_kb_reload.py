@@ -23,7 +23,7 @@ NEW_ENTRY = """
 def test_hub_serves_a_new_entry_after_kb_index(settings, knowledge_base, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(settings.kb_data_dir / "national", data / "national")
-    for path in (data / "national").glob("*.yaml"):
+    for path in (data / "national").rglob("*.yaml"):  # entries and their knowledge points (points/)
         if path.name not in ("e_voucher.yaml", "service_info.yaml"):
             path.unlink()
     local = settings.model_copy(

@@ -123,18 +123,23 @@ def _open_kb(progress: bool = False):
 
 @kb_app.command("validate")
 def kb_validate() -> None:
-    """Check every data file: schema, sources, duplicate ids, stale dates, region conflicts."""
+    """Check every data file: schema, sources (deep URL, document, date), duplicate ids, stale dates, regions.
+
+    Exits 1 on an error or on a citation a resident cannot check; prints coverage per topic.
+    """
     from knowledge_base.loader import load_corpus
 
     corpus = load_corpus(_settings().kb_data_dir)
     for problem in corpus.problems:
         typer.echo(str(problem))
-    topics: dict[str, int] = {}
-    for e in corpus.entries:
-        topics[e.topic_name] = topics.get(e.topic_name, 0) + 1
-    typer.echo(f"{len(corpus.entries)} entries, {len(corpus.errors)} errors, "
-               f"{len(corpus.problems) - len(corpus.errors)} warnings; by topic: {json.dumps(topics, ensure_ascii=False)}")
-    raise typer.Exit(1 if corpus.errors else 0)
+    coverage = corpus.coverage()
+    typer.echo("\ncoverage by topic (entries / knowledge points / verified points):")
+    for topic, row in sorted(coverage.items(), key=lambda kv: -kv[1]["points"]):
+        typer.echo(f"  {topic:<24} {row['entries']:>4} {row['points']:>5} {row['verified']:>5}")
+    sources = sum(p.severity == "source" for p in corpus.problems)
+    typer.echo(f"{len(corpus.entries)} entries, {len(corpus.points)} knowledge points, {len(corpus.errors)} errors, "
+               f"{sources} uncheckable sources, {len(corpus.problems) - len(corpus.refused)} warnings")
+    raise typer.Exit(1 if corpus.refused else 0)
 
 
 @kb_app.command("index")

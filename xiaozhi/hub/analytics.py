@@ -56,12 +56,10 @@ _PROVINCE_FULL = {
 
 
 def _region_names() -> dict[str, str]:
-    """GB/T 2260 code -> name for regions the knowledge base has no entry for (the dialogue's
-    vocabulary table, bot/actions/regions.py; absent when the hub is installed without bot/)."""
-    try:
-        from bot.actions.regions import CODE_NAMES
-    except ImportError:  # pragma: no cover - packaged hub without the dialogue sources
-        return {}
+    """GB/T 2260 code -> name for regions the knowledge base has no entry for (knowledge_base/places.py,
+    the vocabulary the dialogue reads too)."""
+    from knowledge_base.places import CODE_NAMES
+
     names = {}
     for code, name in CODE_NAMES.items():
         if code in _PROVINCE_FULL:

@@ -1,0 +1,424 @@
+"""The answer to the question asked: from a resident's message to the knowledge point that answers it.
+
+``KnowledgeBase.search`` finds the *area* (the best entries). This stage reads the message as a
+resident wrote it (knowledge_base/questions.py: the question(s) inside a story, the story's case
+slots, the places it names), scores every unit of the best entries — the entry, its knowledge
+points, the passages of its answer — against the question, and decides:
+
+* **answer** with the best unit: the precise answer first, then steps when the question asks how,
+  sibling points as related questions, the citation; a spoken form short enough for the phone and
+  an offer of more;
+* **clarify** only when the best candidates are genuinely different questions with close scores,
+  and never twice in a row;
+* **abstain** when retrieval is not confident, with a polite reply that says what the assistant
+  can do;
+* for a question about another city's rules, answer with the national rule and say that city's
+  rules decide and whom to ask.
+
+Scoring is a linear model over a few features (``FEATURES``); its weights were fitted with
+logistic regression on the development split of tests/data/answer_set.yaml and
+tests/data/kb_dev.yaml (``xiaozhi kb fit-reranker``), never on the held-out split. No cross-encoder
+model for Chinese ships in any package this project can install offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from knowledge_base.questions import (
+    QUANTITY_MARKERS,
+    ParsedMessage,
+    Place,
+    core_question,
+    parse,
+)
+from knowledge_base.search import KnowledgeBase, SearchResult
+from knowledge_base.units import Layout, Unit
+
+WEIGHTS_PATH = Path(__file__).resolve().parent / "reranker.json"
+
+FEATURES = ("dense_core", "dense_full", "entry_prior", "overlap", "number", "case", "is_point", "is_passage")
+
+# Hand-set starting weights; reranker.json (fitted) replaces them when present.
+DEFAULT_WEIGHTS = {
+    "dense_core": 2.0, "dense_full": 1.0, "entry_prior": 1.2, "overlap": 1.0,
+    "number": 0.6, "case": 0.8, "is_point": 0.3, "is_passage": -0.3, "bias": 0.0,
+}
+
+CANDIDATE_ENTRIES = 5  # entries whose units are scored
+CLARIFY_MARGIN = 0.25  # two different questions closer than this (in score) and neither sure: ask
+PHONE_SPOKEN_CHARS = 70  # about 15 s of speech at the phone voice's pace, with the offer of more
+
+HOW_TO = re.compile(r"怎么|如何|咋|流程|步骤|办理|操作|申请|在哪|哪里|去哪|手续|怎样|方法|渠道")
+_BIGRAM_STRIP = re.compile(r"[^\u3400-\u9fffA-Za-z0-9]")
+_DIGIT = re.compile(r"\d|[一二三四五六七八九十百千万两]+(?:个|名|人|天|年|月|次|岁|元|万|%|成)")
+
+# Resident-facing wording (Simplified Chinese).
+MORE_OFFER_SPOKEN = "需要我详细说说吗？"
+UNVERIFIED_TEXT = "（这个数字尚在核实中，请以当地医保部门的答复为准，可拨打12393医保服务热线确认。）"
+UNVERIFIED_SPOKEN = "这个数字还在核实，请以医保部门答复为准。"
+FOREIGN_RULE_TEXT = "以上是全国统一的规定。{city}的具体标准由{city}的医保部门确定，请以当地规定为准，可以拨打{city}的12393医保服务热线或咨询当地医保局。"
+FOREIGN_RULE_SPOKEN = "{city}的具体标准，请以{city}医保部门规定为准，可以打当地的12393问。"
+CLARIFY_TEXT = "您想问的是下面哪一个问题？请点选，或者换个说法再问一次："
+CLARIFY_SPOKEN = "您是想问{first}，还是{second}？"
+NO_QUESTION_TEXT = "没有看到您的问题。请用文字告诉我您想咨询的医保事项，比如“异地就医怎么备案”。"
+NO_QUESTION_SPOKEN = "没听清您的问题，请再说一遍。"
+ABSTAIN_TEXT = (
+    "抱歉，这个问题我回答不了。我能解答医保参保缴费、报销、异地就医、医保电子凭证等问题；"
+    "其他事项可以拨打12345政务服务热线。您也可以说“转人工”，由工作人员为您解答。"
+)
+ABSTAIN_SPOKEN = "抱歉，这个问题我回答不了。医保的问题您可以换个说法再问，或者说转人工。"
+TWO_ANSWERS_JOIN = "\n\n"
+HUMAN_BUTTON = {"title": "转人工", "payload": "/request_human"}
+MORE_BUTTON_TITLE = "详细说说"
+
+
+class UnitIndex:
+    """Every unit of the corpus with its vector rows, for scoring the units of a few entries."""
+
+    def __init__(self, rows: Layout, vectors: np.ndarray) -> None:
+        if len(rows.texts) != len(vectors):
+            raise ValueError(f"layout has {len(rows.texts)} rows but {len(vectors)} vectors")
+        self.layout = rows
+        self.vectors = vectors
+        self.by_id = rows.by_id
+        self._rows_of_unit: dict[int, list[int]] = {}
+        for row, unit in enumerate(rows.row_unit):
+            self._rows_of_unit.setdefault(unit, []).append(row)
+
+    def units_of(self, entry_id: str) -> list[int]:
+        return self.layout.by_entry.get(entry_id, [])
+
+    def similarities(self, unit_indexes: list[int], qv: np.ndarray) -> dict[int, float]:
+        """Best cosine of each unit's rows against the query vector."""
+        rows = [r for u in unit_indexes for r in self._rows_of_unit[u]]
+        if not rows:
+            return {}
+        sims = self.vectors[rows] @ qv
+        out: dict[int, float] = {}
+        i = 0
+        for u in unit_indexes:
+            n = len(self._rows_of_unit[u])
+            out[u] = float(np.max(sims[i : i + n]))
+            i += n
+        return out
+
+
+def load_weights(path: Path = WEIGHTS_PATH) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in data["weights"].items()}}
+    except (FileNotFoundError, KeyError, ValueError):
+        return dict(DEFAULT_WEIGHTS)
+
+
+def bigrams(text: str) -> set[str]:
+    t = _BIGRAM_STRIP.sub("", text)
+    return {t[i : i + 2] for i in range(len(t) - 1)} or ({t} if t else set())
+
+
+def overlap(question: str, unit: Unit) -> float:
+    """Share of the question's character bigrams found in the unit's best way of asking."""
+    q = bigrams(question)
+    if not q:
+        return 0.0
+    return max(len(q & bigrams(t)) / len(q) for t in unit.texts)
+
+
+def case_agreement(case: dict[str, str], unit: Unit) -> float:
+    """+1 per sub-case slot the story and the point agree on, -1 per slot they contradict."""
+    score = 0.0
+    for slot, value in unit.when.items():
+        told = case.get(slot)
+        if told is None:
+            continue
+        score += 1.0 if told == value else -1.0
+    return score
+
+
+def number_fit(question: str, unit: Unit) -> float:
+    """Asked how many / how much / how long: the unit that states a figure fits, one without does not."""
+    if not QUANTITY_MARKERS.search(question):
+        return 0.0
+    return 1.0 if _DIGIT.search(unit.answer) else -1.0
+
+
+def _dense(cos: float) -> float:
+    """e5 cosines bunch between 0.8 and 1.0: spread them to a comparable scale."""
+    return (cos - 0.88) * 10.0
+
+
+@dataclass
+class Candidate:
+    unit: Unit
+    features: dict[str, float]
+    score: float = 0.0
+
+    @property
+    def probability(self) -> float:
+        return 1.0 / (1.0 + math.exp(-self.score))
+
+
+@dataclass
+class QuestionAnswer:
+    question: str
+    result: SearchResult
+    candidates: list[Candidate]
+    confidence: float
+    abstain: bool
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+
+@dataclass
+class Context:
+    """What the dialogue knows: the resident's region and what the bot did last turn."""
+
+    region: str | None = None
+    last_outcome: str | None = None
+    deployment_region: str = ""
+
+
+@dataclass
+class Reply:
+    outcome: str
+    text: str
+    spoken: str
+    citations: list[dict] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+    buttons: list[dict] = field(default_factory=list)
+    related: list[dict] = field(default_factory=list)
+    answers: list[dict] = field(default_factory=list)
+    more: dict | None = None
+    meta: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "outcome": self.outcome, "text": self.text, "spoken": self.spoken, "citations": self.citations,
+            "steps": self.steps, "buttons": self.buttons, "related": self.related, "answers": self.answers,
+            "more": self.more, **self.meta,
+        }
+
+
+class Answerer:
+    def __init__(self, kb: KnowledgeBase, units: UnitIndex, weights: dict[str, float] | None = None) -> None:
+        self.kb = kb
+        self.units = units
+        self.weights = weights or load_weights()
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def score(self, features: dict[str, float]) -> float:
+        w = self.weights
+        return w.get("bias", 0.0) + sum(w.get(name, 0.0) * features.get(name, 0.0) for name in FEATURES)
+
+    def candidates(self, question: str, parsed: ParsedMessage, region: str | None) -> QuestionAnswer:
+        core = core_question(question)
+        full = self.kb.search(question, region=region, k=CANDIDATE_ENTRIES)
+        searches = [full]
+        if core != question and len(core) >= 4:
+            searches.append(self.kb.search(core, region=region, k=CANDIDATE_ENTRIES))
+        prior: dict[str, float] = {}
+        for result in searches:
+            top = result.hits[0].score if result.hits else 1.0
+            for hit in result.hits:
+                prior[hit.entry.id] = max(prior.get(hit.entry.id, 0.0), hit.score / top)
+        confidence = max(r.confidence for r in searches)
+        best_result = max(searches, key=lambda r: r.confidence)
+        if not prior:
+            return QuestionAnswer(question, best_result, [], confidence, True)
+        qv_full = self.kb.embedder.encode_one(self.kb.text.normalise(question))
+        qv_core = self.kb.embedder.encode_one(self.kb.text.normalise(core)) if core != question else qv_full
+        indexes = [u for entry_id in prior for u in self.units.units_of(entry_id)]
+        sims_full = self.units.similarities(indexes, qv_full)
+        sims_core = self.units.similarities(indexes, qv_core) if core != question else sims_full
+        out = []
+        for u in indexes:
+            unit = self.units.layout.units[u]
+            features = {
+                "dense_core": _dense(sims_core[u]),
+                "dense_full": _dense(sims_full[u]),
+                "entry_prior": prior[unit.entry.id],
+                "overlap": max(overlap(core, unit), overlap(question, unit)),
+                "number": number_fit(core, unit),
+                "case": case_agreement(parsed.case, unit),
+                "is_point": float(unit.kind == "point"),
+                "is_passage": float(unit.kind == "passage"),
+            }
+            out.append(Candidate(unit, features, self.score(features)))
+        out.sort(key=lambda c: -c.score)
+        return QuestionAnswer(question, best_result, out, confidence, all(r.abstain for r in searches))
+
+    # -- the decision -------------------------------------------------------------------------------
+    def answer(self, message: str, context: Context | None = None) -> Reply:
+        context = context or Context()
+        parsed = parse(message)
+        if not parsed.questions:
+            return Reply("abstained", NO_QUESTION_TEXT, NO_QUESTION_SPOKEN, buttons=[HUMAN_BUTTON],
+                         meta={"reason": "no_question"})
+        region, foreign = self._region_for(parsed, context)
+        found = [self.candidates(q, parsed, region) for q in parsed.questions]
+        meta = {
+            "questions": parsed.questions,
+            "case": parsed.case,
+            "relation": parsed.relation,
+            "places": [p.__dict__ for p in parsed.places],
+            "region_used": region or "",
+            "search": {
+                "confidence": round(max(f.confidence for f in found), 4),
+                "abstain": all(f.abstain for f in found),
+                "candidates": [c.unit.id for c in (found[0].candidates[:5] if found else [])],
+            },
+            "kb_confidence": round(max(f.confidence for f in found), 4),
+        }
+        answerable = [f for f in found if not f.abstain and f.best is not None]
+        if not answerable:
+            return Reply("abstained", ABSTAIN_TEXT, ABSTAIN_SPOKEN, buttons=[HUMAN_BUTTON], meta=meta)
+        if len(answerable) == 1 and context.last_outcome != "clarifying":
+            options = self._clarify_options(answerable[0])
+            if options:
+                return self._clarify(options, meta)
+        # Two questions that land on the same unit are one answer.
+        chosen: list[QuestionAnswer] = []
+        for f in answerable:
+            if all(f.best.unit.id != c.best.unit.id for c in chosen):
+                chosen.append(f)
+        return self._compose(chosen, foreign, meta)
+
+    def _region_for(self, parsed: ParsedMessage, context: Context) -> tuple[str | None, Place | None]:
+        """Which region's rules answer; and the place whose own rules decide, when it is not ours."""
+        region = context.region or context.deployment_region or None
+        known = set(self.kb.regions.chain(region)) if region else set()
+        for place in parsed.places:
+            if place.role == "destination":
+                continue  # where the resident goes for care: their insured region's rules still apply
+            chain = self.kb.regions.chain(place.code)
+            if place.code in known or (region and region in chain and region != "100000"):
+                continue
+            if place.code in self.kb.regions.regions and place.code != "100000":
+                return place.code, None  # a region pack we hold answers for that place
+            return place.code, place
+        return region, None
+
+    def _clarify_options(self, found: QuestionAnswer) -> list[Candidate]:
+        """Two or three genuinely different questions the resident may mean, when none stands out."""
+        best = found.best
+        if best is None or best.features["overlap"] >= 0.6 or found.confidence >= 0.9:
+            return []
+        options = [best]
+        for c in found.candidates[1:]:
+            if best.score - c.score > CLARIFY_MARGIN:
+                break
+            if c.unit.kind == "passage" or any(c.unit.entry.id == o.unit.entry.id for o in options):
+                continue  # the same area asked differently is not a different question
+            if bigrams(c.unit.question) and len(bigrams(c.unit.question) & bigrams(best.unit.question)) / len(
+                bigrams(c.unit.question)
+            ) > 0.6:
+                continue
+            options.append(c)
+            if len(options) == 3:
+                break
+        return options if len(options) >= 2 else []
+
+    def _clarify(self, options: list[Candidate], meta: dict) -> Reply:
+        questions = [_as_question(o.unit) for o in options]
+        return Reply(
+            "clarifying",
+            CLARIFY_TEXT,
+            CLARIFY_SPOKEN.format(first=questions[0].rstrip("？?"), second=questions[1].rstrip("？?")),
+            buttons=[{"title": q, "payload": q} for q in questions] + [HUMAN_BUTTON],
+            meta={**meta, "options": [o.unit.id for o in options]},
+        )
+
+    # -- composing the reply --------------------------------------------------------------------------
+    def _compose(self, chosen: list[QuestionAnswer], foreign: Place | None, meta: dict) -> Reply:
+        texts, spokens, citations, steps, answers = [], [], [], [], []
+        for f in chosen:
+            unit = f.best.unit
+            text, spoken = unit.answer, _first_sentences(unit.spoken, PHONE_SPOKEN_CHARS // len(chosen))
+            if not unit.verified and _DIGIT.search(unit.answer):
+                text += UNVERIFIED_TEXT
+                spoken += UNVERIFIED_SPOKEN
+            if len(chosen) > 1:
+                text = f"关于“{_as_question(unit).rstrip('？?')}”：{text}"
+            texts.append(text)
+            spokens.append(spoken)
+            citations.append(unit.citation())
+            if unit.entry.steps and HOW_TO.search(core_question(f.question)) and not steps:
+                steps = list(unit.entry.steps)
+            answers.append({
+                "question": f.question, "unit": unit.id, "kind": unit.kind, "entry": unit.entry.id,
+                "point": unit.point.id if unit.point else None, "topic": unit.entry.topic_name,
+                "score": round(f.best.score, 3), "confidence": round(f.confidence, 4),
+            })
+        text = TWO_ANSWERS_JOIN.join(texts)
+        spoken = "".join(spokens)
+        if foreign is not None:
+            text += "\n\n" + FOREIGN_RULE_TEXT.format(city=foreign.name)
+            spoken += FOREIGN_RULE_SPOKEN.format(city=foreign.name)
+        first = chosen[0].best.unit
+        more = None
+        if _has_more(first):
+            more = {"entry": first.entry.id, "unit": first.id}
+            spoken += MORE_OFFER_SPOKEN
+        related = self._related(chosen[0])
+        buttons = [{"title": r["question"], "payload": r["question"]} for r in related]
+        if more:
+            buttons.insert(0, {"title": MORE_BUTTON_TITLE, "payload": "/ask_more"})
+        return Reply(
+            "answered", text, spoken, citations=citations, steps=steps, buttons=buttons, related=related,
+            answers=answers, more=more, meta={**meta, "foreign_region": foreign.code if foreign else None},
+        )
+
+    def _related(self, found: QuestionAnswer, n: int = 3) -> list[dict]:
+        """Sibling knowledge points the resident is likely to ask next, best first."""
+        best = found.best.unit
+        out = []
+        for c in found.candidates[1:]:
+            u = c.unit
+            if u.kind != "point" or u.entry.id != best.entry.id or u.id == best.id:
+                continue
+            out.append({"id": u.id, "question": u.question})
+            if len(out) == n:
+                break
+        return out
+
+    def more(self, entry_id: str, region: str | None = None) -> Reply | None:
+        """The whole entry, for "详细说说" after a precise answer."""
+        entry = self.kb.entry(entry_id, region)
+        if entry is None:
+            return None
+        return Reply(
+            "answered", entry.answer, entry.spoken + (" 办理步骤我也可以一步步告诉您。" if entry.steps else ""),
+            citations=[entry.citation()], steps=list(entry.steps),
+            answers=[{"unit": entry.id, "kind": "entry", "entry": entry.id, "topic": entry.topic_name}],
+        )
+
+
+def _as_question(unit: Unit) -> str:
+    q = unit.point.question if unit.point is not None else unit.entry.title
+    return q if q.endswith(("？", "?")) else q + "？"
+
+
+def _first_sentences(text: str, limit: int) -> str:
+    """As many whole sentences as fit in ``limit`` characters (at least the first one)."""
+    sentences = [s for s in re.split(r"(?<=[。！？；])", text) if s]
+    out = ""
+    for s in sentences:
+        if out and len(out) + len(s) > limit:
+            break
+        out += s
+    return out or text
+
+
+def _has_more(unit: Unit) -> bool:
+    """Something beyond the precise answer: the entry's steps, or a longer answer than was given."""
+    return bool(unit.entry.steps) or len(unit.entry.answer) > len(unit.answer) + 20
+
