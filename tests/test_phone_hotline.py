@@ -22,7 +22,9 @@ import pytest
 from sqlalchemy import select
 
 from telephony.audio import load_wav, tone
-from telephony.testing import LoopbackCapture, RtpCaller, SipPeer, environment_has_sipp, free_udp_port, run_sipp
+from telephony.testing import (
+    LoopbackCapture, RtpCaller, SipPeer, environment_has_sipp, free_udp_port, run_sipp, until_no_calls,
+)
 from xiaozhi.hub.store import Conversation, Escalation
 
 ASR = Path(__file__).parent / "data" / "asr"
@@ -514,3 +516,26 @@ async def test_words_said_just_before_pressing_0_are_kept_for_the_agent(hub_sett
         await peer.expect(200)
     assert mode == "hold"
     assert said and "医保卡" in said[0], said
+
+
+async def test_readyz_reports_a_hotline_whose_call_slots_are_nearly_exhausted(hub_settings, knowledge_base):
+    """Issue 19: /readyz said nothing while leaked calls held every slot and callers heard 486 Busy Here."""
+    import httpx
+
+    async with phone_hub(hub_settings, knowledge_base, sip_max_calls=2) as app:
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub")
+        async with client:
+            ready = (await client.get("/readyz")).json()
+            assert ready["phone"] == {"calls": 0, "max_calls": 2, "free": 2, "nearly_full": False}
+            async with placed_call(app) as (peer, call, _rtp):
+                assert (await client.get("/readyz")).json()["phone"]["nearly_full"] is False  # 1 of 2
+                async with placed_call(app, caller="13900001111") as (peer2, call2, _rtp2):
+                    ready = (await client.get("/readyz")).json()
+                    assert ready["phone"] == {"calls": 2, "max_calls": 2, "free": 0, "nearly_full": True}
+                    assert ready["knowledge_base"] is True  # chat still works: the hub stays ready
+                    peer2.in_dialog("BYE", call2)
+                    await peer2.expect(200)
+                peer.in_dialog("BYE", call)
+                await peer.expect(200)
+            await until_no_calls(app.state.phone.user_agent)
+            assert (await client.get("/readyz")).json()["phone"]["calls"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -118,6 +119,15 @@ async def _start_phone(settings: Settings, store: Store, conversations: Conversa
     return phone
 
 
+NEARLY_FULL = 0.9  # share of the hotline's call slots at which /readyz reports it nearly full
+
+
+def hotline_slots(in_use: int, capacity: int) -> dict:
+    """The hotline's call slots as /readyz reports them."""
+    return {"calls": in_use, "max_calls": capacity, "free": max(0, capacity - in_use),
+            "nearly_full": in_use >= max(1, math.ceil(NEARLY_FULL * capacity))}
+
+
 def create_app(settings: Settings | None = None, *, knowledge_base=None) -> FastAPI:
     """``knowledge_base`` may be given ready-made (tests share one); otherwise it loads at start-up."""
     settings = settings or get_settings()
@@ -215,10 +225,14 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
 
     @app.get("/readyz", tags=["operations"])
     async def readyz(request: Request) -> JSONResponse:
-        """Ready to answer: knowledge base loaded; reports whether Rasa answers (degraded mode if not)."""
+        """Ready to answer: knowledge base loaded; reports whether Rasa answers (degraded mode if not) and,
+        where the hotline runs, how many of its call slots are taken (``nearly_full`` from 90 %)."""
         kb_ready = request.app.state.knowledge_base is not None
         rasa_ready = await request.app.state.rasa.healthy()
         body = {"knowledge_base": kb_ready, "rasa": rasa_ready, "degraded": not rasa_ready}
+        user_agent = getattr(getattr(request.app.state, "phone", None), "user_agent", None)
+        if user_agent is not None:
+            body["phone"] = hotline_slots(user_agent.slots_in_use, user_agent.config.max_calls)
         return JSONResponse(body, status_code=200 if kb_ready else 503)
 
     @app.get("/", include_in_schema=False)
