@@ -156,3 +156,33 @@ def test_symbols_that_crash_the_tokenizer_still_get_an_answer(hub):
     r = hub.post(f"/api/sessions/{sid}/messages", json={"text": "发烧39°C，门诊±多少能报"}, headers=auth)
     assert r.status_code == 200, r.text
     assert r.json()["replies"][0]["meta"].get("degraded") is True
+
+
+# -- issue 19: whatever characters a JSON string can carry ----------------------------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+ANY_CHARACTER = st.characters(exclude_categories=())  # lone surrogates, NUL, controls, format characters too
+ODD_TEXTS = st.text(ANY_CHARACTER, max_size=20) | st.sampled_from(
+    ["\x00", "医保\x00卡", "\ud800", "报销\udfff", "\u200b\u200b", "\ufeff", "\u2060\u200d", " \x00 ", "\ud83d\ude00"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(text=ODD_TEXTS)
+def test_any_text_is_stored_cleaned_or_refused_in_chinese_never_a_server_error(text, fuzz_app, credentials):
+    from schemathesis.python import asgi
+
+    from xiaozhi.hub.schemas import clean_text
+
+    session, _admin = credentials
+    base = f"http://{asgi.HOST}/api/sessions/{session['session_id']}/messages"
+    headers = {"authorization": f"Bearer {session['token']}", "content-type": "application/json"}
+    with asgi.get_client(fuzz_app) as client:
+        r = client.post(base, data=json.dumps({"text": text}).encode(), headers=headers)
+    assert r.status_code in (200, 422), (text, r.status_code, r.text)
+    if r.status_code == 200:
+        stored = r.json()["message"]["text"]
+        received = json.loads(json.dumps(text))  # what the hub decodes: an escaped surrogate pair is one character
+        assert stored == clean_text(received) and "\x00" not in stored
+        stored.encode("utf-8")  # no lone surrogate left
+    else:
+        assert r.json()["fields"] == [{"field": "text", "problem": "消息不能为空"}], text

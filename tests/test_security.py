@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import client_from, open_session, staff_login
+from conftest import DATABASES, client_from, open_session, staff_login
 from pydantic import SecretStr
 from starlette.websockets import WebSocketDisconnect
 
@@ -211,8 +211,8 @@ def test_websocket_binary_oversized_and_malformed_frames(hub):
         ws.send_bytes(b"\x00\x01\x02")
         assert ws.receive_json()["error"] == "binary_not_supported"
         # JSON that is not an object is "bad_message", as on the agent and video sockets (xiaozhi/hub/frames.py)
-        for garbage, code in [("{not json", "invalid_json"), ("[1, 2]", "bad_message"), ('{"text": 5}', "empty_message"),
-                              ('{"text": null}', "empty_message"), ('"text"', "bad_message"), ("null", "bad_message"),
+        for garbage, code in [("{not json", "invalid_json"), ("[1, 2]", "bad_message"), ('{"text": 5}', "invalid_message"),
+                              ('{"text": null}', "invalid_message"), ('"text"', "bad_message"), ("null", "bad_message"),
                               ('{"text": "   "}', "empty_message"), ('{"text": "' + "问" * 1200 + '"}', "message_too_long")]:
             ws.send_text(garbage)
             event = ws.receive_json()
@@ -363,3 +363,84 @@ def test_failures_from_many_addresses_slow_the_account_down_but_not_where_it_wor
     assert _login(desk, ADMIN_PASSWORD).status_code == 200  # known address: never slowed
     clock.now += accounts.account_backoff_s
     assert _login(stranger, ADMIN_PASSWORD).status_code == 200  # the backoff passes by itself
+
+
+
+# -- issue 19: odd characters are stored cleaned or refused in Chinese, on SQLite and PostgreSQL ------------
+import json  # noqa: E402
+
+# what a resident (or a broken client) sends -> what is stored and shown; U+FFFD marks what could not be kept
+STORED = [("医保\x00卡丢了", "医保\ufffd卡丢了"), ("报销\ud800要多久", "报销\ufffd要多久"), ("\ud83d异地就医", "\ufffd异地就医"),
+          ("\u200b门诊\u200b ", "门诊"), ("😀医保码", "😀医保码")]
+# refused before anything is stored: (JSON text of the body's "text", error on the socket, problem over HTTP)
+REFUSED = [('"\\u200b\\u200b\\ufeff"', "empty_message", "消息不能为空"), ('"\\u0000"', "empty_message", "消息不能为空"),
+           ('"\\u2060 \\u200d"', "empty_message", "消息不能为空"), ("5", "invalid_message", "应为文字。"),
+           ('["问"]', "invalid_message", "应为文字。"), ("null", "invalid_message", "应为文字。"),
+           ('{"a": 1}', "invalid_message", "应为文字。")]
+
+
+def _residents(client, sid, auth) -> list[str]:
+    messages = client.get(f"/api/sessions/{sid}/messages", headers=auth).json()["messages"]
+    return [m["text"] for m in messages if m["role"] == "resident"]
+
+
+@pytest.mark.parametrize("database_backend", DATABASES)
+def test_nul_surrogates_invisible_and_non_string_texts_over_http(hub, database_backend):
+    """NUL failed the commit on PostgreSQL (a 500, the message lost); a lone surrogate got a 500 saying
+    "您的消息已保存" although nothing was; zero-width-only text counted as a message."""
+    sid, auth = open_session(hub)
+    headers = {**auth, "content-type": "application/json"}
+    for sent, stored in STORED:
+        r = hub.post(f"/api/sessions/{sid}/messages", content=json.dumps({"text": sent}), headers=headers)
+        assert r.status_code == 200, (sent, r.text)
+        assert r.json()["message"]["text"] == stored
+    for text, _code, problem in REFUSED:
+        r = hub.post(f"/api/sessions/{sid}/messages", content='{"text": %s}' % text, headers=headers)
+        assert r.status_code == 422, (text, r.text)
+        assert r.json()["fields"] == [{"field": "text", "problem": problem}], text
+    assert _residents(hub, sid, auth) == [stored for _, stored in STORED]  # all kept, nothing refused
+
+
+@pytest.mark.parametrize("database_backend", DATABASES)
+def test_nul_surrogates_invisible_and_non_string_texts_over_the_websocket(hub, database_backend):
+    """The socket dropped without a close frame on a lone surrogate; {"text": 5} was called empty."""
+    sid, auth = open_session(hub)
+    token = auth["Authorization"].split()[1]
+    with hub.websocket_connect(f"/api/sessions/{sid}/ws?token={token}") as ws:
+        for sent, stored in STORED:
+            ws.send_text(json.dumps({"text": sent}))
+            while (event := ws.receive_json())["type"] != "message" or event["message"]["role"] != "resident":
+                assert event["type"] != "error", (sent, event)
+            assert event["message"]["text"] == stored
+        for text, code, _problem in REFUSED:
+            ws.send_text('{"text": %s}' % text)
+            while (event := ws.receive_json())["type"] != "error":
+                pass
+            assert event["error"] == code and event["message"] in ("消息不能为空。", "消息必须是文字。"), (text, event)
+        ws.send_text(json.dumps({"text": "异地就医怎么备案"}))  # and the socket still serves
+        while (event := ws.receive_json())["type"] != "message" or event["message"]["role"] != "bot":
+            pass
+    assert _residents(hub, sid, auth) == [stored for _, stored in STORED] + ["异地就医怎么备案"]
+
+
+@pytest.mark.parametrize("database_backend", DATABASES)
+def test_nul_in_any_other_stored_field_never_fails_the_commit(hub, database_backend):
+    """Staff-written fields go through the store's last line of defence (NUL -> U+FFFD)."""
+    admin = staff_login(hub)
+    r = hub.post("/api/staff/users", headers=admin,
+                 json={"username": "nul-agent", "password": "nul-agent-password-1", "role": "agent",
+                       "display_name": "王\u0000芳"})
+    assert r.status_code == 201, r.text
+    users = hub.get("/api/staff/users", headers=admin).json()
+    users = users["users"] if isinstance(users, dict) else users
+    assert any(u.get("display_name") == "王\ufffd芳" for u in users), users
+
+
+def test_validation_problems_are_in_chinese(hub):
+    sid, auth = open_session(hub)
+    r = hub.post("/api/sessions", json={"region": "hangzhou"})
+    assert r.status_code == 422 and r.json()["fields"] == [{"field": "region", "problem": "格式不正确。"}]
+    r = hub.post(f"/api/sessions/{sid}/messages", json={}, headers=auth)
+    assert r.json()["fields"] == [{"field": "text", "problem": "缺少此项。"}]
+    r = hub.get(f"/api/sessions/{sid}/messages", params={"after": -1}, headers=auth)
+    assert r.json()["fields"] == [{"field": "query.after", "problem": "应不小于 0。"}]

@@ -22,6 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from xiaozhi.hub.schemas import clean_stored
+
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,23 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 class Base(DeclarativeBase):
     pass
+
+
+def _storable(value):
+    if isinstance(value, str):
+        return clean_stored(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_storable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items()}
+    return value
+
+
+def _storable_parameters(conn, cursor, statement, parameters, context, executemany):
+    """Last line of defence: no text reaches the database with NUL (PostgreSQL refuses it, and the whole
+    commit with it) or lone surrogates (not UTF-8): they are stored as U+FFFD. The API cleans what residents
+    and staff write first (xiaozhi/hub/schemas.py); this catches every other field."""
+    return statement, _storable(parameters)
 
 
 def _missing(inspector, listed, members):
@@ -171,6 +190,7 @@ class Store:
         self.engine: AsyncEngine = create_async_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine.sync_engine, "before_cursor_execute", _storable_parameters, retval=True)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager

@@ -14,10 +14,10 @@ from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSo
 from pydantic import BaseModel, Field
 
 from xiaozhi.hub.conversation import ConversationService, ensure_open, message_out, preview
-from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.errors import TURN_FAILED, ApiError
 from xiaozhi.hub.frames import close_if_open, receive_json_frame
 from xiaozhi.hub.routers.staff import bearer_token
-from xiaozhi.hub.schemas import MessageText
+from xiaozhi.hub.schemas import MessageText, clean_text, message_problem
 from xiaozhi.hub.store import Conversation, Store
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,11 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
                 )
                 continue
             text = payload.get("text", "")
-            if not isinstance(text, str) or not text.strip():
-                await websocket.send_json({"type": "error", "error": "empty_message", "message": "消息不能为空。"})
+            problem = message_problem(text)
+            if problem is not None:
+                await websocket.send_json({"type": "error", "error": problem[0], "message": problem[1]})
                 continue
+            text = clean_text(text)
             if len(text) > limit:
                 log.info("conversation %s: rejected %d-character WebSocket message", conv.id, len(text))
                 await websocket.send_json(
@@ -180,9 +182,18 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
                 continue
             if current.status != "with_agent":  # an agent answers in their own time
                 await websocket.send_json({"type": "typing"})
-            await conversations.handle(current, text.strip())
+            try:
+                await conversations.handle(current, text)
+            except ApiError as exc:
+                await websocket.send_json({"type": "error", "error": exc.code, "message": exc.message})
+            except Exception:  # the turn failed (the database?): say so honestly and keep the socket
+                log.exception("conversation %s: a WebSocket turn failed", conv.id)
+                await websocket.send_json({"type": "error", "error": "internal_error", "message": TURN_FAILED})
     except WebSocketDisconnect:
         pass
+    except Exception:  # never drop the socket without a close frame
+        log.exception("conversation %s: the chat socket failed", conv.id)
+        await close_if_open(websocket, 1011, "internal_error")
     finally:
         pump_task.cancel()
         conversations.unsubscribe(conv.id, queue)
