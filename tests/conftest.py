@@ -259,7 +259,8 @@ def stack(tmp_path_factory):
             pytest.fail(f"xiaozhi run did not come up:\n{log_path.read_text()}")
         time.sleep(1)
     assert len(re.findall(r"\(pid (\d+)\)", log_path.read_text())) == 3
-    yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var, "sip_port": ports["XIAOZHI_SIP_PORT"]}
+    yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var, "sip_port": ports["XIAOZHI_SIP_PORT"],
+           "rasa_url": f"http://127.0.0.1:{ports['XIAOZHI_RASA_PORT']}", "log": log_path}
 
     # Ctrl-C stops everything, restarted children included, and leaves no orphan process.
     children = [int(p) for p in re.findall(r"\(pid (\d+)\)", log_path.read_text())]
