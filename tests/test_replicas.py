@@ -254,6 +254,8 @@ def test_an_agent_on_another_replica_joins_and_ends_the_residents_video(hub_sett
         sid, resident = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
         r = a.post(f"/api/video/sessions/{sid}/resident/offer", json={"sdp": an_offer(), "type": "offer"}, headers=resident)
         assert r.status_code == 200, r.text
+        # no media connects here (a video item is queued when it does): the resident asks for a person
+        assert a.post(f"/api/sessions/{sid}/escalate", headers=resident).status_code == 200
         agent = make_staff(a, "zhao", "agent", display_name="赵敏")
         (item,) = [i for i in b.get("/api/agent/queue", headers=agent).json()["items"] if i["conversation_id"] == sid]
         assert b.post(f"/api/agent/queue/{item['id']}/claim", headers=agent).status_code == 200

@@ -17,21 +17,29 @@ import httpx
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
-from conftest import free_port, make_staff, open_session, staff_login
+from conftest import client_from, free_port, make_staff, open_session, staff_login
 from netns import run_in_netns
 from video_clients import Peer, relay_counts
 
 from video.ice import rtc_configuration
+from xiaozhi.hub.routers import video as video_router
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def claim(settings, conversation_id: str, agent: str) -> None:
-    """What the agent desk does when an agent accepts the item (status/agent columns of the contract)."""
-    with sqlite3.connect(settings.var_dir / "xiaozhi.db") as db:
-        rows = db.execute(
-            "UPDATE escalations SET status='claimed', agent=? WHERE conversation_id=?", (agent, conversation_id)
-        ).rowcount
+def claim(settings, conversation_id: str, agent: str, wait_s: float = 15.0) -> None:
+    """What the agent desk does when an agent accepts the item (status/agent columns of the contract).
+
+    A video item is queued once the resident's media connects: wait for it up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with sqlite3.connect(settings.var_dir / "xiaozhi.db") as db:
+            rows = db.execute(
+                "UPDATE escalations SET status='claimed', agent=? WHERE conversation_id=?", (agent, conversation_id)
+            ).rowcount
+        if rows >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert rows >= 1, "no escalation to claim"
 
 
@@ -80,7 +88,8 @@ def test_kiosk_session_and_resident_offer(video_hub):
     assert r.status_code == 200, r.text
     assert r.json()["type"] == "answer" and "m=video" in r.json()["sdp"] and r.json()["recording"] is True
     info = video_hub.get(f"/api/video/sessions/{body['session_id']}", headers=auth).json()
-    assert info["you"] == "resident" and info["channel"] == "video" and info["status"] == "escalated"
+    # not queued yet: an offer whose media never connects adds no queue item (issue 19)
+    assert info["you"] == "resident" and info["channel"] == "video" and info["status"] == "open"
     assert info["session"]["state"] == "waiting" and "messages" not in info
     app = video_hub.app
     assert app.state.video.peer_connections == 1
@@ -90,17 +99,24 @@ def test_kiosk_session_and_resident_offer(video_hub):
     assert transcript[-1]["role"] == "system" and "挂断" in transcript[-1]["text"]
 
 
-def test_chat_conversation_moves_to_video_and_is_queued(video_hub):
+def test_chat_conversation_moves_to_video_and_is_queued_once_its_media_connects(video_hub):
     session_id, auth = open_session(video_hub)
     r = video_hub.post(f"/api/video/sessions/{session_id}/resident/offer",
                        json={"sdp": an_offer(), "type": "offer"}, headers=auth)
     assert r.status_code == 200 and r.json()["recording"] is False  # no consent: no recording
     info = video_hub.get(f"/api/video/sessions/{session_id}", headers=auth).json()
-    assert info["channel"] == "video" and info["status"] == "escalated"
-    with sqlite3.connect(video_hub.app.state.settings.var_dir / "xiaozhi.db") as db:
+    assert info["channel"] == "video" and info["status"] == "open"
+    db_path = video_hub.app.state.settings.var_dir / "xiaozhi.db"
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT count(*) FROM escalations WHERE conversation_id=?", (session_id,)).fetchone() == (0,)
+    # what the resident's peer reports when it connects (its offer here has no live peer behind it)
+    video_hub.portal.call(video_router._on_event, video_hub.app, session_id,
+                          {"type": "video", "event": "resident_connected", "user": ""})
+    with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT channel, status FROM escalations WHERE conversation_id=?", (session_id,)).fetchall() == [
             ("video", "waiting")
         ]
+    assert video_hub.get(f"/api/video/sessions/{session_id}", headers=auth).json()["status"] == "escalated"
 
 
 def test_bad_input_is_refused_clearly(video_hub):
@@ -127,6 +143,7 @@ def test_who_may_join_the_agent_side(video_hub):
     sid, resident = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
     assert video_hub.post(f"/api/video/sessions/{sid}/resident/offer", json={"sdp": an_offer(), "type": "offer"},
                           headers=resident).status_code == 200
+    assert video_hub.post(f"/api/sessions/{sid}/escalate", headers=resident).status_code == 200  # no media here
     agent1 = make_staff(video_hub, "agent1", "agent")
     agent2 = make_staff(video_hub, "agent2", "agent")
     supervisor = make_staff(video_hub, "super1", "supervisor")
@@ -330,6 +347,7 @@ def test_an_agent_who_logs_out_leaves_the_call(video_hub, monkeypatch):
     sid, resident = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
     assert video_hub.post(f"/api/video/sessions/{sid}/resident/offer", json={"sdp": an_offer(), "type": "offer"},
                           headers=resident).status_code == 200
+    assert video_hub.post(f"/api/sessions/{sid}/escalate", headers=resident).status_code == 200  # no media here
     agent = make_staff(video_hub, "agent3", "agent")
     claim(app.state.settings, sid, "agent3")
     assert video_hub.post(f"/api/video/sessions/{sid}/agent/offer", json={"sdp": an_offer("agent"), "type": "offer"},
@@ -707,3 +725,54 @@ def test_staff_reads_messages_and_live_watching_are_audited(video_hub):
     assert "您好" not in str(audit)  # the audit log holds no message text
     everyone = video_hub.get("/api/staff/audit", headers=staff_login(video_hub)).json()
     assert not any(e["actor"] == "" and e["target"] == sid for e in everyone)
+
+
+# -- issue 19: video slots cannot be held by anyone ---------------------------------------------------
+def test_one_address_holds_at_most_its_share_of_the_video_slots(hub_settings, knowledge_base):
+    """Six unconnected kiosk offers from one address held every slot; now an address holds at most
+    XIAOZHI_VIDEO_MAX_SESSIONS_PER_CLIENT (2) and others still get a session."""
+    from fastapi.testclient import TestClient
+
+    from xiaozhi.hub.app import create_app
+
+    settings = hub_settings.model_copy(update={"video_max_sessions": 6, "video_connect_timeout_s": 20})
+    with TestClient(create_app(settings, knowledge_base=knowledge_base)) as hub:
+        one, other = client_from(hub, "203.0.113.7"), client_from(hub, "198.51.100.9")
+
+        def offer(client) -> tuple[int, dict, tuple]:
+            created = client.post("/api/video/sessions", json={}).json()
+            auth = {"Authorization": f"Bearer {created['token']}"}
+            r = client.post(f"/api/video/sessions/{created['session_id']}/resident/offer",
+                            json={"sdp": an_offer(), "type": "offer"}, headers=auth)
+            return r.status_code, r.json(), (created["session_id"], auth)
+
+        first, second, third = offer(one), offer(one), offer(one)
+        assert [first[0], second[0], third[0]] == [200, 200, 429]
+        assert third[1]["error"] == "video_busy_here" and "已有进行中的视频咨询" in third[1]["message"]
+        assert offer(other)[0] == 200  # another address is not affected
+        sid, auth = first[2]
+        one.post(f"/api/video/sessions/{sid}/hangup", headers=auth)
+        assert offer(one)[0] == 200  # a slot given back can be used again
+        assert len(hub.app.state.video.sessions) == 3
+
+
+def test_an_offer_that_never_connects_is_dropped_soon_and_never_queued(hub_settings, knowledge_base):
+    from fastapi.testclient import TestClient
+
+    from xiaozhi.hub.app import create_app
+    from xiaozhi.settings import Settings
+
+    assert Settings().video_connect_timeout_s <= 10  # was 30 s: a slot held that long per unconnected offer
+    settings = hub_settings.model_copy(update={"video_connect_timeout_s": 0.5})
+    with TestClient(create_app(settings, knowledge_base=knowledge_base)) as hub:
+        created = hub.post("/api/video/sessions", json={}).json()
+        sid, auth = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
+        assert hub.post(f"/api/video/sessions/{sid}/resident/offer", json={"sdp": an_offer(), "type": "offer"},
+                        headers=auth).status_code == 200
+        deadline = time.monotonic() + 5
+        while hub.app.state.video.sessions and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not hub.app.state.video.sessions and hub.app.state.video.peer_connections == 0
+        with sqlite3.connect(settings.var_dir / "xiaozhi.db") as db:
+            assert db.execute("SELECT count(*) FROM escalations").fetchone() == (0,)
+        assert hub.get(f"/api/video/sessions/{sid}", headers=auth).json()["status"] == "open"

@@ -42,6 +42,10 @@ class SessionsFull(Exception):
     """The concurrent-session limit is reached."""
 
 
+class ClientSessionsFull(SessionsFull):
+    """This client address holds as many sessions as one address may."""
+
+
 class SessionGone(Exception):
     """No live session for this conversation (never started, or already closed)."""
 
@@ -68,6 +72,7 @@ class Side:
 class VideoSession:
     conversation_id: str
     kind: str  # "video" (resident peer) or "phone" (the agent is bridged to a call)
+    client: str = ""  # the resident's address (per-address limit); "" for phone bridges
     created_at: float = field(default_factory=time.monotonic)
     record: bool = False
     resident: Side | None = None
@@ -123,9 +128,11 @@ class VideoManager:
         wait_timeout_s: float,
         connect_timeout_s: float,
         on_event: Callable[[str, dict], Awaitable[None]] | None = None,
+        max_per_client: int = 0,
     ) -> None:
         self.ice_servers = ice_servers
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client  # sessions one resident address may hold (0: no limit)
         self.recordings_dir = recordings_dir
         self.wait_timeout_s = wait_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -143,10 +150,13 @@ class VideoManager:
             if side is not None and side.pc.connectionState != "closed"
         )
 
-    def _new_session(self, conversation_id: str, kind: str, record: bool) -> VideoSession:
+    def _new_session(self, conversation_id: str, kind: str, record: bool, client: str = "") -> VideoSession:
         if len(self.sessions) >= self.max_sessions:
             raise SessionsFull
-        session = VideoSession(conversation_id=conversation_id, kind=kind, record=record)
+        if client and self.max_per_client and \
+                sum(1 for s in self.sessions.values() if s.client == client) >= self.max_per_client:
+            raise ClientSessionsFull
+        session = VideoSession(conversation_id=conversation_id, kind=kind, record=record, client=client)
         self.sessions[conversation_id] = session
         self._spawn(session, self._wait_timeout(session))
         return session
@@ -164,11 +174,12 @@ class VideoManager:
                 log.exception("video event handler failed")
 
     # -- the resident side -----------------------------------------------------------------------
-    async def resident_offer(self, conversation_id: str, sdp: str, sdp_type: str, *, record: bool) -> RTCSessionDescription:
+    async def resident_offer(self, conversation_id: str, sdp: str, sdp_type: str, *, record: bool,
+                             client: str = "") -> RTCSessionDescription:
         old = self.sessions.get(conversation_id)
         if old is not None:  # the resident reloaded the page: the old peer is dead, start again
             await self.close(conversation_id, "resident_rejoined")
-        session = self._new_session(conversation_id, "video", record)
+        session = self._new_session(conversation_id, "video", record, client)
         try:
             pc = RTCPeerConnection(rtc_configuration(self.ice_servers()))
             session.resident = side = Side(pc=pc)

@@ -205,7 +205,11 @@ class Settings(BaseSettings):
         900.0, description="Seconds a resident waits in a video session for an agent before it is closed."
     )
     video_connect_timeout_s: float = Field(
-        30.0, description="Seconds a WebRTC peer may take to connect (or to reconnect) before its session is closed."
+        10.0, description="Seconds a WebRTC peer may take to connect before its session is closed (an offer that "
+        "never connects holds a video slot this long; browsers connect in 1-2 s)."
+    )
+    video_max_sessions_per_client: int = Field(
+        2, description="Most simultaneous video sessions one client address may hold (kiosks behind one NAT share it)."
     )
     video_capture: str = Field(
         "640x480@15",

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from video.ice import IceConfigError, ice_servers_for
-from video.session import BadOffer, SessionGone, SessionsFull, VideoManager
+from video.session import BadOffer, ClientSessionsFull, SessionGone, SessionsFull, VideoManager
 from xiaozhi.hub.accounts import Role, StaffUser
 from xiaozhi.hub.conversation import message_out, preview
 from xiaozhi.hub.errors import ApiError
@@ -36,6 +36,7 @@ pages = APIRouter(include_in_schema=False)
 
 AGENT_RECHECK_S = 10.0  # how often an agent's open event socket re-checks the login and the claim
 FULL_MESSAGE = "视频客服线路已满，请稍后再试，或先通过文字咨询，我们会尽快为您服务。"
+CLIENT_FULL_MESSAGE = "您这里已有进行中的视频咨询，请先结束其他视频通话再试，或先通过文字咨询。"
 CONSENT_NOTICE = (
     "为保障服务质量和您的权益，本次视频通话将全程录音录像，录像仅用于服务质量核查和纠纷处理，"
     "按规定保存后删除。点击“同意并开始”即表示您同意录音录像。"
@@ -75,6 +76,7 @@ def manager(app) -> VideoManager:
             wait_timeout_s=settings.video_wait_timeout_s,
             connect_timeout_s=settings.video_connect_timeout_s,
             on_event=lambda conv_id, event: _on_event(app, conv_id, event),
+            max_per_client=settings.video_max_sessions_per_client,
         )
         app.state.video = video
 
@@ -113,6 +115,11 @@ async def _on_event(app, conversation_id: str, event: dict) -> None:
     elif event.get("event") == "agent_left":
         await service.post(conversation_id, "system", "工作人员已离开视频通话，正在为您安排其他工作人员。",
                            {"video": "agent_left", "reason": event.get("reason", "")})
+    elif event.get("event") == "resident_connected":
+        # Queued only now: an offer whose media never connects (anyone can make one) adds no queue item.
+        conv = await app.state.store.get_conversation(conversation_id)
+        if conv is not None and conv.status not in ("escalated", "with_agent", "closed"):
+            await service.escalate(conv, reason="video")
     elif event.get("event") == "agent_connected":
         await service.post(conversation_id, "system", "工作人员已接入视频通话。", {"video": "agent_connected"})
 
@@ -239,7 +246,11 @@ async def resident_offer(
     video = manager(app)
     record = app.state.settings.video_recording and body.recording_consent
     try:
-        answer = await video.resident_offer(conv.id, body.sdp, body.type, record=record)
+        answer = await video.resident_offer(conv.id, body.sdp, body.type, record=record, client=client_address(request))
+    except ClientSessionsFull:
+        log.info("video session for %s refused: its address holds %d sessions already", conv.id,
+                 video.max_per_client)
+        raise ApiError(429, "video_busy_here", CLIENT_FULL_MESSAGE) from None
     except SessionsFull:
         log.info("video session for %s refused: %d sessions live", conv.id, len(video.sessions))
         raise ApiError(503, "video_full", FULL_MESSAGE) from None
@@ -253,9 +264,8 @@ async def resident_offer(
             meta["from_channel"] = conv.channel
         await app.state.store.update_conversation(conv.id, channel="video", meta=meta)
         conv.channel, conv.meta = "video", meta
-    if conv.status not in ("escalated", "with_agent"):
-        await app.state.conversations.escalate(conv, reason="video")
-    log.info("video session %s: resident connected its offer (recording %s)", conv.id, record)
+    log.info("video session %s: resident's offer answered (recording %s); queued once its media connects",
+             conv.id, record)
     return {"sdp": answer.sdp, "type": answer.type, "recording": record}
 
 
