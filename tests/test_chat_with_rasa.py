@@ -38,7 +38,10 @@ def ask(client, question: str, session: tuple[str, dict] | None = None) -> tuple
 
 
 def test_hub_reports_rasa_ready(client):
-    assert client.get("/readyz").json() == {"knowledge_base": True, "rasa": True, "degraded": False}
+    ready = client.get("/readyz").json()
+    assert {k: ready[k] for k in ("knowledge_base", "rasa", "degraded")} == {"knowledge_base": True, "rasa": True,
+                                                                           "degraded": False}
+    assert ready["phone"]["nearly_full"] is False  # `xiaozhi run` serves the hotline too
 
 
 def test_e_voucher_activation_names_the_channels_and_a_source(client):
@@ -122,3 +125,23 @@ def test_a_crashed_action_server_is_restarted_and_residents_still_get_answers(st
         time.sleep(1)
     assert not reply["meta"].get("degraded"), (stack["var"] / "run.log").read_text()
     assert reply["meta"]["citations"][0]["topic"] == "cross_region"
+
+
+def test_only_the_hub_may_post_to_rasas_channel_and_no_token_is_on_a_command_line(stack, client):
+    """Issue 19: --auth-token guarded Rasa's API, not /webhooks/xiaozhi/webhook: any local client could post
+    as any conversation and read its intent and slots. And the token was on Rasa's command line (ps)."""
+    webhook = f"{stack['rasa_url']}/webhooks/xiaozhi/webhook"
+    turn = {"sender": "someone-elses-conversation", "message": "医保电子凭证怎么激活"}
+    for headers in ({}, {"X-Xiaozhi-Token": "guessed"}, {"X-Xiaozhi-Token": ""}):
+        r = httpx.post(webhook, json=turn, headers=headers, timeout=30)
+        assert r.status_code == 401 and "slots" not in r.text, (headers, r.status_code, r.text[:200])
+    assert httpx.get(f"{stack['rasa_url']}/status", timeout=30).status_code in (401, 403)  # the API still wants it
+    assert client.get("/readyz").json()["rasa"] is True  # the hub has the token: /status and the channel answer it
+    reply, _ = ask(client, "医保电子凭证怎么激活")
+    assert reply["meta"]["intent"] and reply["meta"]["outcome"] != "degraded"
+    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", stack["log"].read_text())]
+    assert len(pids) == 3
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode()
+        assert "--auth-token" not in cmdline and "token=" not in cmdline, cmdline

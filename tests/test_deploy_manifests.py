@@ -295,3 +295,42 @@ def test_dockerfile_builds_both_virtual_environments_from_the_locks():
     for lock in re.findall(r"requirements/[\w.-]+\.txt", text):
         assert (REPO / lock).exists(), lock
     assert "requirements/app.lock.txt" in text and "requirements/rasa.lock.txt" in text
+
+
+# -- issue 19: Rasa and the action servers answer only their callers; no token on a command line -------
+def _policy_sources(policy: dict) -> set[str]:
+    return {peer["podSelector"]["matchLabels"]["app"] for rule in policy["spec"]["ingress"] for peer in rule["from"]}
+
+
+def test_k8s_network_policies_restrict_rasa_to_the_hub_and_the_actions_to_rasa(k8s):
+    policies = [d for d in k8s if d["kind"] == "NetworkPolicy"]
+    guarded = {p["spec"]["podSelector"]["matchLabels"]["app"]: p for p in policies}
+    assert set(guarded) >= {"rasa", "actions"}
+    # the hub and the media workers (the hotline runs there) call Rasa; only Rasa calls the action servers
+    assert _policy_sources(guarded["rasa"]) == {"hub", "media"}
+    assert _policy_sources(guarded["actions"]) == {"rasa"}
+    for app, policy in guarded.items():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert all(rule.get("from") for rule in policy["spec"]["ingress"]), f"{app}: a rule without 'from' admits all"
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in k8s}
+    labels = {w["metadata"]["name"]: w["spec"]["template"].get("metadata", {}).get("labels", {}).get("app")
+              for w in _workloads(k8s)}
+    assert {"hub", "media", "rasa", "actions"} <= set(labels.values())  # the selectors name real pods
+    ports = {p["spec"]["podSelector"]["matchLabels"]["app"]: p["spec"]["ingress"][0]["ports"][0]["port"] for p in policies}
+    assert ports["rasa"] == by_name[("Service", "rasa")]["spec"]["ports"][0]["targetPort"]
+    assert ports["actions"] == by_name[("Service", "actions")]["spec"]["ports"][0]["targetPort"]
+
+
+def test_the_rasa_token_is_never_on_a_command_line(k8s, compose):
+    """A command line is readable by every user of the host (ps): Rasa gets its token in the environment."""
+    commands = [(w["metadata"]["name"], c) for w in _workloads(k8s) for c in _containers(w)]
+    commands += [(name, s) for name, s in compose["services"].items()]
+    for name, container in commands:
+        parts = [container.get("command") or [], container.get("args") or []]
+        command = " ".join(" ".join(map(str, p)) if isinstance(p, list) else str(p) for p in parts)
+        assert "--auth-token" not in command and "RASA_TOKEN" not in command, name
+    rasa = next(c for w in _workloads(k8s) if w["metadata"]["name"] == "rasa" for c in _containers(w))
+    assert any(e["name"] == "XIAOZHI_RASA_TOKEN" and "secretKeyRef" in e.get("valueFrom", {}) for e in rasa["env"])
+    assert _env(compose["services"]["rasa"])["XIAOZHI_RASA_TOKEN"].startswith("${XIAOZHI_RASA_TOKEN:?")
+    supervisor = (REPO / "xiaozhi" / "supervisor.py").read_text()
+    assert '"--auth-token"' not in supervisor

@@ -296,3 +296,31 @@ print("ok", len(str(full)), len(str(sent)))
 def test_action_calls_carry_the_current_turn_and_everything_else_rasa_sends():
     proc = _run_in_rasa(ACTION_CALL_CHECK)
     assert proc.returncode == 0 and proc.stdout.strip().startswith("ok"), proc.stderr[-3000:]
+
+
+def test_rasa_run_gets_its_api_token_from_the_environment_not_its_command_line(tmp_path):
+    """Issue 19: `--auth-token` on Rasa's command line was readable by every user of the host (ps).
+    sitecustomize gives `rasa run` the token from XIAOZHI_RASA_TOKEN or XIAOZHI_RASA_TOKEN_FILE instead,
+    inside the process only; other commands and an explicit --auth-token are left alone."""
+    import json
+    import os
+
+    settings = Settings()
+    script = tmp_path / "rasa"  # stands in for .venv-rasa/bin/rasa: same interpreter, same start-up
+    script.write_text(f"#!{settings.rasa_venv / 'bin' / 'python'}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    script.chmod(0o755)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+
+    def argv(*args: str, **env: str) -> list[str]:
+        base = {k: v for k, v in rasa_environment(settings).items() if not k.startswith("XIAOZHI_RASA_TOKEN")}
+        proc = subprocess.run([str(script), *args], env={**base, **env}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    assert argv("run", "--enable-api", XIAOZHI_RASA_TOKEN="tok-1") == ["run", "--enable-api", "--auth-token", "tok-1"]
+    assert argv("run", XIAOZHI_RASA_TOKEN_FILE=str(token_file)) == ["run", "--auth-token", "from-a-file"]
+    assert argv("run", "--auth-token", "given", XIAOZHI_RASA_TOKEN="tok-1") == ["run", "--auth-token", "given"]
+    assert argv("train", XIAOZHI_RASA_TOKEN="tok-1") == ["train"]
+    assert argv("run") == ["run"]  # no token anywhere: nothing invented (the channel then refuses every turn)
+    assert os.access(script, os.X_OK)

@@ -97,10 +97,14 @@ def services(settings: Settings, model: Path) -> list[Service]:
         ),
         Service(
             "Rasa",
+            # No --auth-token here: a command line is readable by every user (ps). Rasa gets the token in
+            # its environment; bot/rasa_runtime/sitecustomize.py hands it to Rasa's API, and the xiaozhi
+            # channel requires it from the hub.
             [str(rasa_bin / "rasa"), "run", "--enable-api", "--model", str(model),
              "--endpoints", "bot/endpoints.yml", "--credentials", "bot/credentials.yml",
-             "--interface", settings.host, "--port", str(settings.rasa_port), "--auth-token", token],
-            f"{base}:{settings.rasa_port}/status?token={token}", rasa_env, settings.rasa_startup_timeout_s, logs / "rasa.log",
+             "--interface", settings.host, "--port", str(settings.rasa_port)],
+            f"{base}:{settings.rasa_port}/status?token={token}", dict(rasa_env, XIAOZHI_RASA_TOKEN=token),
+            settings.rasa_startup_timeout_s, logs / "rasa.log",
         ),
     ]
 

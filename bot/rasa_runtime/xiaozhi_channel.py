@@ -9,6 +9,12 @@ the same request and answers ``{"messages": [...], "intent": ..., "confidence": 
 Listed in bot/credentials.yml as ``xiaozhi_channel.XiaozhiInput`` (bot/rasa_runtime is on Rasa's
 PYTHONPATH); its URL is ``/webhooks/xiaozhi/webhook``.
 
+Only the hub may post: Rasa's ``--auth-token`` guards its HTTP API, not its channels, and this one
+answers with the conversation's intent and slots and writes its tracker. Every request must carry
+the shared token (``XIAOZHI_RASA_TOKEN``, or the file named by ``XIAOZHI_RASA_TOKEN_FILE``) in the
+``X-Xiaozhi-Token`` header; anything else gets 401, and with no token configured every request is
+refused (503) rather than served unauthenticated.
+
 Importing it also makes Rasa resolve an event's class from its type name with a table instead of
 walking every ``Event`` subclass for every event it deserialises (a tenth of Rasa's CPU here),
 and opens the embedded SQLite tracker store in WAL mode with synchronous=NORMAL: a commit then
@@ -30,8 +36,10 @@ instead of ``\\u`` escapes; whatever ujson refuses is encoded by ``json.dumps`` 
 from __future__ import annotations
 
 import contextvars
+import hmac
 import json
 import logging
+import os
 from asyncio import CancelledError
 from typing import Any, Dict, Optional, Text
 
@@ -154,6 +162,22 @@ _original_action_call_format = RemoteAction._action_call_format
 RemoteAction._action_call_format = _action_call_format
 
 
+TOKEN_HEADER = "X-Xiaozhi-Token"
+
+
+def shared_token() -> Optional[str]:
+    """The hub's token: the file named by XIAOZHI_RASA_TOKEN_FILE, else XIAOZHI_RASA_TOKEN; None if neither."""
+    path = os.environ.get("XIAOZHI_RASA_TOKEN_FILE")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    return os.environ.get("XIAOZHI_RASA_TOKEN") or None
+
+
+def authorised(presented: Optional[str], expected: Optional[str]) -> bool:
+    return bool(expected) and presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
+
+
 class XiaozhiInput(RestInput):
     """``POST /webhooks/xiaozhi/webhook`` with ``{"sender", "message", "metadata"}``."""
 
@@ -163,6 +187,9 @@ class XiaozhiInput(RestInput):
 
     def blueprint(self, on_new_message) -> Blueprint:
         webhook = Blueprint("xiaozhi_webhook", __name__)
+        expected = shared_token()
+        if not expected:
+            log.error("no XIAOZHI_RASA_TOKEN (or XIAOZHI_RASA_TOKEN_FILE): the xiaozhi channel refuses every request")
 
         @webhook.route("/", methods=["GET"])
         async def health(_: Request) -> HTTPResponse:
@@ -170,6 +197,11 @@ class XiaozhiInput(RestInput):
 
         @webhook.route("/webhook", methods=["POST"])
         async def receive(request: Request) -> HTTPResponse:
+            if not expected:
+                return response.json({"error": "the channel has no token configured"}, status=503)
+            if not authorised(request.headers.get(TOKEN_HEADER), expected):
+                log.warning("xiaozhi channel: refused a request without the hub's token from %s", request.ip)
+                return response.json({"error": "unauthorised"}, status=401)
             body = request.json if isinstance(request.json, dict) else {}
             sender_id = body.get("sender")
             text = body.get("message")

@@ -71,18 +71,24 @@ def replies_from_rasa(items: list[dict]) -> list[BotReply]:
     return replies
 
 
+TOKEN_HEADER = "X-Xiaozhi-Token"  # checked by the channel (bot/rasa_runtime/xiaozhi_channel.py)
+
+
 class RasaClient:
     def __init__(self, base_url: str, timeout_s: float = 10.0, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        params = {"token": token} if token else None
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, params=params)
+        # Rasa's HTTP API (/status) takes the token as a query parameter; the channel as a header,
+        # which keeps it out of Rasa's access log for every turn.
+        self._api_params = {"token": token} if token else None
+        headers = {TOKEN_HEADER: token} if token else None
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, headers=headers)
 
     async def close(self) -> None:
         await self._http.aclose()
 
     async def healthy(self) -> bool:
         try:
-            r = await self._http.get("/status", timeout=2.0)
+            r = await self._http.get("/status", timeout=2.0, params=self._api_params)
             return r.status_code == 200 and bool(r.json().get("model_file"))
         except (httpx.HTTPError, ValueError):
             return False
