@@ -444,3 +444,96 @@ def test_validation_problems_are_in_chinese(hub):
     assert r.json()["fields"] == [{"field": "text", "problem": "缺少此项。"}]
     r = hub.get(f"/api/sessions/{sid}/messages", params={"after": -1}, headers=auth)
     assert r.json()["fields"] == [{"field": "query.after", "problem": "应不小于 0。"}]
+
+
+# -- issue 19: what the hub and the services write is readable by their user only ------------------------
+def test_the_sqlite_database_and_its_wal_are_created_0600(tmp_path):
+    import asyncio
+    import os
+    import stat
+
+    from xiaozhi.hub.store import Store
+
+    old = tmp_path / "old.db"
+    old.write_text("")
+    old.chmod(0o644)  # left world-readable by an older release
+
+    async def use(path):
+        store = Store(f"sqlite+aiosqlite:///{path}")
+        await store.create_schema()
+        await store.create_conversation("web", "")
+        await store.engine.dispose()
+
+    for path in (tmp_path / "var" / "xiaozhi.db", old):
+        asyncio.run(use(path))
+        made = [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
+        assert path in made and len(made) >= 1
+        for p in made:
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, (p, oct(os.stat(p).st_mode))
+
+
+def test_service_logs_and_what_the_services_create_are_0600(tmp_path):
+    import os
+    import stat
+    import sys
+
+    from xiaozhi.supervisor import Service
+
+    made = tmp_path / "made-by-the-service"
+    svc = Service("probe", [sys.executable, "-c", f"open({str(made)!r}, 'w').write('x')"], "http://127.0.0.1:1/",
+                  dict(os.environ), 5, tmp_path / "logs" / "probe.log")
+    svc.start()
+    assert svc.proc.wait(timeout=30) == 0
+    for path in (svc.log_path, made):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, (path, oct(os.stat(path).st_mode))
+
+
+# -- issue 19: trusted proxies; no client can claim a rate-limit-exempt address ---------------------------
+def test_a_request_through_a_proxy_is_never_exempt_whatever_address_it_names(strict_hub):
+    """The manifests trust the pod network as proxies and exempt the pod network (the action servers):
+    a client could name a pod address in X-Forwarded-For. Proxied requests are now never exempt."""
+    internal = client_from(strict_hub, "127.0.0.1")  # exempt by default (127.0.0.1/32)
+    codes = [internal.post("/api/sessions", json={}).status_code for _ in range(5)]
+    assert codes == [201] * 5  # a direct internal caller is exempt
+    claimed = [internal.post("/api/sessions", json={}, headers={"X-Forwarded-For": "127.0.0.1"}).status_code
+               for _ in range(5)]
+    assert claimed == [201, 201, 201, 429, 429], claimed  # 3/minute: the claim bought nothing
+    forwarded = internal.post("/api/sessions", json={}, headers={"Forwarded": "for=127.0.0.1"})
+    assert forwarded.status_code == 429
+
+
+def test_uvicorn_believes_x_forwarded_for_only_from_configured_proxies():
+    """uvicorn's default trusts X-Forwarded-For from 127.0.0.1: any local client could name any address
+    (a new rate-limit bucket per request). `xiaozhi hub` trusts no proxy unless FORWARDED_ALLOW_IPS says."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from conftest import free_port
+
+    from xiaozhi.hub.security import proxy_options
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": scope["client"][0].encode()})
+
+    def seen(environ: dict) -> str:
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **proxy_options(environ))
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/", headers={"X-Forwarded-For": "10.244.9.9"}).text
+        finally:
+            server.should_exit = True
+            thread.join(timeout=15)
+
+    assert seen({}) == "127.0.0.1"  # no proxy configured: the header is ignored
+    assert seen({"FORWARDED_ALLOW_IPS": "127.0.0.1"}) == "10.244.9.9"  # a configured proxy is believed

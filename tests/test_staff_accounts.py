@@ -75,3 +75,27 @@ def test_account_changes_and_logins_are_audited_without_passwords(hub):
     assert ("admin", "user.update", "agent3") in actions
     assert ("agent3", "login", "") in actions
     assert "a-new-password-1" not in str(log)
+
+
+def test_concurrent_wrong_passwords_from_one_address_lock_after_five(hub):
+    """Issue 19: checking the lockout, verifying and recording were not atomic, so wrong passwords sent
+    at the same time from one address all got 401 (all guesses tried) before any lockout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(_):
+        return hub.post("/api/staff/login", json={"username": "admin", "password": "wrong-password-x"}).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = sorted(pool.map(attempt, range(8)))
+    assert codes == [401] * 5 + [429] * 3, codes
+    assert hub.post("/api/staff/login", json={"username": "admin", "password": ADMIN_PASSWORD}).status_code == 429
+
+
+def test_user_names_are_unique_without_regard_to_case(hub):
+    admin = staff_login(hub)
+    make_staff(hub, "LiMing", "agent")
+    for name in ("liming", "LIMING", "Admin"):
+        r = hub.post("/api/staff/users", json={"username": name, "password": "p" * 12, "role": "agent"}, headers=admin)
+        assert r.status_code == 409 and "不区分大小写" in r.json()["message"], (name, r.text)
+    users = [u["username"] for u in hub.get("/api/staff/users", headers=admin).json()]
+    assert sorted(users) == ["LiMing", "admin"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -54,8 +55,11 @@ def hub() -> None:
     # The protocol layer refuses any WebSocket frame larger than an HTTP body may be (1009); the
     # chat socket applies its own, smaller ws_max_frame_bytes.
     ws_max = max(settings.max_body_bytes, settings.ws_max_frame_bytes)
+    from xiaozhi.hub.security import proxy_options
+
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.hub_port, log_config=None, ws_max_size=ws_max
+        create_app(settings), host=settings.host, port=settings.hub_port, log_config=None, ws_max_size=ws_max,
+        **proxy_options(os.environ),  # no proxy trusted unless FORWARDED_ALLOW_IPS names it
     )
 
 

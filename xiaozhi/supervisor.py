@@ -26,8 +26,12 @@ MAX_RESTARTS = 5  # per service within RESTART_WINDOW_S, then `xiaozhi run` give
 RESTART_WINDOW_S = 300.0
 
 
+PRIVATE_UMASK = 0o077  # what the services create (databases, logs, recordings) only their user reads
+
+
 def _child_setup() -> None:
     os.setsid()
+    os.umask(PRIVATE_UMASK)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux: Ctrl-C handling still stops the children
@@ -45,8 +49,10 @@ class Service:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_path, "ab")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Logs hold masked text, but still who called when: readable by this user only (0600).
+        out = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+        os.chmod(self.log_path, 0o600)  # also a log an older release created world-readable
         self.proc = subprocess.Popen(
             self.argv, cwd=REPO_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=_child_setup,

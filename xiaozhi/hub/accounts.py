@@ -8,11 +8,13 @@ or admin takes on someone else's data goes into the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import logging
 import secrets
 import time
+from contextlib import asynccontextmanager
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -101,6 +103,10 @@ class AuditEntry(Base):
     client: Mapped[str] = mapped_column(String(64), default="")
 
 
+class UserExists(ValueError):
+    """A user of this name exists already; names differing only in case count as the same name."""
+
+
 class LoginRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -137,6 +143,9 @@ class Accounts:
         # gives wall-clock seconds (replicas compare each other's timestamps).
         self._clock = clock
         self._hasher = PasswordHasher()
+        # Checking the lockout and recording the attempt happen under one lock per (account, address):
+        # concurrent wrong passwords from one address no longer all pass the check before any is counted.
+        self._attempt_locks = [asyncio.Lock() for _ in range(64)]
         # Verifying a hash for an unknown user costs the same as for a known one (no user probing).
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
 
@@ -153,6 +162,8 @@ class Accounts:
         role = Role(role)
         if len(password) < 10:
             raise ValueError("password must have at least 10 characters")
+        if await self.name_taken(username):
+            raise UserExists(f"user {username!r} exists (names are compared without regard to case)")
         user = StaffUser(
             username=username,
             display_name=display_name or username,
@@ -163,6 +174,13 @@ class Accounts:
         async with self.store.sessions() as s, s.begin():
             s.add(user)
         return user
+
+    async def name_taken(self, username: str) -> bool:
+        """Whether a user of this name exists, ignoring case: "Admin" and "admin" cannot both exist."""
+        async with self.store.sessions() as s:
+            return (await s.execute(
+                select(exists().where(func.lower(StaffUser.username) == username.lower()))
+            )).scalar_one()
 
     async def get_user(self, username: str) -> StaffUser | None:
         async with self.store.sessions() as s:
@@ -238,6 +256,14 @@ class Accounts:
         wait = min(self.account_backoff_s, 2.0 ** min(over, 16))
         return "throttled" if (now - aware(last)).total_seconds() < wait else None
 
+    @asynccontextmanager
+    async def _attempt(self, username: str, client: str):
+        """One login attempt at a time per (account, address): in this process by an asyncio lock, across
+        replicas by the store's advisory lock (PostgreSQL)."""
+        key = f"login:{username[:64]}:{client[:64]}"
+        async with self._attempt_locks[hash(key) % len(self._attempt_locks)], self.store.exclusive(key):
+            yield
+
     async def _failed(self, username: str, client: str) -> None:
         now = self._now()
         async with self.store.sessions() as s, s.begin():
@@ -250,9 +276,13 @@ class Accounts:
 
         ``client`` is the caller's address: lockout counts failures per account and address.
         """
-        refused = await self._locked(username, client)
-        if refused:
-            raise LoginRejected(refused)
+        async with self._attempt(username, client):
+            refused = await self._locked(username, client)
+            if refused:
+                raise LoginRejected(refused)
+            # Counted as a failure before the password is checked; a success below clears it. Attempts
+            # running at the same time therefore see each other, and the sixth is locked out.
+            await self._failed(username, client)
         user = await self.get_user(username)
         try:
             self._hasher.verify(user.password_hash if user else self._dummy_hash, password)
@@ -260,8 +290,7 @@ class Accounts:
         except (VerificationError, InvalidHashError):
             ok = False
         if not ok:
-            await self._failed(username, client)
-            raise LoginRejected("bad_credentials")
+            raise LoginRejected("bad_credentials")  # recorded above
         token = secrets.token_urlsafe(32)
         expires = utcnow() + dt.timedelta(hours=self.session_hours)
         async with self.store.sessions() as s, s.begin():

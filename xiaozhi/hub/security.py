@@ -10,7 +10,12 @@
   ``Cache-Control: no-store`` on the API (it carries personal data), HSTS over HTTPS.
 
 The client address is the ASGI ``client``; behind a reverse proxy uvicorn replaces it with the
-``X-Forwarded-For`` address when the proxy is in ``FORWARDED_ALLOW_IPS`` (uvicorn's setting).
+``X-Forwarded-For`` address when the proxy is in ``FORWARDED_ALLOW_IPS`` (uvicorn's setting;
+``xiaozhi hub`` trusts no proxy unless it is set). A request that came through a proxy (it carries
+``X-Forwarded-For`` or ``Forwarded``) is never exempt from the limits, whatever address it names: the
+exempt callers (the action servers, health checks) reach the hub directly, so no client can claim an
+exempt address through a proxy, even where the proxies' network and the exempt network are the same
+(the Kubernetes pod network). docs/threat-model.md, "Trusted proxies".
 """
 
 from __future__ import annotations
@@ -191,7 +196,9 @@ class Limits:
             Rule("login", "POST", re.compile(r"^/api/staff/login/?$"), "client", Rate.parse(settings.rate_limit_login)),
         ]
 
-    def is_exempt(self, client: str) -> bool:
+    def is_exempt(self, client: str, via_proxy: bool = False) -> bool:
+        if via_proxy:
+            return False  # an address named in X-Forwarded-For is a claim, not an internal caller
         try:
             address = ipaddress.ip_address(client)
         except ValueError:
@@ -207,9 +214,10 @@ class Limits:
         if self.shared is not None:
             await self.shared.close()
 
-    async def check_request(self, method: str, path: str, client: str) -> tuple[str, float] | None:
+    async def check_request(self, method: str, path: str, client: str,
+                            via_proxy: bool = False) -> tuple[str, float] | None:
         """(rule name, retry-after seconds) when this request is over its limit, else None."""
-        if not self.enabled or self.is_exempt(client):
+        if not self.enabled or self.is_exempt(client, via_proxy):
             return None
         for rule in self.rules:
             if rule.method != method:
@@ -222,9 +230,9 @@ class Limits:
             return (rule.name, wait) if wait > 0 else None
         return None
 
-    async def check_message(self, conversation_id: str, client: str) -> float:
+    async def check_message(self, conversation_id: str, client: str, via_proxy: bool = False) -> float:
         """A WebSocket message: the same per-conversation bucket as HTTP messages. Returns the wait."""
-        if not self.enabled or self.is_exempt(client):
+        if not self.enabled or self.is_exempt(client, via_proxy):
             return 0.0
         return await self._hit("messages", conversation_id, self.messages)
 
@@ -232,6 +240,21 @@ class Limits:
 def _client_host(scope) -> str:
     client = scope.get("client")
     return client[0] if client else ""
+
+
+def proxy_options(environ) -> dict:
+    """uvicorn's proxy settings for the hub: X-Forwarded-For is believed only from the proxies listed in
+    FORWARDED_ALLOW_IPS. Unset, no proxy is trusted: uvicorn's own default trusts 127.0.0.1, so any local
+    client could name any address (a fresh rate-limit bucket per request)."""
+    trusted = (environ.get("FORWARDED_ALLOW_IPS") or "").strip()
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None}
+
+
+def via_proxy(headers) -> bool:
+    """Whether a request came through a proxy: it names a client in X-Forwarded-For or Forwarded.
+    ``headers``: ASGI (name, value) byte pairs or a mapping of lower-case names."""
+    names = headers.keys() if hasattr(headers, "keys") else (name for name, _ in headers)
+    return any(name in (b"x-forwarded-for", b"forwarded", "x-forwarded-for", "forwarded") for name in names)
 
 
 PAGE_CSP = (
@@ -287,7 +310,8 @@ class HubSecurityMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        limited = await self.limits.check_request(scope["method"], path, _client_host(scope))
+        limited = await self.limits.check_request(scope["method"], path, _client_host(scope),
+                                                  via_proxy(scope.get("headers", ())))
         if limited is not None:
             rule, wait = limited
             log.info("%s %s from a client over the %s limit: 429", scope["method"], path, rule)

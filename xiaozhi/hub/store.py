@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -52,6 +53,16 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 class Base(DeclarativeBase):
     pass
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file readable by this user only (0600; SQLite gives its -wal and -shm files the
+    same mode), and tighten one an older release left world-readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for existing in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if existing.exists():
+            os.chmod(existing, 0o600)
 
 
 def _storable(value):
@@ -186,7 +197,7 @@ class Store:
         if url.startswith("sqlite"):
             path = url.split(":///", 1)[-1]
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _private_file(Path(path))
         self.engine: AsyncEngine = create_async_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)

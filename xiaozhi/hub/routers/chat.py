@@ -18,6 +18,7 @@ from xiaozhi.hub.errors import TURN_FAILED, ApiError
 from xiaozhi.hub.frames import close_if_open, receive_json_frame
 from xiaozhi.hub.routers.staff import bearer_token
 from xiaozhi.hub.schemas import MessageText, clean_text, message_problem
+from xiaozhi.hub.security import via_proxy
 from xiaozhi.hub.store import Conversation, Store
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
         while True:
             payload = await receive_json_frame(websocket, websocket.send_json, frame_limit, f"conversation {conv.id}")
             # Every frame counts against the conversation's message rate, garbage too.
-            wait = await limits.check_message(conv.id, websocket.client.host if websocket.client else "")
+            wait = await limits.check_message(conv.id, websocket.client.host if websocket.client else "",
+                                              via_proxy(websocket.headers))
             if payload is None:  # garbage, answered; a client that keeps sending it is cut off
                 if wait > 0:
                     log.warning("conversation %s: WebSocket closed after too many unusable frames", conv.id)

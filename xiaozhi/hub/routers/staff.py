@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
-from xiaozhi.hub.accounts import Accounts, LoginRejected, Role, StaffUser
+from xiaozhi.hub.accounts import Accounts, LoginRejected, Role, StaffUser, UserExists
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.store import aware
 
@@ -158,11 +158,12 @@ async def list_users(request: Request, admin: Annotated[StaffUser, Depends(requi
 async def create_user(
     body: UserCreate, request: Request, admin: Annotated[StaffUser, Depends(require_role(Role.admin))]
 ) -> StaffOut:
-    if await accounts(request).get_user(body.username) is not None:
-        raise ApiError(409, "user_exists", "这个用户名已经存在。")
-    user = await accounts(request).create_user(
-        body.username, body.password, body.role, display_name=body.display_name, skills=body.skills
-    )
+    try:
+        user = await accounts(request).create_user(
+            body.username, body.password, body.role, display_name=body.display_name, skills=body.skills
+        )
+    except UserExists:  # also when the name differs only in case ("Admin" beside "admin")
+        raise ApiError(409, "user_exists", "这个用户名已经存在（用户名不区分大小写）。") from None
     await accounts(request).audit(
         admin, "user.create", body.username, {"role": body.role.value}, client=client_address(request)
     )
