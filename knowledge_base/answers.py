@@ -36,24 +36,30 @@ from knowledge_base.questions import (
     ParsedMessage,
     Place,
     core_question,
+    other_agency,
     parse,
 )
 from knowledge_base.search import KnowledgeBase, SearchResult
+from knowledge_base.text import TextProcessor
 from knowledge_base.units import Layout, Unit
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "reranker.json"
 
-FEATURES = ("dense_core", "dense_full", "entry_prior", "overlap", "number", "case", "is_point", "is_passage")
+FEATURES = ("dense_core", "dense_full", "dense_answer", "entry_prior", "overlap", "words_asked", "words_answer", "number", "case",
+            "is_point", "is_passage")
 
 # Hand-set starting weights; reranker.json (fitted) replaces them when present.
 DEFAULT_WEIGHTS = {
-    "dense_core": 2.0, "dense_full": 1.0, "entry_prior": 1.2, "overlap": 1.0,
+    "dense_core": 2.0, "dense_full": 1.0, "dense_answer": 0.5, "entry_prior": 1.2, "overlap": 1.0, "words_asked": 1.0, "words_answer": 0.5,
     "number": 0.6, "case": 0.8, "is_point": 0.3, "is_passage": -0.3, "bias": 0.0,
 }
 
 CANDIDATE_ENTRIES = 5  # entries whose units are scored
-CLARIFY_MARGIN = 0.25  # two different questions closer than this (in score) and neither sure: ask
-PHONE_SPOKEN_CHARS = 70  # about 15 s of speech at the phone voice's pace, with the offer of more
+# Ask "which one did you mean" only when the best unit holds less than this share of the candidates'
+# softmax and a genuinely different question comes close (fitted on the dev split: see reranker.json).
+CLARIFY_SHARE = 0.35
+CLARIFY_RATIO = 0.6  # the runner-up's share is at least this fraction of the best one's
+PHONE_SPOKEN_CHARS = 60  # everything said for one answer: about 14 s at the phone voice's pace
 
 HOW_TO = re.compile(r"怎么|如何|咋|流程|步骤|办理|操作|申请|在哪|哪里|去哪|手续|怎样|方法|渠道")
 _BIGRAM_STRIP = re.compile(r"[^\u3400-\u9fffA-Za-z0-9]")
@@ -62,9 +68,9 @@ _DIGIT = re.compile(r"\d|[一二三四五六七八九十百千万两]+(?:个|名
 # Resident-facing wording (Simplified Chinese).
 MORE_OFFER_SPOKEN = "需要我详细说说吗？"
 UNVERIFIED_TEXT = "（这个数字尚在核实中，请以当地医保部门的答复为准，可拨打12393医保服务热线确认。）"
-UNVERIFIED_SPOKEN = "这个数字还在核实，请以医保部门答复为准。"
+UNVERIFIED_SPOKEN = "数字以医保部门答复为准。"
 FOREIGN_RULE_TEXT = "以上是全国统一的规定。{city}的具体标准由{city}的医保部门确定，请以当地规定为准，可以拨打{city}的12393医保服务热线或咨询当地医保局。"
-FOREIGN_RULE_SPOKEN = "{city}的具体标准，请以{city}医保部门规定为准，可以打当地的12393问。"
+FOREIGN_RULE_SPOKEN = "{city}的标准以当地医保部门为准。"
 CLARIFY_TEXT = "您想问的是下面哪一个问题？请点选，或者换个说法再问一次："
 CLARIFY_SPOKEN = "您是想问{first}，还是{second}？"
 NO_QUESTION_TEXT = "没有看到您的问题。请用文字告诉我您想咨询的医保事项，比如“异地就医怎么备案”。"
@@ -74,6 +80,8 @@ ABSTAIN_TEXT = (
     "其他事项可以拨打12345政务服务热线。您也可以说“转人工”，由工作人员为您解答。"
 )
 ABSTAIN_SPOKEN = "抱歉，这个问题我回答不了。医保的问题您可以换个说法再问，或者说转人工。"
+OTHER_AGENCY_TEXT = "这个问题不属于医保业务，医保小智回答不了。{referral}医保方面的问题，欢迎随时问我。"
+OTHER_AGENCY_SPOKEN = "这个不属于医保业务。{referral}"
 TWO_ANSWERS_JOIN = "\n\n"
 HUMAN_BUTTON = {"title": "转人工", "payload": "/request_human"}
 MORE_BUTTON_TITLE = "详细说说"
@@ -82,38 +90,75 @@ MORE_BUTTON_TITLE = "详细说说"
 class UnitIndex:
     """Every unit of the corpus with its vector rows, for scoring the units of a few entries."""
 
-    def __init__(self, rows: Layout, vectors: np.ndarray) -> None:
+    def __init__(self, rows: Layout, vectors: np.ndarray, text: TextProcessor) -> None:
         if len(rows.texts) != len(vectors):
             raise ValueError(f"layout has {len(rows.texts)} rows but {len(vectors)} vectors")
         self.layout = rows
         self.vectors = vectors
+        self.text = text
         self.by_id = rows.by_id
         self._rows_of_unit: dict[int, list[int]] = {}
+        self._answer_row: dict[int, int] = {}
         for row, unit in enumerate(rows.row_unit):
-            self._rows_of_unit.setdefault(unit, []).append(row)
+            if rows.row_is_answer[row]:
+                self._answer_row[unit] = row
+            else:
+                self._rows_of_unit.setdefault(unit, []).append(row)
+        # Words of each unit's ways of asking and of its answer, with inverse document frequencies
+        # over all units: a rare word the question shares with a unit ("过期", "低保") says more
+        # than a common one ("医保", "报销").
+        self.asked_words = [frozenset(text.words(text.normalise(" ".join(u.texts)))) for u in rows.units]
+        self.answer_words = [frozenset(text.words(text.normalise(u.answer, correct=False))) for u in rows.units]
+        df: dict[str, int] = {}
+        for a, b in zip(self.asked_words, self.answer_words):
+            for w in a | b:
+                df[w] = df.get(w, 0) + 1
+        n = max(1, len(rows.units))
+        self.idf = {w: math.log(1 + n / c) for w, c in df.items()}
+        self._unseen_idf = math.log(1 + n)
+
+    def word_overlap(self, words: list[str], unit: int) -> tuple[float, float]:
+        """IDF-weighted share of the question's words found in the unit's questions, and in its answer."""
+        unique = set(words)
+        total = sum(self.idf.get(w, self._unseen_idf) for w in unique)
+        if not total:
+            return 0.0, 0.0
+        asked = sum(self.idf.get(w, self._unseen_idf) for w in unique if w in self.asked_words[unit])
+        answered = sum(self.idf.get(w, self._unseen_idf) for w in unique if w in self.answer_words[unit])
+        return asked / total, answered / total
 
     def units_of(self, entry_id: str) -> list[int]:
         return self.layout.by_entry.get(entry_id, [])
 
-    def similarities(self, unit_indexes: list[int], qv: np.ndarray) -> dict[int, float]:
-        """Best cosine of each unit's rows against the query vector."""
+    def similarities(self, unit_indexes: list[int], qv: np.ndarray) -> tuple[dict[int, float], dict[int, float]]:
+        """Best cosine of each unit's ways of asking against the query vector; and of its answer
+        (a unit without an answer row of its own, an entry or passage, takes its asking score)."""
         rows = [r for u in unit_indexes for r in self._rows_of_unit[u]]
         if not rows:
-            return {}
+            return {}, {}
         sims = self.vectors[rows] @ qv
-        out: dict[int, float] = {}
+        asked: dict[int, float] = {}
         i = 0
         for u in unit_indexes:
             n = len(self._rows_of_unit[u])
-            out[u] = float(np.max(sims[i : i + n]))
+            asked[u] = float(np.max(sims[i : i + n]))
             i += n
-        return out
+        with_answers = [u for u in unit_indexes if u in self._answer_row]
+        answered = dict(asked)
+        if with_answers:
+            answer_sims = self.vectors[[self._answer_row[u] for u in with_answers]] @ qv
+            answered.update(zip(with_answers, (float(x) for x in answer_sims)))
+        return asked, answered
 
 
 def load_weights(path: Path = WEIGHTS_PATH) -> dict[str, float]:
+    """The fitted weights (and the fitted clarification threshold, as ``clarify_share``)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in data["weights"].items()}}
+        weights = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in data["weights"].items()}}
+        if "clarify_share" in data:
+            weights["clarify_share"] = float(data["clarify_share"])
+        return weights
     except (FileNotFoundError, KeyError, ValueError):
         return dict(DEFAULT_WEIGHTS)
 
@@ -159,6 +204,7 @@ class Candidate:
     unit: Unit
     features: dict[str, float]
     score: float = 0.0
+    share: float = 0.0  # softmax of the scores over this question's candidates
 
     @property
     def probability(self) -> float:
@@ -213,6 +259,7 @@ class Answerer:
         self.kb = kb
         self.units = units
         self.weights = weights or load_weights()
+        self.clarify_share = self.weights.pop("clarify_share", CLARIFY_SHARE)
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, features: dict[str, float]) -> float:
@@ -236,17 +283,26 @@ class Answerer:
             return QuestionAnswer(question, best_result, [], confidence, True)
         qv_full = self.kb.embedder.encode_one(self.kb.text.normalise(question))
         qv_core = self.kb.embedder.encode_one(self.kb.text.normalise(core)) if core != question else qv_full
-        indexes = [u for entry_id in prior for u in self.units.units_of(entry_id)]
-        sims_full = self.units.similarities(indexes, qv_full)
-        sims_core = self.units.similarities(indexes, qv_core) if core != question else sims_full
+        unit_prior: dict[int, float] = {}
+        for entry_id, value in prior.items():
+            for u in self._units_answering(entry_id):
+                unit_prior[u] = max(unit_prior.get(u, 0.0), value)
+        indexes = list(unit_prior)
+        sims_full, answer_sims = self.units.similarities(indexes, qv_full)
+        sims_core = self.units.similarities(indexes, qv_core)[0] if core != question else sims_full
+        words = self.kb.text.words(self.kb.text.normalise(question))
         out = []
         for u in indexes:
             unit = self.units.layout.units[u]
+            words_asked, words_answer = self.units.word_overlap(words, u)
             features = {
                 "dense_core": _dense(sims_core[u]),
                 "dense_full": _dense(sims_full[u]),
-                "entry_prior": prior[unit.entry.id],
+                "dense_answer": _dense(answer_sims[u]),
+                "entry_prior": unit_prior[u],
                 "overlap": max(overlap(core, unit), overlap(question, unit)),
+                "words_asked": words_asked,
+                "words_answer": words_answer,
                 "number": number_fit(core, unit),
                 "case": case_agreement(parsed.case, unit),
                 "is_point": float(unit.kind == "point"),
@@ -254,7 +310,25 @@ class Answerer:
             }
             out.append(Candidate(unit, features, self.score(features)))
         out.sort(key=lambda c: -c.score)
+        if out:
+            top = out[0].score
+            weights = [math.exp(c.score - top) for c in out]
+            total = sum(weights)
+            for c, w in zip(out, weights):
+                c.share = w / total
         return QuestionAnswer(question, best_result, out, confidence, all(r.abstain for r in searches))
+
+    def _units_answering(self, entry_id: str) -> list[int]:
+        """An entry's units; a local entry also brings the points of the national entry it replaces
+        that state no local figure (what is true everywhere stays answerable, precisely)."""
+        out = list(self.units.units_of(entry_id))
+        entry = self.kb.entries.get(entry_id)
+        if entry is not None and entry.overrides:
+            for u in self.units.units_of(entry.overrides):
+                unit = self.units.layout.units[u]
+                if unit.kind == "point" and not unit.point.local_figure:
+                    out.append(u)
+        return out
 
     # -- the decision -------------------------------------------------------------------------------
     def answer(self, message: str, context: Context | None = None) -> Reply:
@@ -263,6 +337,11 @@ class Answerer:
         if not parsed.questions:
             return Reply("abstained", NO_QUESTION_TEXT, NO_QUESTION_SPOKEN, buttons=[HUMAN_BUTTON],
                          meta={"reason": "no_question"})
+        agency = other_agency(parsed.text)
+        if agency is not None:
+            return Reply("abstained", OTHER_AGENCY_TEXT.format(referral=agency.referral),
+                         OTHER_AGENCY_SPOKEN.format(referral=agency.referral), buttons=[HUMAN_BUTTON],
+                         meta={"reason": "other_agency", "agency": agency.name, "questions": parsed.questions})
         region, foreign = self._region_for(parsed, context)
         found = [self.candidates(q, parsed, region) for q in parsed.questions]
         meta = {
@@ -310,17 +389,16 @@ class Answerer:
     def _clarify_options(self, found: QuestionAnswer) -> list[Candidate]:
         """Two or three genuinely different questions the resident may mean, when none stands out."""
         best = found.best
-        if best is None or best.features["overlap"] >= 0.6 or found.confidence >= 0.9:
+        if best is None or best.share >= self.clarify_share:
             return []
         options = [best]
         for c in found.candidates[1:]:
-            if best.score - c.score > CLARIFY_MARGIN:
+            if c.share < best.share * CLARIFY_RATIO:
                 break
-            if c.unit.kind == "passage" or any(c.unit.entry.id == o.unit.entry.id for o in options):
+            if c.unit.kind != "point" or any(c.unit.entry.id == o.unit.entry.id for o in options):
                 continue  # the same area asked differently is not a different question
-            if bigrams(c.unit.question) and len(bigrams(c.unit.question) & bigrams(best.unit.question)) / len(
-                bigrams(c.unit.question)
-            ) > 0.6:
+            asked = bigrams(c.unit.question)
+            if asked and len(asked & bigrams(best.unit.question)) / len(asked) > 0.6:
                 continue
             options.append(c)
             if len(options) == 3:
@@ -340,12 +418,19 @@ class Answerer:
     # -- composing the reply --------------------------------------------------------------------------
     def _compose(self, chosen: list[QuestionAnswer], foreign: Place | None, meta: dict) -> Reply:
         texts, spokens, citations, steps, answers = [], [], [], [], []
+        first = chosen[0].best.unit
+        extra = len(MORE_OFFER_SPOKEN) if _has_more(first) else 0
+        if foreign is not None:
+            extra += len(FOREIGN_RULE_SPOKEN.format(city=foreign.name))
+        budget = max(24, (PHONE_SPOKEN_CHARS - extra) // len(chosen))
         for f in chosen:
             unit = f.best.unit
-            text, spoken = unit.answer, _first_sentences(unit.spoken, PHONE_SPOKEN_CHARS // len(chosen))
+            text = unit.answer
+            spoken = _first_sentences(unit.spoken, budget)
             if not unit.verified and _DIGIT.search(unit.answer):
                 text += UNVERIFIED_TEXT
-                spoken += UNVERIFIED_SPOKEN
+                if "为准" not in spoken:
+                    spoken = _first_sentences(unit.spoken, budget - len(UNVERIFIED_SPOKEN)) + UNVERIFIED_SPOKEN
             if len(chosen) > 1:
                 text = f"关于“{_as_question(unit).rstrip('？?')}”：{text}"
             texts.append(text)
@@ -363,7 +448,6 @@ class Answerer:
         if foreign is not None:
             text += "\n\n" + FOREIGN_RULE_TEXT.format(city=foreign.name)
             spoken += FOREIGN_RULE_SPOKEN.format(city=foreign.name)
-        first = chosen[0].best.unit
         more = None
         if _has_more(first):
             more = {"entry": first.entry.id, "unit": first.id}
@@ -408,14 +492,20 @@ def _as_question(unit: Unit) -> str:
 
 
 def _first_sentences(text: str, limit: int) -> str:
-    """As many whole sentences as fit in ``limit`` characters (at least the first one)."""
+    """As many whole sentences as fit in ``limit`` characters; a first sentence longer than that is
+    cut at its last clause boundary that fits (a caller on the phone can ask for the rest)."""
     sentences = [s for s in re.split(r"(?<=[。！？；])", text) if s]
     out = ""
     for s in sentences:
         if out and len(out) + len(s) > limit:
             break
         out += s
-    return out or text
+    out = out or text
+    if len(out) > limit:
+        cut = max(out.rfind(mark, 0, limit) for mark in "，、；：")
+        if cut > limit // 3:
+            out = out[:cut] + "。"
+    return out
 
 
 def _has_more(unit: Unit) -> bool:

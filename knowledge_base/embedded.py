@@ -142,8 +142,9 @@ class EmbeddedBackend:
 
 
 # -- the on-disk vector cache -----------------------------------------------------------------------
-# Bumped when the row layout changes (v2: knowledge points and passages have rows of their own).
-_LAYOUT_VERSION = "v2"
+# Bumped when the row layout changes (v2: knowledge points and passages have rows of their own;
+# v3: a knowledge point's answer has one too).
+_LAYOUT_VERSION = "v3"
 
 
 def _cache_key(corpus: Corpus, embedder: Embedder) -> str:

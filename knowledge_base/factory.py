@@ -61,4 +61,4 @@ def attach_answerer(kb: KnowledgeBase, index_dir) -> None:
     from knowledge_base.units import layout
 
     vectors, _owners, _ = encode_corpus(kb.corpus, kb.embedder, index_dir)
-    kb.answerer = Answerer(kb, UnitIndex(layout(kb.corpus), vectors))
+    kb.answerer = Answerer(kb, UnitIndex(layout(kb.corpus), vectors, kb.text))

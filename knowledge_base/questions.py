@@ -67,6 +67,49 @@ _INSURED_AFTER = re.compile(r"^(?:市|省)?(?:的)?(?:职工|居民)?(?:医保|�
 _DESTINATION_BEFORE = re.compile(r"(?:去|到|在|来|回|赴|往)$")
 
 
+# Questions for another agency: declined politely with who answers them. A "strong" domain is
+# declined even when the message also names 医保 ("单位不认定工伤，让我走医保"); the others only when
+# nothing in the message is about medical insurance.
+_MEDICAL_INSURANCE = re.compile(
+    r"医保|医疗保险|医疗保障|报销|备案|参保|医保卡|社保卡|医保码|电子凭证|门诊|住院|生育保险|生育津贴|"
+    r"慢特病|慢病|定点|统筹|个人账户|家庭共济|大病保险|新农合|合作医疗|12393"
+)
+
+
+@dataclass(frozen=True)
+class OtherAgency:
+    name: str
+    pattern: re.Pattern
+    referral: str
+    strong: bool = False
+
+
+OTHER_AGENCIES = (
+    OtherAgency("工伤", re.compile(r"工伤"), "工伤认定和工伤保险待遇由人力资源社会保障部门负责，可以拨打12333咨询。", True),
+    OtherAgency("公积金", re.compile(r"公积金"), "住房公积金的问题请咨询当地住房公积金管理中心，热线12329。", True),
+    OtherAgency("个税", re.compile(r"个人所得税|个税|专项附加扣除|抵税"), "个人所得税的问题请咨询税务部门，热线12366。", True),
+    OtherAgency("交通", re.compile(r"驾照|驾驶证|交管|12123|扣分|违章|限行|车牌|科目[一二三四]|科[一二三四]"),
+                "交通和驾驶证的问题请咨询公安交管部门，或者使用交管12123。", True),
+    OtherAgency("养老失业", re.compile(r"养老金|养老保险|退休金|退休工资|失业金|失业保险|社保基数"),
+                "养老保险、失业保险的问题由人力资源社会保障部门负责，可以拨打12333咨询。"),
+    OtherAgency("看病问诊", re.compile(r"发烧|发热|咳嗽|嗓子疼|头疼|肚子疼|吃什么药|吃药好|抗生素|退烧药|病情|症状|挂哪个科"),
+                "身体不舒服请及时就医、听从医生的意见；紧急情况请拨打120。"),
+    OtherAgency("生育补贴", re.compile(r"育儿补贴|二胎补贴|三孩补贴|二孩补贴|生育补贴"),
+                "育儿补贴由卫生健康等部门发放，请拨打12345政务服务热线咨询当地办法。"),
+    OtherAgency("户籍住房", re.compile(r"落户|户口迁|居住证|公租房|廉租房|人才房"), "户籍、居住证和住房的问题请拨打12345政务服务热线咨询。"),
+    OtherAgency("出行天气", re.compile(r"天气|下雨|售票|火车票|高铁|公交卡|老年卡|地铁"), "这类生活服务的问题请拨打12345政务服务热线咨询。"),
+)
+
+
+def other_agency(text: str) -> OtherAgency | None:
+    """The agency a message belongs to when it is not about medical insurance."""
+    about_us = bool(_MEDICAL_INSURANCE.search(text))
+    for agency in OTHER_AGENCIES:
+        if agency.pattern.search(text) and (agency.strong or not about_us):
+            return agency
+    return None
+
+
 @dataclass
 class Place:
     name: str

@@ -107,7 +107,8 @@ class Layout:
     texts: list[str]  # one per row
     row_unit: list[int]  # row -> index into units
     row_entry: list[int]  # row -> entry position in corpus.entries
-    row_is_question: list[bool]  # False for passages: they refine an answer, they do not rank entries
+    row_is_question: list[bool]  # False for passages and answers: they refine an answer, they do not rank entries
+    row_is_answer: list[bool]  # a knowledge point's answer: how well it answers, beside how alike it is asked
     by_entry: dict[str, list[int]]  # entry id -> indexes of its units
 
     @property
@@ -117,15 +118,19 @@ class Layout:
 
 def layout(corpus: Corpus) -> Layout:
     points = corpus.points_of()
-    out = Layout([], [], [], [], [], {})
+    out = Layout([], [], [], [], [], [], {})
     for pos, entry in enumerate(corpus.entries):
         for unit in entry_units(entry, points.get(entry.id, [])):
             index = len(out.units)
             out.units.append(unit)
             out.by_entry.setdefault(entry.id, []).append(index)
-            for text in unit.texts:
+            rows = [(text, unit.kind != "passage", False) for text in unit.texts]
+            if unit.kind == "point":
+                rows.append((unit.answer, False, True))
+            for text, is_question, is_answer in rows:
                 out.texts.append(text)
                 out.row_unit.append(index)
                 out.row_entry.append(pos)
-                out.row_is_question.append(unit.kind != "passage")
+                out.row_is_question.append(is_question)
+                out.row_is_answer.append(is_answer)
     return out

@@ -146,6 +146,17 @@ def kb_validate() -> None:
     raise typer.Exit(1 if corpus.refused else 0)
 
 
+@kb_app.command("fit-reranker")
+def kb_fit_reranker(
+    region: Annotated[str, typer.Option(help="The deployment's region code the set was written for.")] = "330100",
+) -> None:
+    """Fit the answer stage's unit scorer on the answer set's development split (never the held-out)."""
+    from knowledge_base.rerank_fit import fit
+
+    report = fit(_open_kb(), region)
+    typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
+
+
 @kb_app.command("index")
 def kb_index() -> None:
     """Encode the corpus and build the search index (cached until the data or the model changes)."""

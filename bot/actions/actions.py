@@ -16,16 +16,13 @@ from rasa_sdk.events import SlotSet
 from rasa_sdk.executor import CollectingDispatcher
 from rasa_sdk.forms import ValidationAction
 
-from .kb import search_knowledge_base
-from .messages import domain_message
+from .kb import answer_question, more_about
+from .messages import domain_message, numbered
 from .regions import find_place
 from .voice import voice_fit
 
 log = logging.getLogger(__name__)
 
-CLARIFY_TEXT = "我不太确定您想问的是哪一个，您可以点选或者说出下面的问题："
-CLARIFY_SPOKEN = "我没太听明白。您想问的是{options}，还是别的问题？"
-NO_ANSWER_TEXT = "抱歉，这个问题我暂时回答不了。您可以换个说法再问一次，或者说“转人工”由工作人员为您解答。"
 NO_ANSWER_SPOKEN = "抱歉，这个问题我暂时回答不了。您可以换个说法，或者说转人工。"
 KB_DOWN_TEXT = "抱歉，政策知识库暂时无法访问。您可以稍后再问，或者说“转人工”由工作人员为您解答。"
 HUMAN_BUTTON = {"title": "转人工", "payload": "/request_human"}
@@ -43,8 +40,22 @@ def resident_region(tracker: Tracker) -> Optional[str]:
     return metadata.get("region") or None
 
 
+# A guided procedure (form) exists for these topics: an answer offers to walk the resident through.
+GUIDED_TOPICS = {"e_voucher": "ev_activation_form", "cross_region": "cross_region_form",
+                 "reimbursement": "reimbursement_form"}
+GUIDE_BUTTON = {"title": "一步步带我办", "payload": "/request_guidance"}
+# The story's facts, as the answer stage reads them, in the slots the forms use.
+INSURANCE_SLOT = {"职工": "职工医保", "居民": "城乡居民医保"}
+
+
 class ActionAnswerFromKnowledgeBase(Action):
-    """Answer from the best knowledge-base entry, or ask which of the closest entries was meant."""
+    """Answer the question(s) a message asks from the knowledge base (the hub's answer stage).
+
+    The hub reads the message as the resident wrote it: the question inside a story, the story's
+    case (discharged, not filed, 职工...), two questions, a city whose own rules decide. It answers
+    with the knowledge point, or asks which of two genuinely different questions was meant (never
+    twice in a row), or declines politely. Two failures in a row offer a person.
+    """
 
     def name(self) -> Text:
         return "action_answer_from_kb"
@@ -52,65 +63,112 @@ class ActionAnswerFromKnowledgeBase(Action):
     async def run(
         self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: Dict[Text, Any]
     ) -> List[Dict[Text, Any]]:
-        question = tracker.latest_message.get("text") or ""
+        text = tracker.latest_message.get("text") or ""
         region = resident_region(tracker)
         failed = float(tracker.get_slot("failed_turns") or 0)
-        result = await search_knowledge_base(question, region)
+        result = await answer_question(text, region, tracker.get_slot("last_outcome"))
         if result is None:
             dispatcher.utter_message(
                 json_message={"text": KB_DOWN_TEXT, "spoken": NO_ANSWER_SPOKEN, "outcome": "abstained",
                               "buttons": [HUMAN_BUTTON]}
             )
-            return [SlotSet("failed_turns", failed + 1)]
-        search_meta = {
-            "confidence": result.get("confidence"),
-            "abstain": result.get("abstain"),
-            "candidates": [r["id"] for r in result.get("results", [])],
-        }
-        answer = result.get("answer")
-        if answer and not result.get("abstain"):
-            dispatcher.utter_message(
-                json_message={
-                    "text": answer["answer"],
-                    "spoken": voice_fit(answer["spoken"]),
-                    "steps": answer.get("steps") or [],
-                    "citations": [answer["citation"]],
-                    "outcome": "answered",
-                    "search": search_meta,
-                    "kb_confidence": result.get("confidence"),
-                }
-            )
-            return [SlotSet("failed_turns", 0.0), SlotSet("last_topic", answer["citation"]["topic"])]
-
-        if failed >= 1:
+            return [SlotSet("failed_turns", failed + 1), SlotSet("last_outcome", "abstained")]
+        outcome = result.get("outcome") or "abstained"
+        payload = {key: result.get(key) for key in (
+            "text", "outcome", "citations", "steps", "buttons", "search", "kb_confidence", "answers", "related",
+            "more", "questions", "case")}
+        payload["spoken"] = voice_fit(result.get("spoken") or "")
+        if outcome == "answered":
+            answers = result.get("answers") or []
+            topic = answers[0].get("topic") if answers else None
+            if topic in GUIDED_TOPICS and tracker.active_loop.get("name") is None:
+                payload["buttons"] = list(payload.get("buttons") or []) + [GUIDE_BUTTON]
+            dispatcher.utter_message(json_message=payload)
+            more = result.get("more") or {}
+            events = [SlotSet("failed_turns", 0.0), SlotSet("last_outcome", "answered"),
+                      SlotSet("more_entry", more.get("entry"))]
+            if topic:
+                events.append(SlotSet("last_topic", topic))
+            case = result.get("case") or {}
+            if case.get("insurance") in INSURANCE_SLOT:
+                events.append(SlotSet("insurance_type", INSURANCE_SLOT[case["insurance"]]))
+            if result.get("relation"):
+                events.append(SlotSet("relation", result["relation"]))
+            return events
+        if outcome == "abstained" and failed >= 1:
             # Two failures in a row: a person takes over before the resident gives up.
             message = domain_message(domain, "utter_escalate_after_failures")
-            message["search"] = search_meta
+            message["search"] = result.get("search")
             dispatcher.utter_message(json_message=message)
-            return [SlotSet("failed_turns", 0.0)]
+            return [SlotSet("failed_turns", 0.0), SlotSet("last_outcome", "escalated")]
+        dispatcher.utter_message(json_message=payload)
+        return [SlotSet("failed_turns", failed + 1), SlotSet("last_outcome", outcome), SlotSet("more_entry", None)]
 
-        options = [r["title"] for r in result.get("results", [])[:3]]
-        if options and (result.get("confidence") or 0) > 0.05:
+
+class ActionAnswerMore(Action):
+    """"详细说说" / "要" after a precise answer: the whole entry with its steps; otherwise ask what else."""
+
+    def name(self) -> Text:
+        return "action_answer_more"
+
+    async def run(
+        self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: Dict[Text, Any]
+    ) -> List[Dict[Text, Any]]:
+        entry_id = tracker.get_slot("more_entry")
+        if not entry_id:
+            dispatcher.utter_message(json_message=domain_message(domain, "utter_anything_else"))
+            return []
+        result = await more_about(str(entry_id), resident_region(tracker))
+        if result is None:
             dispatcher.utter_message(
-                json_message={
-                    "text": CLARIFY_TEXT,
-                    "spoken": voice_fit(CLARIFY_SPOKEN.format(options="、还是".join(options[:2]))),
-                    "buttons": [{"title": o, "payload": o} for o in options] + [HUMAN_BUTTON],
-                    "outcome": "clarifying",
-                    "search": search_meta,
-                }
+                json_message={"text": KB_DOWN_TEXT, "spoken": NO_ANSWER_SPOKEN, "outcome": "abstained",
+                              "buttons": [HUMAN_BUTTON]}
             )
-        else:
-            dispatcher.utter_message(
-                json_message={
-                    "text": NO_ANSWER_TEXT,
-                    "spoken": NO_ANSWER_SPOKEN,
-                    "buttons": [HUMAN_BUTTON],
-                    "outcome": "abstained",
-                    "search": search_meta,
-                }
-            )
-        return [SlotSet("failed_turns", failed + 1)]
+            return [SlotSet("more_entry", None)]
+        payload = {key: result.get(key) for key in ("text", "outcome", "citations", "steps", "answers")}
+        steps = result.get("steps") or []
+        if steps:
+            payload["text"] = numbered((result.get("text") or "") + "\n\n办理步骤：", steps)
+            payload["checklist"] = {"title": "办理步骤", "items": steps}
+        payload["spoken"] = voice_fit(result.get("spoken") or "")
+        topic = ((result.get("answers") or [{}])[0]).get("topic")
+        payload["buttons"] = [GUIDE_BUTTON] if topic in GUIDED_TOPICS else []
+        dispatcher.utter_message(json_message=payload)
+        return [SlotSet("more_entry", None), SlotSet("last_outcome", "answered")]
+
+
+class ActionStartGuidance(Action):
+    """"一步步带我办": start the guided procedure (form) of the topic the resident asked about."""
+
+    def name(self) -> Text:
+        return "action_start_guidance"
+
+    async def run(
+        self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: Dict[Text, Any]
+    ) -> List[Dict[Text, Any]]:
+        text = tracker.latest_message.get("text") or ""
+        form = None
+        for words, name in GUIDANCE_WORDS:
+            if any(w in text for w in words):
+                form = name
+                break
+        form = form or GUIDED_TOPICS.get(tracker.get_slot("last_topic") or "")
+        if form is None:
+            dispatcher.utter_message(json_message=domain_message(domain, "utter_which_guidance"))
+            return [SlotSet("guide", "unknown")]
+        # The rules start the form the slot names (nlu_data/rules.yml, "guidance on request").
+        return [SlotSet("guide", GUIDE_SLOT[form])]
+
+
+GUIDE_SLOT = {"ev_activation_form": "ev_activation", "cross_region_form": "cross_region",
+              "reimbursement_form": "reimbursement"}
+
+# Words that name a procedure in a request to be walked through ("带我办一下异地备案").
+GUIDANCE_WORDS = [
+    (("医保码", "电子凭证", "医保电子", "亲情账户", "激活"), "ev_activation_form"),
+    (("备案", "异地", "外地", "外省"), "cross_region_form"),
+    (("报销", "报账", "手工报"), "reimbursement_form"),
+]
 
 
 class ActionEscalate(Action):

@@ -53,7 +53,7 @@ def _may_read_keywords(tracker: Tracker, slot: str, form: str) -> bool:
 
     Otherwise a side question ("微信能交医保吗") would silently fill a slot of the form.
     """
-    return tracker.get_slot("requested_slot") == slot or _intent(tracker) in (FORM_TRIGGERS[form], "inform")
+    return tracker.get_slot("requested_slot") == slot or _intent(tracker) in (FORM_TRIGGERS[form], "inform", "request_guidance")
 
 
 # An urgent or angry message is not an answer even if it names a slot value ("正在抢救" is not

@@ -27,11 +27,32 @@ async def _get(path: str, params: Optional[Dict[str, str]] = None) -> Optional[D
         return None
 
 
-async def search_knowledge_base(question: str, region: Optional[str], k: int = 3) -> Optional[Dict[str, Any]]:
-    params = {"q": question[:500], "k": str(k)}
+async def _post(path: str, body: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    try:
+        async with aiohttp.ClientSession(timeout=KB_TIMEOUT) as session:
+            async with session.post(f"{HUB_URL}{path}", json=body) as response:
+                if response.status != 200:
+                    log.error("knowledge base %s answered HTTP %s", path, response.status)
+                    return None
+                return await response.json()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.error("knowledge base %s failed: %s", path, exc)
+        return None
+
+
+async def answer_question(text: str, region: Optional[str], last_outcome: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The hub's answer stage: the knowledge point that answers the question(s) in a message."""
+    body: Dict[str, Any] = {"text": text[:4000]}
     if region:
-        params["region"] = region
-    return await _get("/api/kb/search", params)
+        body["region"] = region
+    if last_outcome:
+        body["last_outcome"] = last_outcome
+    return await _post("/api/kb/answer", body)
+
+
+async def more_about(entry_id: str, region: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The whole entry behind a precise answer, for "详细说说"."""
+    return await _get(f"/api/kb/more/{entry_id}", {"region": region} if region else None)
 
 
 async def get_entry(entry_id: str, region: Optional[str] = None) -> Optional[Dict[str, Any]]:

@@ -6,18 +6,63 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
 
 from xiaozhi.hub.errors import ApiError
 
 router = APIRouter(prefix="/api/kb", tags=["knowledge base"])
 
 
-async def search_loaded(request: Request, q: str, region: str | None, k: int):
-    """The hub's knowledge base searched off the event loop; 503 while it is still loading."""
+def loaded(request: Request):
+    """The hub's knowledge base; 503 while it is still loading."""
     kb = request.app.state.knowledge_base
     if kb is None:
         raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
+    return kb
+
+
+async def search_loaded(request: Request, q: str, region: str | None, k: int):
+    """The hub's knowledge base searched off the event loop; 503 while it is still loading."""
+    kb = loaded(request)
     return await asyncio.to_thread(kb.search, q, region=region, k=k)
+
+
+class AnswerRequest(BaseModel):
+    """A resident's whole message, as they wrote or said it, and what the dialogue knows."""
+
+    text: str = Field(max_length=4000, description="The message; stories and two questions included")
+    region: str | None = Field(None, pattern=r"^\d{6}$", description="The resident's region, once known")
+    last_outcome: str | None = Field(None, max_length=20, description="The bot's previous outcome (clarifying...)")
+
+
+@router.post("/answer")
+async def answer(request: Request, body: AnswerRequest) -> dict:
+    """The answer to the question asked: the knowledge point first, related questions, citation, spoken form.
+
+    What the Rasa action server calls for every informational question (knowledge_base/answers.py).
+    """
+    from knowledge_base.answers import Context
+
+    kb = loaded(request)
+    if kb.answerer is None:
+        raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
+    context = Context(region=body.region, last_outcome=body.last_outcome, deployment_region=kb.default_region)
+    reply = await asyncio.to_thread(kb.answerer.answer, body.text, context)
+    return reply.as_dict()
+
+
+@router.get("/more/{entry_id}")
+async def more(
+    request: Request,
+    entry_id: str,
+    region: Annotated[str | None, Query(pattern=r"^\d{6}$")] = None,
+) -> dict:
+    """The whole entry behind a precise answer ("详细说说"): its full answer, steps and citation."""
+    kb = loaded(request)
+    reply = kb.answerer.more(entry_id, region) if kb.answerer is not None else None
+    if reply is None:
+        raise ApiError(404, "entry_not_found", "没有找到这条政策。")
+    return reply.as_dict()
 
 
 @router.get("/search")
