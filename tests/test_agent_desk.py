@@ -432,3 +432,33 @@ async def test_an_older_database_gains_the_queue_columns(tmp_path):
         assert (old.priority, old.topic, old.agent, old.claimed_at, old.disposition, old.summary) == (0, "", "", None, "", {})
     finally:
         await store.close()
+
+
+def test_the_queue_preview_and_stored_summary_mask_personal_numbers(hub):
+    """Issue 19: the preview every matching agent sees before anyone takes the item, and escalations.summary,
+    carried raw ID, phone and card numbers. The holder still reads them in the transcript."""
+    from sqlalchemy import select
+
+    from xiaozhi.hub.store import Escalation
+
+    agent = make_staff(hub, "masker", "agent")
+    sid, auth = open_session(hub)
+    question = "我身份证11010519491231002X，手机13812345678，卡号6222020200112233446丢了怎么补办医保卡"
+    say(hub, sid, auth, question)
+    item_id = escalate(hub, sid, auth)["queue_id"]
+    (item,) = [i for i in queue(hub, agent) if i["id"] == item_id]
+    preview = item["last_question"]
+    for raw in ("11010519491231002X", "13812345678", "6222020200112233446"):
+        assert raw not in preview, preview
+    assert "110105********002X" in preview and "138****5678" in preview and "6222***********3446" in preview
+    assert "补办医保卡" in preview
+
+    async def stored_summaries() -> list[dict]:
+        async with hub.app.state.store.sessions() as s:
+            return [e.summary for e in (await s.execute(select(Escalation))).scalars()]
+
+    stored = hub.portal.call(stored_summaries)
+    assert stored and all(raw not in str(summary) for summary in stored
+                          for raw in ("13812345678", "11010519491231002X", "6222020200112233446"))
+    claimed = hub.post(f"/api/agent/queue/{item_id}/claim", headers=agent).json()
+    assert question in [m["text"] for m in claimed["messages"]]  # the transcript is whole for the holder

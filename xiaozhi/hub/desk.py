@@ -30,6 +30,7 @@ from knowledge_base.schema import TOPIC_LABELS
 from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.store import OPEN_STATUSES, Conversation, Escalation, Message, Store, aware, utcnow
+from xiaozhi.masking import mask_pii
 
 if TYPE_CHECKING:
     from xiaozhi.hub.accounts import StaffUser
@@ -180,7 +181,7 @@ def summarize(conv: Conversation, messages: list[Message]) -> dict:
         if msg.role == "resident":
             resident_turns += 1
             if not any(word in msg.text for word in ESCALATION_WORDS) or len(msg.text) > 12:
-                last_question = msg.text[:120]  # what they asked, not "转人工"
+                last_question = msg.text  # what they asked, not "转人工"
             continue
         if msg.role != "bot":
             continue
@@ -191,7 +192,7 @@ def summarize(conv: Conversation, messages: list[Message]) -> dict:
             last_topic = INTENT_TOPICS[intent]
         for key, value in (meta.get("slots") or {}).items():
             if key not in _INTERNAL_SLOTS and value not in (None, "", []):
-                slots[key] = value
+                slots[key] = mask_pii(value) if isinstance(value, str) else value
         if meta.get("region"):
             slots.setdefault("region", meta["region"])
         for cite in meta.get("citations") or []:
@@ -209,7 +210,10 @@ def summarize(conv: Conversation, messages: list[Message]) -> dict:
     if conv.region_code:
         slots.setdefault("region", conv.region_code)
     if not last_question and resident_turns:
-        last_question = next(m.text[:120] for m in reversed(messages) if m.role == "resident")
+        last_question = next(m.text for m in reversed(messages) if m.role == "resident")
+    # The queue preview is shown to every matching agent before anyone takes the item, and the summary is
+    # stored with the escalation: personal numbers are masked there (the transcript has them for the holder).
+    last_question = mask_pii(last_question)[:120]
     return {
         "intents": intents,
         "slots": slots,
