@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import re
 import signal
 import socket
@@ -246,7 +247,8 @@ def stack(tmp_path_factory):
     var = tmp_path_factory.mktemp("stack")
     ports = {"XIAOZHI_HUB_PORT": free_port(), "XIAOZHI_RASA_PORT": free_port(), "XIAOZHI_ACTIONS_PORT": free_port(),
              "XIAOZHI_SIP_PORT": free_udp_port()}
-    env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), **{k: str(v) for k, v in ports.items()})
+    rasa_token = secrets.token_hex(16)  # so tests can read Rasa's tracker (the slots a story filled)
+    env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), XIAOZHI_RASA_TOKEN=rasa_token, **{k: str(v) for k, v in ports.items()})
     log_path = var / "run.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -260,7 +262,7 @@ def stack(tmp_path_factory):
         time.sleep(1)
     assert len(re.findall(r"\(pid (\d+)\)", log_path.read_text())) == 3
     yield {"url": f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", "var": var, "sip_port": ports["XIAOZHI_SIP_PORT"],
-           "rasa_url": f"http://127.0.0.1:{ports['XIAOZHI_RASA_PORT']}", "log": log_path}
+           "rasa_url": f"http://127.0.0.1:{ports['XIAOZHI_RASA_PORT']}", "log": log_path, "rasa_token": rasa_token}
 
     # Ctrl-C stops everything, restarted children included, and leaves no orphan process.
     children = [int(p) for p in re.findall(r"\(pid (\d+)\)", log_path.read_text())]
