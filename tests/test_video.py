@@ -27,20 +27,25 @@ from xiaozhi.hub.routers import video as video_router
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def claim(settings, conversation_id: str, agent: str, wait_s: float = 15.0) -> None:
-    """What the agent desk does when an agent accepts the item (status/agent columns of the contract).
-
-    A video item is queued once the resident's media connects: wait for it up to ``wait_s``."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        with sqlite3.connect(settings.var_dir / "xiaozhi.db") as db:
-            rows = db.execute(
-                "UPDATE escalations SET status='claimed', agent=? WHERE conversation_id=?", (agent, conversation_id)
-            ).rowcount
-        if rows >= 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+def claim(settings, conversation_id: str, agent: str) -> None:
+    """What the agent desk does when an agent accepts the item (status/agent columns of the contract)."""
+    with sqlite3.connect(settings.var_dir / "xiaozhi.db") as db:
+        rows = db.execute(
+            "UPDATE escalations SET status='claimed', agent=? WHERE conversation_id=?", (agent, conversation_id)
+        ).rowcount
     assert rows >= 1, "no escalation to claim"
+
+
+async def until_queued(settings, conversation_id: str, timeout: float = 20.0) -> None:
+    """A video item is queued once the resident's media connects (issue 19): wait for it, without
+    blocking the peers' event loop."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(settings.var_dir / "xiaozhi.db") as db:
+            if db.execute("SELECT count(*) FROM escalations WHERE conversation_id=?", (conversation_id,)).fetchone()[0]:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the video session was never queued: did the resident's media connect?")
 
 
 def an_offer(kind: str = "resident") -> str:
@@ -254,6 +259,7 @@ def test_media_flows_both_ways_is_recorded_and_freed(video_settings, knowledge_b
                                                      "role": "agent"}, headers={"Authorization": f"Bearer {admin['token']}"})
             agent_token = (await http.post("/api/staff/login", json={"username": "agent7",
                                                                       "password": "agent7-password-123"})).json()["token"]
+            await until_queued(video_settings, sid)
             claim(video_settings, sid, "agent7")
             agent = Peer("agent", colour=(30, 200, 30), screen_colour=(30, 30, 220), tone_hz=660)
             started = time.monotonic()
@@ -583,6 +589,7 @@ def test_agent_replaced_and_screen_switched_start_at_keyframes(video_settings, k
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             sid, token, resident, r = await resident_joins(http, colour=red)
             assert r.status_code == 200, r.text
+            await until_queued(video_settings, sid)
             claim(video_settings, sid, "agent8")
             agent = Peer("agent", colour=green, screen_colour=blue)
             r = await agent.offer(http, f"/api/video/sessions/{sid}/agent/offer", await _staff_token(http, "agent8", "agent"))
@@ -645,6 +652,7 @@ def test_a_peer_without_vp8_is_decoded_and_reencoded(video_settings, knowledge_b
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             sid, token, resident, r = await resident_joins(http, recording_consent=True)
             assert r.status_code == 200 and "VP8" in r.json()["sdp"] and "H264" not in r.json()["sdp"]
+            await until_queued(video_settings, sid)
             claim(video_settings, sid, "agent9")
             agent = Peer("agent", colour=(30, 200, 30), screen_colour=(30, 30, 220), video_codec="video/H264")
             r = await agent.offer(http, f"/api/video/sessions/{sid}/agent/offer", await _staff_token(http, "agent9", "agent"))
