@@ -61,7 +61,7 @@ CLARIFY_SHARE = 0.35
 CLARIFY_RATIO = 0.6  # the runner-up's share is at least this fraction of the best one's
 PHONE_SPOKEN_CHARS = 60  # everything said for one answer: about 14 s at the phone voice's pace
 
-HOW_TO = re.compile(r"怎么|如何|咋|流程|步骤|办理|操作|申请|在哪|哪里|去哪|手续|怎样|方法|渠道")
+HOW_TO = re.compile(r"怎么|如何|咋|流程|步骤|办理|操作|申请|在哪|哪里|去哪|手续|怎样|方法|渠道|开通|激活|绑定|添加|备案|补办")
 _BIGRAM_STRIP = re.compile(r"[^\u3400-\u9fffA-Za-z0-9]")
 _DIGIT = re.compile(r"\d|[一二三四五六七八九十百千万两]+(?:个|名|人|天|年|月|次|岁|元|万|%|成)")
 
@@ -80,6 +80,8 @@ ABSTAIN_TEXT = (
     "其他事项可以拨打12345政务服务热线。您也可以说“转人工”，由工作人员为您解答。"
 )
 ABSTAIN_SPOKEN = "抱歉，这个问题我回答不了。医保的问题您可以换个说法再问，或者说转人工。"
+UNSURE_AGAIN_TEXT = "抱歉，我还是没能确定您要问的问题。您可以说“转人工”，由工作人员为您解答。"
+UNSURE_AGAIN_SPOKEN = "抱歉，我还是没弄明白，帮您转人工好吗？"
 OTHER_AGENCY_TEXT = "这个问题不属于医保业务，医保小智回答不了。{referral}医保方面的问题，欢迎随时问我。"
 OTHER_AGENCY_SPOKEN = "这个不属于医保业务。{referral}"
 TWO_ANSWERS_JOIN = "\n\n"
@@ -360,8 +362,12 @@ class Answerer:
         answerable = [f for f in found if not f.abstain and f.best is not None]
         if not answerable:
             return Reply("abstained", ABSTAIN_TEXT, ABSTAIN_SPOKEN, buttons=[HUMAN_BUTTON], meta=meta)
-        if len(answerable) == 1 and context.last_outcome != "clarifying":
+        if len(answerable) == 1:
             options = self._clarify_options(answerable[0])
+            if options and context.last_outcome == "clarifying":
+                # Never "which one did you mean" twice in a row: a person is offered instead.
+                return Reply("abstained", UNSURE_AGAIN_TEXT, UNSURE_AGAIN_SPOKEN, buttons=[HUMAN_BUTTON],
+                             meta={**meta, "reason": "unsure_after_clarifying"})
             if options:
                 return self._clarify(options, meta)
         # Two questions that land on the same unit are one answer.

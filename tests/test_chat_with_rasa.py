@@ -107,6 +107,63 @@ def test_websocket_chat_through_rasa(stack, client):
     assert bot and bot[0]["meta"]["citations"][0]["topic"] == "e_voucher"
 
 
+def test_the_family_account_count_question_gets_the_number(client):
+    reply, _ = ask(client, "医保码的亲情账户最多可以绑定几个人？")
+    meta = reply["meta"]
+    assert meta["outcome"] == "answered" and "5" in reply["text"]
+    assert meta["answers"][0]["entry"] == "ev-family-add" and meta["answers"][0]["kind"] == "point"
+    assert meta["citations"][0]["point"] == meta["answers"][0]["point"]
+    assert any(b["payload"] == "/ask_more" for b in meta["buttons"])  # the whole entry on request
+
+
+def test_more_after_a_precise_answer_gives_the_whole_entry_with_steps(client):
+    _, session = ask(client, "医保码的亲情账户最多可以绑定几个人？")
+    reply, _ = ask(client, "详细说说", session)
+    assert reply["meta"]["outcome"] == "answered" and reply["meta"]["steps"]
+    assert reply["meta"]["citations"][0]["id"] == "ev-family-add"
+
+
+def test_a_story_gets_its_answer_and_fills_the_slots_it_told(stack, client):
+    reply, (sid, _auth) = ask(client, "我妈在老家住院了，没办备案，现在出院了，钱怎么报？")
+    meta = reply["meta"]
+    assert meta["outcome"] == "answered"
+    assert meta["case"] == {"stage": "已出院", "filed": "未备案"}
+    assert "手工报销" in reply["text"] or "补办" in reply["text"]
+    tracker = httpx.get(f"{stack['rasa_url']}/conversations/{sid}/tracker",
+                        params={"token": stack["rasa_token"]}, timeout=10).json()
+    assert tracker["slots"]["relation"] == "父母"
+
+
+def test_a_guangzhou_question_gets_the_national_rule_and_who_decides(client):
+    reply, _ = ask(client, "广州的职工医保住院起付线是多少？")
+    meta = reply["meta"]
+    assert meta["outcome"] == "answered"
+    assert all(c["region_code"] == "100000" for c in meta["citations"])
+    assert "广州" in reply["text"] and "为准" in reply["text"]
+
+
+def test_two_questions_get_two_answers(client):
+    reply, _ = ask(client, "异地就医备案有效期多久？另外医保码的亲情账户怎么添加家人？")
+    meta = reply["meta"]
+    assert meta["outcome"] == "answered" and len(meta["answers"]) == 2
+    assert {a["topic"] for a in meta["answers"]} == {"cross_region", "e_voucher"}
+
+
+def test_another_agencys_question_is_declined_politely(client):
+    reply, _ = ask(client, "住房公积金怎么提取？")
+    assert reply["meta"]["outcome"] == "abstained" and not reply["meta"]["citations"]
+    assert "12329" in reply["text"] or "不在" in reply["text"] or "范围" in reply["text"]
+
+
+def test_procedures_start_only_when_the_resident_asks_to_be_walked_through(client):
+    reply, session = ask(client, "医保电子凭证怎么激活")
+    assert reply["meta"]["outcome"] == "answered"
+    assert any(b["payload"] == "/request_guidance" for b in reply["meta"]["buttons"])
+    reply, _ = ask(client, "/request_guidance", session)
+    assert reply["meta"]["outcome"] == "clarifying"  # the form's first question: for whom
+    assert "自己" in reply["text"]
+
+
 def test_a_crashed_action_server_is_restarted_and_residents_still_get_answers(stack, client):
     """Kept last in the module: it kills a service of the shared stack on purpose."""
     log = (stack["var"] / "run.log").read_text()

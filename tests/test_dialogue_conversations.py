@@ -33,27 +33,41 @@ def answered(topic: str):
 
 
 # (name, resident turns, goal on the last reply)
+def answered_any(*topics: str):
+    def goal(reply: dict) -> bool:
+        meta = reply["meta"]
+        return meta["outcome"] == "answered" and any(c.get("topic") in topics for c in meta["citations"])
+    return goal
+
+
+GUIDE = "一步步带我办"  # what the answer's button sends; procedures start only on request
+
+# (name, resident turns, goal on the last reply)
 CONVERSATIONS = [
-    ("ev: asked step by step", ["医保电子凭证怎么激活", "给我自己", "微信"], checklist("微信")),
-    ("ev: all given early", ["帮我妈用支付宝开通医保码"], checklist("亲情账户")),
-    ("ev: asr noise", ["医保评证怎么激活", "我自己", "支付包"], checklist("支付宝")),
-    ("ev: child, app", ["给孩子绑定医保码", "国家医保服务平台APP"], checklist("亲情账户")),
-    ("ev: side question then back", ["医保码怎么弄", "医保热线是多少", "给我自己", "用手机银行"], checklist("银行")),
-    ("cr: retiree to shanghai", ["异地就医怎么备案", "退休了跟着女儿住", "上海"], checklist("上海")),
-    ("cr: asr noise, all early", ["我退休了要去海南长住，一地就依怎么备案"], checklist("海南")),
-    ("cr: referral", ["转诊到北京的医院怎么备案"], checklist("北京")),
-    ("cr: emergency", ["在外地看病怎么备案", "急诊", "广州"], checklist("广州")),
-    ("cr: travel with switch", ["去外地看病要先办什么", "报销比例是多少", "出差", "成都"], checklist("成都")),
-    ("cr: worker", ["在外地工作看病怎么备案", "深圳"], checklist("深圳")),
-    ("re: inpatient early", ["住院了报销需要带什么材料"], checklist("住院")),
-    ("re: outpatient + type", ["看病的钱怎么报", "门诊", "城乡居民医保"], checklist("门诊")),
-    ("re: out of region", ["在外地看病自费了回来怎么报"], checklist("异地就医")),
-    ("re: emergency noise", ["急诊的费用怎么报消"], checklist("急诊")),
-    ("re: chronic", ["慢性病拿药的钱怎么报"], checklist("门诊慢特病")),
+    ("ev: asked step by step", ["医保电子凭证怎么激活", GUIDE, "给我自己", "微信"], checklist("微信")),
+    ("ev: all given early, answered", ["帮我妈用支付宝开通医保码"], answered("e_voucher")),
+    ("ev: all given early, then walked through", ["帮我妈用支付宝开通医保码", GUIDE], checklist("亲情账户")),
+    ("ev: asr noise", ["医保评证怎么激活", GUIDE, "我自己", "支付包"], checklist("支付宝")),
+    ("ev: child, app", ["给孩子绑定医保码"], answered("e_voucher")),
+    ("ev: side question then back", ["医保码怎么弄", GUIDE, "医保热线是多少", "给我自己", "用手机银行"], checklist("银行")),
+    ("ev: guidance named outright", ["带我一步步激活医保电子凭证", "给我自己", "微信"], checklist("微信")),
+    ("cr: retiree to shanghai", ["异地就医怎么备案", GUIDE, "退休了跟着女儿住", "上海"], checklist("上海")),
+    ("cr: asr noise, all early", ["我退休了要去海南长住，一地就依怎么备案"], answered("cross_region")),
+    ("cr: all early, walked through", ["我退休了要去海南长住，一地就依怎么备案", GUIDE], checklist("海南")),
+    ("cr: referral", ["转诊到北京的医院怎么备案"], answered_any("cross_region", "referral")),
+    ("cr: emergency", ["在外地看病怎么备案", GUIDE, "急诊", "广州"], checklist("广州")),
+    ("cr: travel with switch", ["去外地看病要先办什么", GUIDE, "报销比例是多少", "出差", "成都"], checklist("成都")),
+    ("cr: worker", ["在外地工作看病怎么备案", GUIDE, "深圳"], checklist("深圳")),
+    ("re: inpatient early", ["住院了报销需要带什么材料"], answered("reimbursement")),
+    ("re: outpatient + type", ["看病的钱怎么报", GUIDE, "门诊", "城乡居民医保"], checklist("门诊")),
+    ("re: out of region", ["在外地看病自费了回来怎么报"], answered_any("reimbursement", "cross_region")),
+    ("re: emergency noise", ["急诊的费用怎么报消", GUIDE], checklist("急诊")),
+    ("re: chronic", ["慢性病拿药的钱怎么报"], answered_any("chronic_disease", "reimbursement")),
     ("faq: chronic", ["高血压能办慢病吗"], answered("chronic_disease")),
     ("faq: card lost", ["社保卡丢了怎么补办"], answered("card")),
     ("faq: personal account", ["个人账户的钱能给家人用吗"], answered("personal_account")),
     ("faq: memory of region", ["我是杭州参保的", "医保业务去哪个窗口办"], answered("service_info")),
+    ("faq: precise, then more", ["医保码亲情账户最多能绑几个人", "详细说说"], checklist("亲情")),
 ]
 
 ESCALATIONS = [

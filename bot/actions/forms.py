@@ -61,12 +61,23 @@ def _may_read_keywords(tracker: Tracker, slot: str, form: str) -> bool:
 HANDOVER_INTENTS = {"urgent", "complain", "request_human", "stop"}
 
 
+def _guided_text(tracker: Tracker) -> str:
+    """The message to read answers from; when the resident has just asked to be walked through, also
+    the question before it ("我退休了要去海南长住，怎么备案" then "一步步带我办": nothing is asked again)."""
+    text = tracker.latest_message.get("text") or ""
+    if _intent(tracker) == "request_guidance":
+        said = [e.get("text") or "" for e in tracker.events if e.get("event") == "user"]
+        if len(said) >= 2:
+            text = said[-2] + "，" + text
+    return text
+
+
 def _extract(tracker: Tracker, slot: str, form: str, entity: str, table: Dict[str, List[str]],
              keywords_first: bool = False) -> Dict[Text, Any]:
     if _intent(tracker) in HANDOVER_INTENTS:
         return {}
     message = tracker.latest_message
-    text = message.get("text") or ""
+    text = _guided_text(tracker)
     from_entity = next(
         (v for v in (normalise(x, table) for x in entity_values(message.get("entities") or [], entity)) if v), None
     )
@@ -114,7 +125,7 @@ class ValidateCrossRegionForm(FormValidationAction):
         if _intent(tracker) in HANDOVER_INTENTS or not _may_read_keywords(tracker, "cr_destination", "cross_region_form"):
             return {}
         message = tracker.latest_message
-        text = message.get("text") or ""
+        text = _guided_text(tracker)
         place = find_destination(text, message.get("entities") or [])
         if place:
             return {"cr_destination": place}

@@ -40,17 +40,16 @@ def message_out(msg: Message) -> dict:
     }
 
 
-def reply_from_search(result, *, notice: str = "") -> BotReply:
-    """A reply built straight from a knowledge-base hit, citing it (used when Rasa cannot answer)."""
-    best = result.best
-    entry = best.entry
+def reply_from_answer(answer, *, notice: str = "") -> BotReply:
+    """A reply straight from the knowledge base's answer stage (used when Rasa cannot answer): the
+    knowledge point that answers the question, with its citation, as the dialogue would give it."""
     return BotReply(
-        text=f"{notice}{entry.answer}",
-        spoken=entry.spoken,
-        outcome="answered",
-        citations=[entry.citation()],
-        steps=list(entry.steps),
-        extra={"kb_confidence": round(result.confidence, 3)},
+        text=f"{notice}{answer.text}",
+        spoken=answer.spoken,
+        outcome=answer.outcome,
+        citations=answer.citations,
+        steps=answer.steps,
+        extra={"kb_confidence": answer.meta.get("kb_confidence"), "answers": answer.answers},
     )
 
 
@@ -238,14 +237,17 @@ class ConversationService:
         if any(word in text for word in ESCALATION_WORDS):
             return BotReply(text=ESCALATED_REPLY, outcome="escalated", extra={"degraded": True})
         kb = self._kb()
-        if kb is not None:
+        if kb is not None and kb.answerer is not None:
+            from knowledge_base.answers import Context
+
+            context = Context(region=conv.region_code or None, deployment_region=kb.default_region)
             try:
-                result = await asyncio.to_thread(kb.search, text, region=conv.region_code or None)
+                answer = await asyncio.to_thread(kb.answerer.answer, text, context)
             except Exception:  # the knowledge base failing too must still not lose the turn
-                log.exception("knowledge-base search failed in degraded mode")
+                log.exception("knowledge-base answer failed in degraded mode")
             else:
-                if not result.abstain:
-                    reply = reply_from_search(result, notice=DEGRADED_NOTICE)
+                if answer.outcome == "answered":
+                    reply = reply_from_answer(answer, notice=DEGRADED_NOTICE)
                     reply.extra["degraded"] = True
                     return reply
         return BotReply(text=DEGRADED_NO_ANSWER, outcome="abstained", extra={"degraded": True})

@@ -1,0 +1,187 @@
+"""The answer stage on the real corpus and embedding model: the question inside a story, the knowledge
+point that answers it, the clarification rule, other cities' rules, other agencies, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from knowledge_base.answer_eval import fact_present
+from knowledge_base.answers import (
+    Candidate,
+    Context,
+    QuestionAnswer,
+    number_fit,
+)
+from knowledge_base.questions import core_question, extract_questions, other_agency, parse, read_case, read_places
+from knowledge_base.schema import Source
+
+HANGZHOU = Context(deployment_region="330100")
+
+
+# -- reading the message ------------------------------------------------------------------------------
+def test_a_story_is_one_question_with_its_story():
+    text = "我爸在老家县里交的职工医保，现在跟我们住在市里，医保卡在这边能用吗？"
+    assert extract_questions(text) == [text.rstrip("？") + "？"]
+    assert core_question(text) == "医保卡在这边能用吗？"
+
+
+def test_two_questions_are_two_and_a_short_tail_stays_with_its_question():
+    assert extract_questions("补一张社保卡要几天，补卡收钱吗") == ["补一张社保卡要几天", "补卡收钱吗"]
+    assert extract_questions("异地备案怎么办，急吗") == ["异地备案怎么办，急吗"]
+
+
+def test_greetings_and_emoji_are_not_questions():
+    assert parse("您好，请问，异地就医怎么备案").questions == ["异地就医怎么备案"]
+    assert parse("😀😀👍").questions == []
+    assert parse("\u200b\u200b").questions == []
+
+
+def test_the_later_stage_of_a_story_decides_its_case():
+    case = read_case("我妈在老家住院了，没办备案，现在出院了，钱怎么报？")
+    assert case["stage"] == "已出院" and case["filed"] == "未备案"
+    assert read_case("我在外省住院，还没出来，单位交的医保")["insurance"] == "职工"
+
+
+def test_places_know_insured_from_destination():
+    places = {p.name: p.role for p in read_places("我是广州参保的，想去上海看病")}
+    assert places == {"广州": "insured", "上海": "destination"}
+
+
+def test_other_agencies_are_recognised_but_not_medical_insurance_questions():
+    assert other_agency("公积金怎么提取").name == "公积金"
+    assert other_agency("单位不给认定工伤，让我走医保报销可以吗").name == "工伤"
+    assert other_agency("退休人员医保个人账户每月划多少") is None
+    assert other_agency("养老保险和医保断缴了一起补，医保怎么补") is None
+
+
+def test_a_question_for_a_figure_prefers_a_unit_that_states_one(knowledge_base):
+    units = {u.id: u for u in knowledge_base.answerer.units.layout.units}
+    with_number = next(u for u in units.values() if u.kind == "point" and any(c.isdigit() for c in u.answer))
+    without = next(u for u in units.values() if u.kind == "point" and not any(c.isdigit() for c in u.answer))
+    assert number_fit("亲情账户最多能绑几个人", with_number) == 1.0
+    assert number_fit("亲情账户最多能绑几个人", without) == -1.0
+    assert number_fit("亲情账户怎么绑", without) == 0.0
+
+
+# -- answering ---------------------------------------------------------------------------------------
+def test_the_family_account_count_question_gets_the_number(knowledge_base):
+    reply = knowledge_base.answerer.answer("医保码的亲情账户最多可以绑定几个人？", HANGZHOU)
+    assert reply.outcome == "answered"
+    assert reply.answers[0]["entry"] == "ev-family-add" and reply.answers[0]["kind"] == "point"
+    assert "5" in reply.text and ("5" in reply.spoken or "五" in reply.spoken)
+    assert reply.citations[0]["point"] == reply.answers[0]["point"]
+    assert reply.citations[0]["source"]["url"].startswith("http")
+
+
+def test_a_story_gets_the_sub_case_it_told(knowledge_base):
+    reply = knowledge_base.answerer.answer("我妈在老家住院了，没办备案，现在出院了，钱怎么报？", Context())
+    assert reply.outcome == "answered"
+    assert reply.meta["case"] == {"stage": "已出院", "filed": "未备案"} and reply.meta["relation"] == "父母"
+    assert "手工报销" in reply.text or "补办" in reply.text
+    unit = knowledge_base.answerer.units.by_id[reply.answers[0]["unit"]]
+    assert unit.when.get("stage") != "住院中"  # never "file now, while still in hospital"
+
+
+def test_another_citys_rules_get_the_national_rule_and_who_decides(knowledge_base):
+    reply = knowledge_base.answerer.answer("广州的职工医保住院起付线是多少？", HANGZHOU)
+    assert reply.outcome == "answered"
+    assert all(c["region_code"] == "100000" for c in reply.citations)  # never Hangzhou's figures
+    assert "广州" in reply.text and "为准" in reply.text and "12393" in reply.text
+    assert "广州" in reply.spoken
+
+
+def test_a_destination_city_is_not_a_foreign_rule(knowledge_base):
+    reply = knowledge_base.answerer.answer("我是杭州参保的，要去上海长住，异地就医怎么备案？", HANGZHOU)
+    assert reply.outcome == "answered" and reply.meta["foreign_region"] is None
+
+
+def test_two_questions_get_two_answers(knowledge_base):
+    reply = knowledge_base.answerer.answer("异地就医备案有效期多久？另外医保码的亲情账户怎么添加家人？", Context())
+    assert reply.outcome == "answered" and len(reply.answers) == 2
+    assert {a["topic"] for a in reply.answers} == {"cross_region", "e_voucher"}
+    assert reply.text.count("关于“") == 2
+
+
+@pytest.mark.parametrize("text", ["住房公积金怎么提取", "今天杭州天气怎么样", "驾照扣分怎么查"])
+def test_out_of_scope_is_declined_politely_with_who_answers(knowledge_base, text):
+    reply = knowledge_base.answerer.answer(text, HANGZHOU)
+    assert reply.outcome == "abstained" and not reply.citations
+    assert "医保" in reply.text and ("123" in reply.text or "咨询" in reply.text)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "😀😀😀", "\u200b", "医保" * 500, "医保card怎么activate？", "？？？"])
+def test_bad_input_gets_a_clear_reply(knowledge_base, text):
+    reply = knowledge_base.answerer.answer(text, HANGZHOU)
+    assert reply.outcome in ("answered", "abstained", "clarifying")
+    assert reply.text and reply.spoken
+
+
+def test_an_unverified_figure_is_never_stated_on_its_own(knowledge_base):
+    answerer = knowledge_base.answerer
+    point = next(u for u in answerer.units.layout.units
+                 if u.kind == "point" and not u.verified and any(c.isdigit() for c in u.answer))
+    reply = answerer._compose(
+        [QuestionAnswer(point.question, None, [Candidate(point, {}, 1.0, 1.0)], 0.9, False)], None, {})
+    assert "核实" in reply.text and "为准" in reply.spoken
+
+
+def test_never_clarify_twice_in_a_row(knowledge_base, monkeypatch):
+    answerer = knowledge_base.answerer
+    units = answerer.units.layout.units
+    a = next(u for u in units if u.kind == "point" and u.entry.id == "ev-family-add")
+    b = next(u for u in units if u.kind == "point" and u.entry.id.startswith("cr-"))
+    unsure = answerer.clarify_share * 0.8
+
+    def candidates(question, parsed, region):
+        return QuestionAnswer(question, None, [Candidate(a, {}, 1.0, unsure), Candidate(b, {}, 0.9, unsure * 0.9)],
+                              0.7, False)
+
+    monkeypatch.setattr(answerer, "candidates", candidates)
+    first = answerer.answer("那个绑定的事", Context())
+    assert first.outcome == "clarifying"
+    again = answerer.answer("就是那个绑定的事", Context(last_outcome="clarifying"))
+    assert again.outcome == "abstained" and again.meta["reason"] == "unsure_after_clarifying"
+    assert any(b["payload"] == "/request_human" for b in again.buttons)
+
+
+def test_clarify_only_between_genuinely_different_questions(knowledge_base):
+    answerer = knowledge_base.answerer
+    units = answerer.units.layout.units
+    unsure = answerer.clarify_share * 0.8  # below the fitted threshold: nothing stands out
+    same_entry = [u for u in units if u.kind == "point" and u.entry.id == "ev-family-add"][:2]
+    close = QuestionAnswer("q", None, [Candidate(same_entry[0], {}, 1.0, unsure), Candidate(same_entry[1], {}, 0.9, unsure * 0.9)],
+                           0.7, False)
+    assert answerer._clarify_options(close) == []  # one area asked two ways: answer, do not ask
+    other = next(u for u in units if u.kind == "point" and u.entry.id.startswith("cr-"))
+    distinct = QuestionAnswer("q", None, [Candidate(same_entry[0], {}, 1.0, unsure), Candidate(other, {}, 0.9, unsure * 0.9)],
+                              0.7, False)
+    options = answerer._clarify_options(distinct)
+    assert [o.unit.id for o in options] == [same_entry[0].id, other.id]
+    sure = QuestionAnswer("q", None, [Candidate(same_entry[0], {}, 1.0, 0.9), Candidate(other, {}, 0.9, 0.05)],
+                          0.9, False)
+    assert answerer._clarify_options(sure) == []
+    reply = answerer._clarify(options, {})
+    assert reply.outcome == "clarifying" and [b["title"] for b in reply.buttons[:2]] == [
+        same_entry[0].point.question if same_entry[0].point.question.endswith("？") else same_entry[0].point.question + "？",
+        other.point.question if other.point.question.endswith("？") else other.point.question + "？"]
+
+
+def test_phone_answers_stay_short(knowledge_base):
+    for text in ("异地就医怎么备案", "医保电子凭证怎么激活", "住院报销要带什么材料"):
+        reply = knowledge_base.answerer.answer(text, HANGZHOU)
+        assert len(reply.spoken) <= 75, reply.spoken  # ~15 s at the phone voice's pace, offer included
+
+
+# -- sources -----------------------------------------------------------------------------------------
+def test_a_site_root_or_a_source_without_document_and_date_is_refused():
+    root = Source(title="某医保局", url="https://ybj.example.gov.cn/")
+    assert any("site root" in p for p in root.problems())
+    assert any("document" in p for p in root.problems()) and any("date" in p for p in root.problems())
+    deep = Source(title="通知", url="https://www.nhsa.gov.cn/art/2022/7/26/art_104_8629.html",
+                  document="医保发〔2022〕22号", date="2022-06-30")
+    assert deep.problems() == []
+
+
+def test_fact_matching_reads_numbers_either_way():
+    assert fact_present("5名", "最多可以添加五名家庭成员")
+    assert not fact_present("6个月", "有效期一般不少于3个月")
