@@ -153,7 +153,7 @@ class Calibration:
     high. Another embedding model needs its own midpoint (XIAOZHI_KB_CONFIDENCE_MIDPOINT).
     """
 
-    dense_mid: float = 0.925  # cosine of the best entry at which confidence is 0.5
+    dense_mid: float = 0.938  # cosine of the best entry at which confidence is 0.5
     dense_slope: float = 40.0
     agreement_bonus: float = 0.10  # the lexical and dense rankers name the same best entry
 

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         0.50, description="Below this confidence (0..1) the knowledge base abstains instead of answering."
     )
     kb_confidence_midpoint: float = Field(
-        0.925, description="Dense similarity at which confidence is 0.5; fitted per embedding model (kb eval)."
+        0.938, description="Dense similarity at which confidence is 0.5; fitted per embedding model (kb eval)."
     )
     kb_top_k: int = Field(5, description="How many ranked entries a search returns.")
     kb_reload_interval_s: float = Field(
