@@ -98,11 +98,8 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
             problems.append(Problem(rel, None, f"file is not a valid entry file: {exc}"))
             continue
         for raw_entry in doc.entries:
-            entry_id = raw_entry.get("id") if isinstance(raw_entry, dict) else None
-            try:
-                entry = Entry.model_validate({**raw_entry, "region": doc.region})
-            except ValidationError as exc:
-                problems.append(Problem(rel, entry_id, _short_validation_message(exc)))
+            entry = _validated(Entry, raw_entry, doc, rel, problems)
+            if entry is None:
                 continue
             if entry.id in seen:
                 problems.append(Problem(rel, entry.id, f"duplicate id (also in {seen[entry.id]})"))
@@ -123,11 +120,8 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
                 )
             entries.append(entry)
         for raw_point in doc.points:
-            point_id = raw_point.get("id") if isinstance(raw_point, dict) else None
-            try:
-                point = KnowledgePoint.model_validate({**raw_point, "region": doc.region})
-            except ValidationError as exc:
-                problems.append(Problem(rel, point_id, _short_validation_message(exc)))
+            point = _validated(KnowledgePoint, raw_point, doc, rel, problems)
+            if point is None:
                 continue
             if point.id in seen or point.id in point_files:
                 problems.append(Problem(rel, point.id, f"duplicate id (also in {seen.get(point.id) or point_files[point.id]})"))
@@ -142,6 +136,17 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
             points.remove(point)
     problems.extend(_check_overrides(entries, seen))
     return Corpus(entries=entries, problems=problems, fingerprint=digest.hexdigest()[:16], points=points)
+
+
+def _validated(model, raw, doc: EntryFile, rel: str, problems: list[Problem]):
+    """One entry or knowledge point of a file, in the file's region; None (and the problem noted) if invalid."""
+    try:
+        return model.model_validate({**raw, "region": doc.region})
+    except (ValidationError, TypeError) as exc:
+        item_id = raw.get("id") if isinstance(raw, dict) else None
+        message = _short_validation_message(exc) if isinstance(exc, ValidationError) else "not a mapping"
+        problems.append(Problem(rel, item_id, message))
+        return None
 
 
 def _check_point(rel: str, point: KnowledgePoint) -> list[Problem]:

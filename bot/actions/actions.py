@@ -31,6 +31,10 @@ HUMAN_BUTTON = {"title": "转人工", "payload": "/request_human"}
 DESTINATION_INTENTS = {"ask_cross_region", "ask_cross_region_settlement", "ask_referral"}
 
 
+def kb_down_message() -> Dict[str, Any]:
+    return {"text": KB_DOWN_TEXT, "spoken": NO_ANSWER_SPOKEN, "outcome": "abstained", "buttons": [HUMAN_BUTTON]}
+
+
 def resident_region(tracker: Tracker) -> Optional[str]:
     """The region known for this conversation: a slot once known, else the channel's metadata."""
     region = tracker.get_slot("region")
@@ -68,10 +72,7 @@ class ActionAnswerFromKnowledgeBase(Action):
         failed = float(tracker.get_slot("failed_turns") or 0)
         result = await answer_question(text, region, tracker.get_slot("last_outcome"))
         if result is None:
-            dispatcher.utter_message(
-                json_message={"text": KB_DOWN_TEXT, "spoken": NO_ANSWER_SPOKEN, "outcome": "abstained",
-                              "buttons": [HUMAN_BUTTON]}
-            )
+            dispatcher.utter_message(json_message=kb_down_message())
             return [SlotSet("failed_turns", failed + 1), SlotSet("last_outcome", "abstained")]
         outcome = result.get("outcome") or "abstained"
         payload = {key: result.get(key) for key in (
@@ -120,10 +121,7 @@ class ActionAnswerMore(Action):
             return []
         result = await more_about(str(entry_id), resident_region(tracker))
         if result is None:
-            dispatcher.utter_message(
-                json_message={"text": KB_DOWN_TEXT, "spoken": NO_ANSWER_SPOKEN, "outcome": "abstained",
-                              "buttons": [HUMAN_BUTTON]}
-            )
+            dispatcher.utter_message(json_message=kb_down_message())
             return [SlotSet("more_entry", None)]
         payload = {key: result.get(key) for key in ("text", "outcome", "citations", "steps", "answers")}
         steps = result.get("steps") or []

@@ -14,10 +14,10 @@ HUB_URL = os.environ.get("XIAOZHI_HUB_URL", "http://127.0.0.1:8000").rstrip("/")
 KB_TIMEOUT = aiohttp.ClientTimeout(total=float(os.environ.get("XIAOZHI_ACTIONS_KB_TIMEOUT_S", "5")))
 
 
-async def _get(path: str, params: Optional[Dict[str, str]] = None) -> Optional[Dict[str, Any]]:
+async def _request(method: str, path: str, **kwargs: Any) -> Optional[Dict[str, Any]]:
     try:
         async with aiohttp.ClientSession(timeout=KB_TIMEOUT) as session:
-            async with session.get(f"{HUB_URL}{path}", params=params) as response:
+            async with session.request(method, f"{HUB_URL}{path}", **kwargs) as response:
                 if response.status != 200:
                     log.error("knowledge base %s answered HTTP %s", path, response.status)
                     return None
@@ -25,19 +25,14 @@ async def _get(path: str, params: Optional[Dict[str, str]] = None) -> Optional[D
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.error("knowledge base %s failed: %s", path, exc)
         return None
+
+
+async def _get(path: str, params: Optional[Dict[str, str]] = None) -> Optional[Dict[str, Any]]:
+    return await _request("GET", path, params=params)
 
 
 async def _post(path: str, body: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    try:
-        async with aiohttp.ClientSession(timeout=KB_TIMEOUT) as session:
-            async with session.post(f"{HUB_URL}{path}", json=body) as response:
-                if response.status != 200:
-                    log.error("knowledge base %s answered HTTP %s", path, response.status)
-                    return None
-                return await response.json()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.error("knowledge base %s failed: %s", path, exc)
-        return None
+    return await _request("POST", path, json=body)
 
 
 async def answer_question(text: str, region: Optional[str], last_outcome: Optional[str]) -> Optional[Dict[str, Any]]:
