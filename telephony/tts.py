@@ -2,9 +2,17 @@
 
 * ``Synthesizer`` is the interface; ``make_synthesizer(kind, **options)`` builds one by name so a
   better engine can replace espeak by configuration (``register_synthesizer`` adds kinds).
-* ``Pyttsx3Synthesizer`` drives pyttsx3's espeak driver with the ``sit/cmn-latn-pinyin`` voice.
-* numbers are read aloud through ``xiaozhi.spoken.spoken_chinese`` (amounts, dates, phone numbers).
-* ``PromptCache`` renders the fixed prompts of ``prompts.yaml`` once and plays them from disk.
+* ``KokoroSynthesizer`` (the default, ``kokoro``): Kokoro-82M's neural Mandarin voice on onnxruntime
+  (telephony/kokoro.py), rendered on a bounded ``RenderPool`` of threads, earliest deadline first.
+* ``Pyttsx3Synthesizer`` (``pyttsx3``/``espeak``) drives pyttsx3's espeak driver with the
+  ``sit/cmn-latn-pinyin`` voice: a configured engine and the fallback ``phone_synthesizer`` switches
+  to, logged, when Kokoro cannot load.
+* numbers are read aloud through ``xiaozhi.spoken`` (amounts, dates, phone numbers; Kokoro also
+  spells Latin letters the Chinese way).
+* ``split_clauses`` cuts a reply into clauses; ``speak_clauses`` renders them one after another so the
+  first plays while the next renders, cached clauses straight from the ``PromptCache``.
+* ``PromptCache`` renders the fixed prompts of ``prompts.yaml`` once and plays them from disk; the
+  same content-hashed files hold pre-rendered clauses of knowledge-base answers (``Prerenderer``).
 
 espeak runs in worker processes, one per voice setting (see ``EspeakWorker``): its process-wide,
 multi-threaded state cannot take the hub down with it. ``synthesize_async`` waits for a render on
@@ -14,8 +22,11 @@ one dedicated thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import heapq
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -24,14 +35,14 @@ import tempfile
 import threading
 import time
 import wave
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from xiaozhi.spoken import spoken_chinese
+from xiaozhi.spoken import speech_text, spoken_chinese
 
 from .audio import SAMPLE_RATE, load_wav, resample
 
@@ -42,6 +53,7 @@ DEFAULT_RATE = 150  # espeak words/minute; its default 200 is too fast for a pho
 ELDERLY_RATE = 120  # 适老化: slower speech for elderly callers
 PREFERRED_VOICE = "cmn-latn-pinyin"
 FALLBACK_VOICE = "cmn"
+ELDERLY_SPEED = 0.85  # 适老化 preset of the neural voice (its normal speed is 1.0)
 
 
 class TTSError(RuntimeError):
@@ -81,9 +93,76 @@ def _executor() -> ThreadPoolExecutor:
         return _EXECUTOR
 
 
-async def synthesize_async(synth: Synthesizer, text: str) -> bytes:
-    """Run ``synth.synthesize`` on the dedicated TTS worker thread without blocking the event loop."""
+async def synthesize_async(synth: Synthesizer, text: str, *, deadline: float | None = None) -> bytes:
+    """``synth.synthesize(text)`` off the event loop: on the synthesizer's own ``RenderPool`` when it has
+    one (Kokoro; earliest ``deadline`` first, default now), else on the dedicated TTS thread (espeak)."""
+    pool = getattr(synth, "pool", None)
+    if isinstance(pool, RenderPool):
+        return await asyncio.wrap_future(pool.submit(synth.synthesize, text, deadline=deadline))
     return await asyncio.get_running_loop().run_in_executor(_executor(), synth.synthesize, text)
+
+
+class RenderPool:
+    """A bounded pool of render threads that takes the job with the earliest deadline first.
+
+    With ten callers on two cores, a reply's first clause (needed now) must not wait behind clauses
+    of other replies that will only be heard seconds later. ``submit`` returns a
+    ``concurrent.futures.Future``; cancelling it before a thread takes it drops the job (barge-in).
+    ``busy`` counts jobs queued or running (the ``Prerenderer`` waits while it is non-zero).
+    """
+
+    def __init__(self, workers: int = 2, name: str = "tts") -> None:
+        self.workers = max(1, int(workers))
+        self._heap: list[tuple[float, int, Future, Callable[..., Any], tuple]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._running = 0
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def busy(self) -> int:
+        with self._cv:
+            return len(self._heap) + self._running
+
+    def submit(self, fn: Callable[..., Any], *args: Any, deadline: float | None = None) -> Future:
+        fut: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("render pool closed")
+            heapq.heappush(self._heap, (time.monotonic() if deadline is None else deadline, next(self._seq), fut, fn, args))
+            self._cv.notify()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._heap:
+                    return
+                _, _, fut, fn, args = heapq.heappop(self._heap)
+                if not fut.set_running_or_notify_cancel():
+                    continue  # cancelled while queued
+                self._running += 1
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 — handed to whoever waits for it
+                fut.set_exception(e)
+            finally:
+                with self._cv:
+                    self._running -= 1
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            for _, _, fut, _, _ in self._heap:
+                fut.cancel()
+            self._heap.clear()
+            self._cv.notify_all()
 
 
 _REGISTRY: dict[str, Callable[..., Synthesizer]] = {}
@@ -95,7 +174,8 @@ def register_synthesizer(kind: str, factory: Callable[..., Synthesizer]) -> None
 
 
 def make_synthesizer(kind: str = "pyttsx3", **options: Any) -> Synthesizer:
-    """The synthesizer called ``kind`` ("pyttsx3"/"espeak", or a registered one) built with ``options``."""
+    """The synthesizer called ``kind`` ("kokoro", "pyttsx3"/"espeak", or a registered one) built with
+    ``options``. Every built-in kind takes ``elderly=True`` for its slower 适老化 preset."""
     try:
         factory = _REGISTRY[kind.lower()]
     except KeyError:
@@ -397,8 +477,163 @@ class Pyttsx3Synthesizer:
         return await synthesize_async(self, text)
 
 
-register_synthesizer("pyttsx3", Pyttsx3Synthesizer)
-register_synthesizer("espeak", Pyttsx3Synthesizer)
+def _espeak(*, elderly: bool = False, rate: int | None = None, **options: Any) -> Pyttsx3Synthesizer:
+    return Pyttsx3Synthesizer(rate=rate or (ELDERLY_RATE if elderly else DEFAULT_RATE), **options)
+
+
+register_synthesizer("pyttsx3", _espeak)
+register_synthesizer("espeak", _espeak)
+
+
+# --------------------------------------------------------------------------------------------
+# Kokoro-82M (neural Mandarin voice)
+# --------------------------------------------------------------------------------------------
+# A reply is spoken clause by clause: sentences, and long sentences cut at commas, so that the
+# first clause plays while the next renders. A clause is also the unit of the render cache, so a
+# knowledge-base answer pre-rendered alone is found again inside a reply that adds words around it.
+_SENTENCE = re.compile(r"[^。！？；!?;\n]*[。！？；!?;\n]+|[^。！？；!?;\n]+")
+_COMMA = re.compile(r"[^，：,:]*[，：,:]+|[^，：,:]+")
+CLAUSE_MAX_CHARS = 24  # sentences longer than this are cut at commas...
+CLAUSE_MIN_CHARS = 6  # ...into pieces no shorter than this (short ones join the next)
+SENTENCE_PAUSE_S = 0.3  # silence after a clause that ends a sentence
+COMMA_PAUSE_S = 0.15  # after a clause cut at a comma
+
+
+def split_clauses(text: str) -> list[str]:
+    """``text`` as the clauses it is spoken (and cached) in; joined they give ``text`` back, whitespace aside."""
+    clauses: list[str] = []
+    for sentence in _SENTENCE.findall(text.strip()):
+        sentence = sentence.strip()
+        if not sentence:
+            continue
+        if len(sentence) <= CLAUSE_MAX_CHARS:
+            clauses.append(sentence)
+            continue
+        piece = ""
+        for part in _COMMA.findall(sentence):
+            piece += part
+            if len(piece) >= CLAUSE_MIN_CHARS:
+                clauses.append(piece.strip())
+                piece = ""
+        if piece.strip():
+            if clauses and len(piece) < CLAUSE_MIN_CHARS:
+                clauses[-1] += piece.strip()
+            else:
+                clauses.append(piece.strip())
+    return [c for c in clauses if c]
+
+
+def clause_pause(clause: str, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The silence that follows ``clause`` when clauses are played one after another."""
+    seconds = SENTENCE_PAUSE_S if re.search(r"[。！？；!?;\n]$", clause) else COMMA_PAUSE_S
+    return np.zeros(int(seconds * rate), np.int16)
+
+
+def _to_8k(audio_24k: np.ndarray) -> np.ndarray:
+    """24 kHz float audio -> 8 kHz int16: a polyphase FIR (Kaiser window) low-pass at 4 kHz, then 1 in 3."""
+    from scipy.signal import resample_poly
+
+    if audio_24k.size == 0:
+        return np.zeros(0, np.int16)
+    y = resample_poly(audio_24k.astype(np.float64), 1, 3)
+    return np.clip(np.round(y * 32767), -32768, 32767).astype(np.int16)
+
+
+class KokoroSynthesizer:
+    """Mandarin speech from Kokoro-82M v1.0 (int8 ONNX), as 8 kHz 16-bit mono PCM.
+
+    ``synthesize(text)`` renders clause by clause (each at most ~120 characters, so the model's
+    510-token context is never exceeded) and joins them with short pauses. The model, vocabulary
+    and G2P are loaded once per process (``telephony.kokoro.kokoro_voice``) and shared; renders run
+    on ``pool`` (``workers`` threads, 1 onnxruntime thread each) when called through
+    ``synthesize_async``/``speak_clauses``. Raises ``TTSUnavailable`` when something is missing.
+
+    Args:
+        voice: a vendored voice name (zf_xiaobei, zm_yunxi) or the path of a kokoro-js voice file.
+        speed: 1.0 is Kokoro's normal pace; unset, ``elderly=True`` gives the slower 0.85.
+    """
+
+    engine_name = "kokoro-82m-v1.0-int8"
+
+    def __init__(self, *, voice: str | Path = "zf_xiaobei", speed: float | None = None, elderly: bool = False,
+                 workers: int = 2, threads: int = 1, cache_dir: str | Path | None = None, **_ignored: Any) -> None:
+        from .kokoro import KokoroUnavailable, kokoro_voice, load_voice
+
+        if speed is None:
+            speed = ELDERLY_SPEED if elderly else 1.0
+        if not 0.5 <= float(speed) <= 2.0:
+            raise ValueError(f"Kokoro speed {speed} outside 0.5-2.0")
+        self.sample_rate = SAMPLE_RATE
+        self.speed = float(speed)
+        self.voice = str(voice)
+        try:
+            self.styles = load_voice(voice)
+            self.engine = kokoro_voice(cache_dir, threads)
+        except KokoroUnavailable as e:
+            raise TTSUnavailable(str(e)) from None
+        self.pool = _kokoro_pool(workers)
+        self.voice_digest = hashlib.sha256(self.styles.tobytes()).hexdigest()[:16]
+
+    @property
+    def cache_identity(self) -> Mapping[str, Any]:
+        return {"engine": self.engine_name, "voice": self.voice_digest, "speed": self.speed,
+                "sample_rate": self.sample_rate, "text": "speech_text-1"}
+
+    def synthesize_clause(self, clause: str) -> np.ndarray:
+        """One clause (any text) as 8 kHz int16 samples, edges trimmed, no pause added."""
+        spoken = speech_text(clause)
+        if not re.search(r"\w", spoken):
+            return np.zeros(0, np.int16)
+        try:
+            return _to_8k(self.engine.render(spoken, self.styles, self.speed))
+        except Exception:  # noqa: BLE001 — onnxruntime's own errors: the caller still hears the clause
+            log.exception("tts: Kokoro failed on %r; this clause is spoken by espeak-ng", clause[:20])
+            fallback = make_synthesizer("pyttsx3", elderly=self.speed < 1.0)
+            return np.frombuffer(fallback.synthesize(clause), dtype="<i2")
+
+    def synthesize(self, text: str) -> bytes:
+        """``text`` as 8 kHz 16-bit mono PCM bytes (b"" for text with nothing to say)."""
+        parts = []
+        clauses = split_clauses(text)
+        for i, clause in enumerate(clauses):
+            samples = self.synthesize_clause(clause)
+            if samples.size:
+                parts.append(samples)
+                if i < len(clauses) - 1:
+                    parts.append(clause_pause(clause))
+        return np.concatenate(parts).astype("<i2").tobytes() if parts else b""
+
+    async def synthesize_async(self, text: str) -> bytes:
+        return await synthesize_async(self, text)
+
+
+_POOLS: dict[int, RenderPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _kokoro_pool(workers: int) -> RenderPool:
+    """One render pool per process and size: every Kokoro synthesizer (normal, elderly) shares the cores."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = RenderPool(workers, name="kokoro")
+        return _POOLS[workers]
+
+
+register_synthesizer("kokoro", KokoroSynthesizer)
+
+
+def phone_synthesizer(kind: str = "kokoro", **options: Any) -> Synthesizer:
+    """``make_synthesizer(kind, **options)``, or espeak when that engine cannot load here (logged):
+    the hotline always has a voice. Raises only if espeak cannot run either."""
+    if kind.lower() not in _REGISTRY:
+        return make_synthesizer(kind, **options)  # a misspelt engine is a configuration error: ValueError
+    try:
+        return make_synthesizer(kind, **options)
+    except (TTSError, ImportError, OSError, ValueError) as e:
+        if kind.lower() in ("pyttsx3", "espeak"):
+            raise
+        log.error("tts: the %s voice cannot load (%s); the phone line speaks with espeak-ng instead", kind, e)
+        return make_synthesizer("pyttsx3", elderly=bool(options.get("elderly")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,25 +682,41 @@ class PromptCache:
             raise KeyError(f"unknown prompt {name!r}; known: {', '.join(sorted(self.prompts))}") from None
         return self.get_text(text, name=name)
 
-    def get_text(self, text: str, *, name: str = "text") -> bytes:
+    def lookup(self, text: str, *, name: str = "text") -> bytes | None:
+        """The cached rendering of ``text`` (memory or disk; a render another process wrote is found too),
+        or None: never renders."""
+        path = self.path_for(text, name)
+        if (pcm := self._memory.get(str(path))) is not None:
+            return pcm
+        try:
+            return load_wav(path).astype("<i2").tobytes()
+        except FileNotFoundError:
+            return None
+        except (wave.Error, EOFError, ValueError) as e:
+            log.warning("prompt cache: %s unreadable (%s); rendering again", path.name, e)
+            return None
+
+    def get_text(self, text: str, *, name: str = "text", remember: bool = True) -> bytes:
+        """``text`` rendered once and read from the cache afterwards; ``remember=False`` keeps it on disk only
+        (clauses of answers: too many to hold in memory)."""
         path = self.path_for(text, name)
         with self._lock:
-            if (pcm := self._memory.get(str(path))) is not None:
-                return pcm
-            if path.exists():
-                try:
-                    pcm = load_wav(path).astype("<i2").tobytes()
-                except (wave.Error, EOFError, ValueError) as e:
-                    log.warning("prompt cache: %s unreadable (%s); rendering again", path.name, e)
-                    pcm = None
-            if pcm is None:
-                pcm = self.synthesizer.synthesize(text)
+            pcm = self.lookup(text, name=name)
+        if pcm is None:
+            pcm = self.synthesizer.synthesize(text)  # outside the lock: renders of different texts run in parallel
+            with self._lock:
                 self.renders += 1
                 self._write(path, pcm)
-            self._memory[str(path)] = pcm
-            return pcm
+        if remember:
+            with self._lock:
+                self._memory[str(path)] = pcm
+        return pcm
 
     async def get_async(self, name: str) -> bytes:
+        """``get(name)`` off the event loop (on the synthesizer's render pool when it has one)."""
+        pool = getattr(self.synthesizer, "pool", None)
+        if isinstance(pool, RenderPool):
+            return await asyncio.wrap_future(pool.submit(self.get, name))
         return await asyncio.get_running_loop().run_in_executor(_executor(), self.get, name)
 
     def warm(self) -> dict[str, float]:
@@ -486,6 +737,150 @@ class PromptCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+CLAUSE_CACHE_NAME = "clause"  # file-name prefix of cached clauses (prompts use their own names)
+_SECONDS_PER_CHAR = 0.22  # Kokoro's Mandarin at speed 1: an estimate of when a clause will be needed
+
+
+async def speak_clauses(synth: Synthesizer, clauses: list[str], cache: PromptCache | None = None, *,
+                        lookahead: int = 2) -> AsyncIterator[tuple[int, np.ndarray]]:
+    """Yields ``(index, samples)`` for each clause in order, each followed by its pause (the last without).
+
+    Cached clauses (pre-rendered answers, earlier replies) come from ``cache``; the others are rendered
+    on the synthesizer's pool, at most ``lookahead`` clauses ahead of the one being played, each with
+    the deadline at which it will be heard (so a first clause of another call goes first). Rendered
+    clauses are stored in the cache. Closing the generator (barge-in cancels its task) cancels the
+    renders not yet started.
+    """
+    loop = asyncio.get_running_loop()
+    pool = getattr(synth, "pool", None)
+    started = time.monotonic()
+    due = 0.0  # seconds of speech before the next clause to start, from ``started``
+
+    def render(clause: str) -> bytes:
+        if cache is None:
+            return synth.synthesize(clause)
+        return cache.get_text(clause, name=CLAUSE_CACHE_NAME, remember=False)
+
+    def start(clause: str) -> asyncio.Future:
+        nonlocal due
+        deadline = started + due
+        due += len(clause) * _SECONDS_PER_CHAR
+        pcm = cache.lookup(clause, name=CLAUSE_CACHE_NAME) if cache is not None else None
+        if pcm is not None:
+            done = loop.create_future()
+            done.set_result(pcm)
+            return done
+        if isinstance(pool, RenderPool):
+            return asyncio.wrap_future(pool.submit(render, clause, deadline=deadline))
+        return loop.run_in_executor(_executor(), render, clause)
+
+    queued: collections.deque[asyncio.Future] = collections.deque()
+    following = iter(enumerate(clauses))
+    try:
+        for _, clause in itertools.islice(following, max(1, lookahead)):
+            queued.append(start(clause))
+        index = 0
+        while queued:
+            pcm = await queued.popleft()
+            if (nxt := next(following, None)) is not None:
+                queued.append(start(nxt[1]))
+            samples = np.frombuffer(pcm, dtype="<i2")
+            if samples.size:
+                if index < len(clauses) - 1:
+                    samples = np.concatenate([samples, clause_pause(clauses[index])])
+                yield index, samples
+            index += 1
+    finally:
+        for fut in queued:
+            fut.cancel()
+
+
+def spoken_texts(corpus: Any) -> list[str]:
+    """Every spoken answer of a loaded knowledge base (``knowledge_base.loader.load_corpus``): its
+    entries' and knowledge points' ``spoken`` fields, as the phone line would say them."""
+    texts = []
+    for item in [*getattr(corpus, "entries", []), *getattr(corpus, "points", [])]:
+        spoken = getattr(item, "spoken", None)
+        if spoken:
+            texts.append(spoken_chinese(spoken))
+    return list(dict.fromkeys(texts))
+
+
+class Prerenderer:
+    """Renders fixed prompts and spoken answers into the cache in the background, one clause at a time.
+
+    A thread of its own at the lowest CPU priority (nice 19), which also waits while live renders are
+    queued or running on the synthesizer's pool: callers never wait behind it. Texts already cached
+    cost a file check. ``submit`` adds texts (the hub calls it at start-up and after each re-index);
+    ``idle`` is set when everything submitted has been rendered.
+    """
+
+    def __init__(self, cache: PromptCache, *, name: str = "tts-prerender") -> None:
+        self.cache = cache
+        self.rendered = 0  # clauses rendered (not found in the cache)
+        self.failed = 0
+        self.idle = threading.Event()
+        self.idle.set()
+        self._queue: collections.deque[tuple[str | None, Any]] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit_prompts(self) -> None:
+        self._add((name, text) for name, text in self.cache.prompts.items())
+
+    def submit(self, texts: Iterable[str]) -> None:
+        self._add((CLAUSE_CACHE_NAME, clause) for text in texts for clause in split_clauses(text))
+
+    def submit_from(self, texts: Callable[[], Iterable[str]]) -> None:
+        """Like ``submit(texts())``, with ``texts()`` called on the pre-render thread (loading a corpus
+        must not delay start-up either)."""
+        self._add([(None, texts)])
+
+    def _add(self, jobs: Iterable[tuple[str, str]]) -> None:
+        with self._cv:
+            self._queue.extend(jobs)
+            if self._queue:
+                self.idle.clear()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # lowest priority for this thread alone (Linux)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        pool = getattr(self.cache.synthesizer, "pool", None)
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopped:
+                    self.idle.set()
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                name, text = self._queue.popleft()
+            if name is None:  # a loader of texts
+                try:
+                    self.submit(text())
+                except Exception:  # noqa: BLE001 — a broken corpus: the prompts are still rendered
+                    log.exception("tts: cannot list the texts to pre-render")
+                continue
+            while isinstance(pool, RenderPool) and pool.busy and not self._stopped:
+                time.sleep(0.05)  # a caller is waiting for a render: let it have the cores
+            try:
+                if self.cache.lookup(text, name=name) is None:
+                    self.cache.get_text(text, name=name, remember=False)
+                    self.rendered += 1
+            except Exception:  # noqa: BLE001 — one bad text must not stop the rest
+                self.failed += 1
+                log.exception("tts: pre-rendering %r failed", text[:20])
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._queue.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,12 @@
 
 Two small stages, each usable and testable alone:
 
-* ``EnergyVad``: is this frame speech? Frame energy against an adaptive noise floor (minimum
-  statistics), with the zero-crossing rate to reject hiss only slightly louder than the floor. No
-  VAD library is installed here (webrtcvad/silero are not dependencies).
+* ``SileroVad`` (the default, ``make_vad``): is this frame speech? Silero VAD's ONNX model at 8 kHz
+  on onnxruntime, per call state; it keeps finding speech in line noise where energy fails.
+* ``EnergyVad``: the same question from frame energy against an adaptive noise floor (minimum
+  statistics), with the zero-crossing rate to reject hiss; the fallback when Silero cannot load.
+* ``EchoGuard``: is what the caller's line sends back just the echo of the bot's own voice? (Then
+  it must not count as barge-in.)
 * ``TurnDetector``: turns the per-frame decisions into caller turns: a turn starts after a few
   voiced frames (with a little pre-roll so the first syllable is kept), and ends after
   ``end_silence_ms`` of silence (the "hangover"; longer for elderly callers) or at ``max_turn_s``.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,3 +180,160 @@ class TurnDetector:
         """The turn so far, without the silence beyond 200 ms: the recogniser does not need it."""
         keep = len(self._turn) - max(0, self._silent_frames - self.TRAILING_KEEP_FRAMES)
         return b"".join(self._turn[:keep])
+
+
+# --------------------------------------------------------------------------------------------
+# Silero VAD (the default speech decision) and the echo guard for barge-in
+# --------------------------------------------------------------------------------------------
+SILERO_WINDOW = 256  # samples per Silero decision at 8 kHz (32 ms)
+SILERO_CONTEXT = 32  # samples of the previous window the model sees before each window
+_SILERO_SESSION = None
+_SILERO_LOCK = threading.Lock()
+
+
+class VadUnavailable(RuntimeError):
+    """Silero's ONNX model or onnxruntime is missing (the message says how to install it)."""
+
+
+def silero_model_path() -> str:
+    """``silero_vad/data/silero_vad.onnx`` of the installed ``silero-vad`` wheel (6.x, MIT)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("silero_vad")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx" if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise VadUnavailable("Silero VAD's model is not installed: scripts/setup.sh installs silero-vad==6.2.3 "
+                             "(--no-deps, requirements/models.lock.txt)")
+    return str(path)
+
+
+def _silero_session():
+    """One ONNX session per process, shared by every call (onnxruntime sessions are thread-safe)."""
+    global _SILERO_SESSION
+    with _SILERO_LOCK:
+        if _SILERO_SESSION is None:
+            try:
+                import onnxruntime as ort
+            except ImportError as e:
+                raise VadUnavailable(f"onnxruntime is not installed ({e})") from None
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            _SILERO_SESSION = ort.InferenceSession(silero_model_path(), sess_options=options,
+                                                   providers=["CPUExecutionProvider"])
+        return _SILERO_SESSION
+
+
+class SileroVad:
+    """Speech per 20 ms frame from Silero VAD (a small neural model, ~0.1 ms per 32 ms window, 8 kHz,
+    on onnxruntime without torch). Keeps the model's recurrent state per call: one object per call.
+
+    The model decides on 32 ms windows; each 20 ms frame gets the latest window's probability, with
+    hysteresis: speech starts above ``threshold`` and lasts until the probability falls below
+    ``threshold - 0.15`` (Silero's own recommendation), so a syllable's soft end is not cut.
+    Unlike an energy threshold it is not fooled by loud steady noise (measured recall at 10 dB SNR
+    in bench/vad_noise.py and docs/telephony.md).
+    """
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.session = _silero_session()
+        self.threshold = threshold
+        self.off_threshold = max(0.05, threshold - 0.15)
+        self.probability = 0.0
+        self.speaking = False
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = np.zeros((2, 1, 128), np.float32)
+        self._context = np.zeros(SILERO_CONTEXT, np.float32)
+        self._pending = np.zeros(0, np.float32)
+        self._sr = np.array(8000, dtype=np.int64)
+        self.probability = 0.0
+        self.speaking = False
+
+    def is_speech(self, frame: bytes | np.ndarray) -> bool:
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            samples = np.frombuffer(frame[: len(frame) & ~1], dtype="<i2")
+        else:
+            samples = frame
+        if samples.size == 0:
+            return False
+        self._pending = np.concatenate([self._pending, samples.astype(np.float32) / 32768.0])
+        while self._pending.size >= SILERO_WINDOW:
+            window, self._pending = self._pending[:SILERO_WINDOW], self._pending[SILERO_WINDOW:]
+            x = np.concatenate([self._context, window])[None, :]
+            out, self._state = self.session.run(None, {"input": x, "state": self._state, "sr": self._sr})
+            self._context = window[-SILERO_CONTEXT:]
+            self.probability = float(np.asarray(out).reshape(-1)[0])
+            if self.probability >= self.threshold:
+                self.speaking = True
+            elif self.probability < self.off_threshold:
+                self.speaking = False
+        return self.speaking
+
+
+def make_vad(kind: str = "silero") -> SileroVad | EnergyVad:
+    """A per-call VAD: ``silero`` (default; the energy VAD, logged, if its model cannot load) or ``energy``."""
+    if kind == "energy":
+        return EnergyVad()
+    if kind != "silero":
+        raise ValueError(f"unknown VAD {kind!r}; known: silero, energy")
+    try:
+        return SileroVad()
+    except (VadUnavailable, OSError) as e:
+        import logging
+
+        logging.getLogger("telephony.vad").error("Silero VAD unavailable (%s); using the energy VAD", e)
+        return EnergyVad()
+
+
+class EchoGuard:
+    """Tells the bot's own voice coming back down the line (handset or hybrid echo) from a caller
+    talking over it, so that an echo never counts as barge-in.
+
+    It keeps the last ``history_s`` of what was sent. For an incoming 20 ms frame it cross-correlates
+    the last ``window_ms`` of caller audio with that history (FFT, lags up to ``history_s``): an echo
+    is a delayed, attenuated copy of what was sent, so its normalised correlation at the echo delay
+    is high (measured ≥ 0.8 through µ-law both ways); a caller's own voice over the echo pulls it
+    down. Frames while nothing was sent recently are never echo.
+    """
+
+    def __init__(self, *, history_s: float = 0.4, window_ms: int = 120, min_correlation: float = 0.6) -> None:
+        self.history = np.zeros(int(history_s * 8000), np.float32)
+        self.window = int(window_ms * 8)
+        self.recent = np.zeros(self.window, np.float32)
+        self.min_correlation = min_correlation
+        self.sent_frames = 0  # frames with sound among the last len(history)
+        self._recent_loud: collections.deque[bool] = collections.deque(maxlen=max(1, self.history.size // 160))
+        self.correlation = 0.0
+
+    def sent(self, frame: np.ndarray | None) -> None:
+        """The media sender's tap (20 ms, None while silent)."""
+        samples = np.zeros(160, np.float32) if frame is None else np.asarray(frame, np.float32).reshape(-1)
+        self.history = np.concatenate([self.history[samples.size:], samples])
+        self._recent_loud.append(frame is not None and bool(np.any(samples)))
+
+    def received(self, frame: bytes | np.ndarray) -> None:
+        samples = (np.frombuffer(frame[: len(frame) & ~1], dtype="<i2") if isinstance(frame, (bytes, bytearray, memoryview))
+                   else np.asarray(frame)).astype(np.float32)
+        self.recent = np.concatenate([self.recent[samples.size:], samples])
+
+    def is_echo(self) -> bool:
+        """Whether the caller audio heard last is (mostly) the echo of what the bot sent."""
+        self.correlation = 0.0
+        if not any(self._recent_loud):
+            return False
+        x, h = self.recent, self.history
+        ex = float(np.dot(x, x))
+        if ex <= 0.0:
+            return False
+        n = 1 << int(np.ceil(np.log2(h.size + x.size)))
+        corr = np.fft.irfft(np.fft.rfft(h, n) * np.conj(np.fft.rfft(x, n)), n)[: h.size - x.size + 1]
+        # energy of each history segment the window is compared with
+        c = np.concatenate([[0.0], np.cumsum(h.astype(np.float64) ** 2)])
+        eh = c[x.size:] - c[: h.size - x.size + 1]
+        norm = np.sqrt(np.maximum(eh, 1e-9) * ex)
+        self.correlation = float(np.max(np.abs(corr) / norm))
+        return self.correlation >= self.min_correlation

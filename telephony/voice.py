@@ -34,8 +34,8 @@ from .audio import FRAME_BYTES, to_int16
 from .call import Call
 from .handler import CallHandler
 from .recording import CallRecorder
-from .tts import PromptCache, Synthesizer, synthesize_async
-from .vad import EnergyVad, TurnDetector
+from .tts import PromptCache, Synthesizer, speak_clauses, split_clauses
+from .vad import EchoGuard, TurnDetector, make_vad
 
 log = logging.getLogger("telephony.voice")
 
@@ -93,7 +93,8 @@ class VoiceConfig:
     # caller has in fact finished, the transcript is (nearly) ready at end of turn. Skipped while
     # every recogniser worker is busy, so under load no CPU goes to guesses.
     early_asr_ms: int = 300
-    barge_in_ms: int = 200  # voiced speech during playback that stops it
+    barge_in_ms: int = 200  # voiced speech during playback that stops it (echo of the bot's voice excluded)
+    vad: str = "silero"  # per-frame speech decision: "silero" (neural, noise-robust) or "energy"
     min_turn_ms: int = 160  # shorter voiced bursts (clicks, coughs) are not turns
     backchannel_max_ms: int = 700  # a turn this short that is recognised as 嗯/好/对 is a backchannel
     no_input_s: float = 8.0  # silence after the bot finished speaking before a re-prompt
@@ -128,6 +129,9 @@ class TurnTiming:
     tts_s: float = 0.0
     early: bool = False  # the transcript came from recognition started at a pause (early_asr_ms)
     text: str = ""
+    # silences between the clauses of the reply that the caller heard because the next clause was
+    # not rendered yet (seconds; the planned pauses between clauses are not counted)
+    gaps: list[float] = field(default_factory=list)
 
 
 class CallSession:
@@ -135,7 +139,11 @@ class CallSession:
 
     def __init__(self, call: Call, config: VoiceConfig) -> None:
         self.call = call
-        self.vad = EnergyVad()
+        self.vad = make_vad(config.vad)
+        self.echo = EchoGuard()  # the bot's voice echoed back by the line never barges in
+        self.echo_frames = 0  # voiced frames during playback judged to be echo
+        self._frame_no = 0
+        self._echo = False
         # (a pause as long as the end silence never fires: the end comes first)
         self.turns = TurnDetector(end_silence_ms=config.end_silence_ms, max_turn_s=config.max_turn_s,
                                   pause_ms=config.early_asr_ms)
@@ -147,8 +155,14 @@ class CallSession:
         self.timer: asyncio.Task | None = None  # no-input or inter-digit timer
         self.hold_task: asyncio.Task | None = None
         self.busy = False  # a turn is being recognised/answered
-        self.speaking: tuple[Any, np.ndarray] | None = None  # (Playback, samples) of the current reply
-        self.interrupted: np.ndarray | None = None  # what barge-in cut off (resumed after a backchannel)
+        # the reply being spoken: its clauses' (Playback, samples) queued so far, the clauses not yet
+        # queued, and the task rendering them (cancelled by barge-in)
+        self.speaking: list[tuple[Any, np.ndarray]] = []
+        self.unsaid: list[str] = []
+        self.speech: asyncio.Task | None = None
+        # what barge-in cut off: the rest of the audio queued, and the clauses not yet rendered
+        # (resumed after a backchannel)
+        self.interrupted: tuple[np.ndarray, list[str]] | None = None
         self.barged = False
         self.turn_during_playback = False
         self.recorder: CallRecorder | None = None
@@ -172,6 +186,7 @@ class VoiceBot(CallHandler):
         self.config = config or VoiceConfig()
         self.sessions: dict[str, CallSession] = {}
         self.decoding = 0  # recognitions in flight, all calls
+        make_vad(self.config.vad)  # loads the shared VAD model now, not on the event loop at the first call
 
     # -- hooks -----------------------------------------------------------------------------------
     async def on_call_started(self, call: Call) -> None:
@@ -186,7 +201,14 @@ class VoiceBot(CallHandler):
                 log.exception("call %s: cannot record (recording directory)", call.call_id[:8])
             else:
                 call.metadata["recording"] = session.recorder.paths
-                call.media.on_sent = session.recorder.outbound_frame
+        recorder = session.recorder
+
+        def sent(frame: np.ndarray | None) -> None:  # the RTP sender's tap, every 20 ms
+            session.echo.sent(frame)
+            if recorder is not None:
+                recorder.outbound_frame(frame)
+
+        call.media.on_sent = sent
         self._spawn(session, self._work(session))
         session.last_frame_at = asyncio.get_running_loop().time()
         self._spawn(session, self._watch_gaps(session))
@@ -213,7 +235,18 @@ class VoiceBot(CallHandler):
         if session.mode in ("hold", "ending"):
             return
         session.last_frame_at = asyncio.get_running_loop().time()
-        self._process_frame(session, frame, session.vad.is_speech(frame))
+        session.echo.received(frame)
+        speech = session.vad.is_speech(frame)
+        if speech and (call.is_playing or session.turn_during_playback):
+            # the bot is talking: is this the caller, or the bot's own voice echoed back? (checked every
+            # other frame: a correlation costs ~0.3 ms)
+            session._frame_no += 1
+            if session._frame_no % 2:
+                session._echo = session.echo.is_echo()
+            if session._echo:
+                session.echo_frames += 1
+                speech = False
+        self._process_frame(session, frame, speech)
 
     def _process_frame(self, session: CallSession, frame: bytes, speech: bool) -> None:
         call = session.call
@@ -307,21 +340,21 @@ class VoiceBot(CallHandler):
                 self._arm_timer(session, self.config.inter_digit_s, self._submit_digits)
             return
         if digit == "0":  # at once, not behind a turn still being recognised or answered
-            call.stop_playback()
+            self._stop_speaking(session)
             self._spawn(session, self._to_agent(session, "keypad"))
             return
         if session.mode == "menu":
             if digit in self.config.menu_options:
-                call.stop_playback()
+                self._stop_speaking(session)
                 session.mode = "bot"
                 session.queue.put_nowait(("keypad", self.config.menu_options[digit]))
                 return
         if digit.isdigit():
-            call.stop_playback()
+            self._stop_speaking(session)
             session.digits = [digit]
             self._arm_timer(session, self.config.inter_digit_s, self._submit_digits)
         elif digit == "*":
-            call.stop_playback()
+            self._stop_speaking(session)
             self._say_prompt_nowait(session, "menu")
             session.mode = "menu"
 
@@ -364,7 +397,7 @@ class VoiceBot(CallHandler):
             session.hold_task.cancel()
             session.hold_task = None
         session.turns.reset()
-        call.stop_playback()
+        self._stop_speaking(session)
 
     def unbridge(self, call: Call) -> None:
         """The agent left: the bot serves the caller again."""
@@ -374,7 +407,7 @@ class VoiceBot(CallHandler):
         session.agent_sink = None
         session.mode = "bot"
         session.silences = session.failures = 0
-        call.stop_playback()
+        self._stop_speaking(session)
         self._say_prompt_nowait(session, "agent_left")
 
     # -- the per-call worker: one turn at a time ---------------------------------------------------
@@ -433,7 +466,8 @@ class VoiceBot(CallHandler):
         if text and is_backchannel(text) and event.voiced_ms <= self.config.backchannel_max_ms:
             session.backchannels += 1
             if session.interrupted is not None and not session.call.is_playing:
-                self._play(session, session.interrupted)  # "嗯" was not a question: go on talking
+                rest, unsaid = session.interrupted  # "嗯" was not a question: go on talking
+                self._speak(session, unsaid, first=rest)
             session.interrupted = None
             if not session.call.is_playing:
                 self._arm_no_input(session)
@@ -461,28 +495,82 @@ class VoiceBot(CallHandler):
         if session.mode in ("bridged", "hold", "ending"):
             return  # the caller asked for an agent meanwhile (the reply is in the transcript)
         dialogue_s = loop.time() - started
-        started = loop.time()
-        pcm = await synthesize_async(self.synthesizer, turn.spoken) if turn.spoken else b""
-        tts_s = loop.time() - started
-        session.call.stop_playback()  # nothing stale before the answer
-        playback = self._play(session, to_int16(pcm), listen=not (turn.escalated or turn.hang_up))
         if timing is not None:
-            timing.dialogue_s, timing.tts_s, timing.text = dialogue_s, tts_s, text
+            timing.dialogue_s, timing.text = dialogue_s, text
             session.timings.append(timing)
+        first_audio = loop.create_future()
+        speech = self._speak(session, split_clauses(turn.spoken) if turn.spoken else [], timing=timing,
+                             first_audio=first_audio, listen=not (turn.escalated or turn.hang_up))
+        started = loop.time()
+        await asyncio.wait([first_audio, speech], return_when=asyncio.FIRST_COMPLETED)
+        if timing is not None:
+            timing.tts_s = loop.time() - started
         if turn.escalated:
             session.mode = "hold"
-            session.hold_task = self._spawn(session, self._hold(session, after=playback))
+            session.hold_task = self._spawn(session, self._hold(session, after=speech))
         elif turn.hang_up:
             session.mode = "ending"
             self._hang_up_after_playback(session)
 
+    def _speak(self, session: CallSession, clauses: list[str], *, first: np.ndarray | None = None,
+               timing: TurnTiming | None = None, first_audio: asyncio.Future | None = None,
+               listen: bool = True) -> asyncio.Task:
+        """Say ``clauses`` (after ``first``, audio already rendered): a task of the call that renders them
+        clause by clause (``speak_clauses``) and queues each as soon as it is ready, so the caller hears
+        the first clause while the next renders. Barge-in cancels it (``_barge_in``); it returns the last
+        clause's Playback (None if nothing was said)."""
+        if session.speech is not None:
+            session.speech.cancel()
+        session.speaking = []
+        session.unsaid = list(clauses)
+        task = self._spawn(session, self._speech(session, first, timing, first_audio, listen))
+        session.speech = task
+        return task
+
+    async def _speech(self, session: CallSession, first: np.ndarray | None, timing: TurnTiming | None,
+                      first_audio: asyncio.Future | None, listen: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        call = session.call
+        last = None
+        heard_until = 0.0  # loop time at which the audio queued so far will have been sent
+
+        def queue(samples: np.ndarray) -> None:
+            nonlocal last, heard_until
+            now = loop.time()
+            if last is None:
+                call.stop_playback()  # nothing stale before the answer
+                if first_audio is not None and not first_audio.done():
+                    first_audio.set_result(None)
+            elif timing is not None and now > heard_until and call.is_playing is False:
+                timing.gaps.append(now - heard_until)  # the caller heard silence waiting for this clause
+            heard_until = max(now, heard_until) + samples.size / 8000
+            last = call.play(samples)
+            session.speaking.append((last, samples))
+
+        try:
+            if first is not None and first.size:
+                queue(first)
+            clauses = list(session.unsaid)
+            async for index, samples in speak_clauses(self.synthesizer, clauses, self.prompts):
+                session.unsaid = clauses[index + 1:]
+                queue(samples)
+        finally:
+            if first_audio is not None and not first_audio.done():
+                first_audio.set_result(None)  # nothing to say, or the render failed: the turn goes on
+        if session.speech is asyncio.current_task():
+            session.speech = None
+        if listen and last is not None:
+            await self._listen_after(session, last)
+        elif listen:
+            self._arm_no_input(session)
+        return last
     async def _to_agent(self, session: CallSession, how: str) -> None:
         if session.mode in ("hold", "bridged", "ending"):
             return
         session.mode = "hold"
         session.digits = None
         self._cancel_timer(session)
-        session.call.stop_playback()
+        self._stop_speaking(session)
         try:
             await self.backend.escalate(session.call, "requested")
         except Exception:
@@ -496,8 +584,10 @@ class VoiceBot(CallHandler):
     async def _hold(self, session: CallSession, after: Any) -> None:
         """The hold message, looped, until an agent is bridged (or hold_max_s)."""
         loop = asyncio.get_running_loop()
-        if after is not None:
-            await after.wait()
+        if after is not None:  # the reply's speech task: its last clause played out first
+            last = await asyncio.gather(after, return_exceptions=True)
+            if last and last[0] is not None and not isinstance(last[0], BaseException):
+                await last[0].wait()
         hold = await self.prompts.get_async("hold")
         until = loop.time() + self.config.hold_max_s
         while session.mode == "hold" and loop.time() < until:
@@ -510,15 +600,19 @@ class VoiceBot(CallHandler):
 
     # -- playing ----------------------------------------------------------------------------------
     def _play(self, session: CallSession, samples: np.ndarray, *, listen: bool = True) -> Any:
+        """Play one piece of audio (a prompt) after what is queued, in place of the rest of a reply being rendered."""
+        if session.speech is not None:
+            session.speech.cancel()
+            session.speech = None
+        session.unsaid = []
         playback = session.call.play(samples)
-        session.speaking = (playback, samples)
+        session.speaking = [(playback, samples)]
         if listen:
             self._spawn(session, self._listen_after(session, playback))
         return playback
 
     async def _listen_after(self, session: CallSession, playback: Any) -> None:
-        if await playback.wait() and session.speaking is not None and session.speaking[0] is playback:
-            session.speaking = None
+        await playback.wait()
         if session.mode in ("bot", "menu") and not session.call.is_playing and not session.turns.in_turn:
             self._arm_no_input(session)
 
@@ -531,6 +625,8 @@ class VoiceBot(CallHandler):
 
     def _hang_up_after_playback(self, session: CallSession) -> None:
         async def _bye() -> None:
+            if session.speech is not None:  # the reply is still being rendered
+                await asyncio.gather(session.speech, return_exceptions=True)
             while session.call.is_playing:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.2)
@@ -538,14 +634,22 @@ class VoiceBot(CallHandler):
 
         self._spawn(session, _bye())
 
+    def _stop_speaking(self, session: CallSession) -> None:
+        """Silence from the next frame: queued audio dropped, the reply's remaining clauses not rendered."""
+        if session.speech is not None:
+            session.speech.cancel()
+            session.speech = None
+        session.speaking, session.unsaid = [], []
+        session.call.stop_playback()
+
     def _barge_in(self, session: CallSession) -> None:
         session.barged = True
         session.barge_ins += 1
-        if session.speaking is not None:
-            playback, samples = session.speaking
-            if not playback.done and playback.position < samples.size:
-                session.interrupted = samples[playback.position:]
-        session.call.stop_playback()
+        rest = [samples[playback.position:] for playback, samples in session.speaking
+                if not playback.done and playback.position < samples.size]
+        if rest or session.unsaid:
+            session.interrupted = (np.concatenate(rest) if rest else np.zeros(0, np.int16), list(session.unsaid))
+        self._stop_speaking(session)  # no more clauses: the renders not started are dropped
         log.info("call %s: barge-in", session.call.call_id[:8])
 
     def _after_ignored_turn(self, session: CallSession) -> None:

@@ -74,7 +74,8 @@ async def phone_hub(hub_settings, knowledge_base, tmp_path: Path | None = None, 
     """The hub app with the hotline on (lifespan run in this test's event loop)."""
     from xiaozhi.hub.app import create_app
 
-    update = {"sip_enabled": True, "sip_port": free_udp_port(), "sip_rtp_ports": ""}
+    # no background pre-rendering of the whole knowledge base's answers (tests/test_tts_kokoro.py covers it)
+    update = {"sip_enabled": True, "sip_port": free_udp_port(), "sip_rtp_ports": "", "tts_prerender": False}
     if short_prompts:
         prompts = hub_settings.var_dir / "short_prompts.yaml"
         prompts.write_text(SHORT_PROMPTS, encoding="utf-8")

@@ -90,7 +90,26 @@ def _number_or_digits(m: re.Match[str]) -> str:
     return cardinal(int(run))
 
 
-_FULL_WIDTH = str.maketrans("０１２３４５６７８９％", "0123456789%")
+_FULL_WIDTH = str.maketrans("０１２３４５６７８９％ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺ",
+                            "0123456789%ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+# Latin letters as Mandarin speakers say them on the phone (APP -> A P P): the usual character
+# approximations, so a Chinese voice reads them instead of skipping or guessing an English word.
+LETTERS = {
+    "A": "诶", "B": "必", "C": "西", "D": "迪", "E": "伊", "F": "艾弗", "G": "吉", "H": "艾尺", "I": "艾",
+    "J": "杰", "K": "开", "L": "艾勒", "M": "艾姆", "N": "恩", "O": "欧", "P": "批", "Q": "丘", "R": "阿",
+    "S": "艾斯", "T": "踢", "U": "优", "V": "维", "W": "达不溜", "X": "艾克斯", "Y": "歪", "Z": "贼",
+}
+
+
+def spell_letters(text: str) -> str:
+    """Latin letters read one by one the Chinese way: APP -> 诶批批, ID -> 艾迪 (case ignored)."""
+    return re.sub(r"[A-Za-z]", lambda m: LETTERS[m.group(0).upper()], text)
+
+
+def speech_text(text: str) -> str:
+    """What a Chinese voice should read: numbers as spoken (``spoken_chinese``), then letters spelled."""
+    return spell_letters(spoken_chinese(text))
 
 
 def spoken_chinese(text: str) -> str:
@@ -101,6 +120,8 @@ def spoken_chinese(text: str) -> str:
     10:30 -> 十点三十分, 1,200 -> 一千二百. Full-width digits are treated like ASCII ones.
     """
     text = text.translate(_FULL_WIDTH)
+    # ¥1200 / 1200元 alike: the currency sign is read after the amount
+    text = re.sub(r"[¥￥]\s*(\d[\d,]*(?:\.\d+)?)(?:\s*元)?", r"\1元", text)
     # 1,200 -> 1200 (thousands separators only between digit groups of three)
     text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)
     # dates: 2024-01-01, 2024/1/1, 2024.1.1 -> 2024年1月1日

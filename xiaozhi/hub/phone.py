@@ -101,6 +101,8 @@ class PhoneService:
         self.lines = DistrictLines([])
         self._calls: dict[str, Call] = {}  # conversation id -> live call
         self._legs: dict[str, AgentAudioLeg] = {}
+        self.prerenderer = None  # telephony.tts.Prerenderer: prompts and answers rendered in the background
+        self._watch: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -126,7 +128,7 @@ class PhoneService:
     def build_bot(self) -> VoiceBot:
         """Recogniser, synthesiser and the prompt cache (blocking: run in a thread at start-up)."""
         from telephony.asr import make_recognizer
-        from telephony.tts import DEFAULT_RATE, ELDERLY_RATE, PromptCache, make_synthesizer
+        from telephony.tts import Prerenderer, PromptCache, phone_synthesizer
 
         s = self.settings
         try:
@@ -140,10 +142,44 @@ class PhoneService:
                            if s.asr_kind == "whisper" else {})
                 _RECOGNIZERS[key] = make_recognizer(s.asr_kind, s.asr_model_path, **options)
             recognizer = _RECOGNIZERS[key]
-        synthesizer = make_synthesizer(s.tts_kind, rate=ELDERLY_RATE if s.phone_elderly_mode else DEFAULT_RATE)
-        prompts = PromptCache(synthesizer, s.cache_dir / "prompts", s.phone_prompts_file)
-        prompts.warm()
+        options: dict = {"elderly": s.phone_elderly_mode}
+        if s.tts_kind == "kokoro":
+            options.update(voice=s.tts_voice, workers=s.tts_workers, cache_dir=s.cache_dir / "models")
+            if not s.phone_elderly_mode or "tts_speed" in s.model_fields_set:  # else the elderly preset
+                options["speed"] = s.tts_speed
+        synthesizer = phone_synthesizer(s.tts_kind, **options)  # espeak, logged, if Kokoro cannot load
+        # Prompts and answers are rendered in the background (Prerenderer); until then a prompt is
+        # rendered when first needed and an answer live, clause by clause.
+        prompts = PromptCache(synthesizer, s.cache_dir / "tts", s.phone_prompts_file)
+        if s.tts_prerender:
+            self.prerenderer = Prerenderer(prompts)
+            self.prerenderer.submit_prompts()
+            self.prerenderer.submit_from(self._spoken_answers)
+        else:
+            prompts.warm()
         return VoiceBot(self, recognizer, synthesizer, prompts, self.voice_config())
+
+    def _spoken_answers(self) -> list[str]:
+        """Every knowledge-base spoken answer, in the form the phone says it (read from the data files)."""
+        from knowledge_base.loader import load_corpus
+        from telephony.tts import spoken_texts
+
+        return spoken_texts(load_corpus(self.settings.kb_data_dir))
+
+    async def _watch_answers(self) -> None:
+        """After each re-index (``xiaozhi kb index``), pre-render the answers again: new ones get rendered,
+        unchanged ones are found in the cache."""
+        from knowledge_base.embedded import current_generation
+
+        s = self.settings
+        seen = current_generation(s.kb_index_dir)
+        while True:
+            await asyncio.sleep(s.kb_reload_interval_s)
+            generation = current_generation(s.kb_index_dir)
+            if generation is not None and generation != seen and self.prerenderer is not None:
+                seen = generation
+                log.info("phone: knowledge base re-indexed; pre-rendering its spoken answers")
+                self.prerenderer.submit_from(self._spoken_answers)
 
     async def start(self) -> None:
         from telephony.user_agent import UserAgent, UserAgentConfig
@@ -154,9 +190,18 @@ class PhoneService:
                                                  rtp_port_range=s.rtp_port_range, max_calls=s.sip_max_calls))
         await ua.start()
         self.user_agent = ua
+        if self.prerenderer is not None and s.kb_reload_interval_s > 0:
+            self._watch = asyncio.create_task(self._watch_answers(), name="phone-prerender-watch")
         log.info("phone hotline listening at %s (%d district lines)", self.sip_uri, len(self.lines.lines))
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+        if self.prerenderer is not None:
+            await asyncio.to_thread(self.prerenderer.stop)  # waits for the clause being rendered
+            self.prerenderer = None
         if self.user_agent is not None:
             await self.user_agent.stop()  # BYE on every live call; the bot closes their conversations
             self.user_agent = None
