@@ -45,12 +45,13 @@ from knowledge_base.units import Layout, Unit
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "reranker.json"
 
-FEATURES = ("dense_core", "dense_full", "dense_answer", "entry_prior", "overlap", "words_asked", "words_answer", "number", "case",
+FEATURES = ("dense_core", "dense_full", "dense_answer", "entry_prior", "overlap", "words_asked", "words_answer",
+            "words_covered", "number", "case",
             "is_point", "is_passage")
 
 # Hand-set starting weights; reranker.json (fitted) replaces them when present.
 DEFAULT_WEIGHTS = {
-    "dense_core": 2.0, "dense_full": 1.0, "dense_answer": 0.5, "entry_prior": 1.2, "overlap": 1.0, "words_asked": 1.0, "words_answer": 0.5,
+    "dense_core": 2.0, "dense_full": 1.0, "dense_answer": 0.5, "entry_prior": 1.2, "overlap": 1.0, "words_asked": 1.0, "words_answer": 0.5, "words_covered": 1.0,
     "number": 0.6, "case": 0.8, "is_point": 0.3, "is_passage": -0.3, "bias": 0.0,
 }
 
@@ -59,6 +60,7 @@ CANDIDATE_ENTRIES = 5  # entries whose units are scored
 # softmax and a genuinely different question comes close (fitted on the dev split: see reranker.json).
 CLARIFY_SHARE = 0.35
 CLARIFY_RATIO = 0.6  # the runner-up's share is at least this fraction of the best one's
+AREA_DENSE = 0.6  # (cos 0.94) a question this close to an entry's own wording is answered by the entry
 PHONE_SPOKEN_CHARS = 60  # everything said for one answer: about 14 s at the phone voice's pace
 
 HOW_TO = re.compile(r"怎么|如何|咋|流程|步骤|办理|操作|申请|在哪|哪里|去哪|手续|怎样|方法|渠道|开通|激活|绑定|添加|备案|补办")
@@ -109,7 +111,8 @@ class UnitIndex:
         # Words of each unit's ways of asking and of its answer, with inverse document frequencies
         # over all units: a rare word the question shares with a unit ("过期", "低保") says more
         # than a common one ("医保", "报销").
-        self.asked_words = [frozenset(text.words(text.normalise(" ".join(u.texts)))) for u in rows.units]
+        self.text_words = [[frozenset(text.words(text.normalise(t))) for t in u.texts] for u in rows.units]
+        self.asked_words = [frozenset().union(*ws) for ws in self.text_words]
         self.answer_words = [frozenset(text.words(text.normalise(u.answer, correct=False))) for u in rows.units]
         df: dict[str, int] = {}
         for a, b in zip(self.asked_words, self.answer_words):
@@ -119,15 +122,19 @@ class UnitIndex:
         self.idf = {w: math.log(1 + n / c) for w, c in df.items()}
         self._unseen_idf = math.log(1 + n)
 
-    def word_overlap(self, words: list[str], unit: int) -> tuple[float, float]:
-        """IDF-weighted share of the question's words found in the unit's questions, and in its answer."""
+    def word_overlap(self, words: list[str], unit: int) -> tuple[float, float, float]:
+        """IDF-weighted share of the question's words found in the unit's questions, and in its answer;
+        and the best share of one way of asking's words that the question says (a unit asked about
+        急诊 fits "住院要带什么材料" less well than one that asks no more than that)."""
         unique = set(words)
-        total = sum(self.idf.get(w, self._unseen_idf) for w in unique)
+        weight = lambda ws: sum(self.idf.get(w, self._unseen_idf) for w in ws)  # noqa: E731
+        total = weight(unique)
         if not total:
-            return 0.0, 0.0
-        asked = sum(self.idf.get(w, self._unseen_idf) for w in unique if w in self.asked_words[unit])
-        answered = sum(self.idf.get(w, self._unseen_idf) for w in unique if w in self.answer_words[unit])
-        return asked / total, answered / total
+            return 0.0, 0.0, 0.0
+        asked = weight(unique & self.asked_words[unit]) / total
+        answered = weight(unique & self.answer_words[unit]) / total
+        covered = max((weight(ws & unique) / weight(ws) for ws in self.text_words[unit] if ws), default=0.0)
+        return asked, answered, covered
 
     def units_of(self, entry_id: str) -> list[int]:
         return self.layout.by_entry.get(entry_id, [])
@@ -296,7 +303,7 @@ class Answerer:
         out = []
         for u in indexes:
             unit = self.units.layout.units[u]
-            words_asked, words_answer = self.units.word_overlap(words, u)
+            words_asked, words_answer, words_covered = self.units.word_overlap(words, u)
             features = {
                 "dense_core": _dense(sims_core[u]),
                 "dense_full": _dense(sims_full[u]),
@@ -305,6 +312,7 @@ class Answerer:
                 "overlap": max(overlap(core, unit), overlap(question, unit)),
                 "words_asked": words_asked,
                 "words_answer": words_answer,
+                "words_covered": words_covered,
                 "number": number_fit(core, unit),
                 "case": case_agreement(parsed.case, unit),
                 "is_point": float(unit.kind == "point"),
@@ -364,6 +372,11 @@ class Answerer:
             return Reply("abstained", ABSTAIN_TEXT, ABSTAIN_SPOKEN, buttons=[HUMAN_BUTTON], meta=meta)
         if len(answerable) == 1:
             options = self._clarify_options(answerable[0])
+            area = self._area_answer(answerable[0]) if options else None
+            if area is not None:
+                # Unsure between precise points but sure of the area: the broad answer beats a question back.
+                answerable[0].candidates.insert(0, area)
+                options = []
             if options and context.last_outcome == "clarifying":
                 # Never "which one did you mean" twice in a row: a person is offered instead.
                 return Reply("abstained", UNSURE_AGAIN_TEXT, UNSURE_AGAIN_SPOKEN, buttons=[HUMAN_BUTTON],
@@ -410,6 +423,12 @@ class Answerer:
             if len(options) == 3:
                 break
         return options if len(options) >= 2 else []
+
+    def _area_answer(self, found: QuestionAnswer) -> Candidate | None:
+        """The broad entry asked most nearly the way the question is put, when it is that close."""
+        entries = [c for c in found.candidates if c.unit.kind == "entry"]
+        best = max(entries, key=lambda c: c.features.get("dense_full", 0.0), default=None)
+        return best if best is not None and best.features.get("dense_full", 0.0) >= AREA_DENSE else None
 
     def _clarify(self, options: list[Candidate], meta: dict) -> Reply:
         questions = [_as_question(o.unit) for o in options]
