@@ -9,6 +9,7 @@ procedures (forms) live in bot/actions/forms.py.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict, List, Optional, Text
 
 from rasa_sdk import Action, Tracker
@@ -169,6 +170,10 @@ GUIDANCE_WORDS = [
 ]
 
 
+# Words of a real emergency: with one of them an "urgent" message goes to a person at once.
+URGENT_WORDS = re.compile(r"抢救|急救|救命|危险|不行了|昏迷|晕倒|大出血|紧急|急死|马上|立刻|赶紧|快点|120|急诊室|刷不了|结不了|交不了钱|出不了院")
+
+
 class ActionEscalate(Action):
     """Hand the conversation to a person: the hub queues it for the agent desk."""
 
@@ -181,6 +186,10 @@ class ActionEscalate(Action):
         self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: Dict[Text, Any]
     ) -> List[Dict[Text, Any]]:
         intent = (tracker.latest_message.get("intent") or {}).get("name")
+        if intent == "urgent" and not URGENT_WORDS.search(tracker.latest_message.get("text") or ""):
+            # DIET hears urgency in stories that only mention a hospital stay ("我妈住院了……钱怎么报"):
+            # without a word of an emergency, it is a question, and the knowledge base answers it.
+            return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
         message = domain_message(domain, self.REASONS.get(intent, "utter_escalate"))
         message["outcome"] = "escalated"
         dispatcher.utter_message(json_message=message)
