@@ -60,6 +60,7 @@ CANDIDATE_ENTRIES = 5  # entries whose units are scored
 # softmax and a genuinely different question comes close (fitted on the dev split: see reranker.json).
 CLARIFY_SHARE = 0.35
 CLARIFY_RATIO = 0.6  # the runner-up's share is at least this fraction of the best one's
+ANSWER_ABSTAIN = 0.25  # retrieval confidence below which the answer stage declines (fitted: reranker.json)
 AREA_DENSE = 0.6  # (cos 0.94) a question this close to an entry's own wording is answered by the entry
 PHONE_SPOKEN_CHARS = 60  # everything said for one answer: about 14 s at the phone voice's pace
 
@@ -165,8 +166,9 @@ def load_weights(path: Path = WEIGHTS_PATH) -> dict[str, float]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         weights = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in data["weights"].items()}}
-        if "clarify_share" in data:
-            weights["clarify_share"] = float(data["clarify_share"])
+        for key in ("clarify_share", "abstain_below"):
+            if key in data:
+                weights[key] = float(data[key])
         return weights
     except (FileNotFoundError, KeyError, ValueError):
         return dict(DEFAULT_WEIGHTS)
@@ -269,6 +271,10 @@ class Answerer:
         self.units = units
         self.weights = weights or load_weights()
         self.clarify_share = self.weights.pop("clarify_share", CLARIFY_SHARE)
+        # Below this retrieval confidence the stage declines. Lower than the search's own threshold:
+        # questions for other agencies are already declined by name (questions.other_agency), and
+        # residents' real wording sits further from the corpus than the team's paraphrases do.
+        self.abstain_below = self.weights.pop("abstain_below", ANSWER_ABSTAIN)
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, features: dict[str, float]) -> float:
@@ -326,7 +332,7 @@ class Answerer:
             total = sum(weights)
             for c, w in zip(out, weights):
                 c.share = w / total
-        return QuestionAnswer(question, best_result, out, confidence, all(r.abstain for r in searches))
+        return QuestionAnswer(question, best_result, out, confidence, confidence < self.abstain_below)
 
     def _units_answering(self, entry_id: str) -> list[int]:
         """An entry's units; a local entry also brings the points of the national entry it replaces

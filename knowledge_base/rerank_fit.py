@@ -115,5 +115,10 @@ def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01)
         "clarify_share": clarify_threshold(weights, x, y, groups),
         "weights": {f: round(float(w), 4) for f, w in zip(FEATURES, weights)},
     }
+    try:  # the answer stage's own abstain threshold is chosen by a separate grid on the dev split; keep it
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        report.update({k: previous[k] for k in ("abstain_below", "abstain_below_note") if k in previous})
+    except (FileNotFoundError, ValueError):
+        pass
     path.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return report
