@@ -110,12 +110,11 @@ def score_reply(item: dict, reply: dict) -> Scored:
         code = REGION_CODES.get(item["city"].removesuffix("市").removesuffix("省"), "")
         # A pack the message itself names as the resident's own ("我杭州医保去苏州看病") is right to
         # answer: there the named city is only where care happens.
-        local = [c for c in citations if c.get("region_code") not in (None, "100000")]
-        wrong = any(
-            not (code and (c["region_code"] == code or c["region_code"] == code[:2] + "0000"))
-            and (c.get("region") or "").removesuffix("市").removesuffix("省") not in item["q"]
-            for c in local
-        )
+        own = {code, code[:2] + "0000"} if code else set()
+        for name, named in REGION_CODES.items():  # and its province's
+            if name in item["q"]:
+                own |= {named, named[:2] + "0000"}
+        wrong = any(c.get("region_code") not in (None, "100000") and c["region_code"] not in own for c in citations)
     spoken = reply.get("spoken") or ""
     return Scored(
         item, outcome, point_ok, topic_ok, found, len(facts) if in_scope else 0, wrong,
