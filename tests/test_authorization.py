@@ -47,6 +47,8 @@ ROUTES: dict[tuple[str, str], str] = {
     # knowledge base: public policy text, also used by the action server
     ("GET", "/api/kb/search"): PUBLIC,
     ("GET", "/api/kb/entries/{entry_id}"): PUBLIC,
+    ("POST", "/api/kb/answer"): PUBLIC,
+    ("GET", "/api/kb/more/{entry_id}"): PUBLIC,
     # staff accounts
     ("POST", "/api/staff/login"): PUBLIC,
     ("POST", "/api/staff/logout"): AGENT,

@@ -47,7 +47,8 @@ def resident_region(tracker: Tracker) -> Optional[str]:
 
 # A guided procedure (form) exists for these topics: an answer offers to walk the resident through.
 GUIDED_TOPICS = {"e_voucher": "ev_activation_form", "cross_region": "cross_region_form",
-                 "reimbursement": "reimbursement_form"}
+                 "referral": "cross_region_form", "reimbursement": "reimbursement_form",
+                 "chronic_disease": "reimbursement_form", "maternity": "reimbursement_form"}
 GUIDE_BUTTON = {"title": "一步步带我办", "payload": "/request_guidance"}
 # The story's facts, as the answer stage reads them, in the slots the forms use.
 INSURANCE_SLOT = {"职工": "职工医保", "居民": "城乡居民医保"}
@@ -88,7 +89,7 @@ class ActionAnswerFromKnowledgeBase(Action):
             dispatcher.utter_message(json_message=payload)
             more = result.get("more") or {}
             events = [SlotSet("failed_turns", 0.0), SlotSet("last_outcome", "answered"),
-                      SlotSet("more_entry", more.get("entry"))]
+                      SlotSet("more_entry", more.get("entry")), SlotSet("last_question", text[:500])]
             if topic:
                 events.append(SlotSet("last_topic", topic))
             case = result.get("case") or {}
@@ -145,11 +146,13 @@ class ActionStartGuidance(Action):
     async def run(
         self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: Dict[Text, Any]
     ) -> List[Dict[Text, Any]]:
-        text = tracker.latest_message.get("text") or ""
+        # The request names the procedure, or the question just before it does ("急诊的费用怎么报" then
+        # "一步步带我办"); otherwise the topic of the last answer decides.
+        said = [tracker.get_slot("last_question") or "", tracker.latest_message.get("text") or ""]
         form = None
-        for words, name in GUIDANCE_WORDS:
-            if any(w in text for w in words):
-                form = name
+        for text in reversed(said):
+            form = next((name for words, name in GUIDANCE_WORDS if any(w in text for w in words)), None)
+            if form:
                 break
         form = form or GUIDED_TOPICS.get(tracker.get_slot("last_topic") or "")
         if form is None:
@@ -166,7 +169,7 @@ GUIDE_SLOT = {"ev_activation_form": "ev_activation", "cross_region_form": "cross
 GUIDANCE_WORDS = [
     (("医保码", "电子凭证", "医保电子", "亲情账户", "激活"), "ev_activation_form"),
     (("备案", "异地", "外地", "外省"), "cross_region_form"),
-    (("报销", "报账", "手工报"), "reimbursement_form"),
+    (("报销", "报消", "报账", "手工报", "怎么报", "钱怎么"), "reimbursement_form"),
 ]
 
 

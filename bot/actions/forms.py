@@ -65,10 +65,8 @@ def _guided_text(tracker: Tracker) -> str:
     """The message to read answers from; when the resident has just asked to be walked through, also
     the question before it ("我退休了要去海南长住，怎么备案" then "一步步带我办": nothing is asked again)."""
     text = tracker.latest_message.get("text") or ""
-    if _intent(tracker) == "request_guidance":
-        said = [e.get("text") or "" for e in tracker.events if e.get("event") == "user"]
-        if len(said) >= 2:
-            text = said[-2] + "，" + text
+    if _intent(tracker) == "request_guidance" and tracker.get_slot("last_question"):
+        text = str(tracker.get_slot("last_question")) + "，" + text
     return text
 
 
