@@ -63,7 +63,9 @@ async def hotline(rasa_url: str | None = None, **overrides):
     with tempfile.TemporaryDirectory() as var:
         settings = Settings(var_dir=Path(var), rasa_url=rasa_url or f"http://127.0.0.1:{dead_port()}",
                             kb_reload_interval_s=0, sip_enabled=True, sip_port=free_udp_port(), sip_rtp_ports="",
-                            sip_max_calls=100, phone_recording=False, survey_poll_interval_s=0, **overrides)
+                            sip_max_calls=100, phone_recording=False, survey_poll_interval_s=0,
+                            tts_prerender=False,  # answers are cached by warm_up(), not by a background job
+                            **overrides)
         # the real prompts with a short greeting: calls get to the question sooner (it is not timed)
         import yaml
 
@@ -90,10 +92,12 @@ class CallResult:
     early: bool = False  # the transcript was started at a pause, before the end of turn
     text: str = ""
     expected: str = ""
+    gaps: list = None  # silences between the reply's clauses while the next was rendering (s)
 
 
-async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0) -> CallResult:
-    """Call, wait out the greeting, ask one question, time the answer, hang up."""
+async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0, whole_reply: bool = False) -> CallResult:
+    """Call, wait out the greeting, ask one question, time the answer, hang up (``whole_reply``: after
+    the bot has been quiet for 1.5 s, so every clause of the reply is rendered and its gaps measured)."""
     await asyncio.sleep(start_delay)
     phone = app.state.phone
     peer = SipPeer(phone.user_agent.port)
@@ -117,12 +121,17 @@ async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0
                     latency = heard[0][0] - spoke_until
                     break
                 await rtp.pause(0.05)
+            if whole_reply and latency is not None:
+                deadline = time.monotonic() + 90
+                while time.monotonic() < deadline and rtp.bot_audio(time.monotonic() - 1.5):
+                    await rtp.pause(0.1)
             result = CallResult(latency, expected=expected)
             if session is not None and session.timings:
                 t = session.timings[0]
                 result.end_of_turn_s, result.asr_s, result.dialogue_s, result.tts_s, result.early = (
                     t.end_of_turn_s, t.asr_s, t.dialogue_s, t.tts_s, t.early)
                 result.text = t.text
+                result.gaps = list(t.gaps)
             peer.in_dialog("BYE", call)
             await peer.expect(200, timeout=5)
             return result
@@ -150,6 +159,9 @@ def summarise(results: list[CallResult]) -> dict:
     for stage in ("end_of_turn_s", "asr_s", "dialogue_s", "tts_s"):
         out[stage] = statistics.median([getattr(r, stage) for r in ok]) if ok else float("nan")
     out["early"] = sum(r.early for r in ok)
+    gaps = [g for r in ok for g in (r.gaps or [])]
+    out["gaps"] = gaps
+    out["gap_p95_s"] = percentile(gaps, 95) if gaps else 0.0
     with_text = [r for r in results if r.expected]
     if with_text:
         out["cer"] = statistics.mean(cer(r.expected, r.text) for r in with_text)

@@ -493,7 +493,7 @@ register_synthesizer("espeak", _espeak)
 # knowledge-base answer pre-rendered alone is found again inside a reply that adds words around it.
 _SENTENCE = re.compile(r"[^。！？；!?;\n]*[。！？；!?;\n]+|[^。！？；!?;\n]+")
 _COMMA = re.compile(r"[^，：,:]*[，：,:]+|[^，：,:]+")
-CLAUSE_MAX_CHARS = 24  # sentences longer than this are cut at commas...
+CLAUSE_MAX_CHARS = 16  # sentences longer than this are cut at commas (a short first clause plays sooner)...
 CLAUSE_MIN_CHARS = 6  # ...into pieces no shorter than this (short ones join the next)
 SENTENCE_PAUSE_S = 0.3  # silence after a clause that ends a sentence
 COMMA_PAUSE_S = 0.15  # after a clause cut at a comma

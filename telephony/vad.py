@@ -176,6 +176,19 @@ class TurnDetector:
             return TurnEvent("pause", self._audio(), self.voiced_ms, len(self._turn) * FRAME_MS)
         return None
 
+    @property
+    def silent_ms(self) -> int:
+        """Silence since the last voiced frame of the current turn."""
+        return self._silent_frames * FRAME_MS
+
+    def finish(self) -> TurnEvent | None:
+        """End the current turn now (its words say it is complete): the same audio its pause carried."""
+        if not self.in_turn:
+            return None
+        event = TurnEvent("end", self._audio(), self.voiced_ms, len(self._turn) * FRAME_MS)
+        self.reset()
+        return event
+
     def _audio(self) -> bytes:
         """The turn so far, without the silence beyond 200 ms: the recogniser does not need it."""
         keep = len(self._turn) - max(0, self._silent_frames - self.TRAILING_KEEP_FRAMES)

@@ -58,6 +58,26 @@ _AGENT_SOUNDALIKE = re.compile(rf"[{_ZHUAN}]\s*[人仁任员研元园言]\s*[工
 _ENDS_IN_AGENT = re.compile(rf"[{_ZHUAN}]?人工(?=[\s\W_]*$)")
 
 
+# A turn whose words end the way questions end can be answered at the first pause (early_asr_ms)
+# instead of after the full end-of-turn silence: the remaining wait was most of the answer time.
+_QUESTION_END = re.compile(
+    r"(吗|呢|嘛|[?？]|(?:怎么|怎样|如何)[\u4e00-\u9fff]{1,4}|(?:哪里|在哪|去哪)[\u4e00-\u9fff]{0,3}|什么[\u4e00-\u9fff]{0,2}|多少[\u4e00-\u9fff]?|"
+    r"哪儿|哪个|几天|几个月|多久|多长时间|(?:是不是|能不能|可不可以|有没有|要不要|会不会)[\u4e00-\u9fff]{1,4}|"
+    r"行不行|对不对|转人工)[\s\W_]*$")
+SHORT_ANSWER_CHARS = 6  # 是的 / 不用了 / 一 / 杭州: what a caller says when the bot just asked something
+
+
+def is_complete_turn(text: str, *, expecting_answer: bool = False) -> bool:
+    """Whether an early transcript already says all the caller meant: a question that ends like one
+    (…吗/…呢/怎么办/多少/哪里…), or, when the bot has just asked something, a short answer."""
+    bare = PUNCTUATION.sub("", text)
+    if not bare:
+        return False
+    if _QUESTION_END.search(text.strip()):
+        return True
+    return expecting_answer and len(bare) <= SHORT_ANSWER_CHARS
+
+
 def correct_agent_request(text: str) -> str:
     """转人工 restored from its usual mishearings (再员工, 专人工, 医保证人工, 我要人工...)."""
     return _ENDS_IN_AGENT.sub("转人工", _AGENT_SOUNDALIKE.sub("转人工", text))
@@ -93,7 +113,12 @@ class VoiceConfig:
     # caller has in fact finished, the transcript is (nearly) ready at end of turn. Skipped while
     # every recogniser worker is busy, so under load no CPU goes to guesses.
     early_asr_ms: int = 300
-    barge_in_ms: int = 200  # voiced speech during playback that stops it (echo of the bot's voice excluded)
+    # End the turn at that pause when the early transcript is a complete question (or the short answer
+    # the bot asked for): ``is_complete_turn``. Otherwise the turn waits for end_silence_ms as before.
+    early_answer: bool = True
+    # voiced speech during playback that stops it (echo of the bot's voice excluded); 160 ms with Silero,
+    # which decides on 32 ms windows and needs one or two of them to rise (200 ms stopped the bot ~420 ms in)
+    barge_in_ms: int = 160
     vad: str = "silero"  # per-frame speech decision: "silero" (neural, noise-robust) or "energy"
     min_turn_ms: int = 160  # shorter voiced bursts (clicks, coughs) are not turns
     backchannel_max_ms: int = 700  # a turn this short that is recognised as 嗯/好/对 is a backchannel
@@ -129,8 +154,8 @@ class TurnTiming:
     tts_s: float = 0.0
     early: bool = False  # the transcript came from recognition started at a pause (early_asr_ms)
     text: str = ""
-    # silences between the clauses of the reply that the caller heard because the next clause was
-    # not rendered yet (seconds; the planned pauses between clauses are not counted)
+    # per join between two clauses of the reply: the silence the caller heard because the next clause
+    # was not rendered yet (seconds, 0 when it was ready; the planned pauses are not counted)
     gaps: list[float] = field(default_factory=list)
 
 
@@ -174,6 +199,8 @@ class CallSession:
         self.backchannels = 0
         self.early: tuple[bytes, asyncio.Future] | None = None  # (audio, its recognition) from a pause
         self.early_used = self.early_wasted = 0
+        self.early_answers = 0  # turns ended at the pause because their words were a complete question
+        self.expects_answer = False  # the bot's last reply asked the caller something
 
 
 class VoiceBot(CallHandler):
@@ -263,18 +290,20 @@ class VoiceBot(CallHandler):
         if event is not None and event.kind == "end":
             # the last voiced frame arrived end_silence_ms ago (unless the turn was cut at max length)
             now = asyncio.get_running_loop().time()
-            speech_end = now if event.truncated else now - self.config.end_silence_ms / 1000
-            # a guess made at this turn's pause travels with it (the next turn's pause may come
-            # before the worker takes this one)
-            early, session.early = session.early, None
-            if session.turn_during_playback and not session.barged:
-                session.backchannels += 1  # too short to interrupt (嗯、好): the reply just goes on
-                self._after_ignored_turn(session)
-                return
-            if event.voiced_ms < self.config.min_turn_ms:  # a click or a cough
-                self._after_ignored_turn(session)
-                return
-            session.queue.put_nowait(("speech", (event, speech_end, early)))
+            self._turn_ended(session, event, now if event.truncated else now - self.config.end_silence_ms / 1000)
+
+    def _turn_ended(self, session: CallSession, event: Any, speech_end: float) -> None:
+        # a guess made at this turn's pause travels with it (the next turn's pause may come
+        # before the worker takes this one)
+        early, session.early = session.early, None
+        if session.turn_during_playback and not session.barged:
+            session.backchannels += 1  # too short to interrupt (嗯、好): the reply just goes on
+            self._after_ignored_turn(session)
+            return
+        if event.voiced_ms < self.config.min_turn_ms:  # a click or a cough
+            self._after_ignored_turn(session)
+            return
+        session.queue.put_nowait(("speech", (event, speech_end, early)))
 
     def _recognise_early(self, session: CallSession, event: Any) -> None:
         """Start recognising the turn so far at a pause, when it would be a real turn and nothing else
@@ -288,6 +317,25 @@ class VoiceBot(CallHandler):
         task = self._spawn(session, self._transcribe(event.audio))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a stale guess's error is not news
         session.early = (event.audio, task)
+        if self.config.early_answer:
+            task.add_done_callback(lambda t: self._early_transcript(session, event.audio, t))
+
+    def _early_transcript(self, session: CallSession, audio: bytes, task: asyncio.Task) -> None:
+        """The guess made at a pause is back: if the caller is still silent and the words are a complete
+        question (or the short answer the bot asked for), the turn ends now instead of after the full
+        end-of-turn silence. Otherwise nothing changes: the turn ends as before, or goes on."""
+        if (task.cancelled() or task.exception() is not None or session.early is None or session.early[1] is not task
+                or not session.turns.in_turn or session.turns.silent_ms < self.config.early_asr_ms
+                or session.mode not in ("bot", "menu")):
+            return
+        if not is_complete_turn(task.result().text, expecting_answer=session.expects_answer or session.mode == "menu"):
+            return
+        silent_s = session.turns.silent_ms / 1000
+        event = session.turns.finish()
+        if event is None or event.audio != audio:
+            return
+        session.early_answers += 1
+        self._turn_ended(session, event, asyncio.get_running_loop().time() - silent_s)
 
     async def _transcribe(self, audio: bytes):
         """The recogniser's transcript; raises ``RecognitionTimeout`` after ``asr_timeout_s``.
@@ -495,6 +543,7 @@ class VoiceBot(CallHandler):
         if session.mode in ("bridged", "hold", "ending"):
             return  # the caller asked for an agent meanwhile (the reply is in the transcript)
         dialogue_s = loop.time() - started
+        session.expects_answer = turn.spoken.rstrip().endswith(("？", "?"))
         if timing is not None:
             timing.dialogue_s, timing.text = dialogue_s, text
             session.timings.append(timing)
@@ -541,8 +590,8 @@ class VoiceBot(CallHandler):
                 call.stop_playback()  # nothing stale before the answer
                 if first_audio is not None and not first_audio.done():
                     first_audio.set_result(None)
-            elif timing is not None and now > heard_until and call.is_playing is False:
-                timing.gaps.append(now - heard_until)  # the caller heard silence waiting for this clause
+            elif timing is not None:  # silence the caller heard waiting for this clause (0: none)
+                timing.gaps.append(now - heard_until if now > heard_until and not call.is_playing else 0.0)
             heard_until = max(now, heard_until) + samples.size / 8000
             last = call.play(samples)
             session.speaking.append((last, samples))
