@@ -413,6 +413,15 @@ class VoiceBot(CallHandler):
         task.add_done_callback(session.tasks.discard)
         return task
 
+    async def close(self) -> None:
+        """Stop every call's tasks that are still running (the hotline is shutting down): a call whose
+        end the user agent reported while the hub was already cancelling its tasks must not outlive it."""
+        tasks = [t for session in self.sessions.values() for t in session.tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
     async def on_call_ended(self, call: Call, reason: Any) -> None:
         session = self.sessions.pop(call.call_id, None)
         if session is None:

@@ -205,6 +205,8 @@ class PhoneService:
         if self.user_agent is not None:
             await self.user_agent.stop()  # BYE on every live call; the bot closes their conversations
             self.user_agent = None
+        if self.bot is not None:
+            await self.bot.close()  # whatever of a call the ending did not reach
 
     # -- the bridge contract -----------------------------------------------------------------------
     def attach_agent(self, conversation_id: str) -> AgentAudioLeg:
