@@ -84,7 +84,11 @@ async def test_call_with_audio_and_dtmf_is_heard_and_answered_with_paced_rtp(wor
     assert len({p.ssrc for p in packets}) == 1
     assert packets[0].marker and not any(p.marker for p in packets[1:])
     assert all((b.sequence - a.sequence) & 0xFFFF == 1 for a, b in zip(packets, packets[1:]))
-    assert all((b.timestamp - a.timestamp) & 0xFFFFFFFF == 160 for a, b in zip(packets, packets[1:]))
+    # 160 samples a packet; a sender that fell over 200 ms behind (a stalled event loop) skips the lost
+    # time in whole frames instead of bursting (media_stream.py): timing, which bench/ measures, not this test.
+    steps = [(b.timestamp - a.timestamp) & 0xFFFFFFFF for a, b in zip(packets, packets[1:])]
+    assert all(step >= 160 and step % 160 == 0 for step in steps), steps
+    print(f"\nRTP timestamp skips after a stall: {sum(step != 160 for step in steps)}")
     gaps = np.diff([t for t, _ in capture.packets]) * 1000
     print(f"\nRTP to sipp: {len(packets)} packets, interval mean {gaps.mean():.2f} ms, "
           f"stdev {gaps.std():.2f} ms, max {gaps.max():.2f} ms")
