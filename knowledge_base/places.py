@@ -6,6 +6,7 @@ Standard library only: the hub's knowledge base (Python 3.11) and the Rasa actio
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional
 
 # Province-level and major city codes (GB/T 2260). Enough for region packs and for telling
@@ -30,6 +31,28 @@ REGION_CODES: Dict[str, str] = {
     "新疆": "650000", "乌鲁木齐": "650100",
 }
 CODE_NAMES = {code: name for name, code in REGION_CODES.items()}
+
+# Every other prefecture-level city, from a generated table (scripts/gen_prefectures.py). Its short
+# name is also an ordinary word for a few ("中山医院", "安康", "朝阳区", "阿里健康", "来宾"): those are
+# recognised only with their suffix ("中山市").
+PREFECTURES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prefectures.tsv")
+SUFFIX_ONLY = {"中山", "安康", "大同", "白银", "普洱", "来宾", "朝阳", "阿里", "中卫", "红河", "海南", "海北",
+               "海西", "黄南", "玉树", "吉林", "白山", "文山", "三沙", "果洛", "山南", "湘西", "兴安"}
+
+
+def _load_prefectures(path: str = PREFECTURES_PATH) -> None:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            code, name, short = line.rstrip("\n").split("\t")
+            REGION_CODES.setdefault(name, code)
+            if short not in SUFFIX_ONLY:
+                REGION_CODES.setdefault(short, code)
+            CODE_NAMES.setdefault(code, short)
+
+
+_load_prefectures()
 
 RELATIONS = {
     "本人": ["本人", "自己", "我自己"],

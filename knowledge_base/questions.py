@@ -218,25 +218,25 @@ def read_case(text: str) -> dict[str, str]:
     return case
 
 
+_PLACE_NAMES = re.compile("|".join(re.escape(n) for n in sorted(REGION_CODES, key=len, reverse=True)))
+
+
 def read_places(text: str) -> list[Place]:
+    """Places the message names, in order, with the role the words around each give it (one
+    pattern, longest name first at each position: "吉林市" is the city, "吉林" the province)."""
     found: list[Place] = []
-    taken: list[tuple[int, int]] = []
-    for name in sorted(REGION_CODES, key=len, reverse=True):
-        for match in re.finditer(re.escape(name), text):
-            start, end = match.span()
-            if any(s <= start < e for s, e in taken):
-                continue
-            taken.append((start, end))
-            after = text[end : end + 8]
-            before = text[max(0, start - 2) : start]
-            if _INSURED_AFTER.search(after) or "参保" in after[:4]:
-                role = "insured"
-            elif _DESTINATION_BEFORE.search(before):
-                role = "destination"
-            else:
-                role = "mentioned"
-            found.append(Place(name, REGION_CODES[name], role))
-    found.sort(key=lambda p: text.find(p.name))
+    for match in _PLACE_NAMES.finditer(text):
+        name = match.group()
+        start, end = match.span()
+        after = text[end : end + 8]
+        before = text[max(0, start - 2) : start]
+        if _INSURED_AFTER.search(after) or "参保" in after[:4]:
+            role = "insured"
+        elif _DESTINATION_BEFORE.search(before):
+            role = "destination"
+        else:
+            role = "mentioned"
+        found.append(Place(name, REGION_CODES[name], role))
     return found
 
 

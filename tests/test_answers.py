@@ -47,6 +47,18 @@ def test_places_know_insured_from_destination():
     assert places == {"广州": "insured", "上海": "destination"}
 
 
+def test_every_prefecture_is_a_place_but_a_city_name_that_is_also_a_word_needs_its_suffix():
+    # Cities the hand table lacked, named in residents' real questions.
+    places = [(p.name, p.code, p.role) for p in read_places("我在东营参保的，现在去南通住院，通辽的亲戚也问过")]
+    assert places == [("东营", "370500", "insured"), ("南通", "320600", "destination"), ("通辽", "150500", "mentioned")]
+    assert [p.code for p in read_places("泉州、连云港、镇江、吉安")] == ["350500", "320700", "321100", "360800"]
+    assert read_places("中山医院能刷医保吗") == []  # a hospital, not the city of 中山
+    assert [(p.name, p.code) for p in read_places("中山市的医保")] == [("中山市", "442000")]
+    # The longest name wins at one position: 吉林市 is the city, 吉林 alone the province.
+    assert [p.code for p in read_places("去吉林市看病")] == ["220200"]
+    assert [p.code for p in read_places("吉林省的医保")] == ["220000"]
+
+
 def test_other_agencies_are_recognised_but_not_medical_insurance_questions():
     assert other_agency("公积金怎么提取").name == "公积金"
     assert other_agency("单位不给认定工伤，让我走医保报销可以吗").name == "工伤"
