@@ -44,6 +44,13 @@ def zero_crossing_rate(samples: np.ndarray) -> float:
     return float(np.count_nonzero(signs[1:] != signs[:-1])) / (samples.size - 1)
 
 
+def frame_samples(frame: bytes | np.ndarray) -> np.ndarray:
+    """A frame as int16 samples: 16-bit little-endian PCM bytes (an odd last byte dropped) or an array."""
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        return np.frombuffer(frame[: len(frame) & ~1], dtype="<i2")
+    return np.asarray(frame)
+
+
 @dataclass
 class EnergyVad:
     """Speech/non-speech per frame against an adaptive noise floor.
@@ -75,10 +82,7 @@ class EnergyVad:
         self._levels: collections.deque[float] = collections.deque(maxlen=max(10, int(self.window_s * 50)))
 
     def is_speech(self, frame: bytes | np.ndarray) -> bool:
-        if isinstance(frame, (bytes, bytearray, memoryview)):
-            samples = np.frombuffer(frame[: len(frame) & ~1], dtype="<i2")
-        else:
-            samples = frame
+        samples = frame_samples(frame)
         if samples.size == 0:
             return False
         level = frame_energy_db(samples)
@@ -267,10 +271,7 @@ class SileroVad:
         self.speaking = False
 
     def is_speech(self, frame: bytes | np.ndarray) -> bool:
-        if isinstance(frame, (bytes, bytearray, memoryview)):
-            samples = np.frombuffer(frame[: len(frame) & ~1], dtype="<i2")
-        else:
-            samples = frame
+        samples = frame_samples(frame)
         if samples.size == 0:
             return False
         self._pending = np.concatenate([self._pending, samples.astype(np.float32) / 32768.0])
@@ -329,8 +330,7 @@ class EchoGuard:
         self._recent_loud.append(frame is not None and bool(np.any(samples)))
 
     def received(self, frame: bytes | np.ndarray) -> None:
-        samples = (np.frombuffer(frame[: len(frame) & ~1], dtype="<i2") if isinstance(frame, (bytes, bytearray, memoryview))
-                   else np.asarray(frame)).astype(np.float32)
+        samples = frame_samples(frame).astype(np.float32)
         self.recent = np.concatenate([self.recent[samples.size:], samples])
 
     def is_echo(self) -> bool:
