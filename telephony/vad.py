@@ -10,7 +10,9 @@ Two small stages, each usable and testable alone:
   it must not count as barge-in.)
 * ``TurnDetector``: turns the per-frame decisions into caller turns: a turn starts after a few
   voiced frames (with a little pre-roll so the first syllable is kept), and ends after
-  ``end_silence_ms`` of silence (the "hangover"; longer for elderly callers) or at ``max_turn_s``.
+  ``end_silence_ms`` of silence (the "hangover"; longer for elderly callers); past ``max_turn_s``
+  at the next short pause, so a long story stays one turn and is never cut mid-sentence, and at
+  ``hard_max_turn_s`` whatever it holds.
   It reports how long the turn has been voiced, which the barge-in rule uses, and (with
   ``pause_ms``) a "pause" event part-way through the hangover carrying the turn so far, so that
   recognition can start before the turn is known to be over.
@@ -106,7 +108,8 @@ class TurnEvent:
     audio: bytes = b""
     voiced_ms: int = 0
     duration_ms: int = 0
-    truncated: bool = False  # ended by max_turn_s, not by silence
+    truncated: bool = False  # ended by the hard limit (hard_max_turn_s), not by silence
+    silent_ms: int = 0  # silence after the last voiced frame when the end was decided
 
 
 class TurnDetector:
@@ -116,7 +119,11 @@ class TurnDetector:
         start_frames: voiced frames (within the last ``start_frames + 2``) that start a turn.
         end_silence_ms: silence after speech that ends the turn (700 ms; 1200 ms for 适老化).
         pre_roll_ms: audio kept from before the start decision.
-        max_turn_s: a turn is cut here (a caller who never pauses, or a noisy line).
+        max_turn_s: past this length the turn ends at the caller's next pause (``late_pause_ms`` of
+            silence, or ``end_silence_ms`` if shorter) instead of the full hangover: a long story is
+            not cut mid-sentence, and still kept as one turn.
+        hard_max_turn_s: a turn is cut here whatever it holds (a caller who never pauses, or a noisy
+            line): ``truncated``.
         pause_ms: silence after which a "pause" event is sent (0: never; at least 200 ms; only
             shorter than ``end_silence_ms`` makes sense).
     """
@@ -124,12 +131,15 @@ class TurnDetector:
     TRAILING_KEEP_FRAMES = 10  # silence kept after the last voiced frame (200 ms)
 
     def __init__(self, *, start_frames: int = 3, end_silence_ms: int = 700, pre_roll_ms: int = 200,
-                 max_turn_s: float = 15.0, pause_ms: int = 0) -> None:
+                 max_turn_s: float = 15.0, pause_ms: int = 0, hard_max_turn_s: float = 45.0,
+                 late_pause_ms: int = 300) -> None:
         self.start_frames = start_frames
         self.end_silence_frames = max(1, end_silence_ms // FRAME_MS)
         # at least the kept trailing silence, so that a pause and its end cut the audio at the same frame
         self.pause_frames = max(self.TRAILING_KEEP_FRAMES, pause_ms // FRAME_MS) if pause_ms > 0 else 0
         self.max_frames = int(max_turn_s * 1000 // FRAME_MS)
+        self.hard_max_frames = max(self.max_frames, int(hard_max_turn_s * 1000 // FRAME_MS))
+        self.late_pause_frames = min(self.end_silence_frames, max(1, late_pause_ms // FRAME_MS))
         self._recent: collections.deque[tuple[bytes, bool]] = collections.deque(
             maxlen=max(start_frames + 2, pre_roll_ms // FRAME_MS))
         self._turn: list[bytes] = []
@@ -145,6 +155,15 @@ class TurnDetector:
     @property
     def run_ms(self) -> int:
         return self.run_frames * FRAME_MS
+
+    @property
+    def frames(self) -> int:
+        """Frames in the current turn so far (its pre-roll included)."""
+        return len(self._turn)
+
+    def audio_until(self, frames: int) -> bytes:
+        """The current turn's first ``frames`` frames."""
+        return b"".join(self._turn[:frames])
 
     def reset(self) -> None:
         self._recent.clear()
@@ -171,9 +190,12 @@ class TurnDetector:
             self._silent_frames = 0
         else:
             self._silent_frames += 1
-        if self._silent_frames >= self.end_silence_frames or len(self._turn) >= self.max_frames:
-            truncated = self._silent_frames < self.end_silence_frames
-            event = TurnEvent("end", self._audio(), self.voiced_ms, len(self._turn) * FRAME_MS, truncated)
+        long_turn = len(self._turn) >= self.max_frames
+        if (self._silent_frames >= self.end_silence_frames or len(self._turn) >= self.hard_max_frames
+                or (long_turn and self._silent_frames >= self.late_pause_frames)):
+            truncated = self._silent_frames < (self.late_pause_frames if long_turn else self.end_silence_frames)
+            event = TurnEvent("end", self._audio(), self.voiced_ms, len(self._turn) * FRAME_MS, truncated,
+                              self.silent_ms)
             self.reset()
             return event
         if self.pause_frames and self._silent_frames == self.pause_frames:
@@ -189,7 +211,7 @@ class TurnDetector:
         """End the current turn now (its words say it is complete): the same audio its pause carried."""
         if not self.in_turn:
             return None
-        event = TurnEvent("end", self._audio(), self.voiced_ms, len(self._turn) * FRAME_MS)
+        event = TurnEvent("end", self._audio(), self.voiced_ms, len(self._turn) * FRAME_MS, silent_ms=self.silent_ms)
         self.reset()
         return event
 

@@ -121,10 +121,10 @@ def test_a_pause_never_cuts_less_than_the_kept_trailing_silence() -> None:
     assert TurnDetector(pause_ms=0).pause_frames == 0
 
 
-def test_a_caller_who_never_pauses_is_cut_at_the_maximum_turn_length() -> None:
+def test_a_caller_who_never_pauses_is_cut_at_the_hard_maximum_turn_length() -> None:
     t = np.arange(4 * 8000) / 8000  # a syllable-like rhythm: 3 Hz amplitude modulation, never a pause
     loud = (tone(300, 4.0, amplitude=0.5) * (0.55 + 0.45 * np.sin(2 * np.pi * 3 * t))).astype(np.int16)
-    events = run_detector(TurnDetector(max_turn_s=2.0), loud)
+    events = run_detector(TurnDetector(max_turn_s=1.0, hard_max_turn_s=2.0), loud)
     ends = [e for e in events if e.kind == "end"]
     assert ends and ends[0].truncated and ends[0].duration_ms == 2000
 
