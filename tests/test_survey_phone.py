@@ -230,3 +230,22 @@ def test_hub_calls_back_after_a_phone_conversation_closes(hub_settings, knowledg
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_survey_calls_speak_the_configured_voice_and_fall_back_to_espeak_like_the_hotline(
+        settings, tmp_path: Path, caplog) -> None:
+    """The survey question is built like the hotline's voice (issue 15): the configured Kokoro voice,
+    and espeak-ng, logged, when it cannot load, never a call in silence (it used to build Kokoro
+    with none of the voice settings and no fallback)."""
+    import logging
+
+    import numpy as np
+
+    missing = tmp_path / "zf_missing.bin"  # a voice file an operator configured that is not there
+    configured = settings.model_copy(update={"tts_voice": str(missing), "survey_sip_uri": "sip:survey@127.0.0.1:5999"})
+    caller = PhoneSurveyCaller.from_settings(configured)
+    caplog.set_level(logging.ERROR, logger="telephony.tts")
+    pcm = run_isolated(caller.prompt("您对本次服务满意吗？请按1到5评分。", "survey_question"))
+    samples = np.frombuffer(pcm, dtype="<i2")
+    assert samples.size > 8000 and np.abs(samples).max() > 3000, "a question the resident hears"
+    assert any("espeak" in r.getMessage() and "kokoro" in r.getMessage() for r in caplog.records), caplog.text

@@ -89,6 +89,20 @@ _TIMING_SETTINGS = {"phone_end_of_turn_ms": "end_silence_ms", "phone_no_input_s"
                     "phone_early_asr_ms": "early_asr_ms", "phone_asr_timeout_s": "asr_timeout_s"}
 
 
+def phone_voice(settings: Settings):
+    """The configured phone voice (``XIAOZHI_TTS_*``: engine, voice, speed, 适老化 preset), or espeak-ng,
+    logged, when it cannot load: every call the hub makes or takes has a voice (blocking: model load)."""
+    from telephony.tts import phone_synthesizer
+
+    s = settings
+    options: dict = {"elderly": s.phone_elderly_mode}
+    if s.tts_kind == "kokoro":
+        options.update(voice=s.tts_voice, workers=s.tts_workers, cache_dir=s.cache_dir / "models")
+        if not s.phone_elderly_mode or "tts_speed" in s.model_fields_set:  # else the elderly preset
+            options["speed"] = s.tts_speed
+    return phone_synthesizer(s.tts_kind, **options)
+
+
 class PhoneService:
     """The hotline: user agent + voice bot + the conversation backend for it."""
 
@@ -128,7 +142,7 @@ class PhoneService:
     def build_bot(self) -> VoiceBot:
         """Recogniser, synthesiser and the prompt cache (blocking: run in a thread at start-up)."""
         from telephony.asr import make_recognizer
-        from telephony.tts import Prerenderer, PromptCache, phone_synthesizer
+        from telephony.tts import Prerenderer, PromptCache
 
         s = self.settings
         try:
@@ -142,12 +156,7 @@ class PhoneService:
                            if s.asr_kind == "whisper" else {})
                 _RECOGNIZERS[key] = make_recognizer(s.asr_kind, s.asr_model_path, **options)
             recognizer = _RECOGNIZERS[key]
-        options: dict = {"elderly": s.phone_elderly_mode}
-        if s.tts_kind == "kokoro":
-            options.update(voice=s.tts_voice, workers=s.tts_workers, cache_dir=s.cache_dir / "models")
-            if not s.phone_elderly_mode or "tts_speed" in s.model_fields_set:  # else the elderly preset
-                options["speed"] = s.tts_speed
-        synthesizer = phone_synthesizer(s.tts_kind, **options)  # espeak, logged, if Kokoro cannot load
+        synthesizer = phone_voice(s)
         # Prompts and answers are rendered in the background (Prerenderer); until then a prompt is
         # rendered when first needed and an answer live, clause by clause.
         prompts = PromptCache(synthesizer, s.cache_dir / "tts", s.phone_prompts_file)

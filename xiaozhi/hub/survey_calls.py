@@ -110,18 +110,23 @@ class PhoneSurveyCaller:
 
     @classmethod
     def from_settings(cls, settings, app=None) -> "PhoneSurveyCaller":
-        """Prompts from the configured synthesiser (cached under cache_dir/tts-prompts); calls go out
-        from the hotline's SIP endpoint when it runs (app.state.phone), else from one of its own."""
-        from telephony.tts import PromptCache, make_synthesizer
+        """Prompts in the hotline's voice: its synthesiser and prompt cache when the hotline runs
+        (app.state.phone), else the same configured voice built alike (``phone_voice``: espeak-ng, logged,
+        when Kokoro cannot load) and cached in the same place. Calls go out from the hotline's SIP
+        endpoint when it runs, else from one of its own."""
+        from telephony.tts import PromptCache
         from telephony.user_agent import UserAgent, UserAgentConfig
+        from xiaozhi.hub.phone import phone_voice
 
         cache: dict[str, object] = {}
 
         async def prompt(text: str, name: str) -> bytes:
-            if "prompts" not in cache:
-                synth = await asyncio.to_thread(make_synthesizer, settings.tts_kind)
-                cache["prompts"] = PromptCache(synth, settings.cache_dir / "tts-prompts", prompts={})
-            return await asyncio.to_thread(cache["prompts"].get_text, text, name=name)  # type: ignore[attr-defined]
+            bot = getattr(getattr(app.state, "phone", None), "bot", None) if app is not None else None
+            prompts = bot.prompts if bot is not None else cache.get("prompts")
+            if prompts is None:
+                synth = await asyncio.to_thread(phone_voice, settings)
+                prompts = cache["prompts"] = PromptCache(synth, settings.cache_dir / "tts", prompts={})
+            return await asyncio.to_thread(prompts.get_text, text, name=name)  # type: ignore[attr-defined]
 
         async def user_agent():
             phone_ua = getattr(getattr(app.state, "phone", None), "user_agent", None) if app is not None else None
