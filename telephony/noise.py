@@ -98,3 +98,36 @@ def lose_packets(samples: np.ndarray, rate: float, *, seed: int = 0) -> np.ndarr
     for i in np.flatnonzero(rng.random(n) < rate):
         out[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES] = 0
     return out
+
+
+class BadLine:
+    """A caller's side of a bad line, for a live call (``telephony.testing.RtpCaller(line=...)``):
+    noise of ``kind`` under everything the caller sends, pauses included, at ``snr_db`` below
+    ``speech_rms`` (the active level of the caller's speech, ``active_rms``), and each 20 ms RTP packet
+    lost with probability ``loss`` (never sent: the receiver sees a gap in the sequence numbers).
+    Seeded, so a test hears the same line every run.
+    """
+
+    def __init__(self, *, kind: str | None = None, snr_db: float = 10.0, loss: float = 0.0,
+                 speech_rms: float = 3000.0, seed: int = 0, seconds: float = 30.0) -> None:
+        if not 0.0 <= loss < 1.0:
+            raise ValueError(f"packet loss {loss} outside [0, 1)")
+        self.loss = loss
+        level = speech_rms / (10 ** (snr_db / 20))
+        self._noise = noise(kind, int(seconds * SAMPLE_RATE), seed=seed) * level if kind else None
+        self._pos = 0
+        self._rng = np.random.default_rng(seed + 1)
+        self.sent = self.lost = 0
+
+    def packet(self, samples: np.ndarray) -> np.ndarray | None:
+        """One packet's samples as the line delivers them, or None when the packet is lost."""
+        self.sent += 1
+        if self._noise is not None:
+            n = samples.size
+            idx = (self._pos + np.arange(n)) % self._noise.size
+            self._pos = (self._pos + n) % self._noise.size
+            samples = np.clip(np.round(samples.astype(np.float64) + self._noise[idx]), -32768, 32767).astype(np.int16)
+        if self.loss and self._rng.random() < self.loss:
+            self.lost += 1
+            return None
+        return samples

@@ -19,12 +19,15 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from .audio import FRAME_SAMPLES
 from .dtmf import build_telephone_event, digit_to_event
 from .g711 import alaw_decode, ulaw_decode, ulaw_encode
 from .handler import CallHandler
+from .noise import BadLine
 from .rtp import RtpPacket, build_rtp, parse_rtp
 from .sip_message import SipRequest, SipResponse, new_branch, new_tag, parse_message, parse_name_addr
 from .user_agent import UserAgent, UserAgentConfig
+from .vad import EchoGuard, SileroVad, TurnDetector
 
 SIPP = shutil.which("sipp")
 
@@ -308,11 +311,12 @@ def environment_has_sipp() -> bool:
 class RtpCaller:
     """The caller's media side of a ``SipPeer`` call: paced 20 ms PCMU out, every packet in recorded.
 
-    ``await say(samples)`` sends 8 kHz audio in real time (silence packets with ``pause``), ``key``
+    ``await say(samples)`` sends 8 kHz audio in real time (silence packets with ``pause``; through
+    ``line``, a ``BadLine``, with its noise and lost packets), ``key``
     sends an RFC 4733 event; ``received`` holds (monotonic time, RtpPacket) of what the bot sent.
     """
 
-    def __init__(self, peer: SipPeer, ok: SipResponse, dtmf_pt: int = 101) -> None:
+    def __init__(self, peer: SipPeer, ok: SipResponse, dtmf_pt: int = 101, line: BadLine | None = None) -> None:
         body = ok.body.decode(errors="replace")
         port = int(body.split("m=audio ", 1)[1].split()[0])
         self.target = ("127.0.0.1", port)
@@ -322,6 +326,7 @@ class RtpCaller:
         self.seq = 1000
         self.ts = 160000
         self.received: list[tuple[float, RtpPacket]] = []
+        self.line = line  # noise under all audio sent, lost audio packets (keys are sent whole)
         self._next = time.monotonic()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -351,7 +356,11 @@ class RtpCaller:
         pcm = np.concatenate([pcm, np.zeros(-pcm.size % 160, np.int16)])
         for i in range(0, pcm.size, 160):
             await self._tick()
-            self._send(0, ulaw_encode(pcm[i : i + 160]))
+            packet = pcm[i : i + 160] if self.line is None else self.line.packet(pcm[i : i + 160])
+            if packet is not None:
+                self._send(0, ulaw_encode(packet))
+            else:
+                self.seq = (self.seq + 1) & 0xFFFF  # lost on the way: the receiver sees the gap
             self.ts = (self.ts + 160) & 0xFFFFFFFF
         return time.monotonic()
 
@@ -381,3 +390,36 @@ class RtpCaller:
                 if int(np.abs(pcm.astype(np.int32)).max()) > 300:
                     out.append((t, p))
         return out
+
+
+def barge_in_at(bot: np.ndarray, barge_in_ms: int, echo_gain: float, delay_ms: int,
+                caller: np.ndarray | None = None, caller_at: int = 0) -> float | None:
+    """Milliseconds into the bot's speech at which barge-in is decided, or None if never.
+
+    The caller's line as ``VoiceBot`` hears it while the bot says ``bot``: its echo (``echo_gain``,
+    ``delay_ms`` late) plus ``caller`` from sample ``caller_at``, through µ-law; per frame Silero VAD,
+    the echo guard every other voiced frame (voice.py's rule), the turn detector, and barge-in once
+    the turn is voiced for ``barge_in_ms``. In audio time, so machine load does not enter it.
+    """
+    vad, guard, turns = SileroVad(), EchoGuard(), TurnDetector(end_silence_ms=600, pause_ms=300)
+    delay = delay_ms * 8
+    said = np.zeros(bot.size)
+    if caller is not None:
+        said[caller_at:caller_at + caller.size] = caller[: bot.size - caller_at]
+    voiced_frames, echo = 0, False
+    for i in range(0, bot.size - FRAME_SAMPLES, FRAME_SAMPLES):
+        guard.sent(bot[i:i + FRAME_SAMPLES])
+        echoed = bot[i - delay:i - delay + FRAME_SAMPLES] if i >= delay else np.zeros(FRAME_SAMPLES)
+        mixed = np.clip(echoed * echo_gain + said[i:i + FRAME_SAMPLES], -32768, 32767).astype(np.int16)
+        line = ulaw_decode(ulaw_encode(mixed))
+        guard.received(line)
+        speech = vad.is_speech(line)
+        if speech:
+            voiced_frames += 1
+            if voiced_frames % 2:
+                echo = guard.is_echo()
+            speech = not echo
+        turns.feed(line.astype("<i2").tobytes(), speech)
+        if turns.in_turn and turns.voiced_ms >= barge_in_ms:
+            return (i + FRAME_SAMPLES) / 8
+    return None

@@ -116,9 +116,11 @@ class VoiceConfig:
     # End the turn at that pause when the early transcript is a complete question (or the short answer
     # the bot asked for): ``is_complete_turn``. Otherwise the turn waits for end_silence_ms as before.
     early_answer: bool = True
-    # voiced speech during playback that stops it (echo of the bot's voice excluded); 160 ms with Silero,
-    # which decides on 32 ms windows and needs one or two of them to rise (200 ms stopped the bot ~420 ms in)
-    barge_in_ms: int = 160
+    # voiced speech during playback that stops it (echo of the bot's voice excluded). Silero needs one or
+    # two 32 ms windows to rise: 140 ms of voicing is decided 200 ms (p50; p95 275) after the caller starts,
+    # 20 ms sooner than 160 ms, and echo alone (0 to -20 dB, 20-250 ms late) never gets there
+    # (bench/barge_in.py); a 120 ms click the energy VAD takes for speech stays short of it
+    barge_in_ms: int = 140
     vad: str = "silero"  # per-frame speech decision: "silero" (neural, noise-robust) or "energy"
     min_turn_ms: int = 160  # shorter voiced bursts (clicks, coughs) are not turns
     backchannel_max_ms: int = 700  # a turn this short that is recognised as 嗯/好/对 is a backchannel

@@ -123,3 +123,24 @@ def test_no_echo_while_the_bot_is_silent() -> None:
     for i in range(0, 8000, FRAME_SAMPLES):
         guard.received(caller[i:i + FRAME_SAMPLES])
     assert guard.is_echo() is False
+
+
+def test_a_caller_over_the_echo_barges_in_within_300_ms_and_echo_alone_never_does() -> None:
+    """Barge-in re-tuned for Silero (issue 15, part 3): 140 ms of voicing, decided in audio time
+    (telephony.testing.barge_in_at, voice.py's per-frame rule); at 160 ms this caller waited 320 ms."""
+    from telephony.testing import barge_in_at
+    from telephony.voice import VoiceConfig
+
+    barge_in_ms = VoiceConfig().barge_in_ms
+    bot = np.concatenate([load_wav(ASR / f"{n}.wav") for n in ("05_menzhen_baoxiao", "08_qifuxian")])
+    for gain, delay in ((0.3, 20), (0.3, 200), (1.0, 120)):  # -10 dB and 0 dB echo, 20-200 ms late
+        assert barge_in_at(bot, barge_in_ms, gain, delay) is None, (gain, delay)
+    waits = []
+    for name, delay in (("02_yidi_beian", 120), ("02_yidi_beian", 200), ("06_yibaoka_guashi", 120)):
+        caller = load_wav(ASR / f"{name}.wav").astype(np.float64)
+        loud = np.flatnonzero(np.abs(caller) > 1500)
+        caller = caller[max(0, loud[0] - 80):] * 0.8  # speech from its first sample, over -10 dB echo
+        at = barge_in_at(bot, barge_in_ms, 0.3, delay, caller, 8000)
+        assert at is not None, (name, delay)
+        waits.append(at - 1000)
+    assert max(waits) <= 300, waits
