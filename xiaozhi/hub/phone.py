@@ -12,6 +12,7 @@ conversation core. ``telephony/`` never imports the hub; this module is the only
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -101,6 +102,21 @@ def phone_voice(settings: Settings):
         if not s.phone_elderly_mode or "tts_speed" in s.model_fields_set:  # else the elderly preset
             options["speed"] = s.tts_speed
     return phone_synthesizer(s.tts_kind, **options)
+
+
+def freeze_long_lived_objects() -> None:
+    """Take what start-up loaded (models, G2P dictionaries, the knowledge base: ~800k objects the
+    collector tracks) out of the cyclic garbage collector's reach (``gc.freeze``).
+
+    A full collection walks every tracked object while holding the GIL: measured 365-380 ms in a hub
+    with the hotline's models loaded, which stalled every call's 20 ms RTP sender mid-greeting (the
+    sender skips ahead after 200 ms). Frozen objects are still freed by reference counting; only
+    reference cycles among them wait for the process to end. Called once the hotline is loaded and
+    before it answers a call (the one full collection here costs the same pause, at start-up).
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("phone: %d long-lived objects frozen out of the garbage collector's full passes", gc.get_freeze_count())
 
 
 class PhoneService:
@@ -195,6 +211,7 @@ class PhoneService:
 
         s = self.settings
         self.bot = await asyncio.to_thread(self.build_bot)
+        freeze_long_lived_objects()
         ua = UserAgent(self.bot, UserAgentConfig(host=s.host, port=s.sip_port, advertised_host=s.sip_advertised_host,
                                                  rtp_port_range=s.rtp_port_range, max_calls=s.sip_max_calls))
         await ua.start()
