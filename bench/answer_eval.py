@@ -106,7 +106,15 @@ def main() -> int:
     splits = {name: [s for s in scored if s.item["split"] == name] for name in ("dev", "heldout")}
     print(f"answer quality, {len(items)} questions, {how}, deployment region {DEPLOYMENT_REGION}, "
           f"{time.perf_counter() - started:.0f} s\n")
-    print(table({f"{name} ({len(rows)})": summarise(rows) for name, rows in splits.items()}))
+    columns = {f"{name} ({len(rows)})": summarise(rows) for name, rows in splits.items()}
+    # Messages retold in a resident's own voice from a described situation (wording: case) beside
+    # those kept in the page's own wording: the stories are the harder half.
+    for name, rows in splits.items():
+        for wording, label in (("case", "story"), (None, "as written")):
+            part = [s for s in rows if s.item.get("wording") == wording]
+            if part:
+                columns[f"{name} {label} ({len(part)})"] = summarise(part)
+    print(table(columns))
     errors = sum(s.outcome == "error" for s in scored)
     if errors:
         print(f"\n{errors} request(s) failed")
