@@ -145,9 +145,10 @@ class _PostProcessor:
     def processor(self):
         return _text_processor()
 
-    def __call__(self, text: str) -> str:
+    def __call__(self, text: str, *, correct: bool | None = None) -> str:
+        """Simplified, then (unless ``correct`` is False, or the recogniser was built without it) corrected."""
         text = self._simplify(text.strip())
-        if self.correct and text:
+        if (self.correct if correct is None else correct and self.correct) and text:
             with self._lock:
                 text = self.processor.correct_homophones(text)
         return text
@@ -239,6 +240,20 @@ class WhisperRecognizer:
                  compute_type, self.workers, cpu_threads)
 
     def transcribe(self, pcm16_8k: bytes) -> Transcript:
+        return self._transcribe(pcm16_8k, "", correct=True)
+
+    def transcribe_segment(self, pcm16_8k: bytes, previous: str = "") -> Transcript:
+        """One piece of a long turn (``telephony.segments``): decoded with ``previous``, the text already
+        recognised in this turn, after the domain prompt (Whisper's "previous text", so the story's own
+        words carry over the cut), and without the homophone correction: ``postprocess`` runs it on the
+        joined text, where a term split over two pieces is whole again."""
+        return self._transcribe(pcm16_8k, previous, correct=False)
+
+    def postprocess(self, text: str) -> str:
+        """The domain-term correction ``transcribe`` applies, for text joined from ``transcribe_segment``."""
+        return self._post(text)
+
+    def _transcribe(self, pcm16_8k: bytes, previous: str, *, correct: bool) -> Transcript:
         started = time.perf_counter()
         samples = pcm_to_int16(pcm16_8k)
         seconds = samples.size / SAMPLE_RATE
@@ -248,9 +263,9 @@ class WhisperRecognizer:
             audio = upsample_8k_to_16k(samples)
             with self._slots:
                 if self.window == "speech" and seconds + self.tail_pad_s < 30.0:
-                    segments = [self._decode_speech_window(audio, seconds)]
+                    segments = [self._decode_speech_window(audio, seconds, previous)]
                 else:
-                    segments = list(self._decode_30s(audio))
+                    segments = list(self._decode_30s(audio, previous))
         except Exception:
             log.exception("whisper: decode failed on %.2f s of audio", seconds)
             return Transcript("", 0.0, seconds, "", time.perf_counter() - started)
@@ -270,10 +285,10 @@ class WhisperRecognizer:
         confidence = float(np.average(scores, weights=weights)) if scores else 0.0
         if self._echoes_prompt(text) or confidence < self.min_confidence:
             text = ""
-        text = self._post(text) if text else ""
+        text = self._post(text, correct=correct) if text else ""
         return Transcript(text, round(confidence, 3), seconds, raw, time.perf_counter() - started)
 
-    def _decode_30s(self, audio: np.ndarray) -> Iterable[_Segment]:
+    def _decode_30s(self, audio: np.ndarray, previous: str = "") -> Iterable[_Segment]:
         """faster-whisper's own loop: 30 s windows (the turn padded with silence up to 30 s)."""
         segments, _info = self.model.transcribe(
             audio,
@@ -281,7 +296,7 @@ class WhisperRecognizer:
             task="transcribe",
             beam_size=self.beam_size,
             temperature=0.0,  # no fallback re-decodes: bounded latency on the phone
-            initial_prompt=self.initial_prompt,
+            initial_prompt=self.initial_prompt + previous,
             condition_on_previous_text=False,
             without_timestamps=True,
             no_speech_threshold=self.no_speech_threshold,
@@ -299,13 +314,18 @@ class WhisperRecognizer:
 
     @cached_property
     def _prompt_tokens(self) -> list[int]:
-        """What faster-whisper would send: previous text (the domain words), SOT, language, no timestamps."""
+        return self._prompt_with("")
+
+    def _prompt_with(self, previous: str) -> list[int]:
+        """What faster-whisper would send: previous text (the domain words, then what this turn already
+        said; the oldest tokens go first when it is too long), SOT, language, no timestamps."""
         tok = self._tokenizer
-        previous = tok.encode(" " + self.initial_prompt.strip()) if self.initial_prompt else []
-        prompt = [tok.sot_prev, *previous[-(self.model.max_length // 2 - 1):]] if previous else []
+        text = (self.initial_prompt or "").strip() + previous.strip()
+        tokens = tok.encode(" " + text) if text else []
+        prompt = [tok.sot_prev, *tokens[-(self.model.max_length // 2 - 1):]] if tokens else []
         return [*prompt, *tok.sot_sequence, tok.no_timestamps]
 
-    def _decode_speech_window(self, audio: np.ndarray, seconds: float) -> _Segment:
+    def _decode_speech_window(self, audio: np.ndarray, seconds: float, previous: str = "") -> _Segment:
         """Encode the turn plus a little silence (not 30 s), then one bounded beam search."""
         import ctranslate2
 
@@ -315,7 +335,7 @@ class WhisperRecognizer:
         encoded = self.model.model.encode(
             ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None], dtype=np.float32)),
             to_cpu=False)
-        prompt = self._prompt_tokens
+        prompt = self._prompt_with(previous) if previous else self._prompt_tokens
         result = self.model.model.generate(
             encoded, [prompt], beam_size=self.beam_size, length_penalty=1.0,
             max_length=min(self.model.max_length, len(prompt) + int(seconds * self.tokens_per_s) + 8),

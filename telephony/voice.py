@@ -34,6 +34,7 @@ from .audio import FRAME_BYTES, to_int16
 from .call import Call
 from .handler import CallHandler
 from .recording import CallRecorder
+from .segments import Segmenter, TurnTranscriber, supports as supports_segments
 from .tts import PromptCache, Synthesizer, speak_clauses, split_clauses
 from .vad import EchoGuard, TurnDetector, make_vad
 
@@ -90,11 +91,14 @@ class BotTurn:
     spoken: str  # what to say, already in spoken form
     escalated: bool = False  # the caller is now in the agent queue: play the hold prompt after this
     hang_up: bool = False
+    # the bot asked "您是想问…，对吗？": keys 1 (yes) and 2 (no) answer at once, not as a typed number
+    confirming: bool = False
 
 
 class DialogueBackend(Protocol):
     async def call_started(self, call: Call) -> None: ...
-    async def reply(self, call: Call, text: str, *, source: str) -> BotTurn: ...
+    # confidence: the recogniser's (0..1) for speech, None for keys; a backend may check what it heard
+    async def reply(self, call: Call, text: str, *, source: str, confidence: float | None = None) -> BotTurn: ...
     async def escalate(self, call: Call, reason: str) -> None: ...
     async def note(self, call: Call, text: str) -> None: ...  # keep words said while no bot turn is possible
     async def call_ended(self, call: Call, reason: str) -> None: ...
@@ -131,7 +135,17 @@ class VoiceConfig:
     # keypad menu (0 still reaches an agent) instead of waiting in silence. 0: no limit.
     asr_timeout_s: float = 10.0
     inter_digit_s: float = 5.0  # a number typed without # is taken after this pause
-    max_turn_s: float = 15.0
+    # Past this the turn ends at the caller's next pause (300 ms) instead of the full hangover: a story of
+    # 8-25 s is one turn, and a caller who goes on and on is never cut mid-sentence.
+    max_turn_s: float = 30.0
+    hard_max_turn_s: float = 45.0  # a turn is cut here whatever it holds
+    # Long turns are recognised in pieces while the caller talks (telephony/segments.py): a segment is
+    # cut at a short gap once it holds segment_target_s, at its longest gap at segment_max_s, and at
+    # the 300 ms pause once it holds segment_min_s. False: the whole turn is decoded at its end.
+    segments: bool = True
+    segment_target_s: float = 5.0
+    segment_max_s: float = 8.0
+    segment_min_s: float = 2.0
     hold_gap_s: float = 1.5  # silence between hold-prompt repeats
     hold_max_s: float = 600.0  # then apologise and hang up (the escalation stays queued)
     recording_dir: Path | None = None  # None: no recording
@@ -140,7 +154,7 @@ class VoiceConfig:
     @classmethod
     def elderly(cls, **overrides: Any) -> VoiceConfig:
         values: dict[str, Any] = {"end_silence_ms": 1100, "early_asr_ms": 600, "no_input_s": 12.0,
-                                  "inter_digit_s": 8.0, "max_turn_s": 20.0}
+                                  "inter_digit_s": 8.0, "max_turn_s": 35.0}
         values.update(overrides)
         return cls(**values)
 
@@ -173,7 +187,10 @@ class CallSession:
         self._echo = False
         # (a pause as long as the end silence never fires: the end comes first)
         self.turns = TurnDetector(end_silence_ms=config.end_silence_ms, max_turn_s=config.max_turn_s,
-                                  pause_ms=config.early_asr_ms)
+                                  pause_ms=config.early_asr_ms, hard_max_turn_s=config.hard_max_turn_s)
+        # the turn being recognised in pieces: where to cut, and the decodes of the pieces cut so far
+        self.segmenter: Segmenter | None = None
+        self.transcriber: TurnTranscriber | None = None
         self.mode = "bot"  # bot, menu, hold, bridged, ending
         self.silences = 0
         self.failures = 0
@@ -203,6 +220,7 @@ class CallSession:
         self.early_used = self.early_wasted = 0
         self.early_answers = 0  # turns ended at the pause because their words were a complete question
         self.expects_answer = False  # the bot's last reply asked the caller something
+        self.confirming = False  # ... and it was "您是想问…，对吗？" (keys 1/2 answer it)
 
 
 class VoiceBot(CallHandler):
@@ -284,28 +302,51 @@ class VoiceBot(CallHandler):
             self._cancel_timer(session)
             session.turn_during_playback = call.is_playing
             session.barged = False
+            self._start_segments(session)
+        elif session.segmenter is not None and session.turns.in_turn and self._recognising(session):
+            cut = session.segmenter.feed(session.turns.frames, speech)
+            if cut is not None:
+                session.transcriber.cut(session.turns.audio_until(cut))
         if (session.turns.in_turn and call.is_playing and not session.barged
                 and session.turns.voiced_ms >= self.config.barge_in_ms):
             self._barge_in(session)
         if event is not None and event.kind == "pause":
             self._recognise_early(session, event)
         if event is not None and event.kind == "end":
-            # the last voiced frame arrived end_silence_ms ago (unless the turn was cut at max length)
+            # the last voiced frame arrived event.silent_ms ago (the hangover, a shorter pause past
+            # max_turn_s, or none when the turn was cut at its hard limit)
             now = asyncio.get_running_loop().time()
-            self._turn_ended(session, event, now if event.truncated else now - self.config.end_silence_ms / 1000)
+            self._turn_ended(session, event, now - event.silent_ms / 1000)
+
+    def _recognising(self, session: CallSession) -> bool:
+        """Whether the turn going on is one to recognise (not a backchannel under the bot's voice)."""
+        return session.mode in ("bot", "menu") and not (session.turn_during_playback and not session.barged)
+
+    def _start_segments(self, session: CallSession) -> None:
+        session.segmenter = session.transcriber = None
+        if self.config.segments and supports_segments(self.recognizer):
+            c = self.config
+            session.segmenter = Segmenter(target_s=c.segment_target_s, max_s=c.segment_max_s, min_s=c.segment_min_s)
+            session.transcriber = TurnTranscriber(self._transcribe, self.recognizer.postprocess,
+                                                  lambda coro: self._spawn(session, coro))
 
     def _turn_ended(self, session: CallSession, event: Any, speech_end: float) -> None:
         # a guess made at this turn's pause travels with it (the next turn's pause may come
-        # before the worker takes this one)
+        # before the worker takes this one), and so do the decodes of its pieces
         early, session.early = session.early, None
+        transcriber, session.transcriber, session.segmenter = session.transcriber, None, None
         if session.turn_during_playback and not session.barged:
             session.backchannels += 1  # too short to interrupt (嗯、好): the reply just goes on
+            if transcriber is not None:
+                transcriber.cancel()
             self._after_ignored_turn(session)
             return
         if event.voiced_ms < self.config.min_turn_ms:  # a click or a cough
+            if transcriber is not None:
+                transcriber.cancel()
             self._after_ignored_turn(session)
             return
-        session.queue.put_nowait(("speech", (event, speech_end, early)))
+        session.queue.put_nowait(("speech", (event, speech_end, early, transcriber)))
 
     def _recognise_early(self, session: CallSession, event: Any) -> None:
         """Start recognising the turn so far at a pause, when it would be a real turn and nothing else
@@ -313,10 +354,21 @@ class VoiceBot(CallHandler):
         if session.early is not None:  # speech after an earlier pause made that guess stale
             session.early = None
             session.early_wasted += 1
-        if (self.decoding >= getattr(self.recognizer, "workers", 1) or session.mode not in ("bot", "menu") or event.voiced_ms < self.config.min_turn_ms
-                or (session.turn_during_playback and not session.barged)):
+        if not self._recognising(session) or event.voiced_ms < self.config.min_turn_ms:
             return
-        task = self._spawn(session, self._transcribe(event.audio))
+        transcriber = session.transcriber
+        if transcriber is not None and session.segmenter.wants_cut_at(len(event.audio) // FRAME_BYTES):
+            # the pause ends a piece of the turn: its decode is needed whether or not the caller goes on,
+            # so it is queued even when every worker is busy; the turn's transcript then needs nothing more
+            session.segmenter.cut_at(len(event.audio) // FRAME_BYTES)
+            transcriber.cut(event.audio)
+            task = transcriber.transcript(event.audio)
+        elif self.decoding >= getattr(self.recognizer, "workers", 1):
+            return
+        elif transcriber is not None:
+            task = transcriber.transcript(event.audio)  # the short rest after the last piece, as a guess
+        else:
+            task = self._spawn(session, self._transcribe(event.audio))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a stale guess's error is not news
         session.early = (event.audio, task)
         if self.config.early_answer:
@@ -339,14 +391,17 @@ class VoiceBot(CallHandler):
         session.early_answers += 1
         self._turn_ended(session, event, asyncio.get_running_loop().time() - silent_s)
 
-    async def _transcribe(self, audio: bytes):
-        """The recogniser's transcript; raises ``RecognitionTimeout`` after ``asr_timeout_s``.
+    async def _transcribe(self, audio: bytes, previous: str | None = None):
+        """The recogniser's transcript (of a piece of a turn, decoded after ``previous``, when that is
+        given: ``transcribe_segment``); raises ``RecognitionTimeout`` after ``asr_timeout_s``.
 
         A thread cannot be stopped: a hung decode keeps its worker (and counts in ``decoding``, so
         no early guesses pile onto it) until it returns, but the call no longer waits for it.
         """
         self.decoding += 1
-        decode = asyncio.ensure_future(asyncio.to_thread(self.recognizer.transcribe, audio))
+        decode = asyncio.ensure_future(
+            asyncio.to_thread(self.recognizer.transcribe, audio) if previous is None
+            else asyncio.to_thread(self.recognizer.transcribe_segment, audio, previous))
 
         def finished(fut: asyncio.Future) -> None:
             self.decoding -= 1
@@ -392,6 +447,11 @@ class VoiceBot(CallHandler):
         if digit == "0":  # at once, not behind a turn still being recognised or answered
             self._stop_speaking(session)
             self._spawn(session, self._to_agent(session, "keypad"))
+            return
+        if session.confirming and digit in "12" and session.mode == "bot":
+            self._stop_speaking(session)  # "对吗？" answered with a key: 1 yes, 2 no, at once
+            session.confirming = False
+            session.queue.put_nowait(("keypad", digit))
             return
         if session.mode == "menu":
             if digit in self.config.menu_options:
@@ -494,7 +554,8 @@ class VoiceBot(CallHandler):
                 session.busy = False
 
     async def _speech_turn(self, session: CallSession, event: Any, speech_end: float,
-                           early: tuple[bytes, asyncio.Future] | None = None) -> None:
+                           early: tuple[bytes, asyncio.Future] | None = None,
+                           transcriber: TurnTranscriber | None = None) -> None:
         loop = asyncio.get_running_loop()
         timing = TurnTiming(speech_end=speech_end, end_of_turn_s=loop.time() - speech_end)
         started = loop.time()
@@ -506,7 +567,8 @@ class VoiceBot(CallHandler):
             else:
                 if early is not None:
                     session.early_wasted += 1
-                transcript = await self._transcribe(event.audio)
+                transcript = await (transcriber.transcript(event.audio) if transcriber is not None
+                                    else self._transcribe(event.audio))
         except Exception:
             # The recogniser failing must not drop the call: the caller carries on with the keypad
             # (and 0 still reaches an agent).
@@ -544,17 +606,20 @@ class VoiceBot(CallHandler):
                 await self._say_prompt(session, "not_heard")
             return
         session.failures = 0
-        await self._text_turn(session, correct_agent_request(text), source="speech", timing=timing)
+        await self._text_turn(session, correct_agent_request(text), source="speech", timing=timing,
+                              confidence=transcript.confidence)
 
-    async def _text_turn(self, session: CallSession, text: str, *, source: str, timing: TurnTiming | None) -> None:
+    async def _text_turn(self, session: CallSession, text: str, *, source: str, timing: TurnTiming | None,
+                         confidence: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         session.silences = 0
         started = loop.time()
-        turn = await self.backend.reply(session.call, text, source=source)
+        turn = await self.backend.reply(session.call, text, source=source, confidence=confidence)
         if session.mode in ("bridged", "hold", "ending"):
             return  # the caller asked for an agent meanwhile (the reply is in the transcript)
         dialogue_s = loop.time() - started
         session.expects_answer = turn.spoken.rstrip().endswith(("？", "?"))
+        session.confirming = turn.confirming
         if timing is not None:
             timing.dialogue_s, timing.text = dialogue_s, text
             session.timings.append(timing)
