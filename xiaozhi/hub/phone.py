@@ -23,6 +23,7 @@ from telephony.lines import DistrictLines, LinesError
 from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
 from xiaozhi.hub.owner import owner_meta
+from xiaozhi.hub.phone_confirm import PhoneConfirmation, before_reply
 from xiaozhi.spoken import spoken_chinese
 
 if TYPE_CHECKING:
@@ -132,6 +133,8 @@ class PhoneService:
         self._calls: dict[str, Call] = {}  # conversation id -> live call
         self._legs: dict[str, AgentAudioLeg] = {}
         self.prerenderer = None  # telephony.tts.Prerenderer: prompts and answers rendered in the background
+        # "您是想问…，对吗？" before answering a turn heard or retrieved unsurely (phone only)
+        self.confirmation = PhoneConfirmation(lambda: getattr(conversations._kb(), "answerer", None))
         self._watch: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -282,8 +285,12 @@ class PhoneService:
     def _conversation(self, call: Call) -> Conversation:
         return call.metadata["conversation"]
 
-    async def reply(self, call: Call, text: str, *, source: str) -> BotTurn:
+    async def reply(self, call: Call, text: str, *, source: str, confidence: float | None = None) -> BotTurn:
         conv = self._conversation(call)
+        held, text = await before_reply(self.confirmation, self.conversations, conv, call.metadata, text,
+                                        source=source, confidence=confidence)
+        if held is not None:
+            return held
         if source == "keypad" and text.isdigit():
             text = f"我输入的号码是{text}"
         # Stored as said, like chat: the agent who takes the call over may need the numbers; logs,
