@@ -273,23 +273,31 @@ async def test_silence_gets_reprompts_then_a_goodbye_and_hangup(hub_settings, kn
     assert conv.status == "closed"
 
 
-async def test_two_recognition_failures_bring_the_keypad_menu_and_keys_ask_questions(hub_settings, knowledge_base):
-    # a caller far from the handset on a faint line: speech to the VAD (Silero, unlike the energy VAD,
-    # does not go by level; nor does it take white noise for speech), too faint for the recogniser
+def faint_speech() -> list[np.ndarray]:
+    """A caller far from the handset on a faint line: speech to the VAD (Silero, unlike the energy VAD,
+    does not go by level; nor does it take white noise for speech), too faint for the recogniser."""
     faint = [trimmed(name).astype(np.float64) for name in ("07_canbao_jiaofei", "01_pingzheng_jihuo")]
-    bursts = [(x * 50 / np.sqrt(np.mean(x**2))).astype(np.int16) for x in faint]  # RMS 50: about -56 dBFS
-    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+    return [(x * 50 / np.sqrt(np.mean(x**2))).astype(np.int16) for x in faint]  # RMS 50: about -56 dBFS
+
+
+async def faint_caller_reaches_the_menu(app, peer, call, rtp: RtpCaller) -> list:
+    """Two faint turns bring the keypad menu, whose key 2 asks its question; the transcript, then hang-up."""
+    await until_quiet(rtp)
+    session = app.state.phone.bot.sessions[call.call_id]
+    for burst in faint_speech():
+        sent = await rtp.say(burst)
+        assert await until_heard(rtp, sent), "the bot says it did not understand"
         await until_quiet(rtp)
-        session = next(iter(app.state.phone.bot.sessions.values()))
-        for noise_burst in bursts:
-            sent = await rtp.say(noise_burst)
-            assert await until_heard(rtp, sent), "the bot says it did not understand"
-            await until_quiet(rtp)
-        assert session.mode == "menu", session.timings
-        pressed = time.monotonic()
-        await rtp.key("2")
-        assert await until_heard(rtp, pressed + 0.3), "the answer to the menu's question"
-        transcript = await transcript_then_hang_up(app, peer, call)
+    assert session.mode == "menu", session.timings
+    pressed = time.monotonic()
+    await rtp.key("2")
+    assert await until_heard(rtp, pressed + 0.3), "the answer to the menu's question"
+    return await transcript_then_hang_up(app, peer, call)
+
+
+async def test_two_recognition_failures_bring_the_keypad_menu_and_keys_ask_questions(hub_settings, knowledge_base):
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        transcript = await faint_caller_reaches_the_menu(app, peer, call, rtp)
     assert [m.text for m in transcript if m.role == "resident"] == ["异地就医怎么备案"]
     assert any(m.role == "bot" for m in transcript)
 

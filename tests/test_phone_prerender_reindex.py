@@ -9,13 +9,13 @@ The caller's question is the hub's own voice saying it (Whisper follows Kokoro w
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
 import yaml
 from test_phone_hotline import (
     conversations, needs_whisper, phone_hub, placed_call, transcript_then_hang_up, until_heard, until_quiet,
+    wait_until,
 )
 
 from knowledge_base.factory import open_knowledge_base
@@ -37,15 +37,6 @@ NEW_ENTRY = """
 QUESTION = "医保电子凭证打印出来能用吗？"
 
 
-async def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.2)
-    return predicate()
-
-
 async def test_a_reindexed_answer_is_prerendered_and_played_from_the_cache(settings, hub_settings, knowledge_base,
                                                                           tmp_path):
     source = yaml.safe_load((settings.kb_data_dir / "national" / "e_voucher.yaml").read_text(encoding="utf-8"))
@@ -57,7 +48,7 @@ async def test_a_reindexed_answer_is_prerendered_and_played_from_the_cache(setti
     cache.mkdir()
     (cache / "models").symlink_to(settings.cache_dir / "models")  # Kokoro, Whisper, the embedding model
     local = hub_settings.model_copy(update={"kb_data_dir": kb_file.parent.parent, "cache_dir": cache,
-                                            "embedding_model": str(settings.embedding_model_dir)})
+                                            "embedding_model": settings.effective_embedding_model})
     first = await asyncio.to_thread(open_knowledge_base, local, embedder=knowledge_base.embedder)
     async with phone_hub(local, first, tts_prerender=True, kb_reload_interval_s=0.2) as app:
         phone = app.state.phone
@@ -69,10 +60,10 @@ async def test_a_reindexed_answer_is_prerendered_and_played_from_the_cache(setti
         kb_file.write_text(yaml.safe_dump(source, allow_unicode=True), encoding="utf-8")
         # what `xiaozhi kb index` does: encode the changed corpus and mark it current
         await asyncio.to_thread(open_knowledge_base, local, embedder=knowledge_base.embedder)
-        assert await wait_for(lambda: all(prompts.lookup(c, name=CLAUSE_CACHE_NAME) is not None for c in answer),
+        assert await wait_until(lambda: all(prompts.lookup(c, name=CLAUSE_CACHE_NAME) is not None for c in answer),
                               300), "the hub pre-rendered the new answer after the re-index"
         await asyncio.to_thread(phone.prerenderer.idle.wait, 300)
-        assert await wait_for(lambda: "ev-print-probe" in app.state.knowledge_base.entries, 30)
+        assert await wait_until(lambda: "ev-print-probe" in app.state.knowledge_base.entries, 30)
         question = np.frombuffer(await asyncio.to_thread(phone.bot.synthesizer.synthesize, QUESTION), "<i2")
         async with placed_call(app) as (peer, call, rtp):
             await until_quiet(rtp)
