@@ -22,6 +22,7 @@ from telephony.call import Call
 from telephony.lines import DistrictLines, LinesError
 from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
+from xiaozhi.hub.contacts import caller_hash
 from xiaozhi.hub.owner import owner_meta
 from xiaozhi.hub.phone_confirm import PhoneConfirmation, before_reply
 from xiaozhi.spoken import spoken_chinese
@@ -269,6 +270,8 @@ class PhoneService:
         line = self.lines.lookup(call.dialled)
         region = line.region if line else self.settings.default_region
         meta = {"call_id": call.call_id, "codec": call.codec, "started_at": time.time()}
+        if caller := caller_hash(call.caller, self.settings.var_dir):
+            meta["caller_hash"] = caller  # analytics' repeat contact; the number itself is never stored
         if line is not None:
             meta["line"] = line.name
         if "recording" in call.metadata:
