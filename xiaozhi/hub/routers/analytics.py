@@ -100,7 +100,7 @@ async def export_csv(request: Request, user: Supervisor, selection: Annotated[Se
     )
     name = f"xiaozhi-conversations-{rng.first_day}-{rng.last_day}.csv"
     return Response(
-        analytics.conversations_csv(data),
+        analytics.conversations_csv(data, low_confidence=request.app.state.settings.kb_abstain_threshold),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
