@@ -16,6 +16,7 @@
   var SIDE = data.position === "left" ? "left" : "right";
   var REGION = /^\d{6}$/.test(data.region || "") ? data.region : null;
   var KEY = "xiaozhi.widget:" + SERVER;
+  var VISITOR_KEY = "xiaozhi.visitor:" + SERVER;
   var PREFS = "xiaozhi.widget.prefs";
 
   var CSS = [
@@ -83,6 +84,18 @@
 
   function load(k) { try { return JSON.parse(localStorage.getItem(k) || "null"); } catch (e) { return null; } }
   function save(k, v) { try { localStorage.setItem(k, JSON.stringify(v)); } catch (e) { /* private mode: session lasts the page */ } }
+  // A random id kept in this browser: analytics tells a visitor who comes back about the same
+  // question within 72 hours (repeat contact). It names no one.
+  function visitor() {
+    var id = load(VISITOR_KEY);
+    if (typeof id !== "string" || !/^[0-9a-f]{32}$/.test(id)) {
+      var bytes = new Uint8Array(16);
+      (window.crypto || window.msCrypto).getRandomValues(bytes);
+      id = Array.prototype.map.call(bytes, function (b) { return ("0" + b.toString(16)).slice(-2); }).join("");
+      save(VISITOR_KEY, id);
+    }
+    return id;
+  }
   function el(tag, attrs, text) {
     var n = document.createElement(tag);
     for (var a in attrs || {}) {
@@ -237,7 +250,9 @@
     }, function (e) { if (e.status === 401 || e.status === 403 || e.status === 404) { session = null; } else throw e; }) : Promise.resolve();
     return resume.then(function () {
       if (session) return;
-      return api("/api/sessions", { method: "POST", body: REGION ? { region: REGION } : {} }).then(function (s) {
+      var body = { visitor: visitor() };
+      if (REGION) body.region = REGION;
+      return api("/api/sessions", { method: "POST", body: body }).then(function (s) {
         session = { session_id: s.session_id, token: s.token, greeting: s.greeting };
         save(KEY, session);
         render({ seq: 0, role: "bot", text: s.greeting });

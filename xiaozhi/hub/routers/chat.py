@@ -17,6 +17,7 @@ from xiaozhi.hub.conversation import ConversationService, ensure_open, message_o
 from xiaozhi.hub.errors import TURN_FAILED, ApiError
 from xiaozhi.hub.frames import close_if_open, receive_json_frame
 from xiaozhi.hub.routers.staff import bearer_token
+from xiaozhi.hub.contacts import VISITOR_PATTERN
 from xiaozhi.hub.schemas import MessageText, clean_text, message_problem
 from xiaozhi.hub.security import via_proxy
 from xiaozhi.hub.store import Conversation, Store
@@ -28,6 +29,12 @@ router = APIRouter(prefix="/api/sessions", tags=["chat"])
 class SessionCreate(BaseModel):
     channel: Literal["web"] = "web"
     region: str | None = Field(None, pattern=r"^\d{6}$", description="GB/T 2260 code of the resident's region")
+    visitor: str | None = Field(
+        None,
+        pattern=VISITOR_PATTERN,
+        description="Random id the chat page keeps in the browser, so analytics can tell a visitor who comes "
+        "back about the same question (repeat contact); nothing personal.",
+    )
 
 
 class SessionCreated(BaseModel):
@@ -80,7 +87,8 @@ def check_length(text: str, limit: int) -> None:
 @router.post("", status_code=201, response_model=SessionCreated)
 async def create_session(request: Request, body: SessionCreate | None = None) -> SessionCreated:
     body = body or SessionCreate()
-    conv, token = await store(request).create_conversation(body.channel, body.region or "")
+    meta = {"visitor": body.visitor} if body.visitor else None
+    conv, token = await store(request).create_conversation(body.channel, body.region or "", meta=meta)
     return SessionCreated(session_id=conv.id, token=token, greeting=GREETING)
 
 

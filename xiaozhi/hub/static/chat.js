@@ -6,6 +6,7 @@
   const input = document.getElementById("text");
   const status = document.getElementById("status");
   const KEY = "xiaozhi.session";
+  const VISITOR_KEY = "xiaozhi.visitor";
   const shown = new Set();
   let session = null;
   let socket = null;
@@ -53,6 +54,19 @@
     return body;
   }
 
+  // A random id kept in this browser so analytics can tell a visitor who comes back about the same
+  // question within 72 hours (repeat contact); it names no one.
+  function visitor() {
+    let id = localStorage.getItem(VISITOR_KEY);
+    if (!id) {
+      const bytes = new Uint8Array(16);
+      crypto.getRandomValues(bytes);
+      id = Array.from(bytes, function (b) { return b.toString(16).padStart(2, "0"); }).join("");
+      localStorage.setItem(VISITOR_KEY, id);
+    }
+    return id;
+  }
+
   async function start() {
     const saved = localStorage.getItem(KEY);
     if (saved) {
@@ -63,7 +77,7 @@
       } catch (e) { session = null; }
     }
     if (!session) {
-      session = await api("/api/sessions", { method: "POST", body: "{}" });
+      session = await api("/api/sessions", { method: "POST", body: JSON.stringify({ visitor: visitor() }) });
       localStorage.setItem(KEY, JSON.stringify({ session_id: session.session_id, token: session.token }));
       render({ seq: 0, role: "bot", text: session.greeting });
     }
