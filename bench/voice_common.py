@@ -36,10 +36,14 @@ ASR = REPO / "tests" / "data" / "asr"
 FIXTURES = [line.split("\t") for line in (ASR / "transcripts.tsv").read_text("utf-8").splitlines() if line]
 
 
-def trimmed(name: str) -> np.ndarray:
-    samples = load_wav(ASR / f"{name}.wav")
+def trim(samples: np.ndarray) -> np.ndarray:
+    """Speech only: the call times the answer from the last voiced packet."""
     loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > 1500)
     return samples[max(0, loud[0] - 80) : loud[-1] + 400]
+
+
+def trimmed(name: str) -> np.ndarray:
+    return trim(load_wav(ASR / f"{name}.wav"))
 
 
 def dead_port() -> int:
@@ -95,6 +99,15 @@ class CallResult:
     gaps: list = None  # silences between the reply's clauses while the next was rendering (s)
 
 
+async def after_greeting(rtp: RtpCaller, timeout: float = 30.0) -> None:
+    """Send silence until the greeting has ended (the bot spoke, then 0.6 s of quiet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await rtp.pause(0.1)
+        if rtp.bot_audio() and not rtp.bot_audio(time.monotonic() - 0.6):
+            return
+
+
 async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0, whole_reply: bool = False) -> CallResult:
     """Call, wait out the greeting, ask one question, time the answer, hang up (``whole_reply``: after
     the bot has been quiet for 1.5 s, so every clause of the reply is rendered and its gaps measured)."""
@@ -105,12 +118,7 @@ async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0
         call, ok = await peer.answered_call(dialled="12393")
         rtp = RtpCaller(peer, ok)
         try:
-            # wait for the greeting to end (0.6 s of quiet)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                await rtp.pause(0.1)
-                if rtp.bot_audio() and not rtp.bot_audio(time.monotonic() - 0.6):
-                    break
+            await after_greeting(rtp)
             session = phone.bot.sessions.get(call.call_id)
             spoke_until = await rtp.say(trimmed(fixture))
             latency = None
