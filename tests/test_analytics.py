@@ -476,6 +476,9 @@ def test_dashboard_in_the_browser_matches_the_api_and_exports(chromium, live_hub
     assert kpis == {
         "会话量": str(t["conversations"]),
         "自助解决率": f"{t['containment_rate'] * 100:.1f}%",
+        "确认解决率": f"{t['confirmed_rate'] * 100:.1f}%",
+        "未解决率": f"{t['unresolved_rate'] * 100:.1f}%",
+        "重复来访率": "—",  # the seeded conversations carry no caller hash or visitor id
         "转人工率": f"{t['escalation_rate'] * 100:.1f}%",
         "放弃会话": f"{t['abandoned']}（{t['abandon_rate'] * 100:.1f}%）",
         "满意度": f"{figures['satisfaction']['average']:.2f} / 5",
@@ -485,6 +488,20 @@ def test_dashboard_in_the_browser_matches_the_api_and_exports(chromium, live_hub
     }
     assert page.locator(".kpi .s").inner_text() == f"平均 {secs(figures['callbacks']['avg_callback_s'])} 后回电"
     assert t["conversations"] == 245 and t["avg_wait_s"] is not None
+    # issue 21: the headline counts only conversations that got an answer; each figure says what it is
+    r = figures["resolution"]
+    assert t["containment_rate"] == round((r["confirmed"] + r["answered"]) / r["closed"], 4)
+    assert r["unresolved"] > 0 and t["containment_rate"] < 1 - t["escalation_rate"]  # the old figure was higher
+    tile = page.locator(".kpi", has=page.locator(".l", has_text="自助解决率")).locator(".d").inner_text()
+    assert tile in figures["definitions"]["containment_rate"] and "确认解决" in tile
+    assert page.locator(".kpi .d").count() == len(kpis)
+    assert page.locator("#definitions dt").count() == len(figures["definitions"])
+    assert page.locator("#resolution-channels tbody tr").count() == len(r["by_channel"])
+    assert "电话" in page.locator("#resolution-channels").inner_text()
+    assert page.locator("#resolution-topics tbody tr").count() == len(r["by_topic"])
+    assert page.locator("#quality tbody tr").count() == len(figures["entry_quality"]) >= 1
+    linked = [g for g in figures["knowledge_gaps"] if g["nearest_entry"] in {q["entry"] for q in figures["entry_quality"]}]
+    assert page.locator("#gaps a[href^='#entry-']").count() == len(linked)
     assert page.locator("#who").inner_text() == "值班主任（主管）"
     # intents and topics in Chinese, not the dialogue's or the knowledge base's codes
     charts = page.locator("#intents").inner_text() + page.locator("#topics").inner_text()

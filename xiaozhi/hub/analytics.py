@@ -431,6 +431,11 @@ def resolve_all(data: dict, *, low_confidence: float = 0.5) -> tuple[dict[str, R
     return res, marked, identifiable
 
 
+async def _messages_of(session, ids: list[str]) -> list[Message]:
+    q = select(Message).where(Message.conversation_id.in_(ids)).order_by(Message.conversation_id, Message.seq)
+    return list((await session.execute(q)).scalars())
+
+
 async def load(store: Store, rng: Range, *, region: str | None = None, channel: str | None = None) -> dict:
     async with store.sessions() as s:
         q = select(Conversation).where(Conversation.created_at >= rng.start, Conversation.created_at < rng.end)
@@ -445,15 +450,7 @@ async def load(store: Store, rng: Range, *, region: str | None = None, channel: 
         surveys: list[Survey] = []
         for i in range(0, len(ids), 500):  # keep IN lists bounded
             chunk = ids[i : i + 500]
-            messages += list(
-                (
-                    await s.execute(
-                        select(Message)
-                        .where(Message.conversation_id.in_(chunk))
-                        .order_by(Message.conversation_id, Message.seq)
-                    )
-                ).scalars()
-            )
+            messages += await _messages_of(s, chunk)
             escalations += list(
                 (await s.execute(select(Escalation).where(Escalation.conversation_id.in_(chunk)))).scalars()
             )
@@ -475,15 +472,7 @@ async def load(store: Store, rng: Range, *, region: str | None = None, channel: 
         later_ids = [c.id for c in later]
         later_messages: list[Message] = []
         for i in range(0, len(later_ids), 500):
-            later_messages += list(
-                (
-                    await s.execute(
-                        select(Message)
-                        .where(Message.conversation_id.in_(later_ids[i : i + 500]))
-                        .order_by(Message.conversation_id, Message.seq)
-                    )
-                ).scalars()
-            )
+            later_messages += await _messages_of(s, later_ids[i : i + 500])
     return {
         "conversations": convs,
         "messages": messages,

@@ -86,17 +86,59 @@
     box.appendChild(lg);
   }
 
-  function kpis(t, sat, cb) {
+  function kpis(t, sat, cb, defs) {
     var box = $("kpis"); box.textContent = "";
-    [["会话量", t.conversations], ["自助解决率", pct(t.containment_rate)], ["转人工率", pct(t.escalation_rate)],
-     ["放弃会话", t.abandoned + "（" + pct(t.abandon_rate) + "）"], ["满意度", sat.average == null ? "—" : sat.average.toFixed(2) + " / 5"],
-     ["平均等待", secs(t.avg_wait_s)], ["平均处理", secs(t.avg_handle_s)],
-     ["非工作时间回访", cb.count, cb.called_back ? "平均 " + secs(cb.avg_callback_s) + " 后回电" : "", "登记后由工作人员在服务时间回电，不计入平均等待"]].forEach(function (k) {
+    [["会话量", t.conversations, "", "", "conversations"],
+     ["自助解决率", pct(t.containment_rate), "", "", "containment_rate"],
+     ["确认解决率", pct(t.confirmed_rate), "", "", "confirmed_rate"],
+     ["未解决率", pct(t.unresolved_rate), "", "", "unresolved_rate"],
+     ["重复来访率", pct(t.repeat_contact_rate), "", "", "repeat_contact_rate"],
+     ["转人工率", pct(t.escalation_rate), "", "", "escalation_rate"],
+     ["放弃会话", t.abandoned + "（" + pct(t.abandon_rate) + "）", "", "", "abandoned"],
+     ["满意度", sat.average == null ? "—" : sat.average.toFixed(2) + " / 5", "", "", "satisfaction"],
+     ["平均等待", secs(t.avg_wait_s), "", "", "avg_wait_s"], ["平均处理", secs(t.avg_handle_s), "", "", "avg_handle_s"],
+     ["非工作时间回访", cb.count, cb.called_back ? "平均 " + secs(cb.avg_callback_s) + " 后回电" : "", "登记后由工作人员在服务时间回电，不计入平均等待", "callbacks"]].forEach(function (k) {
       var d = el("div", { class: "kpi" }); d.appendChild(el("div", { class: "v" }, String(k[1]))); d.appendChild(el("div", { class: "l" }, k[0]));
       if (k[2]) d.appendChild(el("div", { class: "s" }, k[2]));
       if (k[3]) d.title = k[3];
+      var def = (defs || {})[k[4]];
+      if (def) d.appendChild(el("div", { class: "d" }, def.slice(def.indexOf("：") + 1)));
       box.appendChild(d);
     });
+  }
+
+  var CLASSES = ["confirmed", "answered", "unresolved", "escalated", "abandoned"];
+  var CLASS_COLORS = { confirmed: "#2ca02c", answered: "#98df8a", unresolved: "#d62728", escalated: "#ff7f0e", abandoned: "#7f7f7f" };
+  function shareBar(s, labels) {   // one stacked bar of the five classes, with a title per part
+    var box = el("span", { class: "sharebar", role: "img", "aria-label": CLASSES.map(function (c) { return labels[c] + " " + pct(s.shares[c]); }).join("，") });
+    CLASSES.forEach(function (c) {
+      if (!s[c]) return;
+      var part = el("span", { class: "part", style: "width:" + (100 * s[c] / s.closed) + "%;background:" + CLASS_COLORS[c] });
+      part.title = labels[c] + "：" + s[c] + "（" + pct(s.shares[c]) + "）";
+      box.appendChild(part);
+    });
+    return box;
+  }
+  function resolution(r) {
+    var lg = $("resolution-legend"); lg.textContent = "";
+    CLASSES.forEach(function (c) { var i = el("span"); i.appendChild(el("span", { class: "sw", style: "background:" + CLASS_COLORS[c] })); i.appendChild(document.createTextNode(r.labels[c] + " " + r[c] + "（" + pct(r.shares[c]) + "）")); lg.appendChild(i); });
+    if (r.open) lg.appendChild(el("span", {}, "进行中 " + r.open + "（不计入）"));
+    var head = ["", "已结束提问会话"].concat(CLASSES.map(function (c) { return r.labels[c]; })).concat(["自助解决率", "构成"]);
+    function row(name, s) { return [name, s.closed].concat(CLASSES.map(function (c) { return pct(s.shares[c]); })).concat([pct(s.containment_rate), shareBar(s, r.labels)]); }
+    table("resolution-channels", head, Object.keys(r.by_channel).map(function (c) { return row(CHANNEL[c] || c, r.by_channel[c]); }));
+    table("resolution-topics", head, r.by_topic.map(function (x) { return row(x.label || x.topic, x); }));
+    table("resolution-reasons", ["原因", "会话数"], Object.keys(r.reasons).map(function (k) { return [r.reason_labels[k] || k, r.reasons[k]]; }));
+  }
+  function definitions(defs) {
+    var dl = $("definitions"); dl.textContent = "";
+    Object.keys(defs).forEach(function (k) {
+      var text = defs[k], i = text.indexOf("：");
+      dl.appendChild(el("dt", {}, text.slice(0, i))); dl.appendChild(el("dd", {}, text.slice(i + 1)));
+    });
+  }
+  function entryLink(id, label, known) {
+    if (!id || !known[id]) return label;
+    return el("a", { href: "#entry-" + id }, label);
   }
 
   function table(id, head, rows) {
@@ -112,7 +154,9 @@
   }
 
   function render(f) {
-    kpis(f.totals, f.satisfaction, f.callbacks);
+    kpis(f.totals, f.satisfaction, f.callbacks, f.definitions);
+    resolution(f.resolution);
+    definitions(f.definitions || {});
     stackedHours("hours", f.by_hour);
     hbars("channels", Object.keys(f.by_channel).map(function (c) { return [CHANNEL[c] || c, f.by_channel[c], "", COLORS[c]]; }), "渠道分布");
     hbars("days", Object.keys(f.by_day).map(function (d) { return [d, f.by_day[d]]; }), "每日咨询量");
@@ -123,10 +167,16 @@
     table("regions", ["地区", "会话量", "提问会话", "自助解决率", "转人工率", "满意度"], f.by_region.map(function (r) {
       return [r.region_name ? r.region_name + "（" + r.region + "）" : r.region, r.conversations, r.asked, pct(r.containment_rate), pct(r.escalation_rate), r.satisfaction];
     }));
+    var known = {};
+    f.entry_quality.forEach(function (q) { known[q.entry] = true; });
     table("gaps", ["最接近的知识条目 / 问题", "主题", "次数", "未答上", "追问", "低置信度", "问题示例（已脱敏）"], f.knowledge_gaps.map(function (g) {
-      return [g.label, g.topic_label || g.topic, g.count, g.outcomes.abstained || 0, g.outcomes.clarifying || 0, g.outcomes.low_confidence || 0,
+      return [entryLink(g.nearest_entry, g.label, known), g.topic_label || g.topic, g.count, g.outcomes.abstained || 0, g.outcomes.clarifying || 0, g.outcomes.low_confidence || 0,
               el("span", { class: "samples" }, g.samples.join(" ｜ "))];
     }));
+    table("quality", ["知识条目", "主题", "被用来回答", "致谢确认", "换个说法再问", "说不对/没用", "之后转人工", "问题比例"], f.entry_quality.map(function (q) {
+      return [q.title, q.topic_label || q.topic || "—", q.used, q.confirmed, q.rephrased, q.disputed, q.escalated, pct(q.problem_rate)];
+    }));
+    f.entry_quality.forEach(function (q, i) { $("quality").querySelectorAll("tbody tr")[i].id = "entry-" + q.entry; });
   }
 
   function params() {
