@@ -25,6 +25,7 @@ from telephony.audio import load_wav, tone
 from telephony.testing import (
     LoopbackCapture, RtpCaller, SipPeer, environment_has_sipp, free_udp_port, run_sipp, until_no_calls,
 )
+from xiaozhi.hub.contacts import caller_hash
 from xiaozhi.hub.store import Conversation, Escalation
 
 ASR = Path(__file__).parent / "data" / "asr"
@@ -182,6 +183,9 @@ async def test_sipp_call_is_answered_transcribed_recorded_and_escalated(hub_sett
 
     assert conv.channel == "phone" and conv.status == "closed"
     assert conv.contact == "139******78"  # masked, never the full number
+    # analytics' repeat contact: a keyed hash of the number, the number itself nowhere in the row
+    assert conv.meta["caller_hash"] == caller_hash("13912345678", hub_settings.var_dir)
+    assert "13912345678" not in str(conv.meta)
     assert conv.entry_point == "057100000106" and conv.region_code == "330106"  # the 西湖区 line
     said = [m.text for m in transcript if m.role == "resident"]
     replies = [m for m in transcript if m.role == "bot"]
