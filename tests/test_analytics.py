@@ -30,7 +30,7 @@ def local(d, h, mi=0) -> dt.datetime:
 def cite(topic: str) -> list[dict]:
     return [
         {
-            "id": "x",
+            "id": f"{topic}-guide",  # an entry per topic, so the answer-quality list has rows
             "topic": topic,
             "title": "t",
             "source": {"title": "s", "url": "https://example.gov.cn"},

@@ -164,8 +164,9 @@
     hbars("topics", f.top_topics.map(function (x) { return [x.label || x.topic, x.count]; }), "热门主题");
     hbars("satisfaction", ["5", "4", "3", "2", "1"].map(function (k) { return [k + "分", f.satisfaction.distribution[k]]; }), "满意度分布");
     hbars("outcomes", Object.keys(f.outcomes).map(function (o) { return [OUTCOME[o] || o, f.outcomes[o]]; }), "回复结果");
-    table("regions", ["地区", "会话量", "提问会话", "自助解决率", "转人工率", "满意度"], f.by_region.map(function (r) {
-      return [r.region_name ? r.region_name + "（" + r.region + "）" : r.region, r.conversations, r.asked, pct(r.containment_rate), pct(r.escalation_rate), r.satisfaction];
+    table("regions", ["地区", "会话量", "提问会话", "自助解决率", "确认解决率", "未解决率", "转人工率", "满意度", "构成"], f.by_region.map(function (r) {
+      return [r.region_name ? r.region_name + "（" + r.region + "）" : r.region, r.conversations, r.asked, pct(r.containment_rate),
+              pct(r.confirmed_rate), pct(r.unresolved_rate), pct(r.escalation_rate), r.satisfaction, shareBar(r.resolution, f.resolution.labels)];
     }));
     var known = {};
     f.entry_quality.forEach(function (q) { known[q.entry] = true; });
