@@ -57,7 +57,7 @@ async def test_a_misheard_story_is_confirmed_not_answered(confirmation) -> None:
 
 
 async def test_a_story_heard_well_and_retrieved_surely_is_answered_at_once(confirmation) -> None:
-    story = "我爸妈都退休了，准备过去跟我弟弟在广州那边长住，平时有个头疼脑热的要去医院，他们的医保要怎么弄，是不是要先去备案？"
+    story = "我在外地的工地上打工，老家交的新农合，干活的时候手受伤了去医院缝了几针，这种在外地打工看病医保怎么办？"
     assert await confirmation.check(story, 0.85, None) is None
 
 
