@@ -240,13 +240,16 @@ async def test_barge_in_stops_the_bot_within_300_ms_but_a_short_backchannel_does
         burst_at = time.monotonic()
         await rtp.say(trimmed("05_menzhen_baoxiao")[:800])
         await rtp.pause(1.0)
-        assert len(rtp.bot_audio(burst_at + 0.3)) > 30, "a backchannel must not stop the answer"
+        # The bot went on talking: no barge-in was counted, and its audio kept coming after the 嗯
+        # (a packet count over a fixed window would also count a loaded machine's send stalls).
+        session = next(iter(app.state.phone.bot.sessions.values()))
+        assert session.barge_ins == 0 and session.backchannels >= 1, "a backchannel must not stop the answer"
+        assert len(rtp.bot_audio(burst_at + 0.6)) > 10, "the answer goes on after the backchannel"
         # a real interruption: speech starts now; the bot must be silent within 300 ms
         speech_at = time.monotonic()
         await rtp.say(trimmed("06_yibaoka_guashi"))
         talking = [t for t, _ in rtp.bot_audio(speech_at)]
         stopped_after = (talking[-1] - speech_at) if talking else 0.0
-        session = next(iter(app.state.phone.bot.sessions.values()))
         assert session.barge_ins >= 1
         assert session.backchannels >= 1
         peer.in_dialog("BYE", call)
