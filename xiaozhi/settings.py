@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         description="Password of that first admin account; unset: generated and written to var_dir/initial-admin-password.",
     )
     staff_session_hours: float = Field(12.0, description="Hours a staff login (agent, supervisor, admin) stays valid.")
+    password_hash_concurrency: int = Field(
+        2, ge=1, le=64,
+        description="Password hashes/checks (argon2, ~0.1-0.25 CPU-s each) run in worker threads, at most this many "
+        "at a time; more logins wait their turn (the event loop never runs one).",
+    )
 
     # --- agent desk (issue 5) --------------------------------------------------------------------
     desk_service_hours: str = Field(
@@ -191,6 +196,11 @@ class Settings(BaseSettings):
     )
     survey_poll_interval_s: float = Field(30.0, description="How often the hub looks for due surveys (0: never).")
     log_level: str = Field("INFO", description="Log level of the hub.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`json`: one JSON object per line (time, level, logger, message, request_id, conversation_id, "
+        "exception), masked like the text lines.",
+    )
 
     # --- video help and the phone bridge (WebRTC) ----------------------------------------------
     ice_servers: str = Field(
