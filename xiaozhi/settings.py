@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         description="SQLAlchemy async URL; default SQLite in var_dir. PostgreSQL: postgresql+asyncpg://... "
         "(several hub replicas share it, and share live events through it: LISTEN/NOTIFY).",
     )
+    db_migrate_on_start: bool = Field(
+        True,
+        description="Upgrade the database schema at start (replicas take turns: one migrates). false: the "
+        "deploy runs `xiaozhi db upgrade` (a Job) and the hub refuses to start on a database not at its revision.",
+    )
     idle_close_min: float = Field(
         30.0,
         description="A web chat nobody has written in for this many minutes is closed (the resident has "
