@@ -4,6 +4,9 @@ Residents never have accounts: they hold a conversation token and nothing else. 
 a user name and password (argon2id hashes), receive a bearer token that is stored only as a hash,
 and lose it on logout, on expiry, or when an admin disables the account. Every action an agent
 or admin takes on someone else's data goes into the audit log.
+
+Hashing and checking a password costs 0.1-0.25 s of CPU (argon2 is slow on purpose): it runs in a
+worker thread, a few at a time, never on the event loop that answers chat and paces live calls.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 
+import anyio
+from anyio import to_thread
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, delete, exists, func, select, update
@@ -125,6 +130,7 @@ class Accounts:
         lockout_s: float = 900.0,
         account_max_failures: int = 50,
         account_backoff_s: float = 60.0,
+        hash_concurrency: int = 2,
         clock=time.time,
     ) -> None:
         self.store = store
@@ -143,11 +149,38 @@ class Accounts:
         # gives wall-clock seconds (replicas compare each other's timestamps).
         self._clock = clock
         self._hasher = PasswordHasher()
+        # Every argon2 hash/check runs in a worker thread, at most ``hash_concurrency`` at a time: a
+        # burst of logins (200 wrong passwords from many addresses) waits its turn instead of blocking
+        # the event loop or taking every core; the lockout and the per-address rate limit bound it.
+        self._hash_limiter = anyio.CapacityLimiter(max(1, hash_concurrency))
         # Checking the lockout and recording the attempt happen under one lock per (account, address):
         # concurrent wrong passwords from one address no longer all pass the check before any is counted.
         self._attempt_locks = [asyncio.Lock() for _ in range(64)]
         # Verifying a hash for an unknown user costs the same as for a known one (no user probing).
-        self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+        # Made (in a thread) by the first login, whatever its name, so even that one costs the same.
+        self._dummy_hash: str | None = None
+
+    # -- password hashing, in worker threads ----------------------------------------------------
+    async def _in_thread(self, fn, *args):
+        """Run argon2 work in a worker thread under the limiter. Not abandoned when the request is
+        cancelled: the thread keeps its slot until it is done, so the limit really holds."""
+        return await to_thread.run_sync(fn, *args, limiter=self._hash_limiter)
+
+    async def _hash(self, password: str) -> str:
+        return await self._in_thread(self._hasher.hash, password)
+
+    def _check(self, password_hash: str, password: str) -> tuple[bool, str | None]:
+        """(password matches, a new hash when the stored one uses outdated parameters); in a thread."""
+        try:
+            self._hasher.verify(password_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False, None
+        return True, self._hasher.hash(password) if self._hasher.check_needs_rehash(password_hash) else None
+
+    async def _dummy(self) -> str:
+        if self._dummy_hash is None:
+            self._dummy_hash = await self._hash(secrets.token_urlsafe(16))
+        return self._dummy_hash
 
     # -- users ----------------------------------------------------------------------------------
     async def create_user(
@@ -168,7 +201,7 @@ class Accounts:
             username=username,
             display_name=display_name or username,
             role=role.value,
-            password_hash=self._hasher.hash(password),
+            password_hash=await self._hash(password),
             skills=skills or [],
         )
         async with self.store.sessions() as s, s.begin():
@@ -203,6 +236,11 @@ class Accounts:
         display_name: str | None = None,
         skills: list[str] | None = None,
     ) -> StaffUser | None:
+        new_hash = None
+        if password is not None:
+            if len(password) < 10:
+                raise ValueError("password must have at least 10 characters")
+            new_hash = await self._hash(password)  # before the transaction: no connection held while hashing
         async with self.store.sessions() as s, s.begin():
             user = (await s.execute(select(StaffUser).where(StaffUser.username == username))).scalar_one_or_none()
             if user is None:
@@ -213,10 +251,8 @@ class Accounts:
                 user.display_name = display_name
             if skills is not None:
                 user.skills = skills
-            if password is not None:
-                if len(password) < 10:
-                    raise ValueError("password must have at least 10 characters")
-                user.password_hash = self._hasher.hash(password)
+            if new_hash is not None:
+                user.password_hash = new_hash
             if active is not None:
                 user.active = active
             if active is False or password is not None or role is not None:
@@ -283,12 +319,10 @@ class Accounts:
             # Counted as a failure before the password is checked; a success below clears it. Attempts
             # running at the same time therefore see each other, and the sixth is locked out.
             await self._failed(username, client)
+        dummy = await self._dummy()
         user = await self.get_user(username)
-        try:
-            self._hasher.verify(user.password_hash if user else self._dummy_hash, password)
-            ok = user is not None and user.active
-        except (VerificationError, InvalidHashError):
-            ok = False
+        matches, rehashed = await self._in_thread(self._check, user.password_hash if user else dummy, password)
+        ok = matches and user is not None and user.active
         if not ok:
             raise LoginRejected("bad_credentials")  # recorded above
         token = secrets.token_urlsafe(32)
@@ -297,9 +331,9 @@ class Accounts:
             # Success clears this address's failures for the account (not other addresses').
             await s.execute(delete(LoginFailure).where(LoginFailure.username == username, LoginFailure.client == client))
             s.add(StaffSession(token_hash=hash_token(token), user_id=user.id, expires_at=expires, client=client[:64]))
-            if self._hasher.check_needs_rehash(user.password_hash):
+            if rehashed is not None:
                 fresh = await s.get(StaffUser, user.id)
-                fresh.password_hash = self._hasher.hash(password)
+                fresh.password_hash = rehashed
         return user, token, expires
 
     async def user_for_token(self, token: str) -> StaffUser | None:
