@@ -20,7 +20,7 @@ from xiaozhi.hub.errors import install_error_handlers
 from xiaozhi.hub.rasa_client import RasaClient
 from xiaozhi.hub.security import HubSecurityMiddleware, Limits
 from xiaozhi.hub.routers import chat, knowledge, staff
-from xiaozhi.hub.analytics import HubMetrics  # issue 6: widget, surveys, analytics
+from xiaozhi.hub.metrics import install_metrics  # issue 17: Prometheus, HTTP timing
 from xiaozhi.hub.routers import analytics as analytics_router, surveys as surveys_router
 from xiaozhi.hub.surveys import start_surveys, stop_surveys
 from xiaozhi.hub.widget import install_widget
@@ -101,14 +101,14 @@ async def _bootstrap_admin(accounts: Accounts, settings: Settings) -> None:
     log.warning("created the first admin account %r; its password is in %s", settings.admin_username, where)
 
 
-async def _start_phone(settings: Settings, store: Store, conversations: ConversationService):
+async def _start_phone(settings: Settings, store: Store, conversations: ConversationService, metrics=None):
     """The phone hotline (xiaozhi/hub/phone.py), started when sip_enabled; a failure leaves the hub serving chat.
 
     Always returned (not started: no live calls, ``attach_agent`` raises KeyError).
     """
     from xiaozhi.hub.phone import PhoneService
 
-    phone = PhoneService(settings, store, conversations)
+    phone = PhoneService(settings, store, conversations, metrics=metrics)
     if settings.sip_enabled:
         try:
             await phone.start()
@@ -135,12 +135,13 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         store = Store(settings.effective_database_url)
-        await store.create_schema()
+        await store.create_schema(migrate=settings.db_migrate_on_start)  # xiaozhi/hub/migrations
         token = settings.rasa_token.get_secret_value() if settings.rasa_token else None
         rasa = RasaClient(settings.effective_rasa_url, timeout_s=settings.rasa_timeout_s, token=token)
         app.state.store = store
         app.state.rasa = rasa
-        app.state.accounts = Accounts(store, session_hours=settings.staff_session_hours)
+        app.state.accounts = Accounts(store, session_hours=settings.staff_session_hours,
+                                      hash_concurrency=settings.password_hash_concurrency)
         async with store.exclusive("xiaozhi.admin-bootstrap"):  # replicas starting together: one first admin
             await _bootstrap_admin(app.state.accounts, settings)
         app.state.knowledge_base = knowledge_base
@@ -149,7 +150,8 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         app.state.conversations = ConversationService(store, rasa, lambda: app.state.knowledge_base, bus)
         app.state.desk = AgentDesk(store, app.state.conversations, app.state.accounts, settings)
         await app.state.desk.start()
-        survey_poller = start_surveys(app, settings)  # follow-up surveys on close; turn metrics
+        survey_poller = start_surveys(app, settings)  # follow-up surveys on close
+        await app.state.metrics.start(app)  # turn metrics, cached gauges (after the desk's and surveys' hooks)
         if knowledge_base is None:
             app.state.knowledge_base = await asyncio.to_thread(_load_knowledge_base, settings)
             log.info("knowledge base ready: %d entries", len(app.state.knowledge_base.entries))
@@ -157,7 +159,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
             asyncio.create_task(_watch_knowledge_base(app, settings), name="kb-reload")
             if settings.kb_reload_interval_s > 0 else None
         )
-        app.state.phone = await _start_phone(settings, store, app.state.conversations)
+        app.state.phone = await _start_phone(settings, store, app.state.conversations, app.state.metrics.voice)
         idle = (
             asyncio.create_task(app.state.conversations.close_idle_forever(
                 dt.timedelta(minutes=settings.idle_close_min), dt.timedelta(minutes=4 * settings.idle_close_min),
@@ -180,6 +182,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
                 await app.state.video.close_all()  # both peers of every video/phone-bridge session
             await app.state.phone.stop()  # hangs up live calls: their conversations close
             await stop_surveys(app, survey_poller)
+            await app.state.metrics.stop()
             await app.state.conversations.drain(settings.rasa_timeout_s + 5)
             await app.state.desk.stop()
             await bus.close()
@@ -195,7 +198,6 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = HubMetrics()
     install_error_handlers(app)
 
     # Outermost layer: rate limits, body limits (declared and chunked), security headers (xiaozhi/hub/security.py).
@@ -206,6 +208,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         max_body_bytes=settings.max_body_bytes,
         frame_ancestors=settings.frame_ancestors,
     )
+    install_metrics(app)  # app.state.metrics; HTTP timing outside the limits, so 429 and 413 are timed too
 
     app.include_router(chat.router)
     app.include_router(knowledge.router)
