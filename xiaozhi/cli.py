@@ -17,6 +17,9 @@ kb_app = typer.Typer(help="Knowledge base: validate, index, search.", no_args_is
 app.add_typer(kb_app, name="kb")
 staff_app = typer.Typer(help="Staff accounts: agents, supervisors, admins.", no_args_is_help=True)
 app.add_typer(staff_app, name="staff")
+db_app = typer.Typer(help="Database schema (Alembic migrations): upgrade, downgrade, stamp, current, revision.",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 
 def _settings() -> Settings:
@@ -244,7 +247,7 @@ async def _with_accounts(settings: Settings, work):
 
     store = Store(settings.effective_database_url)
     try:
-        await store.create_schema()
+        await store.create_schema(migrate=settings.db_migrate_on_start)
         return await work(Accounts(store))
     finally:
         await store.close()
@@ -297,3 +300,110 @@ def staff_list() -> None:
     for user in asyncio.run(_with_accounts(_settings(), work)):
         state = "" if user.active else " (disabled)"
         typer.echo(f"{user.username}\t{user.role}\t{user.display_name}{state}")
+
+
+def _schema_work(work):
+    """Run ``work(sync_connection)`` on the configured database under the schema lock; a failure is a
+    message and exit status 1, not a traceback."""
+    import asyncio
+
+    from xiaozhi.hub.store import Store
+    from xiaozhi.masking import configure_logging
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+
+    async def go():
+        store = Store(settings.effective_database_url)
+        try:
+            return await store.schema_work(work)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except Exception as exc:  # alembic's CommandError, SchemaOutOfDate, a database that cannot be reached
+        _say(f"database schema: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Option(help="Target revision; head is this release's.")] = "head",
+) -> None:
+    """Upgrade the database schema (what the hub does at start; the deploy's migration Job runs this).
+
+    A database made before migrations is brought to the baseline and stamped first."""
+    from xiaozhi.hub import migrations
+
+    before, after = _schema_work(lambda conn: migrations.upgrade(conn, revision))
+    _say(f"database schema: {before or 'none'} -> {after or 'none'}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Revision to go back to, e.g. 0001_baseline or -1.")],
+) -> None:
+    """Undo revisions (run with the newer release's code, which has their downgrade steps, before rolling back)."""
+    from xiaozhi.hub import migrations
+
+    _say(f"database schema now at {_schema_work(lambda conn: migrations.downgrade(conn, revision)) or 'none'}")
+
+
+@db_app.command("stamp")
+def db_stamp(revision: Annotated[str, typer.Argument(help="Revision to record, e.g. 0001_baseline or head.")]) -> None:
+    """Record a revision as the database's without running any migration."""
+    from xiaozhi.hub import migrations
+
+    _schema_work(lambda conn: migrations.stamp(conn, revision))
+    _say(f"database stamped with {revision}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's revision and this release's (head); exit 1 when they differ."""
+    from xiaozhi.hub import migrations
+
+    at = _schema_work(migrations.current)
+    wanted = migrations.head()
+    typer.echo(f"database: {at or 'none'}\nthis release (head): {wanted}")
+    if at != wanted:
+        raise typer.Exit(1)
+
+
+@db_app.command("revision")
+def db_revision(
+    message: Annotated[str, typer.Option("-m", "--message", help="What the revision changes, e.g. 'add queue note'.")],
+    autogenerate: Annotated[bool, typer.Option(help="Compare the models with a database at head and write the "
+                                                    "operations found (review them!).")] = True,
+) -> None:
+    """Write a new revision into xiaozhi/hub/migrations/versions/ (a source checkout), numbered after the last.
+
+    Autogenerate compares the models with a scratch SQLite database upgraded to head, so it needs no
+    running database; it writes batch operations, which run on SQLite and PostgreSQL alike."""
+    import asyncio
+    import tempfile
+
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from xiaozhi.hub import migrations
+    from xiaozhi.hub.store import Store
+
+    config = migrations.alembic_config()
+    number = len(list(ScriptDirectory.from_config(config).walk_revisions())) + 1
+
+    def write(conn):
+        migrations.upgrade(conn, "head", config)
+        return command.revision(config, message, autogenerate=autogenerate, rev_id=f"{number:04d}")
+
+    async def go(path):
+        store = Store(f"sqlite+aiosqlite:///{path}")
+        try:
+            return await store.schema_work(write)
+        finally:
+            await store.close()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        script = asyncio.run(go(Path(scratch) / "head.db"))
+    _say(f"wrote {script.path}: review it, then test it (tests/test_migrations.py)")

@@ -6,18 +6,20 @@ whatever fails afterwards, what the resident said is kept.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
 import os
 import secrets
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy import (
-    JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event, func, inspect, select, text, update,
+    JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event, func, select, text, update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -80,51 +82,6 @@ def _storable_parameters(conn, cursor, statement, parameters, context, executema
     commit with it) or lone surrogates (not UTF-8): they are stored as U+FFFD. The API cleans what residents
     and staff write first (xiaozhi/hub/schemas.py); this catches every other field."""
     return statement, _storable(parameters)
-
-
-def _missing(inspector, listed, members):
-    """(table, member) for each column or index (``members`` of a table) that an existing table lacks."""
-    for table in Base.metadata.sorted_tables:
-        if inspector.has_table(table.name):
-            present = {item["name"] for item in listed(table.name)}
-            yield from ((table, member) for member in members(table) if member.name not in present)
-
-
-def _add_missing_columns(sync_conn) -> None:
-    """Additive schema upgrade: a database made by an older release gains the columns added since.
-
-    Only new nullable or defaulted columns are ever added this way; anything else (renames, type
-    changes) needs a real migration.
-    """
-    inspector = inspect(sync_conn)
-    for table, column in _missing(inspector, inspector.get_columns, lambda table: table.columns):
-        ddl_type = column.type.compile(dialect=sync_conn.dialect)
-        default = ""
-        if column.default is not None and column.default.is_scalar:
-            value = column.default.arg
-            # TRUE/FALSE, not 1/0: PostgreSQL refuses an integer default for a boolean column.
-            default = f" DEFAULT {str(value).upper() if isinstance(value, bool) else repr(value)}"
-        elif isinstance(column.type, JSON):
-            default = " DEFAULT '{}'"
-        elif not column.nullable:
-            default = " DEFAULT ''"
-        sync_conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl_type}{default}')
-
-
-def _add_missing_indexes(sync_conn) -> None:
-    """Indexes added since a database was made; create_all only makes them with a new table.
-
-    One the existing rows violate (a unique index over duplicates an older release let in) is
-    logged and left out, so the hub still starts; the code that writes those rows copes either way.
-    """
-    inspector = inspect(sync_conn)
-    for table, index in _missing(inspector, inspector.get_indexes, lambda table: table.indexes):
-        try:
-            with sync_conn.begin_nested():  # a failure must not abort the schema transaction (PostgreSQL)
-                index.create(sync_conn)
-        except IntegrityError as exc:
-            log.error("index %s not created: existing rows of %s violate it (%s); remove the duplicates",
-                      index.name, table.name, exc.orig)
 
 
 class Conversation(Base):
@@ -192,6 +149,9 @@ class Escalation(Base):
     summary: Mapped[dict] = mapped_column(JSON, default=dict)  # what the resident wanted, notes of hand-offs
 
 
+_SCHEMA_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> asyncio.Lock
+
+
 class Store:
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite"):
@@ -223,17 +183,30 @@ class Store:
             finally:
                 await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
-    async def create_schema(self) -> None:
-        """Create missing tables, columns and indexes; replicas may call it together (see ``exclusive``)."""
-        async with self.exclusive("xiaozhi.schema"), self.engine.begin() as conn:
+    async def create_schema(self, migrate: bool = True) -> None:
+        """Bring the schema to this release's revision (xiaozhi/hub/migrations); replicas may call it together:
+        one migrates, the others wait for it (``exclusive``) and find nothing left to do.
+
+        ``migrate=False`` (XIAOZHI_DB_MIGRATE_ON_START=false, when the deploy's Job runs ``xiaozhi db upgrade``):
+        only check the database is at that revision, and refuse to start if not (``SchemaOutOfDate``).
+        """
+        from xiaozhi.hub import migrations
+
+        await self.schema_work(migrations.upgrade if migrate else migrations.require_head)
+
+    async def schema_work(self, work):
+        """``work(sync_connection)`` in one transaction, one replica at a time (migrations, ``xiaozhi db``).
+
+        Also one at a time within a process: Alembic's ``op`` and ``context`` are module globals, which two
+        migrations interleaving on one event loop would take from each other."""
+        local = _SCHEMA_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with local, self.exclusive("xiaozhi.schema"), self.engine.begin() as conn:
             if self.engine.dialect.name == "sqlite":
                 # WAL keeps readers (transcripts) from blocking the writer (new messages). With WAL,
                 # synchronous=NORMAL survives a killed process (only power loss can drop the last
                 # commits) and saves an fsync per message.
                 await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-            await conn.run_sync(Base.metadata.create_all)
-            await conn.run_sync(_add_missing_columns)
-            await conn.run_sync(_add_missing_indexes)
+            return await conn.run_sync(work)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -1,0 +1,123 @@
+"""Schema migrations: Alembic, with its scripts shipped in this package (no alembic.ini at run time).
+
+- ``upgrade`` brings a database to a revision (``head`` at start, under the replicas' advisory lock, see
+  ``Store.create_schema``; or ``xiaozhi db upgrade``, as the Kubernetes Job does).
+- A database made before migrations existed (the hub's tables, no ``alembic_version``) first goes through
+  ``pre_alembic.bridge`` (the additive upgrade those releases ran at start), then is stamped with the
+  baseline revision, and from there upgrades like any other.
+- ``require_head`` is the start-up check when migrating at start is turned off.
+
+Writing a revision: docs/operations.md, "Schema migrations".
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData, inspect
+from sqlalchemy.engine import Connection
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent
+BASELINE = "0001_baseline"  # the schema of the last release before migrations (commit 65cad91)
+VERSION_TABLE = "alembic_version"
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database is not at the revision this code needs, and this process was told not to migrate it."""
+
+
+def hub_metadata() -> MetaData:
+    """Every table of the hub: the models of store, accounts and surveys."""
+    import xiaozhi.hub.accounts  # noqa: F401  (registers its tables)
+    import xiaozhi.hub.surveys  # noqa: F401
+    from xiaozhi.hub.store import Base
+
+    return Base.metadata
+
+
+def alembic_config(connection: Connection | None = None, url: str | None = None,
+                   script_location: Path | str = MIGRATIONS_DIR) -> Config:
+    """Alembic's Config, built in code. ``connection``: a sync connection (``AsyncConnection.run_sync``)
+    the commands run on, in its transaction; ``url``: for a command that opens its own."""
+    config = Config()
+    config.set_main_option("script_location", str(script_location))
+    if url:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head(config: Config | None = None) -> str:
+    return ScriptDirectory.from_config(config or alembic_config()).get_current_head()
+
+
+def current(connection: Connection) -> str | None:
+    """The database's revision; None when it has none (empty, or made before migrations)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def is_pre_alembic(connection: Connection) -> bool:
+    """The hub's tables without a version table: made by a release before migrations."""
+    names = set(inspect(connection).get_table_names())
+    return VERSION_TABLE not in names and bool(names & set(hub_metadata().tables))
+
+
+def upgrade(connection: Connection, revision: str = "head", config: Config | None = None) -> tuple[str | None, str | None]:
+    """Bring the database to ``revision``; (revision before, revision after). The caller commits."""
+    config = config or alembic_config(connection)
+    config.attributes["connection"] = connection
+    before = current(connection)
+    if before is None and is_pre_alembic(connection):
+        from xiaozhi.hub.migrations import pre_alembic
+
+        if not pre_alembic.bridge(connection, config):
+            if head(config) != BASELINE:
+                raise SchemaOutOfDate(
+                    "the database was made before schema migrations and could not be brought to the baseline "
+                    f"({BASELINE}); see the error above, fix it, and start again"
+                )
+            return None, None
+        before = current(connection)
+    target = ScriptDirectory.from_config(config).get_revision(revision)  # raises for an unknown revision
+    target_id = target.revision if target is not None else None
+    if before == target_id:
+        log.info("database schema at %s: nothing to migrate", before)
+        return before, before
+    log.warning("database schema: migrating from %s to %s", before or "an empty database", target_id)
+    command.upgrade(config, revision)
+    after = current(connection)
+    log.warning("database schema now at %s", after)
+    return before, after
+
+
+def stamp(connection: Connection, revision: str) -> None:
+    """Record ``revision`` as the database's without running anything (a schema made some other way)."""
+    command.stamp(alembic_config(connection), revision)
+    log.warning("database stamped with %s", revision)
+
+
+def require_head(connection: Connection) -> None:
+    """The start-up check when migrations run elsewhere (the Job): refuse a database not at head."""
+    at, wanted = current(connection), head()
+    if at != wanted:
+        raise SchemaOutOfDate(
+            f"the database schema is at {at or 'no revision'}, this release needs {wanted}; run `xiaozhi db upgrade` "
+            "(the deploy's migration Job), or start with XIAOZHI_DB_MIGRATE_ON_START=true"
+        )
+
+
+def downgrade(connection: Connection, revision: str) -> str | None:
+    """Undo revisions down to ``revision``; the revision the database is at afterwards."""
+    before = current(connection)
+    log.warning("database schema: downgrading from %s to %s", before, revision)
+    command.downgrade(alembic_config(connection), revision)
+    after = current(connection)
+    log.warning("database schema now at %s", after or "no revision")
+    return after
