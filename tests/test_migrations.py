@@ -360,3 +360,34 @@ def test_db_commands_upgrade_report_and_stamp(url, tmp_path):
     assert unknown.returncode == 1 and "9999_nowhere" in unknown.stderr, unknown.stderr
     assert xiaozhi("stamp", "base").returncode == 0
     assert "database: none" in xiaozhi("current").stdout
+
+
+def test_an_installed_wheel_carries_the_migrations_and_runs_them(tmp_path):
+    """The package data in pyproject.toml: a wheel built from the tree migrates a database with no source tree
+    and no alembic.ini around."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "xiaozhi", source / "xiaozhi", ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    installed = tmp_path / "installed"
+    shutil.unpack_archive(wheel, installed, format="zip")
+    assert (installed / "xiaozhi/hub/migrations/script.py.mako").is_file(), "the template `xiaozhi db revision` needs"
+    migrate = textwrap.dedent(f'''
+        import asyncio, xiaozhi
+        from xiaozhi.hub.store import Store
+        assert xiaozhi.__file__.startswith({str(installed)!r}), xiaozhi.__file__
+        async def main():
+            store = Store("sqlite+aiosqlite:///{tmp_path / "wheel.db"}")
+            await store.create_schema()
+            await store.close()
+        asyncio.run(main())
+    ''')
+    ran = subprocess.run([sys.executable, "-c", migrate], env={**os.environ, "PYTHONPATH": str(installed)},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert run(f"sqlite+aiosqlite:///{tmp_path / 'wheel.db'}", migrations.current) == migrations.BASELINE
