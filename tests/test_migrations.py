@@ -130,6 +130,14 @@ def test_with_migration_at_start_off_the_hub_refuses_a_database_not_at_head(url)
     start(url, migrate=False)  # at head: starts
 
 
+def test_a_database_migrated_by_a_newer_release_is_refused_with_what_to_do(url):
+    """A rollback to an older image without downgrading first: the hub says why it does not start."""
+    start(url)
+    run(url, lambda c: c.execute(sa.text("UPDATE alembic_version SET version_num = '0099_newer'")))
+    with pytest.raises(migrations.SchemaOutOfDate, match="0099_newer, a revision this release does not know.*downgrade"):
+        start(url)
+
+
 REPLICA = textwrap.dedent('''
     import asyncio, logging, sys, time
     from pathlib import Path

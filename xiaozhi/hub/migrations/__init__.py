@@ -19,6 +19,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import MetaData, inspect
 from sqlalchemy.engine import Connection
 
@@ -85,7 +86,17 @@ def upgrade(connection: Connection, revision: str = "head", config: Config | Non
                 )
             return None, None
         before = current(connection)
-    target = ScriptDirectory.from_config(config).get_revision(revision)  # raises for an unknown revision
+    script = ScriptDirectory.from_config(config)
+    if before is not None:
+        try:
+            script.get_revision(before)
+        except CommandError:
+            raise SchemaOutOfDate(
+                f"the database schema is at {before}, a revision this release does not know: a newer release "
+                "migrated it. Undo that with the newer release's `xiaozhi db downgrade <revision>` before rolling back "
+                "(docs/operations.md, Schema migrations)"
+            ) from None
+    target = script.get_revision(revision)  # raises for an unknown revision
     target_id = target.revision if target is not None else None
     if before == target_id:
         log.info("database schema at %s: nothing to migrate", before)
