@@ -6,6 +6,8 @@ Kubernetes Services, ConfigMaps, selectors, Kamailio's dispatcher targets); ever
 variable given to the hub is a real setting (xiaozhi/settings.py) and every one given to Rasa or
 the action server is read by bot/; secrets are never literal values; the Dockerfile builds both
 virtual environments from the lock files. `kubectl kustomize` and `kamailio -c` run when installed.
+Every Kubernetes object is checked against the API schemas (kubernetes-validate bundles them, no cluster
+needed), and our workloads for probes, security contexts, limits and disruption budgets (issue 17).
 """
 
 from __future__ import annotations
@@ -251,15 +253,125 @@ def test_k8s_dispatcher_targets_are_the_media_statefulset(k8s):
     assert all(t[0] == "media" and t[2] == headless and t[3] == sip_port for t in targets)
 
 
-@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl not installed")
-def test_kustomize_builds_the_whole_deployment():
+def _kustomize() -> list[dict]:
     out = subprocess.run(["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl not installed")
+def test_kustomize_builds_the_whole_deployment():
+    docs = _kustomize()
     kamailio = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kamailio")
     generated = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kamailio-cfg-"))
     names = [v["configMap"]["name"] for v in kamailio["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
     assert generated["metadata"]["name"] in names  # the hashed name was substituted
+
+
+# -- issue 17: schemas, probes, security contexts, disruption budgets, the migration Job ----------------
+# The Kubernetes version whose OpenAPI schemas the manifests must satisfy (kubernetes-validate bundles them).
+K8S_VERSION = "1.30.0"
+# Our image's workloads: they get the full treatment (three HTTP probes, user 10001, read-only root).
+OURS = {("Deployment", "hub"), ("StatefulSet", "media"), ("Deployment", "rasa"), ("Deployment", "actions")}
+
+
+def _validate_schemas(docs: list[dict]) -> None:
+    import kubernetes_validate
+
+    errors = []
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_k8s_manifests_satisfy_the_kubernetes_schemas(k8s):
+    """Every object, as written, against the API schemas (strict: an unknown or misspelt field fails)."""
+    _validate_schemas(k8s)
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl not installed")
+def test_rendered_deployment_satisfies_the_kubernetes_schemas():
+    """What `kubectl apply -k deploy/` would send: generated ConfigMaps and substituted names included."""
+    _validate_schemas(_kustomize())
+
+
+def test_the_schema_check_catches_a_misspelt_field(k8s):
+    hub = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "hub")
+    broken = yaml.safe_load(yaml.safe_dump(hub))
+    broken["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["periodSecond"] = 5
+    with pytest.raises(AssertionError, match="periodSecond"):
+        _validate_schemas([broken])
+
+
+def test_our_workloads_have_probes_security_contexts_and_limits(k8s):
+    workloads = {(w["kind"], w["metadata"]["name"]): w for w in _workloads(k8s)}
+    assert OURS <= set(workloads)
+    for key in OURS:
+        pod = workloads[key]["spec"]["template"]["spec"]
+        main = pod["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert "httpGet" in main.get(probe, {}), f"{key}: no HTTP {probe}"
+            assert main[probe]["httpGet"]["port"] in {p["containerPort"] for p in main["ports"]}, f"{key}: {probe} port"
+        startup = main["startupProbe"]
+        budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+        assert budget >= (300 if key[1] == "rasa" else 60), f"{key}: startup probe allows only {budget} s"
+        assert main["resources"]["requests"]["cpu"] and main["resources"]["limits"]["memory"], key
+        # the hub and the media workers serve /healthz (alive) and /readyz (knowledge base loaded)
+        if key[1] in ("hub", "media"):
+            assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        writes = {m["mountPath"] for m in main.get("volumeMounts", [])}
+        assert "/tmp" in writes, f"{key}: nowhere to write temporary files"
+        if key[1] in ("hub", "media"):
+            assert {"/var/lib/xiaozhi", "/var/cache/xiaozhi"} <= writes, f"{key}: var or cache dir not writable"
+    for (kind, name), w in workloads.items():
+        pod = w["spec"]["template"]["spec"]
+        ctx = pod.get("securityContext", {})
+        assert ctx.get("runAsNonRoot") is True and ctx.get("runAsUser", 0) > 0, f"{kind}/{name}: may run as root"
+        assert ctx.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{kind}/{name}: no seccomp profile"
+        if (kind, name) in OURS or w["spec"]["template"]["spec"]["containers"][0]["image"].startswith(
+                "registry.example.gov.cn/xiaozhi:"):
+            assert ctx["runAsUser"] == 10001, f"{kind}/{name}: not the image's user"
+        for c in _containers(w):
+            sec = c.get("securityContext", {})
+            assert sec.get("allowPrivilegeEscalation") is False, f"{name}/{c['name']}: privilege escalation"
+            assert sec.get("capabilities", {}).get("drop") == ["ALL"], f"{name}/{c['name']}: capabilities kept"
+            # Elasticsearch writes its keystore and config at start: the one writable root (12-elasticsearch.yaml)
+            if name != "elasticsearch":
+                assert sec.get("readOnlyRootFilesystem") is True, f"{name}/{c['name']}: writable root filesystem"
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            claims = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+            assert mounts <= {v["name"] for v in pod.get("volumes", [])} | claims, f"{name}/{c['name']}: unknown volume"
+
+
+def test_replicated_workloads_have_a_disruption_budget(k8s):
+    budgets = [d for d in k8s if d["kind"] == "PodDisruptionBudget"]
+    for w in _workloads(k8s):
+        if w["kind"] in ("Deployment", "StatefulSet") and w["spec"].get("replicas", 1) > 1:
+            labels = w["spec"]["template"]["metadata"]["labels"]
+            matching = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+            assert matching, f"{w['kind']}/{w['metadata']['name']} ({w['spec']['replicas']} replicas) has no PDB"
+            budget = matching[0]["spec"]
+            assert budget.get("maxUnavailable", 0) in (1, "1") or 0 < budget.get("minAvailable", 0) < w["spec"]["replicas"]
+
+
+def test_the_migration_job_upgrades_and_the_hub_leaves_it_to_the_job(k8s):
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in k8s}
+    job = by_name[("Job", "db-migrate")]["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"] == [".venv/bin/xiaozhi", "db", "upgrade"]
+    hub_db_url = next(e["value"] for e in by_name[("Deployment", "hub")]["spec"]["template"]["spec"]["containers"][0]["env"]
+                      if e["name"] == "XIAOZHI_DATABASE_URL")
+    assert next(e["value"] for e in job["env"] if e["name"] == "XIAOZHI_DATABASE_URL") == hub_db_url
+    assert "XIAOZHI_DB_MIGRATE_ON_START" in SETTINGS
+    for key in (("Deployment", "hub"), ("StatefulSet", "media")):
+        pod = by_name[key]["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["XIAOZHI_DB_MIGRATE_ON_START"] == "false", key
+        waits = [c for c in pod.get("initContainers", []) if "xiaozhi db current" in " ".join(c["command"])]
+        assert waits, f"{key}: starts before the Job has migrated"
 
 
 # -- Kamailio, coturn, Dockerfile -----------------------------------------------------------------
@@ -281,6 +393,52 @@ def test_kamailio_accepts_its_configuration(tmp_path):
     (tmp_path / "k.cfg").write_text(cfg)
     out = subprocess.run(["kamailio", "-c", "-f", str(tmp_path / "k.cfg")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not (shutil.which("kamailio") and shutil.which("kamcmd") and shutil.which("setpriv")),
+                    reason="kamailio/kamcmd not installed")
+def test_kamailio_starts_as_a_plain_user_and_answers_the_probes_control_socket():
+    """`kamailio -c` checks syntax only: this starts it, as user 10001 as in the pod, and asks what the probe asks."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kamailio-") as scratch:  # pytest's tmp_path is closed to user 10001
+        _start_kamailio_and_probe(Path(scratch))
+
+
+def _start_kamailio_and_probe(tmp_path: Path) -> None:
+    import os
+    import socket
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctl = f"unixs:{tmp_path}/kamailio_ctl"
+    cfg = (DEPLOY / "kamailio" / "kamailio.cfg").read_text()
+    assert 'modparam("ctl", "binrpc", "unixs:/tmp/kamailio_ctl")' in cfg
+    cfg = (cfg.replace("/etc/kamailio/dispatcher.list", str(DEPLOY / "kamailio" / "dispatcher.list"))
+              .replace("listen=udp:0.0.0.0:5060", f"listen=udp:127.0.0.1:{port}")
+              .replace("unixs:/tmp/kamailio_ctl", ctl))
+    (tmp_path / "k.cfg").write_text(cfg)
+    os.chmod(tmp_path, 0o777)
+    as_user = ["setpriv", "--reuid", "10001", "--regid", "10001", "--clear-groups"] if os.geteuid() == 0 else []
+    probe = next(d for d in yaml.safe_load_all((K8S / "41-kamailio.yaml").read_text()) if d["kind"] == "Deployment")
+    command = probe["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"]["command"]
+    command = [ctl if part.startswith("unixs:") else part for part in command]
+    proc = subprocess.Popen([*as_user, "kamailio", "-DD", "-E", "-f", str(tmp_path / "k.cfg")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            out = subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 or proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, f"kamailio exited: {proc.stdout.read()[-2000:]}"
+        assert out.returncode == 0 and "uptime" in out.stdout, out.stdout + out.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_coturn_config_uses_time_limited_credentials_and_no_literal_secret():
