@@ -66,6 +66,10 @@ class MediaStats:
     ssrc_changes: int = 0
     max_late_ms: float = 0.0  # how far behind its 20 ms schedule the sender ever fell
     send_errors: int = 0  # datagrams the socket refused to send
+    audio_received: int = 0  # the caller's audio packets accepted (DTMF and dropped ones not counted)
+    lost: int = 0  # audio packets the reorder buffer gave up waiting for
+    jitter_s: float = 0.0  # RFC 3550 interarrival jitter of the caller's audio, now
+    max_jitter_s: float = 0.0  # ... its highest value so far
 
 
 class MediaStream(asyncio.DatagramProtocol):
@@ -111,6 +115,7 @@ class MediaStream(asyncio.DatagramProtocol):
         self._candidate: tuple[tuple[str, int], int] | None = None  # (source, ssrc) on probation
         self._candidate_packets = 0
         self._audio_ssrc: int | None = None
+        self._last_arrival: tuple[float, int] | None = None  # (loop time, RTP timestamp) of the last audio packet
         self._reorder = ReorderBuffer(window=reorder_window)
         self._dtmf = DtmfDecoder()
         self._pending = bytearray()
@@ -314,8 +319,26 @@ class MediaStream(asyncio.DatagramProtocol):
                 self.stats.ssrc_changes += 1
             self._audio_ssrc = packet.ssrc
             self._reorder.reset()
+            self._last_arrival = None
+        self._jitter(now, packet.timestamp)
+        self.stats.audio_received += 1
         for ordered in self._reorder.push(packet):
             self._deliver(ordered)
+        self.stats.lost = self._reorder.lost
+
+    def _jitter(self, now: float, timestamp: int) -> None:
+        """RFC 3550 section 6.4.1: J += (|D| - J) / 16, D the change in transit time between two packets.
+        A jump of more than a second (a sender that restarted its clock) is a discontinuity, not jitter."""
+        last, self._last_arrival = self._last_arrival, (now, timestamp)
+        if last is None:
+            return
+        sent = (((timestamp - last[1]) + 0x80000000) & 0xFFFFFFFF) - 0x80000000  # 32-bit wrap
+        d = abs((now - last[0]) - sent / self.codec.sample_rate)
+        if d > 1.0:
+            return
+        stats = self.stats
+        stats.jitter_s += (d - stats.jitter_s) / 16
+        stats.max_jitter_s = max(stats.max_jitter_s, stats.jitter_s)
 
     def _may_latch(self, addr: tuple[str, int], ssrc: int, now: float) -> bool:
         """Whether a valid packet from ``addr`` (not the latched source) makes it the media peer."""

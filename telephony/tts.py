@@ -45,6 +45,7 @@ import numpy as np
 from xiaozhi.spoken import speech_text, spoken_chinese
 
 from .audio import SAMPLE_RATE, load_wav, resample
+from .metrics import VoiceMetrics, engine_of
 
 log = logging.getLogger("telephony.tts")
 
@@ -664,8 +665,11 @@ class PromptCache:
     """
 
     def __init__(self, synthesizer: Synthesizer, cache_dir: str | Path,
-                 prompts: Mapping[str, str] | str | Path | None = None) -> None:
+                 prompts: Mapping[str, str] | str | Path | None = None, *, metrics: VoiceMetrics | None = None) -> None:
         self.synthesizer = synthesizer
+        # each render the cache cannot spare is timed by engine (telephony.metrics; None: not measured)
+        self._synthesize = (synthesizer.synthesize if metrics is None
+                            else metrics.timed_tts(engine_of(synthesizer), synthesizer.synthesize))
         self.cache_dir = Path(cache_dir)
         self.prompts = dict(prompts) if isinstance(prompts, Mapping) else load_prompts(prompts or PROMPTS_FILE)
         self._memory: dict[str, bytes] = {}
@@ -703,7 +707,7 @@ class PromptCache:
         with self._lock:
             pcm = self.lookup(text, name=name)
         if pcm is None:
-            pcm = self.synthesizer.synthesize(text)  # outside the lock: renders of different texts run in parallel
+            pcm = self._synthesize(text)  # outside the lock: renders of different texts run in parallel
             with self._lock:
                 self.renders += 1
                 self._write(path, pcm)

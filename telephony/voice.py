@@ -33,6 +33,7 @@ from .asr import PUNCTUATION, Recognizer
 from .audio import FRAME_BYTES, to_int16
 from .call import Call
 from .handler import CallHandler
+from .metrics import VoiceMetrics, engine_of
 from .recording import CallRecorder
 from .segments import Segmenter, TurnTranscriber, supports as supports_segments
 from .tts import PromptCache, Synthesizer, speak_clauses, split_clauses
@@ -225,9 +226,13 @@ class CallSession:
 
 class VoiceBot(CallHandler):
     def __init__(self, backend: DialogueBackend, recognizer: Recognizer, synthesizer: Synthesizer,
-                 prompts: PromptCache, config: VoiceConfig | None = None) -> None:
+                 prompts: PromptCache, config: VoiceConfig | None = None, *,
+                 metrics: VoiceMetrics | None = None) -> None:
         self.backend = backend
         self.recognizer = recognizer
+        # recognition time, turn latency and each call's RTP loss/jitter (telephony.metrics; None: not measured)
+        self.metrics = metrics
+        self._asr_engine = engine_of(recognizer)
         self.synthesizer = synthesizer
         self.prompts = prompts
         self.config = config or VoiceConfig()
@@ -399,9 +404,11 @@ class VoiceBot(CallHandler):
         no early guesses pile onto it) until it returns, but the call no longer waits for it.
         """
         self.decoding += 1
-        decode = asyncio.ensure_future(
-            asyncio.to_thread(self.recognizer.transcribe, audio) if previous is None
-            else asyncio.to_thread(self.recognizer.transcribe_segment, audio, previous))
+        fn = self.recognizer.transcribe if previous is None else self.recognizer.transcribe_segment
+        if self.metrics is not None:
+            fn = self.metrics.timed_asr(self._asr_engine, fn)
+        decode = asyncio.ensure_future(asyncio.to_thread(fn, audio) if previous is None
+                                       else asyncio.to_thread(fn, audio, previous))
 
         def finished(fut: asyncio.Future) -> None:
             self.decoding -= 1
@@ -413,6 +420,8 @@ class VoiceBot(CallHandler):
         try:
             return await asyncio.wait_for(asyncio.shield(decode), timeout)
         except TimeoutError:
+            if self.metrics is not None:
+                self.metrics.asr_failures.labels(self._asr_engine, "timeout").inc()
             raise RecognitionTimeout(f"no transcript after {timeout:g} s") from None
 
     async def _watch_gaps(self, session: CallSession) -> None:
@@ -497,6 +506,8 @@ class VoiceBot(CallHandler):
             await asyncio.wait(tasks, timeout=2.0)
         if session.recorder is not None:
             session.recorder.close()
+        if self.metrics is not None:
+            self.metrics.call_ended(call.media.stats)
         try:
             await self.backend.call_ended(call, str(getattr(reason, "value", reason)))
         except Exception:
@@ -630,6 +641,8 @@ class VoiceBot(CallHandler):
         await asyncio.wait([first_audio, speech], return_when=asyncio.FIRST_COMPLETED)
         if timing is not None:
             timing.tts_s = loop.time() - started
+            if self.metrics is not None and turn.spoken:  # (a reply with nothing to say is no answer)
+                self.metrics.turn_seconds.observe(loop.time() - timing.speech_end)
         if turn.escalated:
             session.mode = "hold"
             session.hold_task = self._spawn(session, self._hold(session, after=speech))

@@ -305,22 +305,6 @@ def test_csv_export_is_masked_and_audited(seeded) -> None:
     assert any(e["action"] == "analytics.export" and e["actor"] == "lead3" for e in audit)
 
 
-def test_prometheus_metrics_count_turns_outcomes_and_queue(hub) -> None:
-    sid, auth = open_session(hub)
-    hub.post(f"/api/sessions/{sid}/messages", json={"text": "医保电子凭证怎么激活"}, headers=auth)
-    hub.post(f"/api/sessions/{sid}/messages", json={"text": "转人工"}, headers=auth)
-    text = hub.get("/metrics").text
-    assert 'xiaozhi_turns_total{channel="web"} 2.0' in text
-    assert 'xiaozhi_bot_outcomes_total{channel="web",outcome="escalated"} 1.0' in text
-    assert 'xiaozhi_turn_latency_seconds_count{channel="web"} 2.0' in text
-    assert "xiaozhi_escalation_queue_length 1.0" in text
-    assert "xiaozhi_active_calls" in text
-    hub.post(f"/api/sessions/{sid}/close", headers=auth)
-    text = hub.get("/metrics").text
-    assert 'xiaozhi_conversations_closed_total{channel="web",reason="resident_ended"} 1.0' in text
-    assert 'xiaozhi_surveys_open{status="offered"} 1.0' in text
-
-
 def test_metrics_need_the_bearer_token_once_one_is_set(hub_settings, knowledge_base, caplog) -> None:
     from fastapi.testclient import TestClient
     from pydantic import SecretStr

@@ -1,4 +1,4 @@
-"""精准分析: figures for agency staff (supervisor and up) over a date range, and Prometheus metrics.
+"""精准分析: figures for agency staff (supervisor and up) over a date range (Prometheus metrics: metrics.py).
 
 Everything is computed from the hub's own tables (conversations, messages, escalations, surveys).
 Definitions (docs/analytics.md; ``DEFINITIONS`` holds the one-line text the page shows):
@@ -33,7 +33,6 @@ import csv
 import datetime as dt
 import io
 import re
-import time
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -873,87 +872,3 @@ def _csv_safe(text: str) -> str:
     """Spreadsheet formula injection: a text cell must not start with = + - @ (or a tab or carriage
     return, which some spreadsheets strip before reading a formula)."""
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-# -- Prometheus ----------------------------------------------------------------------------------
-class HubMetrics:
-    """Per-app registry (tests build many apps); exposed at /metrics."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Gauge, Histogram
-        from prometheus_client import Counter as PCounter
-
-        self.registry = CollectorRegistry()
-        self.turns = PCounter("xiaozhi_turns", "Resident turns handled", ["channel"], registry=self.registry)
-        self.outcomes = PCounter(
-            "xiaozhi_bot_outcomes", "Bot replies by outcome", ["channel", "outcome"], registry=self.registry
-        )
-        self.turn_latency = Histogram(
-            "xiaozhi_turn_latency_seconds",
-            "Resident message stored to replies stored",
-            ["channel"],
-            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30),
-            registry=self.registry,
-        )
-        self.turn_failures = PCounter("xiaozhi_turn_failures", "Turns that raised", ["channel"], registry=self.registry)
-        self.closed = PCounter(
-            "xiaozhi_conversations_closed", "Conversations closed", ["channel", "reason"], registry=self.registry
-        )
-        self.queue = Gauge(
-            "xiaozhi_escalation_queue_length", "Escalations waiting for an agent", registry=self.registry
-        )
-        self.active_calls = Gauge("xiaozhi_active_calls", "Phone calls in progress", registry=self.registry)
-        self.surveys_open = Gauge(
-            "xiaozhi_surveys_open", "Follow-up surveys not yet answered", ["status"], registry=self.registry
-        )
-        self.limits_shared = Gauge(
-            "xiaozhi_rate_limits_shared",
-            "1 while rate limits are shared through Redis, 0 while this replica limits on its own (Redis away)",
-            registry=self.registry,
-        )
-
-    def instrument(self, service) -> None:
-        """Count turns, outcomes and latency around ConversationService.handle (no change to its code)."""
-        handle = service.handle
-
-        async def timed(conv, text):
-            channel = conv.channel or "web"
-            started = time.perf_counter()
-            try:
-                incoming, replies = await handle(conv, text)
-            except Exception:
-                self.turn_failures.labels(channel).inc()
-                raise
-            self.turn_latency.labels(channel).observe(time.perf_counter() - started)
-            self.turns.labels(channel).inc()
-            for r in replies:
-                self.outcomes.labels(channel, (r.meta or {}).get("outcome") or "answered").inc()
-            return incoming, replies
-
-        service.handle = timed
-
-        async def on_closed(conv, reason):
-            self.closed.labels(conv.channel or "web", reason[:32] or "unknown").inc()
-
-        service.closed_hooks.append(on_closed)
-
-    async def refresh(self, app) -> None:
-        """Gauges read at scrape time."""
-        from sqlalchemy import func
-
-        store = app.state.store
-        async with store.sessions() as s:
-            waiting = (
-                await s.execute(select(func.count()).select_from(Escalation).where(Escalation.status == "waiting"))
-            ).scalar()
-            self.queue.set(waiting or 0)
-            for status in ("pending", "offered", "calling"):
-                n = (await s.execute(select(func.count()).select_from(Survey).where(Survey.status == status))).scalar()
-                self.surveys_open.labels(status).set(n or 0)
-        # the hotline's SIP endpoint (xiaozhi/hub/phone.py), when it runs
-        user_agent = getattr(getattr(app.state, "phone", None), "user_agent", None)
-        calls = getattr(user_agent, "calls", None)
-        self.active_calls.set(len(calls) if calls is not None else 0)
-        shared = getattr(getattr(app.state, "limits", None), "shared", None)  # only with XIAOZHI_RATE_LIMIT_REDIS_URL
-        if shared is not None:
-            self.limits_shared.set(1 if shared.redis_ok else 0)

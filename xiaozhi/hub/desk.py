@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from zoneinfo import ZoneInfo
 
 import yaml
@@ -274,6 +274,8 @@ class AgentDesk:
         self._watchers: set[asyncio.Queue] = set()
         self._presence_task: asyncio.Task | None = None
         self.canned = load_canned_responses()
+        # called with (the item as it was, the time) when an agent takes an item (metrics: queue wait)
+        self.claimed_hooks: list[Callable[[Escalation, dt.datetime], None]] = []
         conversations.desk = self
         conversations.closed_hooks.append(self._conversation_closed)
         # Queue changes and presence travel to every hub replica (xiaozhi/hub/bus.py).
@@ -532,6 +534,8 @@ class AgentDesk:
             )
         if result.rowcount != 1:
             raise DeskError(409, "already_claimed", "这条已经被其他工作人员接起，或者已经结束。")
+        for hook in self.claimed_hooks:
+            hook(item, now)
         await self._hold(item.conversation_id, user, AGENT_JOINED_TEXT)
         self._changed()
         return await self.get(item_id)

@@ -28,6 +28,7 @@ from xiaozhi.hub.phone_confirm import PhoneConfirmation, before_reply
 from xiaozhi.spoken import spoken_chinese
 
 if TYPE_CHECKING:
+    from telephony.metrics import VoiceMetrics
     from telephony.user_agent import UserAgent
     from xiaozhi.hub.conversation import ConversationService
     from xiaozhi.hub.store import Conversation, Store
@@ -124,8 +125,10 @@ def freeze_long_lived_objects() -> None:
 class PhoneService:
     """The hotline: user agent + voice bot + the conversation backend for it."""
 
-    def __init__(self, settings: Settings, store: Store, conversations: ConversationService) -> None:
+    def __init__(self, settings: Settings, store: Store, conversations: ConversationService, *,
+                 metrics: VoiceMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics  # speech, turn latency and RTP figures (telephony.metrics, the hub's registry)
         self.store = store
         self.conversations = conversations
         self.user_agent: UserAgent | None = None
@@ -179,14 +182,14 @@ class PhoneService:
         synthesizer = phone_voice(s)
         # Prompts and answers are rendered in the background (Prerenderer); until then a prompt is
         # rendered when first needed and an answer live, clause by clause.
-        prompts = PromptCache(synthesizer, s.cache_dir / "tts", s.phone_prompts_file)
+        prompts = PromptCache(synthesizer, s.cache_dir / "tts", s.phone_prompts_file, metrics=self.metrics)
         if s.tts_prerender:
             self.prerenderer = Prerenderer(prompts)
             self.prerenderer.submit_prompts()
             self.prerenderer.submit_from(self._spoken_answers)
         else:
             prompts.warm()
-        return VoiceBot(self, recognizer, synthesizer, prompts, self.voice_config())
+        return VoiceBot(self, recognizer, synthesizer, prompts, self.voice_config(), metrics=self.metrics)
 
     def _spoken_answers(self) -> list[str]:
         """Every knowledge-base spoken answer, in the form the phone says it (read from the data files)."""

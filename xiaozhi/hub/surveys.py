@@ -384,9 +384,6 @@ def start_surveys(app, settings) -> asyncio.Task | None:
         publish=conversations.publish,
     )
     conversations.closed_hooks.append(app.state.surveys.on_closed)
-    metrics = getattr(app.state, "metrics", None)
-    if metrics is not None:
-        metrics.instrument(conversations)
     if settings.survey_poll_interval_s > 0:
         return asyncio.create_task(app.state.surveys.poll_forever(settings.survey_poll_interval_s))
     return None

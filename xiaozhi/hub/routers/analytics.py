@@ -118,7 +118,7 @@ async def page() -> FileResponse:
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}},
 )
 async def metrics(request: Request) -> Response:
-    """Prometheus text format: turns, outcomes, turn latency, queue length, open surveys, active calls.
+    """Prometheus text format: HTTP, turns, outcomes, latency, queue, speech, RTP, process (docs/operations.md).
 
     With ``XIAOZHI_METRICS_TOKEN`` set, only a scraper presenting it as a bearer token gets them."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -131,6 +131,5 @@ async def metrics(request: Request) -> Response:
             log.info("/metrics refused: no or wrong bearer token")
             raise ApiError(401, "metrics_token_required", "需要监控令牌。")
 
-    m: analytics.HubMetrics = request.app.state.metrics
-    await m.refresh(request.app)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    # no database query here: the gauges are cached (xiaozhi/hub/metrics.py)
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
