@@ -37,6 +37,7 @@ class WebhookServer:
     def __init__(self, port: int) -> None:
         self.port = port
         self.turns: list[dict] = []
+        self.headers: list = []  # each turn's request headers (case-insensitive .get)
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
@@ -63,6 +64,7 @@ class WebhookServer:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 owner.turns.append(body)
+                owner.headers.append(self.headers)
                 self._json({
                     "messages": [{"recipient_id": body["sender"], "text": f"（对话服务）收到：{body['message']}",
                                   "custom": {"outcome": "answered", "spoken": "收到"}}],

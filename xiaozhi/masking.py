@@ -15,6 +15,8 @@ import logging
 import re
 from urllib.parse import quote, unquote_plus
 
+from pythonjsonlogger.json import JsonFormatter as JsonLineFormatter
+
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
 
@@ -153,12 +155,26 @@ def mask_log_text(text: str) -> str:
 
 
 _TRACEBACKS = logging.Formatter()
+# What every LogRecord has; anything else on a record came in through ``extra=``.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+def _masked_value(value):
+    """Strings inside an ``extra=`` value, masked; dicts and lists are walked, other values kept."""
+    if isinstance(value, str):
+        return mask_log_text(value)
+    if isinstance(value, dict):
+        return {key: _masked_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_masked_value(item) for item in value]
+    return value
 
 
 class MaskingFilter(logging.Filter):
     """Applied to every handler, so no log line ever holds a resident's numbers or a credential.
 
-    The message, the formatted traceback (``log.exception``) and ``stack_info`` are all masked.
+    The message, the formatted traceback (``log.exception``), ``stack_info`` and the values of
+    ``extra=`` fields (which JSON lines carry) are all masked.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -177,19 +193,76 @@ class MaskingFilter(logging.Filter):
             record.exc_text = mask_log_text(record.exc_text)
         if record.stack_info:
             record.stack_info = mask_log_text(record.stack_info)
+        for key in record.__dict__.keys() - _RECORD_ATTRIBUTES:
+            record.__dict__[key] = _masked_value(record.__dict__[key])
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Every record goes through one masking handler on the root logger.
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``; inside a request or a conversation's turn the ids come before
+    the colon: ``time LEVEL logger [req=… conv=…]: message``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        ids = [f"{label}={getattr(record, name)}" for label, name in (("req", "request_id"), ("conv", "conversation_id"))
+               if getattr(record, name, None)]
+        return self._fmt % {**record.__dict__, "context": f" [{' '.join(ids)}]" if ids else ""}
+
+
+class JsonFormatter(JsonLineFormatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, request_id and
+    conversation_id when known, exception (the traceback), stack, and any ``extra=`` fields.
+
+    Everything in it has been through ``MaskingFilter``: the traceback written is the record's
+    masked ``exc_text``, never a fresh, unmasked formatting of ``exc_info``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "{levelname}{name}{message}",
+            style="{",
+            rename_fields={"levelname": "level", "name": "logger", "exc_info": "exception", "stack_info": "stack"},
+            timestamp="time",
+            json_ensure_ascii=False,
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        exc_info, record.exc_info = record.exc_info, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info = exc_info
+
+    def process_log_record(self, log_data: dict) -> dict:
+        return {"time": log_data.pop("time"), **log_data}  # time first: lines read in order
+
+
+def configure_logging(level: str = "INFO", fmt: str | None = None) -> None:
+    """Every record goes through one masking handler on the root logger, as text or JSON lines.
+
+    ``fmt``: ``text`` or ``json``; by default the ``log_format`` setting (XIAOZHI_LOG_FORMAT), so every
+    process that logs through here (the hub, ``xiaozhi db``, the SIP process) writes the same format.
 
     uvicorn's own logging config (used when uvicorn is started with its default ``log_config``,
     e.g. ``uvicorn --factory``) gives its loggers their own unmasked handlers and stops them
     propagating; access lines with residents' questions in the query string would bypass the mask.
     """
+    from xiaozhi.log_context import LogContextFilter
+
+    if fmt is None:
+        from xiaozhi.settings import get_settings
+
+        fmt = get_settings().log_format
+    if fmt not in ("text", "json"):
+        raise ValueError(f"log format must be text or json, not {fmt!r}")
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(MaskingFilter())
+    handler.addFilter(LogContextFilter())  # after masking: the ids are plain tokens (xiaozhi/log_context.py)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

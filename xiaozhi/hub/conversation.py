@@ -17,6 +17,7 @@ from xiaozhi.hub.bus import LocalBus
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.rasa_client import BotReply, RasaClient, RasaUnavailable
 from xiaozhi.hub.store import Conversation, Message, Store, utcnow
+from xiaozhi.log_context import conversation_scope
 from xiaozhi.masking import mask_pii
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,9 @@ class ConversationService:
         ensure_open(conv)
         # An accepted turn runs to the end even when the resident's connection goes away (which
         # cancels the request): the reply is stored and waits in the transcript, and a half-done
-        # database transaction is never abandoned.
-        turn = asyncio.create_task(self._handle(conv, text))
+        # database transaction is never abandoned. The task's log lines name the conversation.
+        with conversation_scope(conv.id):
+            turn = asyncio.create_task(self._handle(conv, text))
         self._turns.add(turn)
         turn.add_done_callback(self._turns.discard)
         return await asyncio.shield(turn)

@@ -30,6 +30,7 @@ from knowledge_base.schema import TOPIC_LABELS
 from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.store import OPEN_STATUSES, Conversation, Escalation, Message, Store, aware, utcnow
+from xiaozhi.log_context import bind_conversation
 from xiaozhi.masking import mask_pii
 
 if TYPE_CHECKING:
@@ -615,6 +616,7 @@ class AgentDesk:
         if item is None or not self.visible(user, item):
             # Not visible and not there look the same: an agent cannot probe other skills' items.
             raise DeskError(404, "not_found", "没有找到这条排队记录。")
+        bind_conversation(item.conversation_id)  # the desk action's log lines name the conversation
         return item
 
     async def _held_item(self, user: StaffUser, item_id: int, *, allow_open: bool = False) -> Escalation:

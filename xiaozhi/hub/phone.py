@@ -25,6 +25,7 @@ from telephony.voice import BotTurn, VoiceBot, VoiceConfig
 from xiaozhi.hub.contacts import caller_hash
 from xiaozhi.hub.owner import owner_meta
 from xiaozhi.hub.phone_confirm import PhoneConfirmation, before_reply
+from xiaozhi.log_context import conversation_scope
 from xiaozhi.spoken import spoken_chinese
 
 if TYPE_CHECKING:
@@ -293,6 +294,11 @@ class PhoneService:
 
     async def reply(self, call: Call, text: str, *, source: str, confidence: float | None = None) -> BotTurn:
         conv = self._conversation(call)
+        with conversation_scope(conv.id):  # the turn's log lines name the conversation
+            return await self._reply(call, conv, text, source=source, confidence=confidence)
+
+    async def _reply(self, call: Call, conv: Conversation, text: str, *, source: str,
+                     confidence: float | None) -> BotTurn:
         held, text = await before_reply(self.confirmation, self.conversations, conv, call.metadata, text,
                                         source=source, confidence=confidence)
         if held is not None:

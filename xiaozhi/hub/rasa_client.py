@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from xiaozhi.log_context import REQUEST_ID_HEADER, request_id
+
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("answered", "clarifying", "abstained", "escalated", "degraded")
@@ -99,9 +101,11 @@ class RasaClient:
         Rasa answers through the ``xiaozhi`` channel (bot/rasa_runtime/xiaozhi_channel.py) with both
         in one response.
         """
+        rid = request_id.get()  # Rasa's side of this turn can be matched with the hub's log lines
         try:
             r = await self._http.post(
-                "/webhooks/xiaozhi/webhook", json={"sender": sender, "message": text, "metadata": metadata}
+                "/webhooks/xiaozhi/webhook", json={"sender": sender, "message": text, "metadata": metadata},
+                headers={REQUEST_ID_HEADER: rid} if rid else None,
             )
             r.raise_for_status()
             body = r.json()

@@ -21,6 +21,7 @@ from xiaozhi.hub.contacts import VISITOR_PATTERN
 from xiaozhi.hub.schemas import MessageText, clean_text, message_problem
 from xiaozhi.hub.security import via_proxy
 from xiaozhi.hub.store import Conversation, Store
+from xiaozhi.log_context import bind_conversation
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/sessions", tags=["chat"])
@@ -66,6 +67,7 @@ async def _authorised(session_id: str, token: str | None, store: Store) -> Conve
         raise ApiError(401, "invalid_token")
     if conv.id != session_id:
         raise ApiError(403, "forbidden")
+    bind_conversation(conv.id)  # this request's (or socket's) log lines name the conversation
     return conv
 
 

@@ -29,6 +29,7 @@ from xiaozhi.hub.routers.chat import check_length
 from xiaozhi.hub.routers.staff import bearer_token, client_address, staff_for_token
 from xiaozhi.hub.schemas import MessageText
 from xiaozhi.hub.store import Conversation, Escalation
+from xiaozhi.log_context import bind_conversation
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/video", tags=["video"])
@@ -142,6 +143,7 @@ async def authorise_agent(app, conversation_id: str, user: StaffUser) -> Convers
     conv = await app.state.store.get_conversation(conversation_id)
     if conv is None:
         raise ApiError(404, "not_found", "没有这个会话。")
+    bind_conversation(conv.id)  # the session's log lines name the conversation (also a refusal's)
     if user.role_enum.at_least(Role.supervisor):
         return conv
     esc = await _latest_escalation(app, conversation_id)
@@ -158,6 +160,7 @@ async def identify(app, conversation_id: str, token: str | None) -> tuple[str, C
     if conv is not None:
         if conv.id != conversation_id:
             raise ApiError(403, "forbidden", "无权访问这个会话。")
+        bind_conversation(conv.id)  # the session's log lines name the conversation
         return "resident", conv, None
     user = await staff_for_token(app, token)
     conv = await authorise_agent(app, conversation_id, user)
