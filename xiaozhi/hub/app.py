@@ -29,6 +29,7 @@ from xiaozhi.hub.desk import AgentDesk  # issue 5: escalation queue and agent co
 from xiaozhi.hub.routers import agent as agent_router
 from xiaozhi.hub.retention import retention_loop
 from xiaozhi.hub.store import Store
+from xiaozhi.log_context import RequestIdMiddleware
 from xiaozhi.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -243,4 +244,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Added last, so outermost: every log line of a request, the rate limiter's and the access log's
+    # included, carries its request id, and every response returns it (xiaozhi/log_context.py).
+    app.add_middleware(RequestIdMiddleware)
     return app
