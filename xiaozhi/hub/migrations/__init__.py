@@ -44,11 +44,12 @@ def hub_metadata() -> MetaData:
 
 
 def alembic_config(connection: Connection | None = None, url: str | None = None,
-                   script_location: Path | str = MIGRATIONS_DIR) -> Config:
+                   script_location: Path | str | None = None) -> Config:
     """Alembic's Config, built in code. ``connection``: a sync connection (``AsyncConnection.run_sync``)
-    the commands run on, in its transaction; ``url``: for a command that opens its own."""
+    the commands run on, in its transaction; ``url``: for a command that opens its own; ``script_location``:
+    another scripts directory than the package's (tests)."""
     config = Config()
-    config.set_main_option("script_location", str(script_location))
+    config.set_main_option("script_location", str(script_location or MIGRATIONS_DIR))
     if url:
         config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["connection"] = connection
