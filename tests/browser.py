@@ -41,11 +41,12 @@ def launch_chromium(playwright, extra_args: list[str] | None = None):
 
 
 @contextmanager
-def serve(app, port: int):
-    """Serve an ASGI app with uvicorn in a background thread; yields the base URL."""
+def serve(app, port: int, **options):
+    """Serve an ASGI app with uvicorn in a background thread; yields the base URL. ``options``: more
+    uvicorn.Config arguments (e.g. ``log_config=None, log_level=None`` to log as `xiaozhi hub` does)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "warning", **options}))
     thread = threading.Thread(target=server.run, name="live-hub", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -7,12 +7,11 @@ while handling it carries it; the lines of a conversation's turn carry the conve
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import re
-import threading
-import time
 
 import pytest
 from conftest import free_port, open_session
@@ -25,36 +24,31 @@ PHONE = "13812345678"
 CARD = "6222021234567890128"  # passes the Luhn check
 
 
-def _capture(fmt: str | None):
+@contextlib.contextmanager
+def _captured(fmt: str | None):
     """configure_logging as `xiaozhi hub` calls it, its handler writing into a buffer; restored afterwards."""
     root = logging.getLogger()
-    saved = root.handlers[:], root.level
+    handlers, level = root.handlers[:], root.level
     configure_logging("INFO", fmt)
     buffer = io.StringIO()
     root.handlers[0].setStream(buffer)
-    return buffer, saved
+    try:
+        yield buffer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 @pytest.fixture
 def json_log():
-    buffer, (handlers, level) = _capture("json")
-    try:
+    with _captured("json") as buffer:
         yield buffer
-    finally:
-        root = logging.getLogger()
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 @pytest.fixture
 def text_log():
-    buffer, (handlers, level) = _capture(None)  # the default, as XIAOZHI_LOG_FORMAT unset gives
-    try:
+    with _captured(None) as buffer:  # the default, as XIAOZHI_LOG_FORMAT unset gives
         yield buffer
-    finally:
-        root = logging.getLogger()
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def lines(buffer: io.StringIO) -> list[dict]:
@@ -148,7 +142,7 @@ def test_uvicorn_access_lines_are_json_with_the_request_id(json_log):
     """A real uvicorn server with log_config=None (as `xiaozhi hub` runs it): its access logger goes
     through the same handler, and the access line of a request carries that request's id."""
     import httpx
-    import uvicorn
+    from browser import serve
     from fastapi import FastAPI
 
     from xiaozhi.log_context import RequestIdMiddleware
@@ -161,21 +155,9 @@ def test_uvicorn_access_lines_are_json_with_the_request_id(json_log):
         return {"q": len(q)}
 
     app.add_middleware(RequestIdMiddleware)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        r = httpx.get(f"http://127.0.0.1:{port}/api/kb/search", params={"q": f"电话{PHONE}"},
-                      headers={"X-Request-ID": "access-17"})
+    with serve(app, free_port(), log_config=None, log_level=None, lifespan="off") as url:
+        r = httpx.get(f"{url}/api/kb/search", params={"q": f"电话{PHONE}"}, headers={"X-Request-ID": "access-17"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "access-17"
-        time.sleep(0.2)
-    finally:
-        server.should_exit = True
-        thread.join(10)
     records = lines(json_log)
     access = [rec for rec in records if rec["logger"] == "uvicorn.access"]
     assert len(access) == 1 and access[0]["request_id"] == "access-17", records
