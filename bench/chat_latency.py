@@ -75,10 +75,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def start_stack() -> tuple[subprocess.Popen, str, float, Path]:
+def start_stack(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, float, Path]:
     var = Path(tempfile.mkdtemp(prefix="xiaozhi-bench-"))
     ports = {"XIAOZHI_HUB_PORT": free_port(), "XIAOZHI_RASA_PORT": free_port(), "XIAOZHI_ACTIONS_PORT": free_port()}
-    env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), **{k: str(v) for k, v in ports.items()})
+    env = dict(os.environ, XIAOZHI_VAR_DIR=str(var), **{k: str(v) for k, v in ports.items()}, **(extra_env or {}))
     log = var / "run.log"
     started = time.monotonic()
     with open(log, "w") as out:
