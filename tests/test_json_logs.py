@@ -164,3 +164,14 @@ def test_uvicorn_access_lines_are_json_with_the_request_id(json_log):
     assert "GET /api/kb/search?q=" in access[0]["message"] and PHONE not in json_log.getvalue()
     assert any(rec["message"] == "searching" and rec["request_id"] == "access-17" for rec in records)
     assert any(rec["logger"] == "uvicorn.error" for rec in records)  # start-up lines: the same handler
+
+
+def test_a_chat_websocket_has_an_id_for_its_lifetime_and_names_its_conversation(hub, json_log):
+    sid, auth = open_session(hub)
+    token = auth["Authorization"].split()[1]
+    with hub.websocket_connect(f"/api/sessions/{sid}/ws?token={token}", headers={"X-Request-ID": "ws-17"}) as ws:
+        assert (b"x-request-id", b"ws-17") in ws.extra_headers
+        ws.send_text("not json")  # answered with an error and logged
+        assert ws.receive_json()["type"] == "error"
+    refused = [rec for rec in lines(json_log) if "invalid JSON" in rec["message"]]
+    assert len(refused) == 1 and refused[0]["request_id"] == "ws-17" and refused[0]["conversation_id"] == sid
