@@ -71,11 +71,18 @@ class VoiceMetrics:
             "Per ended call: the caller's RTP interarrival jitter (RFC 3550), its highest value in the call",
             buckets=JITTER_BUCKETS, registry=registry)
 
+    def start_engine(self, engine: str) -> None:
+        """The recogniser's series, at 0 until it is used (rate() and dashboards see 0, not "no data")."""
+        self.asr_seconds.labels(engine)
+        for reason in ("error", "timeout"):
+            self.asr_failures.labels(engine, reason)
+
     def timed_asr(self, engine: str, decode: Callable[..., T]) -> Callable[..., T]:
         """``decode`` (run in a worker thread) timing itself into the ASR histogram, failures counted."""
         return _timed(decode, self.asr_seconds.labels(engine), self.asr_failures.labels(engine, "error"))
 
     def timed_tts(self, engine: str, render: Callable[..., T]) -> Callable[..., T]:
+        """The same for a synthesizer's renders (its series exist from here on, at 0)."""
         return _timed(render, self.tts_seconds.labels(engine), self.tts_failures.labels(engine))
 
     def call_ended(self, stats: MediaStats) -> None:

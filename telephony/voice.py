@@ -233,6 +233,8 @@ class VoiceBot(CallHandler):
         # recognition time, turn latency and each call's RTP loss/jitter (telephony.metrics; None: not measured)
         self.metrics = metrics
         self._asr_engine = engine_of(recognizer)
+        if metrics is not None:
+            metrics.start_engine(self._asr_engine)
         self.synthesizer = synthesizer
         self.prompts = prompts
         self.config = config or VoiceConfig()

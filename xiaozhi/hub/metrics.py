@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 REFRESH_S = 15.0  # how often the database-backed gauges are counted again
 MIN_REFRESH_GAP_S = 1.0  # ... and never more often than this, however busy the queue
 SURVEY_OPEN = ("pending", "offered", "calling")
+CHANNELS = ("web", "phone", "video")  # their failure and queue-wait series exist (at 0) from the start
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -92,6 +93,9 @@ class HubMetrics:
             "xiaozhi_rate_limits_shared",
             "1 while rate limits are shared through Redis, 0 while this replica limits on its own (Redis away)",
             registry=r)
+        for channel in CHANNELS:  # so that rate() and the dashboard see 0, not "no data"
+            self.turn_failures.labels(channel)
+            self.queue_wait.labels(channel)
         self.voice = VoiceMetrics(r)
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
