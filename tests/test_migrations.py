@@ -348,6 +348,46 @@ def test_a_revision_renames_a_column_with_a_backfill_and_goes_back(url, scripts_
     assert run(url, differences) == [], "back at the baseline: the models' schema again"
 
 
+def test_a_failing_revision_leaves_the_database_as_it_was(url, scripts_with_a_rename):
+    """The whole upgrade is one transaction: a revision that fails half-way leaves nothing behind, neither the
+    revision before it (0002, done) nor half of itself. On SQLite too: Python's sqlite3 would commit the DDL
+    as it goes (and leave batch mode's _alembic_tmp_ table) without the store's explicit BEGIN."""
+    (scripts_with_a_rename / "versions" / "0003_broken.py").write_text(textwrap.dedent('''
+        import sqlalchemy as sa
+        from alembic import op
+
+        revision, down_revision, branch_labels, depends_on = "0003_broken", "0002_full_name", None, None
+
+
+        def upgrade():
+            op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))
+            op.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+        def downgrade():
+            pass
+    '''), encoding="utf-8")
+    start(url)
+
+    def upgrade(connection):
+        return migrations.upgrade(connection, "head", migrations.alembic_config(connection,
+                                                                                 script_location=scripts_with_a_rename))
+
+    async def through_the_store():  # as the hub and `xiaozhi db upgrade` run it
+        store = Store(url)
+        try:
+            await store.schema_work(upgrade)
+        finally:
+            await store.close()
+
+    with pytest.raises(sa.exc.DBAPIError, match="no_such_table"):
+        asyncio.run(through_the_store())
+    assert run(url, migrations.current) == migrations.BASELINE
+    assert run(url, lambda c: set(sa.inspect(c).get_table_names())) == set(migrations.hub_metadata().tables) | {
+        "alembic_version"}
+    assert run(url, differences) == []
+
+
 def test_db_revision_writes_the_operations_a_model_change_needs(scripts_with_a_rename, tmp_path, monkeypatch):
     """`xiaozhi db revision -m ...` (docs/operations.md): a model gains a table; the revision it writes, numbered
     after the last, creates it, and a database upgraded with it matches the models again."""

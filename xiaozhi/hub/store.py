@@ -206,6 +206,10 @@ class Store:
                 # synchronous=NORMAL survives a killed process (only power loss can drop the last
                 # commits) and saves an fsync per message.
                 await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                # Python's sqlite3 starts a transaction only before a write of rows, so DDL before it would
+                # commit as it goes: a failed migration would leave half its tables. One explicit BEGIN makes
+                # the whole migration one transaction, as on PostgreSQL.
+                await conn.exec_driver_sql("BEGIN")
             return await conn.run_sync(work)
 
     async def close(self) -> None:
