@@ -1,4 +1,6 @@
-"""The store: upgrading a database made by an older release (new columns and indexes), and what several replicas do to one database (SQLite and PostgreSQL)."""
+"""The store: a database made by an older release before schema migrations gains the columns and indexes added
+since (the one-time bridge, xiaozhi/hub/migrations/pre_alembic.py; tests/test_migrations.py has the rest), and
+what several replicas do to one database (SQLite and PostgreSQL)."""
 
 import asyncio
 import sqlite3
