@@ -468,3 +468,22 @@ def test_an_installed_wheel_carries_the_migrations_and_runs_them(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert run(f"sqlite+aiosqlite:///{tmp_path / 'wheel.db'}", migrations.current) == migrations.BASELINE
+
+
+def test_db_upgrade_fails_the_job_when_a_pre_migration_database_cannot_be_bridged(tmp_path):
+    """Duplicate open queue items an old release let in: the one-open-item index cannot be made, the database
+    is not stamped, and the Job fails with the reason instead of reporting success."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the escalation queue before its one-open-item index
+        db.execute("CREATE TABLE escalations (id INTEGER PRIMARY KEY, conversation_id VARCHAR(36), channel VARCHAR(16), "
+                   "reason VARCHAR(32), status VARCHAR(16), created_at DATETIME)")
+        db.executemany("INSERT INTO escalations (conversation_id, channel, reason, status) VALUES (?, 'web', 'requested', ?)",
+                       [("c-dup", "waiting"), ("c-dup", "waiting")])
+    env = {**os.environ, "XIAOZHI_DATABASE_URL": f"sqlite+aiosqlite:///{path}", "XIAOZHI_VAR_DIR": str(tmp_path)}
+    done = subprocess.run([str(Path(sys.executable).parent / "xiaozhi"), "db", "upgrade"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1, done.stderr
+    assert "uq_escalations_open_conversation not created" in done.stderr and "remove the duplicates" in done.stderr
+    assert run(f"sqlite+aiosqlite:///{path}", migrations.current) is None

@@ -338,6 +338,8 @@ def db_upgrade(
 
     before, after = _schema_work(lambda conn: migrations.upgrade(conn, revision))
     _say(f"database schema: {before or 'none'} -> {after or 'none'}")
+    if after is None:  # a database made before migrations that could not be bridged: the log says why
+        raise typer.Exit(1)
 
 
 @db_app.command("downgrade")
