@@ -3,7 +3,8 @@ call, and the caller's wait for an answer.
 
 ``telephony/`` never imports the hub: whoever runs the hotline builds ``VoiceMetrics(registry)`` in the
 registry it exposes (the hub's own, per app) and hands it to ``VoiceBot``; the bot passes it on to its
-``PromptCache``. Without one (tests, the survey caller, ``python -m telephony``) nothing is measured.
+``PromptCache`` (the survey caller's own cache gets it too). Without one (unit tests, ``python -m
+telephony``) nothing is measured.
 
 No label grows with calls: engines are a handful, a call is one observation in a histogram.
 """

@@ -125,7 +125,8 @@ class PhoneSurveyCaller:
             prompts = bot.prompts if bot is not None else cache.get("prompts")
             if prompts is None:
                 synth = await asyncio.to_thread(phone_voice, settings)
-                prompts = cache["prompts"] = PromptCache(synth, settings.cache_dir / "tts", prompts={})
+                metrics = getattr(getattr(app.state, "metrics", None), "voice", None) if app is not None else None
+                prompts = cache["prompts"] = PromptCache(synth, settings.cache_dir / "tts", prompts={}, metrics=metrics)
             return await asyncio.to_thread(prompts.get_text, text, name=name)  # type: ignore[attr-defined]
 
         async def user_agent():
