@@ -159,9 +159,10 @@ class Settings(BaseSettings):
     )
     staff_session_hours: float = Field(12.0, description="Hours a staff login (agent, supervisor, admin) stays valid.")
     password_hash_concurrency: int = Field(
-        2, ge=1, le=64,
-        description="Password hashes/checks (argon2, ~0.1-0.25 CPU-s each) run in worker threads, at most this many "
-        "at a time; more logins wait their turn (the event loop never runs one).",
+        1, ge=1, le=64,
+        description="Password hashes/checks (argon2, ~0.1-0.25 CPU-s each, one core) run in worker threads, at most "
+        "this many at a time; more logins wait their turn (the event loop never runs one). 1 leaves a 2-core "
+        "machine a core for chat and calls under a login flood (docs/operations.md, Logins); raise it with more cores.",
     )
 
     # --- agent desk (issue 5) --------------------------------------------------------------------
