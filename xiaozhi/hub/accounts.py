@@ -130,7 +130,7 @@ class Accounts:
         lockout_s: float = 900.0,
         account_max_failures: int = 50,
         account_backoff_s: float = 60.0,
-        hash_concurrency: int = 2,
+        hash_concurrency: int = 1,
         clock=time.time,
     ) -> None:
         self.store = store
