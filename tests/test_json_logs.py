@@ -14,7 +14,7 @@ import logging
 import re
 
 import pytest
-from conftest import free_port, open_session
+from conftest import free_port, make_staff, open_session
 from test_fault_tolerance import WebhookServer
 
 from xiaozhi.masking import configure_logging
@@ -175,3 +175,13 @@ def test_a_chat_websocket_has_an_id_for_its_lifetime_and_names_its_conversation(
         assert ws.receive_json()["type"] == "error"
     refused = [rec for rec in lines(json_log) if "invalid JSON" in rec["message"]]
     assert len(refused) == 1 and refused[0]["request_id"] == "ws-17" and refused[0]["conversation_id"] == sid
+
+
+def test_a_desk_action_names_the_conversation_it_acts_on(hub, json_log):
+    sid, auth = open_session(hub)
+    item = hub.post(f"/api/sessions/{sid}/escalate", headers=auth).json()
+    agent = make_staff(hub, "agent17", "agent")
+    r = hub.post(f"/api/agent/queue/{item['queue_id']}/claim", headers={**agent, "X-Request-ID": "claim-17"})
+    assert r.status_code == 200, r.text
+    audit = [rec for rec in lines(json_log) if "queue.claim" in rec["message"]]
+    assert len(audit) == 1 and audit[0]["request_id"] == "claim-17" and audit[0]["conversation_id"] == sid, audit
