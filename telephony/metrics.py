@@ -60,6 +60,9 @@ class VoiceMetrics:
             "Speech synthesis of one text the cache did not hold (a clause live, a prompt, a pre-rendered answer)",
             ["engine"], buckets=TTS_BUCKETS, registry=registry)
         self.tts_failures = Counter("xiaozhi_tts_failures", "Syntheses that raised", ["engine"], registry=registry)
+        self.tts_fallbacks = Counter(
+            "xiaozhi_tts_fallbacks", "Clauses the configured voice failed on, spoken by espeak-ng instead",
+            ["engine"], registry=registry)
         self.turn_seconds = Histogram(
             "xiaozhi_phone_turn_latency_seconds",
             "Phone: end of the caller's speech to the first audio of the answer queued for sending",
@@ -82,9 +85,14 @@ class VoiceMetrics:
         """``decode`` (run in a worker thread) timing itself into the ASR histogram, failures counted."""
         return _timed(decode, self.asr_seconds.labels(engine), self.asr_failures.labels(engine, "error"))
 
-    def timed_tts(self, engine: str, render: Callable[..., T]) -> Callable[..., T]:
-        """The same for a synthesizer's renders (its series exist from here on, at 0)."""
-        return _timed(render, self.tts_seconds.labels(engine), self.tts_failures.labels(engine))
+    def timed_tts(self, synthesizer: Any) -> Callable[[str], bytes]:
+        """``synthesizer.synthesize`` timing itself, failures counted, and the clauses a neural voice hands to
+        espeak-ng counted through its ``on_fallback`` hook (its series exist from here on, at 0)."""
+        engine = engine_of(synthesizer)
+        fallbacks = self.tts_fallbacks.labels(engine)  # (espeak-ng itself has none: its series stays 0)
+        if hasattr(synthesizer, "on_fallback"):
+            synthesizer.on_fallback = fallbacks.inc
+        return _timed(synthesizer.synthesize, self.tts_seconds.labels(engine), self.tts_failures.labels(engine))
 
     def call_ended(self, stats: MediaStats) -> None:
         """One call's RTP figures, once, when it ends (calls that received no audio are skipped)."""

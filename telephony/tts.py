@@ -45,7 +45,7 @@ import numpy as np
 from xiaozhi.spoken import speech_text, spoken_chinese
 
 from .audio import SAMPLE_RATE, load_wav, resample
-from .metrics import VoiceMetrics, engine_of
+from .metrics import VoiceMetrics
 
 log = logging.getLogger("telephony.tts")
 
@@ -574,6 +574,7 @@ class KokoroSynthesizer:
             raise TTSUnavailable(str(e)) from None
         self.pool = _kokoro_pool(workers)
         self.voice_digest = hashlib.sha256(self.styles.tobytes()).hexdigest()[:16]
+        self.on_fallback: Callable[[], None] | None = None  # told of each clause espeak speaks instead (metrics)
 
     @property
     def cache_identity(self) -> Mapping[str, Any]:
@@ -589,6 +590,8 @@ class KokoroSynthesizer:
             return _to_8k(self.engine.render(spoken, self.styles, self.speed))
         except Exception:  # noqa: BLE001 — onnxruntime's own errors: the caller still hears the clause
             log.exception("tts: Kokoro failed on %r; this clause is spoken by espeak-ng", clause[:20])
+            if self.on_fallback is not None:
+                self.on_fallback()
             fallback = make_synthesizer("pyttsx3", elderly=self.speed < 1.0)
             return np.frombuffer(fallback.synthesize(clause), dtype="<i2")
 
@@ -668,8 +671,7 @@ class PromptCache:
                  prompts: Mapping[str, str] | str | Path | None = None, *, metrics: VoiceMetrics | None = None) -> None:
         self.synthesizer = synthesizer
         # each render the cache cannot spare is timed by engine (telephony.metrics; None: not measured)
-        self._synthesize = (synthesizer.synthesize if metrics is None
-                            else metrics.timed_tts(engine_of(synthesizer), synthesizer.synthesize))
+        self._synthesize = synthesizer.synthesize if metrics is None else metrics.timed_tts(synthesizer)
         self.cache_dir = Path(cache_dir)
         self.prompts = dict(prompts) if isinstance(prompts, Mapping) else load_prompts(prompts or PROMPTS_FILE)
         self._memory: dict[str, bytes] = {}

@@ -189,3 +189,23 @@ def test_the_phone_falls_back_to_espeak_when_kokoro_cannot_load(caplog, tmp_path
     assert samples(synth.synthesize("您好")).size > 1000  # the caller is not left in silence
     with pytest.raises(ValueError, match="unknown TTS engine"):
         phone_synthesizer("festival")
+
+
+def test_a_clause_kokoro_fails_on_is_spoken_by_espeak_and_counted(tmp_path: Path, caplog) -> None:
+    """A voice damaged in memory (half of each style row gone) makes every render fail in Kokoro: the
+    caller still hears the clause (espeak-ng), and the metrics count the fallback and time the render."""
+    from prometheus_client import CollectorRegistry
+
+    from telephony.metrics import VoiceMetrics
+
+    registry = CollectorRegistry()
+    synth = make_synthesizer("kokoro")  # its own: the module's synthesizer stays whole
+    cache = PromptCache(synth, tmp_path, prompts={}, metrics=VoiceMetrics(registry))
+    synth.styles = np.ascontiguousarray(synth.styles[:, :128])
+    with caplog.at_level(logging.ERROR, logger="telephony.tts"):
+        pcm = cache.get_text("您好，请讲。")
+    assert samples(pcm).size > 1000 and "spoken by espeak-ng" in caplog.text
+    engine = {"engine": synth.engine_name}
+    assert registry.get_sample_value("xiaozhi_tts_fallbacks_total", engine) == 1
+    assert registry.get_sample_value("xiaozhi_tts_duration_seconds_count", engine) == 1
+    assert registry.get_sample_value("xiaozhi_tts_failures_total", engine) == 0
