@@ -216,7 +216,9 @@ def test_concurrent_session_limit_and_freeing(video_hub):
         codes.append(r.status_code)
     assert codes == [200, 200, 503]
     assert r.json()["message"].startswith("视频客服线路已满")
+    assert "xiaozhi_active_video_sessions 2.0" in video_hub.get("/metrics").text  # what operations see
     video_hub.post(f"/api/video/sessions/{sessions[0][0]}/hangup", headers=sessions[0][1])
+    assert "xiaozhi_active_video_sessions 1.0" in video_hub.get("/metrics").text
     sid, auth = sessions[2]
     assert video_hub.post(f"/api/video/sessions/{sid}/resident/offer", json={"sdp": an_offer(), "type": "offer"},
                           headers=auth).status_code == 200
