@@ -16,6 +16,7 @@ import re
 import pytest
 from conftest import free_port, make_staff, open_session
 from test_fault_tolerance import WebhookServer
+from test_phone_hotline import needs_whisper, phone_hub, placed_call, until_quiet
 
 from xiaozhi.masking import configure_logging
 
@@ -185,3 +186,18 @@ def test_a_desk_action_names_the_conversation_it_acts_on(hub, json_log):
     assert r.status_code == 200, r.text
     audit = [rec for rec in lines(json_log) if "queue.claim" in rec["message"]]
     assert len(audit) == 1 and audit[0]["request_id"] == "claim-17" and audit[0]["conversation_id"] == sid, audit
+
+
+@needs_whisper
+async def test_a_phone_turn_names_its_conversation(hub_settings, knowledge_base, json_log):
+    """A call is no HTTP request: its turns' lines carry the conversation id alone."""
+    async with phone_hub(hub_settings, knowledge_base) as app, placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        phone = app.state.phone
+        live = next(iter(phone.bot.sessions.values())).call
+        conv_id = live.metadata["conversation"].id
+        await phone.reply(live, "医保电子凭证怎么激活", source="speech", confidence=0.95)
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
+    turn = [rec for rec in lines(json_log) if rec["message"].startswith("Rasa unavailable")]
+    assert turn and all(rec["conversation_id"] == conv_id and "request_id" not in rec for rec in turn), turn
