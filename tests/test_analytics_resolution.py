@@ -212,6 +212,19 @@ def test_caller_hash_is_keyed_stable_and_not_the_number(tmp_path: Path) -> None:
     assert caller_hash("anonymous", tmp_path) == "" and (tmp_path / "contact-hash.key").stat().st_mode & 0o077 == 0
 
 
+def test_replicas_sharing_the_configured_key_recognise_each_others_callers(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+    from xiaozhi.settings import Settings
+
+    key = Settings(contact_hash_key="k" * 64).contact_hash_key.get_secret_value()
+    one, two = caller_hash("13812345678", tmp_path / "a", key), caller_hash("13812345678", tmp_path / "b", key)
+    assert one == two and one != caller_hash("13812345678", tmp_path / "a")  # the key wins over the file
+    assert not (tmp_path / "b" / "contact-hash.key").exists()
+    assert caller_hash("13812345678", tmp_path, "x" * 64) != one
+    with pytest.raises(ValidationError):
+        Settings(contact_hash_key="short")  # a guessable key would make the hash reversible
+
+
 # -- the dashboard's figures -------------------------------------------------------------------------
 def test_figures_per_channel_topic_and_entry_quality() -> None:
     ts = [

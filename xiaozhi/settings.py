@@ -214,6 +214,13 @@ class Settings(BaseSettings):
         description='ICE servers for WebRTC as a JSON list, e.g. [{"urls": ["turn:turn.example.cn:3478"]}]; '
         "`[]`: host candidates only. Never a public default (docs/video.md).",
     )
+    contact_hash_key: SecretStr | None = Field(
+        None,
+        description="Key of the keyed hash that recognises a returning caller (analytics' repeat contact) without "
+        "storing the number. Set the same value on every hub replica and media worker; unset, each installation "
+        "makes its own random key in var_dir/contact-hash.key and replicas do not recognise each other's callers.",
+        min_length=32,
+    )
     turn_secret: SecretStr | None = Field(
         None,
         description="coturn `static-auth-secret`: turn: servers without a username get time-limited credentials.",

@@ -274,7 +274,8 @@ class PhoneService:
         line = self.lines.lookup(call.dialled)
         region = line.region if line else self.settings.default_region
         meta = {"call_id": call.call_id, "codec": call.codec, "started_at": time.time()}
-        if caller := caller_hash(call.caller, self.settings.var_dir):
+        key = self.settings.contact_hash_key
+        if caller := caller_hash(call.caller, self.settings.var_dir, key.get_secret_value() if key else None):
             meta["caller_hash"] = caller  # analytics' repeat contact; the number itself is never stored
         if line is not None:
             meta["line"] = line.name
