@@ -455,6 +455,17 @@ def test_dockerfile_builds_both_virtual_environments_from_the_locks():
     assert "requirements/app.lock.txt" in text and "requirements/rasa.lock.txt" in text
 
 
+def test_the_image_carries_the_rasa_model_the_rasa_deployment_loads(k8s):
+    # The Rasa pods run `rasa run --model <cache>/rasa-models`: nothing trains at run time, so the image
+    # must (xiaozhi prepare trains it into the cache dir the image sets; `kb index` alone did not).
+    text = (DEPLOY / "Dockerfile").read_text()
+    cache = re.search(r"XIAOZHI_CACHE_DIR=(\S+)", text).group(1)
+    assert re.search(r"^RUN \.venv/bin/xiaozhi prepare$", text, re.M)
+    rasa = next(d for d in k8s if d["kind"] == "Deployment" and d["metadata"]["name"] == "rasa")
+    command = rasa["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--model") + 1] == f"{cache}/rasa-models"
+
+
 # -- issue 19: Rasa and the action servers answer only their callers; no token on a command line -------
 def _policy_sources(policy: dict) -> set[str]:
     return {peer["podSelector"]["matchLabels"]["app"] for rule in policy["spec"]["ingress"] for peer in rule["from"]}
