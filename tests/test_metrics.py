@@ -281,6 +281,10 @@ async def test_a_phone_call_fills_the_speech_and_rtp_metrics_and_the_dashboard_r
             await rtp.pause(0.2)  # packets after the last loss: the receiver gives up waiting for it
             session = next(iter(app.state.phone.bot.sessions.values()))
             stats = session.call.media.stats
+            live = (await scrape.get("/metrics")).text  # the call's loss is visible before it ends
+            assert value(live, "xiaozhi_rtp_live_loss_ratio") == pytest.approx(
+                stats.lost / (stats.lost + stats.audio_received)) and stats.lost > 0
+            assert value(live, "xiaozhi_rtp_live_jitter_seconds") == pytest.approx(stats.jitter_s, abs=0.005)
             await transcript_then_hang_up(app, peer, call)
         await until_no_calls(app)
         # a chat turn too, so every family the dashboard reads has samples
@@ -289,7 +293,7 @@ async def test_a_phone_call_fills_the_speech_and_rtp_metrics_and_the_dashboard_r
                           headers={"Authorization": f"Bearer {created['token']}"})
         text = (await scrape.get("/metrics")).text
         await scrape.aclose()
-    assert value(text, "xiaozhi_active_calls") == 0
+    assert value(text, "xiaozhi_active_calls") == 0 and value(text, "xiaozhi_rtp_live_loss_ratio") == 0
     assert value(text, "xiaozhi_asr_duration_seconds_count", engine="whisper") >= 1
     assert value(text, "xiaozhi_asr_duration_seconds_sum", engine="whisper") > 0
     assert value(text, "xiaozhi_tts_duration_seconds_count", engine="pyttsx3-espeak") >= 2  # prompts + answer

@@ -88,6 +88,12 @@ class HubMetrics:
             "xiaozhi_metrics_gauges_refreshed_timestamp_seconds",
             "When the database-backed gauges were last counted (Unix time)", registry=r)
         self.active_calls = Gauge("xiaozhi_active_calls", "Phone calls in progress", registry=r)
+        self.live_loss = Gauge(
+            "xiaozhi_rtp_live_loss_ratio", "Calls in progress: share of the callers' audio packets lost so far, all calls "
+            "together (0 without calls)", registry=r)
+        self.live_jitter = Gauge(
+            "xiaozhi_rtp_live_jitter_seconds", "Calls in progress: the highest current RFC 3550 jitter among them",
+            registry=r)
         self.video_sessions = Gauge("xiaozhi_active_video_sessions", "Video sessions in progress", registry=r)
         self.limits_shared = Gauge(
             "xiaozhi_rate_limits_shared",
@@ -104,9 +110,19 @@ class HubMetrics:
     def watch_app(self, app: FastAPI) -> None:
         state = app.state
 
+        def live() -> list:
+            ua = getattr(getattr(state, "phone", None), "user_agent", None)
+            return [call.media.stats for call in list(ua.calls.values())] if ua is not None else []
+
         def calls() -> int:
             ua = getattr(getattr(state, "phone", None), "user_agent", None)
             return len(ua.calls) if ua is not None else 0
+
+        def loss() -> float:
+            stats = live()
+            lost = sum(s.lost for s in stats)
+            expected = lost + sum(s.audio_received for s in stats)
+            return lost / expected if expected else 0.0
 
         def video() -> int:
             manager = getattr(state, "video", None)  # made on the first video request
@@ -117,6 +133,8 @@ class HubMetrics:
             return 1 if limits is not None and limits.redis_ok else 0
 
         self.active_calls.set_function(calls)
+        self.live_loss.set_function(loss)
+        self.live_jitter.set_function(lambda: max((s.jitter_s for s in live()), default=0.0))
         self.video_sessions.set_function(video)
         self.limits_shared.set_function(shared)
 
