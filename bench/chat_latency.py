@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -91,6 +92,21 @@ def start_stack(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Pop
     return proc, f"http://127.0.0.1:{ports['XIAOZHI_HUB_PORT']}", time.monotonic() - started, log
 
 
+@contextlib.contextmanager
+def running_stack(url: str | None = None, extra_env: dict[str, str] | None = None):
+    """(url, cold start s, log) of the hub to measure: ``url`` as given (nothing started, cold and log None),
+    else a fresh `xiaozhi run` stopped with SIGINT when the block ends."""
+    if url:
+        yield url, None, None
+        return
+    proc, url, cold, log = start_stack(extra_env)
+    try:
+        yield url, cold, log
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
 async def session_worker(
     client: httpx.AsyncClient, count: int, offset: int, latencies: list[float], errors: list[str], paced: bool = False,
     together: bool = False,
@@ -143,18 +159,9 @@ def main() -> None:
                         help="paced residents all send their first message at the same instant (the old definition)")
     args = parser.parse_args()
 
-    proc = None
-    if args.url:
-        url, cold = args.url, None
-    else:
-        proc, url, cold, _ = start_stack()
-    try:
+    with running_stack(args.url) as (url, cold, _log):
         results = {mode: asyncio.run(load(url, args.messages, args.sessions, mode == "paced", args.together))
                    for mode in ("paced", "saturated")}
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
     print(f"chat latency: {args.messages} messages over {args.sessions} concurrent sessions "
           f"(hub + Rasa + action server + knowledge base, {os.cpu_count()} cores)")
     if cold is not None:

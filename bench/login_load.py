@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import itertools
 import os
-import signal
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chat_latency import percentile, session_worker, start_stack  # noqa: E402
+from chat_latency import percentile, running_stack, session_worker  # noqa: E402
 
 PASSWORD = "bench-admin-password-17"
 
@@ -84,20 +83,12 @@ def main() -> None:
     args = parser.parse_args()
     loads = [int(n) for n in args.loads.split(",")]
 
-    proc = None
-    if args.url:
-        url = args.url
-    else:
-        proc, url, _cold, _log = start_stack({
-            "XIAOZHI_ADMIN_PASSWORD": PASSWORD, "FORWARDED_ALLOW_IPS": "127.0.0.1",
-            "XIAOZHI_RATE_LIMIT_SESSIONS": "1000/minute",  # the bench opens sessions faster than residents do
-        })
-    try:
+    env = {
+        "XIAOZHI_ADMIN_PASSWORD": PASSWORD, "FORWARDED_ALLOW_IPS": "127.0.0.1",
+        "XIAOZHI_RATE_LIMIT_SESSIONS": "1000/minute",  # the bench opens sessions faster than residents do
+    }
+    with running_stack(args.url, env) as (url, _cold, _log):
         results = {n: asyncio.run(chat_with_logins(url, n, args.messages, args.sessions)) for n in loads}
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
     print(f"chat latency while staff log in: {args.messages} paced messages over {args.sessions} sessions per load "
           f"(hub + Rasa + action server, argon2 defaults, {os.cpu_count()} cores)")
     for n, r in results.items():
