@@ -104,7 +104,7 @@ def test_a_conversation_has_one_open_queue_item_even_when_replicas_queue_it_at_o
     assert again != first
 
 
-def test_an_older_queue_with_duplicate_open_items_still_starts_and_logs_why_it_lacks_the_index(
+def test_an_older_queue_with_duplicate_open_items_keeps_one_open_item_each_and_gets_its_index(
     tmp_path, database_url, caplog
 ):
     from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, inspect, insert
@@ -115,11 +115,16 @@ def test_an_older_queue_with_duplicate_open_items_still_starts_and_logs_why_it_l
                   Column("channel", String(16)), Column("reason", String(32)), Column("status", String(16)),
                   Column("created_at", DateTime(timezone=True)))
 
+    def wipe(connection):
+        everything = MetaData()
+        everything.reflect(connection)
+        everything.drop_all(connection)
+
     async def upgrade(rows):
         store = Store(url)
         try:
             async with store.engine.begin() as conn:
-                await conn.run_sync(old.drop_all)
+                await conn.run_sync(wipe)  # each round a database of that older release, unversioned
                 await conn.run_sync(old.create_all)
                 for conversation_id, status in rows:
                     await conn.execute(insert(queue).values(conversation_id=conversation_id, channel="web",
@@ -132,12 +137,42 @@ def test_an_older_queue_with_duplicate_open_items_still_starts_and_logs_why_it_l
         finally:
             await store.close()
 
-    names, item, waiting = asyncio.run(upgrade([("c-dup", "waiting"), ("c-dup", "waiting"), ("c-old", "closed")]))
-    assert "uq_escalations_open_conversation" not in names
-    assert "remove the duplicates" in caplog.text and "uq_escalations_open_conversation" in caplog.text
-    assert item.conversation_id == "c-dup" and waiting == 2, "the hub still works on the old rows"
+    # an older release queued c-dup twice (two replicas at once); an agent holds the second
+    names, item, waiting = asyncio.run(upgrade([("c-dup", "waiting"), ("c-dup", "claimed"), ("c-old", "closed")]))
+    assert "uq_escalations_open_conversation" in names, "the duplicate closed, the index is made"
+    assert "closed 1 duplicate open queue item(s) (ids 1)" in caplog.text
+    assert item.id == 2 and item.status == "claimed", "the conversation keeps the item the agent holds"
+    assert waiting == 0
 
     caplog.clear()
     names, item, waiting = asyncio.run(upgrade([("c-dup", "closed"), ("c-dup", "waiting"), ("c-old", "closed")]))
     assert "uq_escalations_open_conversation" in names, "rows that fit get the index on upgrade"
     assert waiting == 1 and "remove the duplicates" not in caplog.text
+
+
+def test_the_idle_close_scan_reads_the_status_index_not_every_conversation(tmp_path):
+    """The idle close runs every minute over all conversations ever held; revision 0002's index on
+    (status, channel, updated_at) is what keeps it from reading the closed ones. The plan of the very
+    statement the store sends is checked (SQLite's planner picks an index for equality terms unasked)."""
+    import datetime as dt
+
+    from sqlalchemy import event
+
+    path = tmp_path / "hub.db"
+
+    async def capture() -> list[tuple[str, tuple]]:
+        store = Store(f"sqlite+aiosqlite:///{path}")
+        sent: list[tuple[str, tuple]] = []
+        try:
+            await store.create_schema()
+            event.listen(store.engine.sync_engine, "before_cursor_execute",
+                         lambda conn, cursor, statement, params, context, many: sent.append((statement, params)))
+            await store.idle_conversations("web", "open", dt.datetime.now(dt.timezone.utc))
+        finally:
+            await store.close()
+        return sent
+
+    [(statement, params)] = [(st, p) for st, p in asyncio.run(capture()) if "FROM conversations" in st]
+    with sqlite3.connect(path) as db:
+        plan = " | ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}", params))
+    assert "USING INDEX ix_conversations_status_channel_updated" in plan, plan

@@ -86,6 +86,9 @@ def _storable_parameters(conn, cursor, statement, parameters, context, executema
 
 class Conversation(Base):
     __tablename__ = "conversations"
+    # Live conversations by status and channel: the idle close's scan (status, channel, quiet since) and the
+    # metrics' count of open conversations read this, not the whole table of closed ones (revision 0002).
+    __table_args__ = (Index("ix_conversations_status_channel_updated", "status", "channel", "updated_at"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)

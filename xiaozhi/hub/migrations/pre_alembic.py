@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from xiaozhi.hub.migrations import BASELINE, hub_metadata
+from xiaozhi.hub.store import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,36 @@ def _fill(table: sa.Table, column: sa.Column) -> str:
     return "" if column.nullable else " DEFAULT ''"
 
 
+def close_duplicate_open_items(connection: Connection) -> int:
+    """Releases before the one-open-item index could queue one conversation twice (two replicas at once).
+    Keep one open item per conversation (the one an agent holds, else the oldest) and close the others as
+    duplicates, so the baseline's unique index can be made; how many were closed (logged)."""
+    open_statuses = ("waiting", "claimed", "callback")
+    rows = connection.execute(
+        sa.text("SELECT id, conversation_id, status FROM escalations WHERE status IN :open ORDER BY id")
+        .bindparams(sa.bindparam("open", expanding=True)), {"open": list(open_statuses)}).all()
+    by_conversation: dict[str, list] = {}
+    for row in rows:
+        by_conversation.setdefault(row.conversation_id, []).append(row)
+    extra = []
+    for items in by_conversation.values():
+        keep = next((r for r in items if r.status == "claimed"), items[0])
+        extra += [r.id for r in items if r is not keep]
+    if extra:
+        connection.execute(
+            sa.text("UPDATE escalations SET status = 'closed', disposition = 'duplicate', closed_at = :now "
+                    "WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True), sa.bindparam("now", type_=sa.DateTime(timezone=True))),
+            {"ids": extra, "now": utcnow()})
+        log.warning("closed %d duplicate open queue item(s) (ids %s) an older release let in: each conversation "
+                    "keeps one open item (the one an agent holds, else the oldest)", len(extra),
+                    ", ".join(map(str, extra[:20])) + (" ..." if len(extra) > 20 else ""))
+    return len(extra)
+
+
 def legacy_additive_upgrade(connection: Connection, metadata: sa.MetaData) -> None:
     """What releases before migrations did at every start: create missing tables, add missing columns and
-    indexes. An index the existing rows violate (a unique index over duplicates an older release let in) is
-    logged and left out."""
+    indexes; and, before the indexes, close the duplicate open queue items the one-open-item index forbids.
+    An index the existing rows still violate is logged and left out."""
     metadata.create_all(connection)
     for table, member in list(missing(connection, metadata)):
         if isinstance(member, sa.Column):
@@ -79,6 +106,9 @@ def legacy_additive_upgrade(connection: Connection, metadata: sa.MetaData) -> No
             connection.exec_driver_sql(
                 f'ALTER TABLE {table.name} ADD COLUMN "{member.name}" {ddl_type}{_fill(table, member)}'
             )
+    if any(isinstance(m, sa.Index) and m.name == "uq_escalations_open_conversation"
+           for _table, m in missing(connection, metadata)):
+        close_duplicate_open_items(connection)
     for table, member in list(missing(connection, metadata)):
         if isinstance(member, sa.Index):
             try:
