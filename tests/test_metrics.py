@@ -197,6 +197,28 @@ def test_gauges_follow_the_queue_and_a_scrape_runs_no_sql(hub_settings, knowledg
         assert value(text, "xiaozhi_active_calls") == 0 and value(text, "xiaozhi_active_video_sessions") == 0
 
 
+def test_live_conversations_are_counted_by_channel_and_status_and_closed_ones_leave(hub_settings, knowledge_base) -> None:
+    from xiaozhi.hub.app import create_app
+
+    app = create_app(hub_settings, knowledge_base=knowledge_base)
+    app.state.metrics.refresh_s = 3600  # counted only when the test says so
+
+    def live(client) -> dict[tuple[str, str], float]:
+        client.portal.call(app.state.metrics.refresh, app.state.store)
+        return {(dict(labels)["channel"], dict(labels)["status"]): v for (name, labels), v
+                in samples(client.get("/metrics").text).items() if name == "xiaozhi_conversations_live" and v}
+
+    with TestClient(app) as client:
+        quiet, auth = open_session(client)
+        waiting, auth2 = open_session(client)
+        client.post(f"/api/sessions/{waiting}/messages", json={"text": "转人工"}, headers=auth2)
+        assert live(client) == {("web", "open"): 1, ("web", "escalated"): 1}
+        client.post(f"/api/sessions/{waiting}/close", headers=auth2)
+        assert live(client) == {("web", "open"): 1}
+        client.post(f"/api/sessions/{quiet}/close", headers=auth)
+        assert live(client) == {}  # back to 0, not stuck at the last count
+
+
 def test_rtp_jitter_follows_rfc_3550() -> None:
     """J += (|D| - J)/16: packets 20 ms apart in RTP time arriving alternately 10 and 30 ms apart
     converge on 10 ms; evenly spaced ones keep it at 0; a clock jump is not jitter."""

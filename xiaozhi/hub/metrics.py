@@ -33,7 +33,7 @@ from starlette.routing import Match, Mount
 
 from telephony.metrics import VoiceMetrics
 from xiaozhi.hub.analytics import RESOLUTIONS, classify
-from xiaozhi.hub.store import Escalation, aware, utcnow
+from xiaozhi.hub.store import Conversation, Escalation, aware, utcnow
 from xiaozhi.hub.surveys import Survey
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 REFRESH_S = 15.0  # how often the database-backed gauges are counted again
 MIN_REFRESH_GAP_S = 1.0  # ... and never more often than this, however busy the queue
 SURVEY_OPEN = ("pending", "offered", "calling")
+LIVE_STATUSES = ("open", "escalated", "with_agent")  # a conversation not yet closed
 CHANNELS = ("web", "phone", "video")  # their failure and queue-wait series exist (at 0) from the start
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
@@ -84,6 +85,9 @@ class HubMetrics:
             "xiaozhi_queue_wait_seconds", "Escalated to first taken by an agent (live queue, not callbacks)",
             ["channel"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self.surveys_open = Gauge("xiaozhi_surveys_open", "Follow-up surveys not yet answered", ["status"], registry=r)
+        self.conversations_live = Gauge(
+            "xiaozhi_conversations_live", "Conversations not yet closed, by channel and status (all replicas' together)",
+            ["channel", "status"], registry=r)
         self.gauges_age = Gauge(
             "xiaozhi_metrics_gauges_refreshed_timestamp_seconds",
             "When the database-backed gauges were last counted (Unix time)", registry=r)
@@ -186,13 +190,18 @@ class HubMetrics:
 
     # -- the database-backed gauges ----------------------------------------------------------------
     async def refresh(self, store) -> None:
-        """Count the queue and the open surveys (three small indexed queries) into the cached gauges."""
+        """Count the queue, the open surveys and the live conversations (small indexed queries: the conversations
+        by their status index, never the closed ones) into the cached gauges."""
         async with store.sessions() as s:
             rows = (await s.execute(
                 select(Escalation.status, func.count(), func.min(Escalation.created_at))
                 .where(Escalation.status.in_(("waiting", "callback"))).group_by(Escalation.status))).all()
             surveys = dict((await s.execute(
                 select(Survey.status, func.count()).where(Survey.status.in_(SURVEY_OPEN)).group_by(Survey.status))).all())
+            live = {(channel, status): n for channel, status, n in (await s.execute(
+                select(Conversation.channel, Conversation.status, func.count())
+                .where(Conversation.status.in_(LIVE_STATUSES))
+                .group_by(Conversation.channel, Conversation.status))).all()}
         by_status = {status: (n, oldest) for status, n, oldest in rows}
         waiting, oldest = by_status.get("waiting", (0, None))
         self.queue.set(waiting)
@@ -200,6 +209,8 @@ class HubMetrics:
         self.callbacks.set(by_status.get("callback", (0, None))[0])
         for status in SURVEY_OPEN:
             self.surveys_open.labels(status).set(surveys.get(status, 0))
+        for channel, status in {*((c, st) for c in CHANNELS for st in LIVE_STATUSES), *live}:  # gone: back to 0
+            self.conversations_live.labels(channel, status).set(live.get((channel, status), 0))
         self.gauges_age.set(time.time())
 
     async def _refresh_forever(self, store) -> None:
