@@ -51,3 +51,15 @@ def test_rtp_port_range_is_checked_at_start_up():
     for bad in ("20000-10000", "10000", "abc-def", "80-90", "10001-10001", "10000-70000"):
         with pytest.raises(ValidationError, match="RTP port range"):
             Settings(sip_rtp_ports=bad)
+
+
+def test_python_dash_m_xiaozhi_cli_knows_every_command():
+    # `main()` once ran before the staff and db commands were defined: `python -m xiaozhi.cli db ...` said
+    # "No such command" while the `xiaozhi` script (which imports the whole module first) worked.
+    import subprocess
+    import sys
+
+    for group in ("db", "staff", "kb"):
+        ran = subprocess.run([sys.executable, "-m", "xiaozhi.cli", group, "--help"], capture_output=True, text=True,
+                             timeout=120)
+        assert ran.returncode == 0, ran.stdout + ran.stderr

@@ -233,14 +233,6 @@ def kb_eval(
     raise typer.Exit(evaluate_main(argv))
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
-
-
 async def _with_accounts(settings: Settings, work):
     from xiaozhi.hub.accounts import Accounts
     from xiaozhi.hub.store import Store
@@ -409,3 +401,11 @@ def db_revision(
     with tempfile.TemporaryDirectory() as scratch:
         script = asyncio.run(go(Path(scratch) / "head.db"))
     _say(f"wrote {script.path}: review it, then test it (tests/test_migrations.py)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # last: every command above is registered before the app runs
+    main()
