@@ -273,3 +273,5 @@ def configure_logging(level: str = "INFO", fmt: str | None = None) -> None:
         logger.handlers[:] = []
         logger.propagate = True
         logger.disabled = False
+        logger.setLevel(logging.NOTSET)  # the root's level decides: a uvicorn started earlier at "warning" left
+        # its loggers at WARNING, and the access lines vanished
