@@ -69,14 +69,14 @@ def _fill(table: sa.Table, column: sa.Column) -> str:
     return "" if column.nullable else " DEFAULT ''"
 
 
-def close_duplicate_open_items(connection: Connection) -> int:
+def close_duplicate_open_items(connection: Connection, index: sa.Index) -> int:
     """Releases before the one-open-item index could queue one conversation twice (two replicas at once).
     Keep one open item per conversation (the one an agent holds, else the oldest) and close the others as
-    duplicates, so the baseline's unique index can be made; how many were closed (logged)."""
-    open_statuses = ("waiting", "claimed", "callback")
-    rows = connection.execute(
-        sa.text("SELECT id, conversation_id, status FROM escalations WHERE status IN :open ORDER BY id")
-        .bindparams(sa.bindparam("open", expanding=True)), {"open": list(open_statuses)}).all()
+    duplicates, so the baseline's unique ``index`` can be made; how many were closed (logged). The rows
+    counted as open are exactly those under the index's own predicate (the baseline's, frozen)."""
+    predicate = index.dialect_options[connection.dialect.name]["where"]
+    rows = connection.execute(sa.text(
+        f"SELECT id, conversation_id, status FROM escalations WHERE {predicate} ORDER BY id")).all()
     by_conversation: dict[str, list] = {}
     for row in rows:
         by_conversation.setdefault(row.conversation_id, []).append(row)
@@ -87,7 +87,8 @@ def close_duplicate_open_items(connection: Connection) -> int:
     if extra:
         connection.execute(
             sa.text("UPDATE escalations SET status = 'closed', disposition = 'duplicate', closed_at = :now "
-                    "WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True), sa.bindparam("now", type_=sa.DateTime(timezone=True))),
+                    "WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True),
+                                                   sa.bindparam("now", type_=sa.DateTime(timezone=True))),
             {"ids": extra, "now": utcnow()})
         log.warning("closed %d duplicate open queue item(s) (ids %s) an older release let in: each conversation "
                     "keeps one open item (the one an agent holds, else the oldest)", len(extra),
@@ -106,9 +107,9 @@ def legacy_additive_upgrade(connection: Connection, metadata: sa.MetaData) -> No
             connection.exec_driver_sql(
                 f'ALTER TABLE {table.name} ADD COLUMN "{member.name}" {ddl_type}{_fill(table, member)}'
             )
-    if any(isinstance(m, sa.Index) and m.name == "uq_escalations_open_conversation"
-           for _table, m in missing(connection, metadata)):
-        close_duplicate_open_items(connection)
+    for _table, member in list(missing(connection, metadata)):
+        if isinstance(member, sa.Index) and member.name == "uq_escalations_open_conversation":
+            close_duplicate_open_items(connection, member)
     for table, member in list(missing(connection, metadata)):
         if isinstance(member, sa.Index):
             try:
