@@ -1,6 +1,6 @@
 """Video help: connect time, CPU per two-way session, and how many simultaneous sessions the hub holds at 15 fps.
 
-Everything runs inside a private network namespace (see tests/netns.py: aioice never offers
+Everything runs inside a private network namespace (see tests/support/netns.py: aioice never offers
 127.0.0.1, so the namespace gets a private address on lo). The hub (uvicorn + aiortc relay) runs in
 this process, so its CPU is this process's CPU once the browser part is over.
 
@@ -74,7 +74,7 @@ def pct(values: list[float], q: float) -> float:
 # -- the client worker (a separate process) ----------------------------------------------------------
 async def worker(url: str, sessions: int, seconds: float, screen: bool, transcoding: bool = False) -> None:
     import httpx
-    from video_clients import Peer, opus_clip, vp8_clip
+    from tests.support.video_clients import Peer, opus_clip, vp8_clip
 
     if not transcoding:  # encode the clips before anything is measured
         for rgb in ((200, 30, 30), (30, 200, 30), (30, 30, 200)):
@@ -122,7 +122,7 @@ async def worker(url: str, sessions: int, seconds: float, screen: bool, transcod
 # -- the hub and the browser part ------------------------------------------------------------------
 def browser_part(url: str, trials: int, seconds: float) -> dict:
     import httpx
-    from browser import launch_chromium
+    from tests.support.browser import launch_chromium
     from playwright.sync_api import sync_playwright
 
     admin_token = httpx.post(url + "/api/staff/login", json={"username": "admin", "password": ADMIN_PASSWORD}).json()["token"]
@@ -211,14 +211,14 @@ def main() -> None:
         asyncio.run(worker(url, int(sessions), float(seconds), screen == "1", transcoding == "1"))
         return
 
-    from browser import serve
-    from conftest import free_port
+    from tests.support.browser import serve
+    from tests.support import free_port
     from pydantic import SecretStr
 
     from xiaozhi.hub.app import create_app
     from xiaozhi.settings import Settings
 
-    from netns import enter_netns, private_netns
+    from tests.support.netns import enter_netns, private_netns
 
     levels = [int(x) for x in args.levels.split(",")]
     with private_netns("xzbench") as (ns, _address):

@@ -11,7 +11,7 @@
 # virtual environments (LOCK_VENV, LOCK_VENV_RASA), never in .venv. Hashes are those of the files pip
 # sees through its configuration (pip config list): torch's CPU build comes from a local wheel there.
 # After a change: scripts/setup.sh (it reinstalls when a lock changes) and the lock tests
-# (tests/test_locks.py).
+# (tests/ops/test_locks.py).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LOCK_VENV=${LOCK_VENV:-/tmp/lockvenv}

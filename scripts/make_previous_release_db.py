@@ -1,4 +1,4 @@
-"""Make the "database of the previous release" fixtures of tests/test_migrations.py (run from the repo root):
+"""Make the "database of the previous release" fixtures of tests/core/test_migrations.py (run from the repo root):
 
     .venv/bin/python scripts/make_previous_release_db.py [--release 65cad91]
 
@@ -10,7 +10,7 @@ resident question and an answer, a follow-up survey, a phone conversation waitin
 
 Writes to tests/data/db/:
 - release-<rev>.sqlite: the SQLite database file;
-- release-<rev>.postgresql.sql: the same made on PostgreSQL (a throwaway cluster, tests/postgres.py), as a
+- release-<rev>.postgresql.sql: the same made on PostgreSQL (a throwaway cluster, tests/support/postgres.py), as a
   plain ``pg_dump --inserts`` script that psql loads into an empty database;
 - release-<rev>.json: what was stored (ids, the conversation tokens, the staff passwords) for the checks.
 """

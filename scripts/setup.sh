@@ -27,8 +27,8 @@ quiet() {
 # Playwright, never `playwright install`) and Chinese glyphs in their screenshots.
 # coturn: the TURN relay the video tests route media through (and the documented deployment).
 # kamailio: checks the deployment's dispatcher configuration (kamailio -c).
-# postgresql: server binaries for the hub's PostgreSQL tests (tests/postgres.py starts a throwaway cluster).
-# redis-server: the shared rate limits of several hub replicas (tests/redis_server.py starts a throwaway one).
+# postgresql: server binaries for the hub's PostgreSQL tests (tests/support/postgres.py starts a throwaway cluster).
+# redis-server: the shared rate limits of several hub replicas (tests/support/redis_server.py starts a throwaway one).
 APT_PACKAGES=(espeak-ng sox sip-tester baresip-core kamailio chromium fonts-wqy-zenhei coturn postgresql redis-server)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -7,7 +7,6 @@ import os
 import secrets
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,14 @@ from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 from xiaozhi.settings import Settings  # noqa: E402
 
+from tests.support import (  # noqa: E402
+    ADMIN_PASSWORD,
+    REPO,
+    dump_tasks,
+    free_port,
+    free_udp_port,
+)
+
 # Property and fuzz tests draw the same examples on every run of the test command, so a red CI run
 # always means a change in the code and replays on any machine. Hunting for new inputs is a separate,
 # deliberate run: HYPOTHESIS_PROFILE=explore scripts/test.sh -k fuzz (failures found are then kept in
@@ -32,21 +39,6 @@ from xiaozhi.settings import Settings  # noqa: E402
 hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
@@ -70,13 +62,10 @@ def knowledge_base(settings: Settings):
     return open_knowledge_base(settings)
 
 
-DATABASES = ("sqlite", "postgresql")
-
-
 @pytest.fixture(scope="session")
 def postgres():
-    """One throwaway PostgreSQL cluster for the session (tests/postgres.py); fails, never skips, without one."""
-    from postgres import PostgresUnavailable, postgres_cluster
+    """One throwaway PostgreSQL cluster for the session (tests/support/postgres.py); fails, never skips, without one."""
+    from tests.support.postgres import PostgresUnavailable, postgres_cluster
 
     try:
         with postgres_cluster() as cluster:  # stopped and removed at the end of the session
@@ -149,35 +138,10 @@ def hub(hub_settings: Settings, knowledge_base):
     watchdog.cancel()
 
 
-def dump_tasks(loop, why: str) -> None:
-    """Print every task of ``loop`` with its stack to stderr (read from another thread: diagnostics only)."""
-    print(f"\n=== {why}: tasks of the hub's event loop ===", file=sys.stderr)
-    for task in list(asyncio.all_tasks(loop)):
-        print(f"--- {task!r}", file=sys.stderr)
-        task.print_stack(file=sys.stderr)
-    sys.stderr.flush()
-
-
-def client_from(hub, address: str, **kwargs):
-    """The running ``hub`` (a TestClient) as seen from another client address.
-
-    It shares the hub's event loop: a TestClient that is not entered runs every request and every
-    WebSocket on a new loop of its own, while the app's queues, locks and database pool belong to
-    the loop its lifespan started on; used from another loop they can wait forever (that hung the
-    authorization test's WebSockets in CI now and then).
-    """
-    from fastapi.testclient import TestClient
-
-    other = TestClient(hub.app, client=(address, 5000), **kwargs)
-    other.portal = hub.portal
-    other.app_state.update(hub.app_state)  # the lifespan's state, as the transport reads it
-    return other
-
-
 @pytest.fixture
 def live_hub(hub_settings: Settings, knowledge_base):
     """A hub served over real HTTP/WebSocket (for the browser); yields (base_url, app)."""
-    from browser import serve
+    from tests.support.browser import serve
 
     from xiaozhi.hub.app import create_app
 
@@ -195,41 +159,12 @@ def chromium():
     """
     from playwright.sync_api import sync_playwright
 
-    from browser import launch_chromium
+    from tests.support.browser import launch_chromium
 
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         yield browser
         browser.close()
-
-
-ADMIN_PASSWORD = "test-admin-password"  # the hub fixture's first admin (XIAOZHI_ADMIN_PASSWORD)
-
-
-def staff_login(client, username: str = "admin", password: str = ADMIN_PASSWORD) -> dict:
-    """Log a staff user in; returns the Authorization header."""
-    r = client.post("/api/staff/login", json={"username": username, "password": password})
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['token']}"}
-
-
-def make_staff(client, username: str, role: str, **extra) -> dict:
-    """Create a staff account through the admin API and log it in; returns its Authorization header."""
-    password = f"{username}-password-123"
-    r = client.post(
-        "/api/staff/users",
-        json={"username": username, "password": password, "role": role, **extra},
-        headers=staff_login(client),
-    )
-    assert r.status_code == 201, r.text
-    return staff_login(client, username, password)
-
-
-def open_session(client, **body) -> tuple[str, dict]:
-    created = client.post("/api/sessions", json=body)
-    assert created.status_code == 201, created.text
-    data = created.json()
-    return data["session_id"], {"Authorization": f"Bearer {data['token']}"}
 
 
 START_TIMEOUT_S = 420
@@ -281,8 +216,8 @@ def stack(tmp_path_factory):
 
 @pytest.fixture
 def netns():
-    """A private network namespace (see tests/netns.py) for WebRTC peers: its name."""
-    from netns import netns_available, private_netns
+    """A private network namespace (see tests/support/netns.py) for WebRTC peers: its name."""
+    from tests.support.netns import netns_available, private_netns
 
     if not netns_available():
         pytest.skip("needs root and iproute2 for a private network namespace")

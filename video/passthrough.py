@@ -5,7 +5,7 @@ Written against **aiortc 1.16.0**. aiortc can *send* pre-encoded data (a sending
 may return an ``av.Packet``: ``RTCRtpSender`` then calls ``encoder.pack(packet)``, which writes its
 own VP8 payload descriptor), but it has no public API to *receive* encoded frames. This module is
 the one place that reaches into aiortc's internals; ``check_aiortc()`` lists everything it touches
-and ``tests/test_video.py`` fails loudly when an upgrade moves any of it:
+and ``tests/video/test_video.py`` fails loudly when an upgrade moves any of it:
 
 - ``RTCRtpReceiver._RTCRtpReceiver__decoder_queue`` (a ``queue.Queue``): ``_handle_rtp_packet``
   depayloads RTP, reassembles a frame in its jitter buffer and puts ``(codec, JitterFrame)`` there

@@ -400,7 +400,7 @@ def db_revision(
 
     with tempfile.TemporaryDirectory() as scratch:
         script = asyncio.run(go(Path(scratch) / "head.db"))
-    _say(f"wrote {script.path}: review it, then test it (tests/test_migrations.py)")
+    _say(f"wrote {script.path}: review it, then test it (tests/core/test_migrations.py)")
 
 
 def main() -> None:

@@ -1,0 +1,149 @@
+"""Development conversations through the real stack (hub + Rasa + action server + knowledge base).
+
+Each conversation has a goal: a finished procedure's checklist, or an answered question. The
+share reaching its goal without a person is the dialogue's headline number (docs/dialogue.md).
+Escalation paths are checked separately: there a person *is* the goal.
+
+    .venv/bin/python tests/dialogue/test_dialogue_conversations.py --url http://127.0.0.1:8100   # a running stack
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import httpx
+import pytest
+
+
+
+def checklist(title_part: str):
+    def goal(reply: dict) -> bool:
+        meta = reply["meta"]
+        return meta["outcome"] == "answered" and bool(meta["steps"]) and title_part in reply["text"]
+    return goal
+
+
+def answered(topic: str):
+    def goal(reply: dict) -> bool:
+        meta = reply["meta"]
+        return meta["outcome"] == "answered" and any(c.get("topic") == topic for c in meta["citations"])
+    return goal
+
+
+# (name, resident turns, goal on the last reply)
+def answered_any(*topics: str):
+    def goal(reply: dict) -> bool:
+        meta = reply["meta"]
+        return meta["outcome"] == "answered" and any(c.get("topic") in topics for c in meta["citations"])
+    return goal
+
+
+GUIDE = "一步步带我办"  # what the answer's button sends; procedures start only on request
+
+# (name, resident turns, goal on the last reply)
+CONVERSATIONS = [
+    ("ev: asked step by step", ["医保电子凭证怎么激活", GUIDE, "给我自己", "微信"], checklist("微信")),
+    ("ev: all given early, answered", ["帮我妈用支付宝开通医保码"], answered("e_voucher")),
+    ("ev: all given early, then walked through", ["帮我妈用支付宝开通医保码", GUIDE], checklist("亲情账户")),
+    ("ev: asr noise", ["医保评证怎么激活", GUIDE, "我自己", "支付包"], checklist("支付宝")),
+    ("ev: child, app", ["给孩子绑定医保码"], answered("e_voucher")),
+    ("ev: side question then back", ["医保码怎么弄", GUIDE, "医保热线是多少", "给我自己", "用手机银行"], checklist("银行")),
+    ("ev: guidance named outright", ["带我一步步激活医保电子凭证", "给我自己", "微信"], checklist("微信")),
+    ("cr: retiree to shanghai", ["异地就医怎么备案", GUIDE, "退休了跟着女儿住", "上海"], checklist("上海")),
+    ("cr: asr noise, all early", ["我退休了要去海南长住，一地就依怎么备案"], answered("cross_region")),
+    ("cr: all early, walked through", ["我退休了要去海南长住，一地就依怎么备案", GUIDE], checklist("海南")),
+    ("cr: referral", ["转诊到北京的医院怎么备案"], answered_any("cross_region", "referral")),
+    ("cr: emergency", ["在外地看病怎么备案", GUIDE, "急诊", "广州"], checklist("广州")),
+    ("cr: travel with switch", ["去外地看病要先办什么", GUIDE, "报销比例是多少", "出差", "成都"], checklist("成都")),
+    ("cr: worker", ["在外地工作看病怎么备案", GUIDE, "深圳"], checklist("深圳")),
+    ("re: inpatient early", ["住院了报销需要带什么材料"], answered("reimbursement")),
+    ("re: outpatient + type", ["看病的钱怎么报", GUIDE, "门诊", "城乡居民医保"], checklist("门诊")),
+    ("re: out of region", ["在外地看病自费了回来怎么报"], answered_any("reimbursement", "cross_region")),
+    ("re: emergency noise", ["急诊的费用怎么报消", GUIDE], checklist("急诊")),
+    ("re: chronic", ["慢性病拿药的钱怎么报"], answered_any("chronic_disease", "reimbursement")),
+    ("faq: chronic", ["高血压能办慢病吗"], answered("chronic_disease")),
+    ("faq: card lost", ["社保卡丢了怎么补办"], answered("card")),
+    ("faq: personal account", ["个人账户的钱能给家人用吗"], answered("personal_account")),
+    ("faq: memory of region", ["我是杭州参保的", "医保业务去哪个窗口办"], answered("service_info")),
+    ("faq: precise, then more", ["医保码亲情账户最多能绑几个人", "详细说说"], checklist("亲情")),
+]
+
+ESCALATIONS = [
+    ("explicit", ["转人工"]),
+    ("complaint", ["你们这什么服务态度，我要投诉"]),
+    ("urgent mid-procedure", ["医保怎么报销", "我爸正在抢救，医保刷不了怎么办"]),
+    ("two failures", ["那个东西咋整", "就那个嘛上回说的"]),
+]
+
+
+def talk(client: httpx.Client, turns: list[str]) -> list[dict]:
+    created = client.post("/api/sessions", json={}).json()
+    sid, auth = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
+    last = []
+    for text in turns:
+        r = client.post(f"/api/sessions/{sid}/messages", json={"text": text}, headers=auth)
+        r.raise_for_status()
+        last = r.json()["replies"]
+    return last
+
+
+def goal_share(client: httpx.Client, verbose: bool = False) -> tuple[float, list[str]]:
+    missed = []
+    for name, turns, goal in CONVERSATIONS:
+        replies = talk(client, turns)
+        ok = bool(replies) and goal(replies[-1]) and all(r["meta"]["outcome"] != "escalated" for r in replies)
+        if not ok:
+            missed.append(f"{name}: {replies[-1]['meta']['outcome'] if replies else '-'} {replies[-1]['text'][:80] if replies else ''}")
+        if verbose:
+            print(("OK   " if ok else "MISS ") + name)
+    return 1 - len(missed) / len(CONVERSATIONS), missed
+
+
+@pytest.fixture(scope="module")
+def stack_url(stack):
+    return stack["url"]
+
+
+@pytest.mark.slow
+def test_development_conversations_reach_their_goal(stack_url):
+    with httpx.Client(base_url=stack_url, timeout=60) as client:
+        share, missed = goal_share(client)
+    assert share >= 0.85, missed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,turns", ESCALATIONS, ids=[e[0] for e in ESCALATIONS])
+def test_escalation_paths_end_with_a_person(stack_url, name, turns):
+    with httpx.Client(base_url=stack_url, timeout=60) as client:
+        replies = talk(client, turns)
+    assert replies[-1]["meta"]["outcome"] == "escalated", replies
+
+
+@pytest.mark.slow
+def test_procedure_summary_is_a_checklist_with_sources(stack_url):
+    with httpx.Client(base_url=stack_url, timeout=60) as client:
+        reply = talk(client, ["帮我爸用微信开通医保码"])[-1]
+    meta = reply["meta"]
+    assert meta["steps"] and meta["citations"] and meta["outcome"] == "answered"
+    spoken = meta["spoken"]
+    assert not re.search(r"\d", spoken) and all(len(s) <= 40 for s in re.split(r"[。！？；]", spoken))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    args = parser.parse_args()
+    with httpx.Client(base_url=args.url, timeout=60) as client:
+        share, missed = goal_share(client, verbose=True)
+        print(f"goal reached without a person: {share:.0%} of {len(CONVERSATIONS)}")
+        for m in missed:
+            print("  missed:", m)
+        for name, turns in ESCALATIONS:
+            print(f"escalation {name}: {talk(client, turns)[-1]['meta']['outcome']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
