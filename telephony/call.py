@@ -43,6 +43,24 @@ class EndReason(str, enum.Enum):
     REJECTED = "rejected"
 
 
+class CallEvents:
+    """Where a media stream delivers audio frames and keys: nowhere until its call exists, then to the call.
+
+    The RTP socket is opened before the call (its port goes into the SDP); the user agent sets
+    ``call`` once the dialog is made, for incoming and outgoing calls alike."""
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+
+    def audio(self, frame: bytes) -> None:
+        if self.call is not None:
+            self.call._push_audio(frame)
+
+    def dtmf(self, digit: str) -> None:
+        if self.call is not None:
+            self.call._push_dtmf(digit)
+
+
 class Call:
     """One call. Created by the user agent; handlers use ``play``, ``stop_playback`` and ``hangup``."""
 

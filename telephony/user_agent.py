@@ -3,8 +3,16 @@
 Server side: INVITE (100 Trying, 180 Ringing, 200 OK with SDP answer retransmitted until ACK),
 ACK, BYE, CANCEL (487 for the pending INVITE), OPTIONS, INFO (dtmf-relay); 405/501 for the rest.
 Client side: its own BYE, routed through the dialog's route set and retransmitted until answered.
-Outbound calls (UAC INVITE, ACK, CANCEL): ``place_call`` in telephony/outbound.py (follow-up surveys).
+Outbound calls (UAC INVITE, ACK, CANCEL): ``place_call``, served by the :class:`OutboundCalls` this
+user agent owns (telephony/outbound.py, follow-up surveys), which reaches back only through the
+public endpoint methods below (``send``, ``resolve``, ``local_host``, ``contact``, ``via``, ``spawn``,
+``establish``).
 Responses follow the top Via (RFC 3261 18.2.2) with rport/received (RFC 3581).
+
+Dialogs: one :class:`telephony.dialog.Dialog` per call, made by ``Dialog.as_uas`` for an INVITE we
+answer and by ``Dialog.as_uac`` for a call we placed, kept in ``dialogs`` by Call-ID. Whatever the
+far end sends in a dialog (BYE, INFO, re-INVITE) and whatever we send in it (``request``: BYE) goes
+through the same code for both kinds of call.
 
 A call that fails in any way (cancelled before it was set up, refused, never acknowledged, media
 that cannot be sent, a bug) leaves no call, RTP socket or slot behind: ``_answer`` cleans up
@@ -22,13 +30,14 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Coroutine
 
-from . import outbound
-from .call import Call, CallState, EndReason
+from .call import Call, CallEvents, CallState, EndReason
+from .dialog import Dialog
 from .g711 import G711Codec
 from .handler import CallHandler
 from .media_stream import MediaStream
+from .outbound import OutboundCalls
 from .privacy import mask_number, mask_sip_text
-from .sdp import NotAcceptable, SdpError, SessionDescription, build_answer, negotiate, parse_sdp
+from .sdp import NotAcceptable, SdpError, build_answer, negotiate, parse_sdp
 from .sip_message import (
     Headers, SipParseError, SipRequest, SipResponse, build_response, new_branch, new_tag, parse_message,
     parse_name_addr, parse_uri, parse_via, reason_phrase,
@@ -87,22 +96,6 @@ class _InviteTransaction:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@dataclass
-class _Dialog:
-    call: Call
-    local_uri: str  # our To header value (with our tag), the From of our requests
-    remote_uri: str  # their From header value (with their tag)
-    remote_target: str  # their Contact URI
-    route_set: list[str]  # Record-Route values, in order
-    source: tuple[str, int]  # where their INVITE came from
-    local_cseq: int
-    invite_cseq: int
-    sdp_session_id: int
-    sdp_version: int
-    offer: SessionDescription | None = None
-    hangup_pending: bool = False
-
-
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))
@@ -131,7 +124,8 @@ class UserAgent(asyncio.DatagramProtocol):
             "received": 0, "dropped_oversized": 0, "dropped_unparseable": 0, "bad_request": 0,
             "retransmitted_responses": 0, "calls_answered": 0, "calls_rejected": 0,
         }
-        self._dialogs: dict[str, _Dialog] = {}
+        self.dialogs: dict[str, Dialog] = {}  # by Call-ID, incoming and outgoing calls alike
+        self.outbound = OutboundCalls(self)
         self._invites: dict[tuple[str, ...], _InviteTransaction] = {}
         self._invite_by_cseq: dict[tuple[str, int], _InviteTransaction] = {}
         self._completed: dict[tuple[str, ...], tuple[bytes, tuple[str, int]]] = {}
@@ -159,9 +153,9 @@ class UserAgent(asyncio.DatagramProtocol):
         """Hang up every call (BYE), wait briefly for the answers, and close."""
         byes = []
         for call in list(self.calls.values()):
-            dialog = self._dialogs.get(call.call_id)
+            dialog = self.dialogs.get(call.call_id)
             if call.state is CallState.CONFIRMED and dialog is not None:
-                byes.append(self._spawn(self._send_bye(dialog)))
+                byes.append(self.spawn(self.request(dialog, "BYE")))
             await self._end_call(call, EndReason.SHUTDOWN)
         if byes:
             await asyncio.wait(byes, timeout=2.0)
@@ -173,7 +167,7 @@ class UserAgent(asyncio.DatagramProtocol):
             self._transport.close()
             self._transport = None
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -208,11 +202,11 @@ class UserAgent(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         log.debug("SIP socket: %s", exc)
 
-    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._transport is not None:
             self._transport.sendto(data, addr)
 
-    def _local_host(self, toward: str | None = None) -> str:
+    def local_host(self, toward: str | None = None) -> str:
         if self.config.advertised_host:
             return self.config.advertised_host
         if self.config.host not in ("0.0.0.0", "::", ""):
@@ -224,8 +218,8 @@ class UserAgent(asyncio.DatagramProtocol):
             except OSError:
                 return "127.0.0.1"
 
-    def _contact(self, toward: str | None = None) -> str:
-        return f"<sip:xiaozhi@{self._local_host(toward)}:{self.port}>"
+    def contact(self, toward: str | None = None) -> str:
+        return f"<sip:xiaozhi@{self.local_host(toward)}:{self.port}>"
 
     # responses -------------------------------------------------------------------------------
     def _stamp_via(self, request: SipRequest, source: tuple[str, int]) -> SipRequest:
@@ -274,7 +268,7 @@ class UserAgent(asyncio.DatagramProtocol):
             extra.append(("allow", ", ".join(ALLOWED_METHODS)))
         response = build_response(request, status, extra=extra, **kwargs)
         data = response.to_bytes()
-        self._send(data, self._response_target(request.headers, source))
+        self.send(data, self._response_target(request.headers, source))
         if request.method not in ("INVITE", "ACK"):
             key = _transaction_key(request) + (request.method,)
             self._completed[key] = (data, source)
@@ -297,7 +291,7 @@ class UserAgent(asyncio.DatagramProtocol):
         response = build_response(None, 400, headers=error.headers, to_tag=new_tag(),
                                   reason=f"Bad Request ({error.reason})"[:100],
                                   extra=[("server", self.config.user_agent_name)])
-        self._send(response.to_bytes(), self._response_target(error.headers, source))
+        self.send(response.to_bytes(), self._response_target(error.headers, source))
 
     # requests --------------------------------------------------------------------------------
     def _on_request(self, request: SipRequest, source: tuple[str, int]) -> None:
@@ -312,12 +306,12 @@ class UserAgent(asyncio.DatagramProtocol):
             tx = self._invites[key]
             if tx.last_response is not None:  # a retransmitted INVITE: repeat our last answer
                 self.stats["retransmitted_responses"] += 1
-                self._send(tx.last_response, self._response_target(request.headers, source))
+                self.send(tx.last_response, self._response_target(request.headers, source))
             return
         cached = self._completed.get(key + (method,))
         if cached is not None:
             self.stats["retransmitted_responses"] += 1
-            self._send(cached[0], self._response_target(request.headers, source))
+            self.send(cached[0], self._response_target(request.headers, source))
             return
         if method == "CANCEL":
             self._on_cancel(request, source)
@@ -336,7 +330,7 @@ class UserAgent(asyncio.DatagramProtocol):
             self._on_bye(request, source)
         elif method == "OPTIONS":
             self._reply(request, source, 200, to_tag=None if request.to.tag else new_tag(),
-                        extra=[("accept", "application/sdp"), ("contact", self._contact(source[0]))])
+                        extra=[("accept", "application/sdp"), ("contact", self.contact(source[0]))])
         elif method == "INFO":
             self._on_info(request, source)
         elif method in KNOWN_NOT_ALLOWED:
@@ -344,11 +338,10 @@ class UserAgent(asyncio.DatagramProtocol):
         else:
             self._reply(request, source, 501, to_tag=None if request.to.tag else new_tag())
 
-    def _dialog_for(self, request: SipRequest) -> _Dialog | None:
-        dialog = self._dialogs.get(request.call_id)
-        if dialog is None:
-            return None
-        if request.to.tag != dialog.call.local_tag or request.from_.tag != dialog.call.remote_tag:
+    def _dialog_for(self, request: SipRequest) -> Dialog | None:
+        """The live dialog ``request`` belongs to, a call we answered or one we placed alike."""
+        dialog = self.dialogs.get(request.call_id)
+        if dialog is None or dialog.call is None or not dialog.matches(request):
             return None
         if dialog.call.state is CallState.ENDED:
             return None  # kept only so retransmissions are absorbed; new requests get 481
@@ -364,8 +357,8 @@ class UserAgent(asyncio.DatagramProtocol):
         self._invite_by_cseq[(request.call_id, request.cseq[0])] = tx
         trying = build_response(request, 100, extra=[("server", self.config.user_agent_name)]).to_bytes()
         tx.last_response = trying
-        self._send(trying, self._response_target(request.headers, source))
-        self._spawn(self._answer(tx, key))
+        self.send(trying, self._response_target(request.headers, source))
+        self.spawn(self._answer(tx, key))
 
     def _final(self, tx: _InviteTransaction, key: tuple[str, ...], status: int, *, to_tag: str,
                extra: list[tuple[str, str]] | None = None, body: bytes = b"") -> None:
@@ -375,8 +368,8 @@ class UserAgent(asyncio.DatagramProtocol):
                                   copy_record_route=200 <= status < 300)
         tx.final_status = status
         tx.last_response = response.to_bytes()
-        self._send(tx.last_response, self._response_target(tx.request.headers, tx.addr))
-        self._spawn(self._retransmit_final(tx, key))
+        self.send(tx.last_response, self._response_target(tx.request.headers, tx.addr))
+        self.spawn(self._retransmit_final(tx, key))
 
     async def _retransmit_final(self, tx: _InviteTransaction, key: tuple[str, ...]) -> None:
         t1, t2 = self.config.t1, self.config.t2
@@ -395,14 +388,14 @@ class UserAgent(asyncio.DatagramProtocol):
                         break
                     assert tx.last_response is not None
                     self.stats["retransmitted_responses"] += 1
-                    self._send(tx.last_response, self._response_target(tx.request.headers, tx.addr))
+                    self.send(tx.last_response, self._response_target(tx.request.headers, tx.addr))
                     waited += interval
                     interval = min(interval * 2, t2)
             if not tx.acked.is_set() and tx.final_status is not None and 200 <= tx.final_status < 300 and tx.call:
                 log.warning("call %s: no ACK for 200 OK after %.1f s, hanging up", tx.call.call_id[:8], 64 * t1)
-                dialog = self._dialogs.get(tx.call.call_id)
+                dialog = self.dialogs.get(tx.call.call_id)
                 if dialog is not None:
-                    self._spawn(self._send_bye(dialog))
+                    self.spawn(self.request(dialog, "BYE"))
                 await self._end_call(tx.call, EndReason.ACK_TIMEOUT)
         finally:
             # keep absorbing retransmitted INVITEs a little longer, then forget the transaction
@@ -440,7 +433,7 @@ class UserAgent(asyncio.DatagramProtocol):
             self.stats["calls_rejected"] += 1
             self._final(tx, key, 486, to_tag=local_tag)
             return
-        if request.call_id in self._dialogs:
+        if request.call_id in self.dialogs:
             self._final(tx, key, 482, to_tag=local_tag)  # a merged request (RFC 3261 8.2.2.2)
             return
         if not request.body:
@@ -481,12 +474,11 @@ class UserAgent(asyncio.DatagramProtocol):
                 pass
         dialled = ruri.user or to.uri.user
         codec = G711Codec(agreed.codec)
-        holder: dict[str, Call] = {}
+        events = CallEvents()
         media = MediaStream(
             codec=codec, dtmf_payload_type=agreed.dtmf_payload_type,
             remote=(agreed.remote_address, agreed.remote_port) if agreed.remote_address else None,
-            on_audio=lambda frame: holder["call"]._push_audio(frame) if holder else None,
-            on_dtmf=lambda digit: holder["call"]._push_dtmf(digit) if holder else None,
+            on_audio=events.audio, on_dtmf=events.dtmf,
             send_silence=self.config.send_silence, label=request.call_id[:8],
             confirmed=False, trusted_hosts=(source[0], agreed.remote_address or ""),
         )
@@ -511,26 +503,20 @@ class UserAgent(asyncio.DatagramProtocol):
             self._final(tx, key, 488, to_tag=local_tag,
                         extra=[("warning", '301 xiaozhi "Incompatible network address formats"')])
             return
-        call = Call(call_id=request.call_id, caller=caller, caller_display=from_.display, dialled=dialled,
-                    local_tag=local_tag, remote_tag=from_.tag or "", media=media, codec=agreed.codec,
-                    on_hangup=self._hangup_requested)
-        holder["call"] = call
+        dialog = Dialog.as_uas(request, local_tag, source, local_cseq=secrets.randbelow(10000) + 1,
+                               remote_target=str(remote_target))
+        dialog.sdp_session_id = secrets.randbelow(2**31)
+        dialog.offer = offer
+        call = self._adopt(dialog, media, events, caller=caller, caller_display=from_.display, dialled=dialled,
+                           codec=agreed.codec)
         tx.call = call  # from here on the call owns the socket: _end_call closes it
-        self.calls[call.call_id] = call
-        dialog = _Dialog(
-            call=call, local_uri=f"{request.headers.get('to')};tag={local_tag}", remote_uri=request.headers.get("from") or "",
-            remote_target=str(remote_target), route_set=request.headers.get_all("record-route"), source=source,
-            local_cseq=secrets.randbelow(10000) + 1, invite_cseq=request.cseq[0],
-            sdp_session_id=secrets.randbelow(2**31), sdp_version=1, offer=offer,
-        )
-        self._dialogs[call.call_id] = dialog
         log.info("call %s from %s to %s (%s%s)", call.call_id[:8], mask_number(caller), mask_number(dialled),
                  agreed.codec, ", telephone-event" if agreed.dtmf_payload_type is not None else "")
-        contact = ("contact", self._contact(source[0]))
+        contact = ("contact", self.contact(source[0]))
         ringing = build_response(request, 180, to_tag=local_tag, copy_record_route=True,
                                  extra=[contact, ("server", self.config.user_agent_name)]).to_bytes()
         tx.last_response = ringing
-        self._send(ringing, self._response_target(request.headers, source))
+        self.send(ringing, self._response_target(request.headers, source))
         if self.config.answer_delay_s > 0:
             try:
                 await asyncio.wait_for(tx.cancelled.wait(), self.config.answer_delay_s)
@@ -539,7 +525,7 @@ class UserAgent(asyncio.DatagramProtocol):
         if tx.cancelled.is_set() or call.state is CallState.ENDED:
             await self._end_call(call, EndReason.CANCELLED)  # a no-op when it has ended already
             return
-        host = self._local_host(source[0])
+        host = self.local_host(source[0])
         answer = build_answer(offer, agreed, address=host, port=rtp_port,
                               session_id=dialog.sdp_session_id, version=dialog.sdp_version)
         call.state = CallState.ANSWERED
@@ -547,7 +533,7 @@ class UserAgent(asyncio.DatagramProtocol):
         self._final(tx, key, 200, to_tag=local_tag, body=answer, extra=[
             contact, ("allow", ", ".join(ALLOWED_METHODS)), ("content-type", "application/sdp")])
         media.start()
-        self._spawn(self._watch_media(call))
+        self.spawn(self._watch_media(call))
 
     def _on_reinvite(self, request: SipRequest, source: tuple[str, int], key: tuple[str, ...]) -> None:
         """A mid-call INVITE (hold, session refresh, media change): answer with our current stream."""
@@ -563,16 +549,16 @@ class UserAgent(asyncio.DatagramProtocol):
         if offer is None:
             offer = dialog.offer  # no offer: repeat our current answer
         if offer is None or isinstance(offer, SdpError):
-            self._final(tx, key, 400, to_tag=call.local_tag)
+            self._final(tx, key, 400, to_tag=dialog.local_tag)
             return
         try:
             agreed = negotiate(offer)
         except NotAcceptable:
-            self._final(tx, key, 488, to_tag=call.local_tag)
+            self._final(tx, key, 488, to_tag=dialog.local_tag)
             return
         media = call.media
         if not media.can_reach(agreed.remote_address):
-            self._final(tx, key, 488, to_tag=call.local_tag,
+            self._final(tx, key, 488, to_tag=dialog.local_tag,
                         extra=[("warning", '301 xiaozhi "Incompatible network address formats"')])
             return
         media.codec = G711Codec(agreed.codec)
@@ -582,10 +568,10 @@ class UserAgent(asyncio.DatagramProtocol):
         call.codec = agreed.codec
         dialog.offer = offer
         dialog.sdp_version += 1
-        answer = build_answer(offer, agreed, address=self._local_host(source[0]), port=media.local_port or 0,
+        answer = build_answer(offer, agreed, address=self.local_host(source[0]), port=media.local_port or 0,
                               session_id=dialog.sdp_session_id, version=dialog.sdp_version)
-        self._final(tx, key, 200, to_tag=call.local_tag, body=answer,
-                    extra=[("contact", self._contact(source[0])), ("content-type", "application/sdp")])
+        self._final(tx, key, 200, to_tag=dialog.local_tag, body=answer,
+                    extra=[("contact", self.contact(source[0])), ("content-type", "application/sdp")])
 
     def _on_ack(self, request: SipRequest) -> None:
         try:
@@ -604,7 +590,7 @@ class UserAgent(asyncio.DatagramProtocol):
         call.media.confirm()  # the caller has our answer: media may go where its SDP says
         if call.state is CallState.ANSWERED:
             call._begin(self.handler)
-            dialog = self._dialogs.get(call.call_id)
+            dialog = self.dialogs.get(call.call_id)
             if dialog is not None and dialog.hangup_pending:
                 self._hangup_requested(call, EndReason.LOCAL_HANGUP)
 
@@ -622,7 +608,7 @@ class UserAgent(asyncio.DatagramProtocol):
         self._final(tx, key, 487, to_tag=call.local_tag if call else new_tag())
         if call is not None:
             log.info("call %s cancelled before answer", call.call_id[:8])
-            self._spawn(self._end_call(call, EndReason.CANCELLED))
+            self.spawn(self._end_call(call, EndReason.CANCELLED))
 
     def _on_bye(self, request: SipRequest, source: tuple[str, int]) -> None:
         dialog = self._dialog_for(request)
@@ -631,7 +617,7 @@ class UserAgent(asyncio.DatagramProtocol):
             return
         self._reply(request, source, 200)
         log.info("call %s: caller hung up", dialog.call.call_id[:8])
-        self._spawn(self._end_call(dialog.call, EndReason.REMOTE_HANGUP))
+        self.spawn(self._end_call(dialog.call, EndReason.REMOTE_HANGUP))
 
     def _on_info(self, request: SipRequest, source: tuple[str, int]) -> None:
         dialog = self._dialog_for(request)
@@ -655,20 +641,20 @@ class UserAgent(asyncio.DatagramProtocol):
 
     # ending calls ----------------------------------------------------------------------------
     def _hangup_requested(self, call: Call, reason: EndReason) -> None:
-        dialog = self._dialogs.get(call.call_id)
+        dialog = self.dialogs.get(call.call_id)
         if call.state is CallState.INCOMING:
             tx = self._invite_by_cseq.get((call.call_id, dialog.invite_cseq)) if dialog else None
             if tx is not None and tx.final_status is None:
                 tx.cancelled.set()
                 self._final(tx, _transaction_key(tx.request), 480, to_tag=call.local_tag)
-            self._spawn(self._end_call(call, EndReason.REJECTED))
+            self.spawn(self._end_call(call, EndReason.REJECTED))
             return
         if call.state is CallState.ANSWERED and dialog is not None:
             dialog.hangup_pending = True  # a UAS may not send BYE before the ACK (RFC 3261 15)
             return
         if call.state is CallState.CONFIRMED and dialog is not None:
-            self._spawn(self._send_bye(dialog))
-        self._spawn(self._end_call(call, reason))
+            self.spawn(self.request(dialog, "BYE"))
+        self.spawn(self._end_call(call, reason))
 
     async def _end_call(self, call: Call, reason: EndReason) -> None:
         if call.state is CallState.ENDED and call.call_id not in self.calls:
@@ -684,9 +670,9 @@ class UserAgent(asyncio.DatagramProtocol):
         await call._join()
 
     def _forget_dialog(self, call: Call) -> None:
-        dialog = self._dialogs.get(call.call_id)
+        dialog = self.dialogs.get(call.call_id)
         if dialog is not None and dialog.call is call:
-            del self._dialogs[call.call_id]
+            del self.dialogs[call.call_id]
 
     async def _watch_media(self, call: Call) -> None:
         timeout = self.config.rtp_timeout_s
@@ -699,51 +685,58 @@ class UserAgent(asyncio.DatagramProtocol):
             if call.state is CallState.CONFIRMED and call.media.receive_enabled and last is not None \
                     and loop.time() - last > timeout and call.media.remote is not None:
                 log.warning("call %s: no RTP for %.0f s, hanging up", call.call_id[:8], timeout)
-                dialog = self._dialogs.get(call.call_id)
+                dialog = self.dialogs.get(call.call_id)
                 if dialog is not None:
-                    self._spawn(self._send_bye(dialog))
+                    self.spawn(self.request(dialog, "BYE"))
                 await self._end_call(call, EndReason.RTP_TIMEOUT)
 
-    # our own requests (UAC) ------------------------------------------------------------------
-    async def _send_bye(self, dialog: _Dialog) -> int | None:
-        """Send BYE through the route set; return the final status, or None on timeout (64*T1)."""
-        dialog.local_cseq += 1
-        routes = list(dialog.route_set)
-        request_uri = dialog.remote_target
-        next_hop = dialog.remote_target
-        if routes:
-            first = parse_name_addr(routes[0])
-            if "lr" in first.uri.params:
-                next_hop = str(first.uri)
-            else:  # strict router (RFC 2543): it goes in the Request-URI
-                request_uri = str(first.uri)
-                next_hop = request_uri
-                routes = routes[1:] + [f"<{dialog.remote_target}>"]
+    # dialogs: calls we answered and calls we placed --------------------------------------------
+    def _adopt(self, dialog: Dialog, media: MediaStream, events: CallEvents, *, caller: str,
+               caller_display: str, dialled: str, codec: str) -> Call:
+        """Make the call of ``dialog`` and keep both: from here on requests in the dialog find it."""
+        call = Call(call_id=dialog.call_id, caller=caller, caller_display=caller_display, dialled=dialled,
+                    local_tag=dialog.local_tag, remote_tag=dialog.remote_tag, media=media, codec=codec,
+                    on_hangup=self._hangup_requested)
+        dialog.call = call
+        events.call = call
+        self.calls[call.call_id] = call
+        self.dialogs[call.call_id] = dialog
+        return call
+
+    def establish(self, dialog: Dialog, media: MediaStream, events: CallEvents, handler: CallHandler, *,
+                  caller: str, caller_display: str, dialled: str, codec: str) -> Call:
+        """A dialog we made as UAC (our 2xx ACK sent): its call is confirmed at once and served by ``handler``."""
+        call = self._adopt(dialog, media, events, caller=caller, caller_display=caller_display,
+                           dialled=dialled, codec=codec)
+        call.state = CallState.ANSWERED
+        call.answered_at = call.created_at
+        call._begin(handler)
+        self.spawn(self._watch_media(call))
+        return call
+
+    def via(self, toward: str | None, branch: str) -> str:
+        """The top Via of a request we send toward ``toward`` (rport asked for, RFC 3581)."""
+        return f"SIP/2.0/UDP {self.local_host(toward)}:{self.port};branch={branch};rport"
+
+    async def request(self, dialog: Dialog, method: str = "BYE") -> int | None:
+        """Send an in-dialog request (non-INVITE client transaction, RFC 3261 17.1.2) through the route
+        set; return the final status, or None when unanswered after 64*T1 (Timer F)."""
         branch = new_branch()
-        host = self._local_host(dialog.source[0])
-        headers = Headers()
-        headers.add("via", f"SIP/2.0/UDP {host}:{self.port};branch={branch};rport")
-        headers.add("max-forwards", "70")
-        for route in routes:
-            headers.add("route", route)
-        headers.add("from", dialog.local_uri)
-        headers.add("to", dialog.remote_uri)
-        headers.add("call-id", dialog.call.call_id)
-        headers.add("cseq", f"{dialog.local_cseq} BYE")
-        headers.add("user-agent", self.config.user_agent_name)
-        data = SipRequest("BYE", request_uri, headers).to_bytes()
-        target = await self._resolve(next_hop, dialog.source)
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        request = dialog.request(method, via=self.via(dialog.peer[0], branch),
+                                 extra=[("user-agent", self.config.user_agent_name)])
+        data = request.to_bytes()
+        target = await self.resolve(dialog.next_hop, dialog.peer)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
         self._client[branch] = future
         interval, t2 = self.config.t1, self.config.t2
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + 64 * self.config.t1
         try:
             while True:
-                self._send(data, target)
+                self.send(data, target)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    log.warning("call %s: BYE not answered", dialog.call.call_id[:8])
+                    log.warning("call %s: %s not answered", dialog.call_id[:8], method)
                     return None
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), min(interval, remaining))
@@ -752,7 +745,8 @@ class UserAgent(asyncio.DatagramProtocol):
         finally:
             self._client.pop(branch, None)
 
-    async def _resolve(self, uri_text: str, fallback: tuple[str, int]) -> tuple[str, int]:
+    async def resolve(self, uri_text: str, fallback: tuple[str, int]) -> tuple[str, int]:
+        """Where to send a request for ``uri_text`` (maddr, else the host: an IP or a name looked up)."""
         try:
             uri = parse_uri(uri_text)
         except ValueError:
@@ -772,16 +766,18 @@ class UserAgent(asyncio.DatagramProtocol):
             branch = parse_via(response.headers.get_all("via")[0]).branch or ""
         except (ValueError, IndexError):
             return
-        if outbound.on_response(self, response, branch):  # our own INVITEs (outbound calls)
+        if self.outbound.on_response(response, branch):  # our own INVITEs (outbound calls)
             return
         future = self._client.get(branch)
         if future is not None and response.status >= 200 and not future.done():
             future.set_result(response.status)
 
-    async def place_call(self, uri: str, handler: CallHandler | None = None, **options: Any) -> Call:
+    async def place_call(self, uri: str, handler: CallHandler | None = None, *, from_user: str = "xiaozhi",
+                         ring_timeout_s: float = 45.0, extra_headers: list[tuple[str, str]] | None = None) -> Call:
         """Call ``uri`` (a trunk or SIP URI) and return the confirmed call; its events go to ``handler``
         (default: this user agent's). Raises ``telephony.outbound.CallFailed``. See telephony/outbound.py."""
-        return await outbound.place_call(self, uri, handler or self.handler, **options)
+        return await self.outbound.place(uri, handler or self.handler, from_user=from_user,
+                                         ring_timeout_s=ring_timeout_s, extra_headers=extra_headers)
 
 
 __all__ = ["UserAgent", "UserAgentConfig", "reason_phrase"]
