@@ -14,6 +14,7 @@ from typing import Awaitable, Callable
 
 from telephony.call import Call
 from telephony.handler import CallHandler
+from telephony.user_agent import UserAgent
 from xiaozhi.hub.surveys import PHONE_NO_ANSWER, PHONE_QUESTION, PHONE_THANKS, Survey
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class PhoneSurveyCaller:
         self,
         uri_template: str,
         prompt: Callable[[str, str], Awaitable[bytes]],
-        user_agent: Callable[[], Awaitable[object]],
+        user_agent: Callable[[], Awaitable[UserAgent]],
         *,
         answer_timeout_s: float = 20.0,
         ring_timeout_s: float = 45.0,
@@ -74,7 +75,7 @@ class PhoneSurveyCaller:
         question = await self.prompt(PHONE_QUESTION, "survey_question")
         ua = await self.user_agent()
         handler = SurveyCallHandler(question)
-        call = await ua.place_call(  # type: ignore[attr-defined]
+        call = await ua.place_call(  # the user agent's public interface for outbound calls
             self.uri_for(survey),
             handler,
             from_user="yibao-survey",
