@@ -26,6 +26,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, delete, exists, func, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
+from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.store import Base, Store, aware, hash_token, utcnow
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,15 @@ class Accounts:
         session, user = row
         if session.revoked_at is not None or aware(session.expires_at) <= utcnow() or not user.active:
             return None
+        return user
+
+    async def staff_for_token(self, token: str | None) -> StaffUser:
+        """The logged-in staff user behind ``token``; 401 (login_required, invalid_token) otherwise."""
+        if not token:
+            raise ApiError(401, "login_required", "请先登录工作台。")
+        user = await self.user_for_token(token)
+        if user is None:
+            raise ApiError(401, "invalid_token", "登录已失效，请重新登录。")
         return user
 
     async def logout(self, token: str) -> None:

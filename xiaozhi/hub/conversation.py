@@ -1,5 +1,10 @@
 """The conversation core every channel uses: persist the resident's turn, ask the dialogue engine, persist
 and publish the replies. Channels (web chat, phone, video) differ only in the ``channel`` field.
+
+What others add to it is registered by the composition root (xiaozhi/hub/services.py) through the
+core's own hooks, never by replacing its methods: ``closed_hooks`` (awaited in order when a conversation
+closes), ``turn_observers`` (told each turn's duration and replies, or ``None`` when it failed) and
+``use_queue`` (the agent desk's enqueue, used by ``escalate``).
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Awaitable, Callable
@@ -101,10 +107,20 @@ class ConversationService:
         self._locks = KeyedLocks()
         self._subscribers: dict[str, set[asyncio.Queue]] = defaultdict(set)
         self._turns: set[asyncio.Task] = set()
-        # Awaited with (conversation, reason) when a conversation closes (follow-up surveys, analytics).
+        # Awaited in order with (conversation, reason) when a conversation closes (desk, surveys, metrics, video).
         self.closed_hooks: list[Callable[[Conversation, str], Awaitable[None]]] = []
-        # The agent desk (xiaozhi/hub/desk.py) when the hub runs one: escalate() queues through it.
-        self.desk = None
+        # Called with (conversation, seconds, the stored replies or None when the turn failed) after each turn.
+        self.turn_observers: list[Callable[[Conversation, float, list[Message] | None], None]] = []
+        # The agent desk's enqueue when the hub runs one (``use_queue``): escalate() queues through it.
+        self._enqueue: Callable[..., Awaitable[object]] | None = None
+
+    def knowledge_base(self) -> KnowledgeBase | None:
+        """The knowledge base serving now (None while it loads; a reload swaps it)."""
+        return self._kb()
+
+    def use_queue(self, enqueue: Callable[..., Awaitable[object]]) -> None:
+        """Escalations go to ``enqueue(conv, reason, **details)`` (the agent desk) instead of a bare queue row."""
+        self._enqueue = enqueue
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait for turns in progress to finish (shutdown): their replies are stored before the store closes."""
@@ -181,7 +197,21 @@ class ConversationService:
             turn = asyncio.create_task(self._handle(conv, text))
         self._turns.add(turn)
         turn.add_done_callback(self._turns.discard)
-        return await asyncio.shield(turn)
+        started = time.perf_counter()
+        try:
+            incoming, replies = await asyncio.shield(turn)
+        except Exception:
+            self._observe(conv, time.perf_counter() - started, None)
+            raise
+        self._observe(conv, time.perf_counter() - started, replies)
+        return incoming, replies
+
+    def _observe(self, conv: Conversation, seconds: float, replies: list[Message] | None) -> None:
+        for observer in list(self.turn_observers):
+            try:
+                observer(conv, seconds, replies)
+            except Exception:  # counting a turn must never fail it
+                log.exception("turn observer %r failed for conversation %s", observer, conv.id)
 
     async def _handle(self, conv: Conversation, text: str) -> tuple[Message, list[Message]]:
         # Committed (and echoed) at once, also while an earlier turn of this conversation still waits
@@ -292,8 +322,8 @@ class ConversationService:
 
     async def escalate(self, conv: Conversation, reason: str, **details) -> None:
         """Put the conversation in the agent queue (``details``: e.g. priority, topic, elderly)."""
-        if self.desk is not None:
-            await self.desk.enqueue(conv, reason, **details)
+        if self._enqueue is not None:
+            await self._enqueue(conv, reason, **details)
             return
         esc = await self.store.add_escalation(conv.id, conv.channel, reason)
         await self.store.update_conversation(conv.id, status="escalated")

@@ -277,8 +277,6 @@ class AgentDesk:
         self.canned = load_canned_responses()
         # called with (the item as it was, the time) when an agent takes an item (metrics: queue wait)
         self.claimed_hooks: list[Callable[[Escalation, dt.datetime], None]] = []
-        conversations.desk = self
-        conversations.closed_hooks.append(self._conversation_closed)
         # Queue changes and presence travel to every hub replica (xiaozhi/hub/bus.py).
         self.bus = conversations.bus
         self.bus.on("desk", self._desk_event)
@@ -402,7 +400,7 @@ class AgentDesk:
         self._changed()
         return esc
 
-    async def _conversation_closed(self, conv: Conversation, reason: str) -> None:
+    async def conversation_closed(self, conv: Conversation, reason: str) -> None:
         """A resident who leaves (hangs up) while waiting abandons the item; callbacks and held items stay."""
         async with self.store.sessions() as s, s.begin():
             result = await s.execute(

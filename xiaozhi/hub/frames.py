@@ -56,3 +56,8 @@ async def receive_json_frame(websocket: WebSocket, send, frame_limit: int, who: 
         await send({"type": "error", "error": "bad_message", "message": "消息格式有误，应为 JSON 对象。"})
         return None
     return payload
+
+
+async def refuse(websocket: WebSocket, exc) -> None:
+    """A socket whose token does not admit it (an ``ApiError``): closed before it is accepted, 4401 or 4403."""
+    await websocket.close(code=4401 if exc.status == 401 else 4403, reason=exc.code)

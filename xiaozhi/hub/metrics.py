@@ -6,7 +6,8 @@ an on-call person would set; deploy/grafana/xiaozhi.json draws them).
 * HTTP requests are timed by ``HttpMetricsMiddleware`` under their route *template*
   (``/api/sessions/{session_id}/messages``), never the raw path: ids would explode the label set and
   leak tokens. Requests no route matches share the label ``unmatched``.
-* Dialogue turns, outcomes and closes are counted around ``ConversationService`` (``instrument``);
+* Dialogue turns, outcomes and closes are counted by the conversation core's hooks (``turn``,
+  ``conversation_closed``, registered by the composition root, xiaozhi/hub/services.py);
   each closed conversation is classified as 精准分析 does at that moment (``analytics.classify``), so
   the dashboard's 自助解决率 needs no query of its own (surveys answered and repeat contacts come later:
   精准分析 refines those).
@@ -37,9 +38,8 @@ from xiaozhi.hub.store import Conversation, Escalation, aware, utcnow
 from xiaozhi.hub.surveys import Survey
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-    from xiaozhi.hub.conversation import ConversationService
+    from xiaozhi.hub.services import HubServices
+    from xiaozhi.hub.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,15 @@ class HubMetrics:
         self._task: asyncio.Task | None = None
 
     # -- what lives in memory: read at scrape time, no query -------------------------------------
-    def watch_app(self, app: FastAPI) -> None:
-        state = app.state
+    def watch(self, services: HubServices) -> None:
+        """Gauges read from the running services at scrape time (live calls, video sessions, shared limits)."""
 
         def live() -> list:
-            ua = getattr(getattr(state, "phone", None), "user_agent", None)
+            ua = getattr(services.phone, "user_agent", None)
             return [call.media.stats for call in list(ua.calls.values())] if ua is not None else []
 
         def calls() -> int:
-            ua = getattr(getattr(state, "phone", None), "user_agent", None)
+            ua = getattr(services.phone, "user_agent", None)
             return len(ua.calls) if ua is not None else 0
 
         def loss() -> float:
@@ -129,11 +129,10 @@ class HubMetrics:
             return lost / expected if expected else 0.0
 
         def video() -> int:
-            manager = getattr(state, "video", None)  # made on the first video request
-            return len(manager.sessions) if manager is not None else 0
+            return len(services.video.sessions) if services.video is not None else 0
 
         def shared() -> int:
-            limits = getattr(getattr(state, "limits", None), "shared", None)  # only with a Redis URL
+            limits = services.limits.shared  # only with a Redis URL
             return 1 if limits is not None and limits.redis_ok else 0
 
         self.active_calls.set_function(calls)
@@ -142,42 +141,31 @@ class HubMetrics:
         self.video_sessions.set_function(video)
         self.limits_shared.set_function(shared)
 
-    # -- events ----------------------------------------------------------------------------------
-    def instrument(self, service: ConversationService, *, low_confidence: float = 0.5) -> None:
-        """Count turns, outcomes and latency around ``ConversationService.handle`` (no change to its code),
-        and closes with how each conversation ended."""
-        handle = service.handle
+    # -- events (hooks the composition root registers) ---------------------------------------------
+    def turn(self, conv: Conversation, seconds: float, replies: list | None) -> None:
+        """A turn observer of the conversation core: latency, count and outcomes; ``None``: it failed."""
+        channel = conv.channel or "web"
+        if replies is None:
+            self.turn_failures.labels(channel).inc()
+            return
+        self.turn_latency.labels(channel).observe(seconds)
+        self.turns.labels(channel).inc()
+        for reply in replies:
+            self.outcomes.labels(channel, (reply.meta or {}).get("outcome") or "answered").inc()
 
-        async def timed(conv, text):
-            channel = conv.channel or "web"
-            started = time.perf_counter()
-            try:
-                incoming, replies = await handle(conv, text)
-            except Exception:
-                self.turn_failures.labels(channel).inc()
-                raise
-            self.turn_latency.labels(channel).observe(time.perf_counter() - started)
-            self.turns.labels(channel).inc()
-            for reply in replies:
-                self.outcomes.labels(channel, (reply.meta or {}).get("outcome") or "answered").inc()
-            return incoming, replies
-
-        service.handle = timed
-        store = service.store
-
-        async def on_closed(conv, reason):
-            channel = conv.channel or "web"
-            self.closed.labels(channel, reason[:32] or "unknown").inc()
-            self.kick()  # a waiting escalation may have been abandoned, a survey offered
-            # (hooks run in order: the desk has marked a waiting item abandoned by now)
-            async with store.sessions() as s:
-                escalations = list((await s.execute(
-                    select(Escalation).where(Escalation.conversation_id == conv.id))).scalars())
-            resolution = classify(conv, await store.transcript(conv.id), escalations, low_confidence=low_confidence)
-            if resolution.status in RESOLUTIONS:
-                self.resolutions.labels(channel, resolution.status).inc()
-
-        service.closed_hooks.append(on_closed)
+    async def conversation_closed(self, conv: Conversation, reason: str, *, store: Store,
+                                  low_confidence: float = 0.5) -> None:
+        """A closed hook (after the desk's and the surveys'): the close and how the conversation ended."""
+        channel = conv.channel or "web"
+        self.closed.labels(channel, reason[:32] or "unknown").inc()
+        self.kick()  # a waiting escalation may have been abandoned, a survey offered
+        # (hooks run in order: the desk has marked a waiting item abandoned by now)
+        async with store.sessions() as s:
+            escalations = list((await s.execute(
+                select(Escalation).where(Escalation.conversation_id == conv.id))).scalars())
+        resolution = classify(conv, await store.transcript(conv.id), escalations, low_confidence=low_confidence)
+        if resolution.status in RESOLUTIONS:
+            self.resolutions.labels(channel, resolution.status).inc()
 
     def claimed(self, item: Escalation, now: dt.datetime) -> None:
         """The desk's claim hook: ``item`` as it was before an agent took it."""
@@ -224,13 +212,9 @@ class HubMetrics:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), max(0.0, self.refresh_s - MIN_REFRESH_GAP_S))
 
-    async def start(self, app: FastAPI) -> None:
-        """At hub start, once the conversation service, desk and surveys exist (their hooks run first)."""
-        state = app.state
-        self.instrument(state.conversations, low_confidence=state.settings.kb_abstain_threshold)
-        state.desk.claimed_hooks.append(self.claimed)
-        state.conversations.bus.on("desk", lambda payload, _origin: payload.get("kind") == "changed" and self.kick())
-        self._task = asyncio.create_task(self._refresh_forever(state.store), name="metrics-gauges")
+    async def start(self, store: Store) -> None:
+        """The background count of the database-backed gauges."""
+        self._task = asyncio.create_task(self._refresh_forever(store), name="metrics-gauges")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -282,10 +266,6 @@ class HttpMetricsMiddleware:
                 time.perf_counter() - started)
 
 
-def install_metrics(app: FastAPI) -> HubMetrics:
-    """``app.state.metrics`` and the HTTP timing middleware (outside the ones added before it)."""
-    metrics = HubMetrics()
-    app.state.metrics = metrics
-    metrics.watch_app(app)
+def install_http_metrics(app, metrics: HubMetrics) -> None:
+    """The HTTP timing middleware (outside the ones added before it)."""
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, root=app)
-    return metrics

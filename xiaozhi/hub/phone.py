@@ -139,7 +139,7 @@ class PhoneService:
         self._legs: dict[str, AgentAudioLeg] = {}
         self.prerenderer = None  # telephony.tts.Prerenderer: prompts and answers rendered in the background
         # "您是想问…，对吗？" before answering a turn heard or retrieved unsurely (phone only)
-        self.confirmation = PhoneConfirmation(lambda: getattr(conversations._kb(), "answerer", None))
+        self.confirmation = PhoneConfirmation(lambda: getattr(conversations.knowledge_base(), "answerer", None))
         self._watch: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------

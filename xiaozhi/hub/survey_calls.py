@@ -110,11 +110,11 @@ class PhoneSurveyCaller:
             await self._close()
 
     @classmethod
-    def from_settings(cls, settings, app=None) -> "PhoneSurveyCaller":
+    def from_settings(cls, settings, phone=None, voice_metrics=None) -> "PhoneSurveyCaller":
         """Prompts in the hotline's voice: its synthesiser and prompt cache when the hotline runs
-        (app.state.phone), else the same configured voice built alike (``phone_voice``: espeak-ng, logged,
-        when Kokoro cannot load) and cached in the same place. Calls go out from the hotline's SIP
-        endpoint when it runs, else from one of its own."""
+        (``phone``, a PhoneService, once started), else the same configured voice built alike (``phone_voice``:
+        espeak-ng, logged, when Kokoro cannot load) and cached in the same place. Calls go out from the
+        hotline's SIP endpoint when it runs, else from one of its own."""
         from telephony.tts import PromptCache
         from telephony.user_agent import UserAgent, UserAgentConfig
         from xiaozhi.hub.phone import phone_voice
@@ -122,16 +122,16 @@ class PhoneSurveyCaller:
         cache: dict[str, object] = {}
 
         async def prompt(text: str, name: str) -> bytes:
-            bot = getattr(getattr(app.state, "phone", None), "bot", None) if app is not None else None
+            bot = getattr(phone, "bot", None)
             prompts = bot.prompts if bot is not None else cache.get("prompts")
             if prompts is None:
                 synth = await asyncio.to_thread(phone_voice, settings)
-                metrics = getattr(getattr(app.state, "metrics", None), "voice", None) if app is not None else None
-                prompts = cache["prompts"] = PromptCache(synth, settings.cache_dir / "tts", prompts={}, metrics=metrics)
+                prompts = cache["prompts"] = PromptCache(synth, settings.cache_dir / "tts", prompts={},
+                                                         metrics=voice_metrics)
             return await asyncio.to_thread(prompts.get_text, text, name=name)  # type: ignore[attr-defined]
 
         async def user_agent():
-            phone_ua = getattr(getattr(app.state, "phone", None), "user_agent", None) if app is not None else None
+            phone_ua = getattr(phone, "user_agent", None)
             if phone_ua is not None:
                 return phone_ua
             if "ua" not in cache:

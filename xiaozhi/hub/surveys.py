@@ -164,6 +164,33 @@ class SurveyService:
         self.publish = publish
         self.clock = clock
         self._calls: set[asyncio.Task] = set()
+        self._poller: asyncio.Task | None = None
+
+    @classmethod
+    def from_settings(cls, settings, store: Store, *, phone_caller: PhoneCaller | None = None,
+                      publish: Callable[[str, dict], None] | None = None) -> "SurveyService":
+        """The hub's survey service; bad quiet hours are logged and the default window used (chat still serves)."""
+        try:
+            policy = SurveyPolicy.from_settings(settings)
+        except ValueError as exc:
+            policy = SurveyPolicy()
+            log.error("XIAOZHI_SURVEY_QUIET_HOURS ignored (%s); using 21:00-08:30", exc)
+        return cls(store, policy, phone_caller=phone_caller, publish=publish)
+
+    def start(self, poll_interval_s: float) -> None:
+        """The phone follow-up poller (none when ``poll_interval_s`` is 0)."""
+        if poll_interval_s > 0 and self._poller is None:
+            self._poller = asyncio.create_task(self.poll_forever(poll_interval_s), name="survey-poller")
+
+    async def stop(self) -> None:
+        """The poller stopped and waited for; the phone caller's own SIP endpoint (if any) closed."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        close = getattr(self.phone_caller, "close", None)
+        if close is not None:
+            await close()
 
     # -- scheduling ---------------------------------------------------------------------------
     async def on_closed(self, conv: Conversation, reason: str) -> None:
@@ -357,45 +384,3 @@ class SurveyService:
             except Exception:
                 log.exception("survey scheduler round failed")
             await asyncio.sleep(interval_s)
-
-
-def start_surveys(app, settings) -> asyncio.Task | None:
-    """Called in the hub's lifespan once ``app.state.conversations`` exists: the survey service, its
-    closed hook, and (when a trunk is configured) the phone follow-up poller. Returns the poller."""
-    conversations = app.state.conversations
-    caller = None
-    if settings.survey_sip_uri:
-        from xiaozhi.hub.survey_calls import PhoneSurveyCaller
-
-        try:
-            caller = PhoneSurveyCaller.from_settings(settings, app)
-        except ValueError as exc:  # a bad URI must not keep the hub from serving chat
-            log.error("phone follow-up surveys disabled: XIAOZHI_SURVEY_SIP_URI %s", exc)
-    try:
-        policy = SurveyPolicy.from_settings(settings)
-    except ValueError as exc:
-        policy = SurveyPolicy()
-        log.error("XIAOZHI_SURVEY_QUIET_HOURS ignored (%s); using 21:00-08:30", exc)
-    app.state.surveys = SurveyService(
-        app.state.store,
-        policy,
-        phone_caller=caller,
-        # the conversation's WebSocket subscribers see the survey at once
-        publish=conversations.publish,
-    )
-    conversations.closed_hooks.append(app.state.surveys.on_closed)
-    if settings.survey_poll_interval_s > 0:
-        return asyncio.create_task(app.state.surveys.poll_forever(settings.survey_poll_interval_s))
-    return None
-
-
-async def stop_surveys(app, task: asyncio.Task | None) -> None:
-    if task is not None:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-    caller = getattr(getattr(app.state, "surveys", None), "phone_caller", None)
-    if caller is not None and hasattr(caller, "close"):
-        await caller.close()

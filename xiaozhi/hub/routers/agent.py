@@ -13,18 +13,18 @@ from typing import Annotated, Literal
 
 import anyio
 import anyio.abc
-from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from xiaozhi.hub.accounts import Role, StaffUser
+from xiaozhi.hub.channels.live import Following
 from xiaozhi.hub.conversation import message_out
-from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS, AgentDesk
+from xiaozhi.hub.deps import AgentUser, ClientAddress, Desk, KnowledgeBase, StaffAccounts, services_of
+from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS
 from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.frames import close_if_open, receive_json_frame
-from xiaozhi.hub.routers.knowledge import search_loaded
-from xiaozhi.hub.routers.staff import client_address, require_role, staff_for_token
+from xiaozhi.hub.frames import close_if_open, receive_json_frame, refuse
 from xiaozhi.hub.schemas import MessageText
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,9 @@ AGENT_PAGE = Path(__file__).resolve().parent.parent / "static" / "agent" / "inde
 # login each time: a logged-out agent's socket closes within this many seconds at most.
 QUEUE_REFRESH_S = 15.0
 
-Agent = Annotated[StaffUser, Depends(require_role(Role.agent))]
+Agent = AgentUser
 # Queue ids are database integers: anything outside them is a 422, not an overflow deep in the driver.
 ItemId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
-
-
-def desk(request: Request) -> AgentDesk:
-    return request.app.state.desk
 
 
 class TextIn(BaseModel):
@@ -64,16 +60,14 @@ class CloseIn(BaseModel):
     end_conversation: bool = Field(False, description="Also end the resident's conversation (e.g. hang up).")
 
 
-async def _act(request: Request, user: StaffUser, action: str, item, detail: dict | None = None) -> None:
-    await request.app.state.accounts.audit(
-        user, action, item.conversation_id, {"item": item.id, **(detail or {})}, client=client_address(request)
-    )
+async def _act(accounts: StaffAccounts, client: str, user: StaffUser, action: str, item,
+               detail: dict | None = None) -> None:
+    await accounts.audit(user, action, item.conversation_id, {"item": item.id, **(detail or {})}, client=client)
 
 
 @router.get("/config")
-async def config(request: Request, user: Agent) -> dict:
+async def config(user: Agent, d: Desk) -> dict:
     """What the console needs to draw itself: who is logged in, labels, dispositions, SLA, service hours."""
-    d = desk(request)
     return {
         "user": {"username": user.username, "display_name": user.display_name, "role": user.role,
                  "skills": list(user.skills or [])},
@@ -88,12 +82,11 @@ async def config(request: Request, user: Agent) -> dict:
 
 @router.get("/queue")
 async def queue(
-    request: Request,
+    d: Desk,
     user: Agent,
     status: Annotated[Literal["open", "waiting", "claimed", "callback", "closed"], Query()] = "open",
 ) -> dict:
     """Items this user may see: agents their skills' open items and their own; supervisors everything."""
-    d = desk(request)
     statuses = OPEN_STATUSES if status == "open" else (status,)
     return {
         "items": await d.queue_for(user, statuses),
@@ -104,71 +97,74 @@ async def queue(
 
 
 @router.get("/queue/{item_id}")
-async def item_detail(item_id: ItemId, request: Request, user: Agent) -> dict:
+async def item_detail(item_id: ItemId, user: Agent, d: Desk, accounts: StaffAccounts, client: ClientAddress) -> dict:
     """The item, a summary of what the resident wanted and the full transcript."""
-    d = desk(request)
     item = await d.visible_item(user, item_id)
-    await _act(request, user, "queue.view", item)
+    await _act(accounts, client, user, "queue.view", item)
     return await d.detail(item)
 
 
 @router.post("/queue/{item_id}/claim")
-async def claim(item_id: ItemId, request: Request, user: Agent) -> dict:
-    item = await desk(request).claim(user, item_id)
-    await _act(request, user, "queue.claim", item)
-    return await desk(request).detail(item)
+async def claim(item_id: ItemId, user: Agent, d: Desk, accounts: StaffAccounts, client: ClientAddress) -> dict:
+    item = await d.claim(user, item_id)
+    await _act(accounts, client, user, "queue.claim", item)
+    return await d.detail(item)
 
 
 @router.post("/queue/{item_id}/transfer")
-async def transfer(item_id: ItemId, body: TransferIn, request: Request, user: Agent) -> dict:
+async def transfer(item_id: ItemId, body: TransferIn, user: Agent, d: Desk, accounts: StaffAccounts,
+                   client: ClientAddress) -> dict:
     if not body.to_agent and body.topic is None and not body.note.strip():
         raise ApiError(422, "transfer_target", "请选择转给哪位工作人员，或者转回队列时写明备注。")
-    item = await desk(request).transfer(user, item_id, to_agent=body.to_agent, topic=body.topic, note=body.note)
+    item = await d.transfer(user, item_id, to_agent=body.to_agent, topic=body.topic, note=body.note)
     detail = {"to_agent": body.to_agent or "", "topic": body.topic or "", "note": bool(body.note.strip())}
-    await _act(request, user, "queue.transfer", item, detail)
-    return {"item": desk(request).item_out(item)}
+    await _act(accounts, client, user, "queue.transfer", item, detail)
+    return {"item": d.item_out(item)}
 
 
 @router.post("/queue/{item_id}/release")
-async def release(item_id: ItemId, request: Request, user: Agent, body: ReleaseIn | None = None) -> dict:
+async def release(item_id: ItemId, user: Agent, d: Desk, accounts: StaffAccounts, client: ClientAddress,
+                  body: ReleaseIn | None = None) -> dict:
     note = body.note if body else ""
-    item = await desk(request).release(user, item_id, note)
-    await _act(request, user, "queue.release", item)
-    return {"item": desk(request).item_out(item)}
+    item = await d.release(user, item_id, note)
+    await _act(accounts, client, user, "queue.release", item)
+    return {"item": d.item_out(item)}
 
 
 @router.post("/queue/{item_id}/close")
-async def close(item_id: ItemId, body: CloseIn, request: Request, user: Agent) -> dict:
-    item = await desk(request).close(user, item_id, body.disposition, body.note, end_conversation=body.end_conversation)
+async def close(item_id: ItemId, body: CloseIn, user: Agent, d: Desk, accounts: StaffAccounts,
+                client: ClientAddress) -> dict:
+    item = await d.close(user, item_id, body.disposition, body.note, end_conversation=body.end_conversation)
     detail = {"disposition": body.disposition, "end_conversation": body.end_conversation}
-    await _act(request, user, "queue.close", item, detail)
-    return {"item": desk(request).item_out(item)}
+    await _act(accounts, client, user, "queue.close", item, detail)
+    return {"item": d.item_out(item)}
 
 
 @router.post("/queue/{item_id}/messages", status_code=201)
-async def say(item_id: ItemId, body: TextIn, request: Request, user: Agent) -> dict:
+async def say(item_id: ItemId, body: TextIn, user: Agent, d: Desk, accounts: StaffAccounts,
+              client: ClientAddress) -> dict:
     """Send a message to the resident (only the agent holding the item, or a supervisor)."""
-    item, msg = await desk(request).say(user, item_id, body.text)
-    await _act(request, user, "queue.message", item, {"chars": len(body.text)})
+    item, msg = await d.say(user, item_id, body.text)
+    await _act(accounts, client, user, "queue.message", item, {"chars": len(body.text)})
     return {"message": message_out(msg)}
 
 
 @router.get("/canned")
-async def canned(request: Request, _: Agent) -> dict:
+async def canned(d: Desk, _: Agent) -> dict:
     """Canned responses (xiaozhi/hub/canned_responses.yaml)."""
-    return {"responses": desk(request).canned}
+    return {"responses": d.canned}
 
 
 @router.get("/kb/search")
 async def kb_search(
-    request: Request,
+    kb: KnowledgeBase,
     _: Agent,
     q: Annotated[str, Query(min_length=1, max_length=500)],
     region: Annotated[str | None, Query(pattern=r"^\d{6}$")] = None,
     k: Annotated[int, Query(ge=1, le=10)] = 5,
 ) -> dict:
     """Knowledge-base search for the console: ranked entries with their answers, steps and sources."""
-    result = await search_loaded(request, q, region, k)
+    result = await asyncio.to_thread(kb.search, q, region=region, k=k)
     return {
         "confidence": round(result.confidence, 3),
         "abstain": result.abstain,
@@ -193,22 +189,20 @@ async def agent_socket(websocket: WebSocket, token: str | None = None) -> None:
     15 s), ``{"type": "message", "conversation_id", "message"}`` for conversations this agent holds,
     ``{"type": "closed", "conversation_id"}``. Send ``{"type": "ping"}`` to get a pong.
     """
-    app = websocket.app
+    services = services_of(websocket)
     try:
-        user = await staff_for_token(app, token)
+        user = await services.accounts.staff_for_token(token)
     except ApiError as exc:
-        await websocket.close(code=4401, reason=exc.code)
+        await refuse(websocket, exc)
         return
     if not user.role_enum.at_least(Role.agent):
         await websocket.close(code=4403, reason="forbidden")
         return
     await websocket.accept()
-    d: AgentDesk = app.state.desk
-    conversations = app.state.conversations
+    d, conversations = services.desk, services.conversations
     changes = d.watch()
     d.agent_online(user.username)
-    # conversation id -> (its subscription queue, the cancel scope of the task forwarding it)
-    held: dict[str, tuple[asyncio.Queue, anyio.CancelScope]] = {}
+    held: dict[str, Following] = {}  # the conversations this agent holds, each forwarded to the socket
     send_lock = anyio.Lock()
     gone = (WebSocketDisconnect, RuntimeError, anyio.ClosedResourceError, anyio.BrokenResourceError)
 
@@ -216,24 +210,20 @@ async def agent_socket(websocket: WebSocket, token: str | None = None) -> None:
         async with send_lock:
             await websocket.send_json(payload)
 
-    async def forward(conversation_id: str, queue: asyncio.Queue, scope: anyio.CancelScope) -> None:
-        with scope:
-            while True:
-                event = await queue.get()
-                await send({**event, "conversation_id": conversation_id})
+    def labelled(conversation_id: str):
+        async def forward(event: dict) -> None:
+            await send({**event, "conversation_id": conversation_id})
 
-    def follow_held(items: list[dict], tg: anyio.abc.TaskGroup) -> None:
+        return forward
+
+    def follow_held(items: list[dict]) -> None:
         """Subscribe to the conversations this agent holds now; drop the ones it no longer holds."""
         holding = {i["conversation_id"] for i in items if i["status"] == "claimed" and i["agent"] == user.username}
         for conversation_id in list(held):
             if conversation_id not in holding:
-                queue, scope = held.pop(conversation_id)
-                scope.cancel()
-                conversations.unsubscribe(conversation_id, queue)
+                held.pop(conversation_id).stop()
         for conversation_id in holding - set(held):
-            queue, scope = conversations.subscribe(conversation_id), anyio.CancelScope()
-            held[conversation_id] = (queue, scope)
-            tg.start_soon(forward, conversation_id, queue, scope)
+            held[conversation_id] = Following(conversations, conversation_id, labelled(conversation_id)).start()
 
     async def push_queue(tg: anyio.abc.TaskGroup) -> None:
         nonlocal user
@@ -241,20 +231,20 @@ async def agent_socket(websocket: WebSocket, token: str | None = None) -> None:
             # Never cancelled half-way through a database query (the agent leaving cancels this task):
             # an abandoned query would leave its connection mid-transaction.
             with anyio.CancelScope(shield=True):
-                fresh = await app.state.accounts.user_for_token(token)
+                fresh = await services.accounts.user_for_token(token)
                 items = await d.queue_for(fresh) if fresh is not None else []
             if fresh is None:  # logged out, expired or disabled: the socket goes too
                 await websocket.close(code=4401, reason="invalid_token")
                 tg.cancel_scope.cancel()
                 return
             user = fresh
-            follow_held(items, tg)
+            follow_held(items)
             await send({"type": "queue", "items": items, "online": d.online, "in_service": d.in_service()})
             with anyio.move_on_after(QUEUE_REFRESH_S):
                 await changes.get()
 
     async def receive(tg: anyio.abc.TaskGroup) -> None:
-        frame_limit = app.state.settings.ws_max_frame_bytes
+        frame_limit = services.settings.ws_max_frame_bytes
         while True:
             payload = await receive_json_frame(websocket, send, frame_limit, f"agent {user.username}")
             if payload is None:
@@ -289,8 +279,8 @@ async def agent_socket(websocket: WebSocket, token: str | None = None) -> None:
         await close_if_open(websocket, 1011, "internal_error")
         d.unwatch(changes)
         d.agent_offline(user.username)
-        for conversation_id, (queue, _) in list(held.items()):
-            conversations.unsubscribe(conversation_id, queue)
+        for following in held.values():
+            following.stop()
 
 
 @page_router.get("/agent")

@@ -10,13 +10,12 @@ import secrets
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, Response
 
 from xiaozhi.hub import analytics
-from xiaozhi.hub.accounts import Role, StaffUser
+from xiaozhi.hub.deps import Bearer, ClientAddress, HubStore, MaybeKnowledgeBase, Services, SupervisorUser
 from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.routers.staff import bearer_token, client_address, require_role
 from xiaozhi.hub.surveys import LOCAL_TZ
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ def _range(date_from: str | None, date_to: str | None) -> analytics.Range:
         raise ApiError(422, "invalid_date_range", msg) from None
 
 
-Supervisor = Annotated[StaffUser, Depends(require_role(Role.supervisor))]
 DateFrom = Annotated[str | None, Query(alias="from", description="First day, YYYY-MM-DD (Asia/Shanghai)")]
 DateTo = Annotated[str | None, Query(alias="to", description="Last day, YYYY-MM-DD (inclusive)")]
 RegionQ = Annotated[str | None, Query(pattern=r"^\d{6}$")]
@@ -47,39 +45,38 @@ class Selection:
 
     def __init__(
         self,
-        request: Request,
+        store: HubStore,
         date_from: DateFrom = None,
         date_to: DateTo = None,
         region: RegionQ = None,
         channel: ChannelQ = None,
     ) -> None:
-        self.request = request
+        self.store = store
         self.range = _range(date_from, date_to)
         self.region = region
         self.channel = channel
 
     async def load(self) -> dict:
-        store = self.request.app.state.store
-        return await analytics.load(store, self.range, region=self.region, channel=self.channel)
+        return await analytics.load(self.store, self.range, region=self.region, channel=self.channel)
 
 
 @router.get("/api/staff/analytics")
-async def summary(request: Request, user: Supervisor, selection: Annotated[Selection, Depends()]) -> dict:
+async def summary(hub: Services, user: SupervisorUser, selection: Annotated[Selection, Depends()]) -> dict:
     data = await selection.load()
     return await asyncio.to_thread(
         analytics.compute,
         data,
         selection.range,
-        low_confidence=request.app.state.settings.kb_abstain_threshold,
-        knowledge_base=request.app.state.knowledge_base,
+        low_confidence=hub.settings.kb_abstain_threshold,
+        knowledge_base=hub.knowledge_base,
     )
 
 
 @router.get("/api/staff/analytics/regions")
-async def regions(request: Request, user: Supervisor) -> dict:
+async def regions(store: HubStore, kb: MaybeKnowledgeBase, user: SupervisorUser) -> dict:
     """The regions the region filter offers (knowledge-base regions and regions conversations came
     from), each with its GB/T 2260 code and Chinese name."""
-    items = await analytics.region_options(request.app.state.store, request.app.state.knowledge_base)
+    items = await analytics.region_options(store, kb)
     return {"regions": items}
 
 
@@ -88,19 +85,20 @@ async def regions(request: Request, user: Supervisor) -> dict:
     response_class=Response,
     responses={200: {"content": {"text/csv": {}}, "description": "Masked conversations, one row each (UTF-8 with BOM)."}},
 )
-async def export_csv(request: Request, user: Supervisor, selection: Annotated[Selection, Depends()]) -> Response:
+async def export_csv(hub: Services, user: SupervisorUser, selection: Annotated[Selection, Depends()],
+                     client: ClientAddress) -> Response:
     data = await selection.load()
     rng, region, channel = selection.range, selection.region, selection.channel
-    await request.app.state.accounts.audit(
+    await hub.accounts.audit(
         user,
         "analytics.export",
         f"{rng.first_day}..{rng.last_day}",
         {"region": region, "channel": channel, "rows": len(data["conversations"])},
-        client=client_address(request),
+        client=client,
     )
     name = f"xiaozhi-conversations-{rng.first_day}-{rng.last_day}.csv"
     return Response(
-        analytics.conversations_csv(data, low_confidence=request.app.state.settings.kb_abstain_threshold),
+        analytics.conversations_csv(data, low_confidence=hub.settings.kb_abstain_threshold),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
@@ -117,19 +115,19 @@ async def page() -> FileResponse:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format."}},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(hub: Services, token: Bearer) -> Response:
     """Prometheus text format: HTTP, turns, outcomes, latency, queue, speech, RTP, process (docs/operations.md).
 
     With ``XIAOZHI_METRICS_TOKEN`` set, only a scraper presenting it as a bearer token gets them."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    expected = request.app.state.settings.metrics_token
+    expected = hub.settings.metrics_token
     expected = expected.get_secret_value() if expected is not None else ""
     if expected:
-        given = bearer_token(request.headers.get("authorization")) or ""
+        given = token or ""
         if not secrets.compare_digest(given.encode(), expected.encode()):
             log.info("/metrics refused: no or wrong bearer token")
             raise ApiError(401, "metrics_token_required", "需要监控令牌。")
 
     # no database query here: the gauges are cached (xiaozhi/hub/metrics.py)
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)

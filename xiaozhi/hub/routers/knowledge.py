@@ -5,26 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from xiaozhi.hub.deps import KnowledgeBase, MaybeKnowledgeBase
 from xiaozhi.hub.errors import ApiError
 
 router = APIRouter(prefix="/api/kb", tags=["knowledge base"])
-
-
-def loaded(request: Request):
-    """The hub's knowledge base; 503 while it is still loading."""
-    kb = request.app.state.knowledge_base
-    if kb is None:
-        raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
-    return kb
-
-
-async def search_loaded(request: Request, q: str, region: str | None, k: int):
-    """The hub's knowledge base searched off the event loop; 503 while it is still loading."""
-    kb = loaded(request)
-    return await asyncio.to_thread(kb.search, q, region=region, k=k)
 
 
 class AnswerRequest(BaseModel):
@@ -36,14 +23,13 @@ class AnswerRequest(BaseModel):
 
 
 @router.post("/answer")
-async def answer(request: Request, body: AnswerRequest) -> dict:
+async def answer(body: AnswerRequest, kb: KnowledgeBase) -> dict:
     """The answer to the question asked: the knowledge point first, related questions, citation, spoken form.
 
     What the Rasa action server calls for every informational question (knowledge_base/answers.py).
     """
     from knowledge_base.answers import Context
 
-    kb = loaded(request)
     if kb.answerer is None:
         raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
     context = Context(region=body.region, last_outcome=body.last_outcome, deployment_region=kb.default_region)
@@ -53,12 +39,11 @@ async def answer(request: Request, body: AnswerRequest) -> dict:
 
 @router.get("/more/{entry_id}")
 async def more(
-    request: Request,
+    kb: KnowledgeBase,
     entry_id: str,
     region: Annotated[str | None, Query(pattern=r"^\d{6}$")] = None,
 ) -> dict:
     """The whole entry behind a precise answer ("详细说说"): its full answer, steps and citation."""
-    kb = loaded(request)
     reply = kb.answerer.more(entry_id, region) if kb.answerer is not None else None
     if reply is None:
         raise ApiError(404, "entry_not_found", "没有找到这条政策。")
@@ -67,12 +52,12 @@ async def more(
 
 @router.get("/search")
 async def search(
-    request: Request,
+    kb: KnowledgeBase,
     q: Annotated[str, Query(min_length=1, max_length=500, description="The question")],
     region: Annotated[str | None, Query(pattern=r"^\d{6}$")] = None,
     k: Annotated[int, Query(ge=1, le=20)] = 5,
 ) -> dict:
-    result = await search_loaded(request, q, region, k)
+    result = await asyncio.to_thread(kb.search, q, region=region, k=k)
     out = result.as_dict()
     if result.best is not None:
         entry = result.best.entry
@@ -89,11 +74,10 @@ async def search(
 
 @router.get("/entries/{entry_id}")
 async def entry(
-    request: Request,
+    kb: MaybeKnowledgeBase,
     entry_id: str,
     region: Annotated[str | None, Query(pattern=r"^\d{6}$", description="Return the local entry that applies")] = None,
 ) -> dict:
-    kb = request.app.state.knowledge_base
     found = kb.entry(entry_id, region) if kb is not None else None
     if found is None:
         raise ApiError(404, "entry_not_found", "没有找到这条政策。")

@@ -1,7 +1,7 @@
 """Staff login, logout, who-am-I, account administration and the audit log.
 
-Other routers protect their endpoints with ``Depends(require_role(Role.agent))`` (or supervisor,
-admin); a resident's conversation token is never accepted here.
+Other routers protect their endpoints with the role dependencies of xiaozhi/hub/deps.py (``AgentUser``,
+``SupervisorUser``, ``AdminUser``); a resident's conversation token is never accepted here.
 """
 
 from __future__ import annotations
@@ -10,57 +10,16 @@ import datetime as dt
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field, field_validator
 
-from xiaozhi.hub.accounts import Accounts, LoginRejected, Role, StaffUser, UserExists
+from xiaozhi.hub.accounts import LoginRejected, Role, StaffUser, UserExists
+from xiaozhi.hub.deps import AdminUser, Bearer, ClientAddress, CurrentStaff, Services, StaffAccounts
 from xiaozhi.hub.errors import ApiError
 from xiaozhi.hub.store import aware
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/staff", tags=["staff"])
-
-
-def accounts(request: Request) -> Accounts:
-    return request.app.state.accounts
-
-
-def client_address(request: Request) -> str:
-    return request.client.host if request.client else ""
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip() or None
-    return None
-
-
-async def staff_for_token(app, token: str | None) -> StaffUser:
-    """The logged-in staff user behind ``token`` (also used by WebSocket endpoints)."""
-    if not token:
-        raise ApiError(401, "login_required", "请先登录工作台。")
-    user = await app.state.accounts.user_for_token(token)
-    if user is None:
-        raise ApiError(401, "invalid_token", "登录已失效，请重新登录。")
-    return user
-
-
-async def current_staff(request: Request, authorization: Annotated[str | None, Header()] = None) -> StaffUser:
-    user = await staff_for_token(request.app, bearer_token(authorization))
-    request.state.staff = user
-    return user
-
-
-def require_role(minimum: Role):
-    """A dependency that admits logged-in staff whose role is at least ``minimum``."""
-
-    async def dependency(user: Annotated[StaffUser, Depends(current_staff)]) -> StaffUser:
-        if not user.role_enum.at_least(minimum):
-            raise ApiError(403, "forbidden", "您的账号没有这项操作的权限。")
-        return user
-
-    dependency.__name__ = f"require_{minimum.value}"
-    return dependency
 
 
 class LoginIn(BaseModel):
@@ -108,83 +67,64 @@ class UserUpdate(BaseModel):
     skills: list[str] | None = Field(None, max_length=20)
 
 
-def _recheck_agent_sockets(request: Request) -> None:
-    """Open agent-desk sockets re-check their login at once, so a dead login gets nothing more."""
-    desk = getattr(request.app.state, "desk", None)
-    if desk is not None:
-        desk.recheck_logins()
-
-
 @router.post("/login", response_model=LoginOut)
-async def login(body: LoginIn, request: Request) -> LoginOut:
+async def login(body: LoginIn, accounts: StaffAccounts, client: ClientAddress) -> LoginOut:
     try:
-        user, token, expires = await accounts(request).login(body.username, body.password, client_address(request))
+        user, token, expires = await accounts.login(body.username, body.password, client)
     except LoginRejected as exc:
-        log.info("staff login rejected for %r from %s: %s", body.username, client_address(request), exc.reason)
-        await accounts(request).audit(body.username, f"login.{exc.reason}", client=client_address(request))
+        log.info("staff login rejected for %r from %s: %s", body.username, client, exc.reason)
+        await accounts.audit(body.username, f"login.{exc.reason}", client=client)
         if exc.reason == "locked":
             raise ApiError(429, "too_many_attempts", "登录失败次数过多，请15分钟后再试。") from None
         if exc.reason == "throttled":
             raise ApiError(429, "too_many_attempts", "这个账号近期登录失败次数过多，请稍等一分钟再试。") from None
         raise ApiError(401, "bad_credentials", "用户名或密码不正确。") from None
-    await accounts(request).audit(user, "login", client=client_address(request))
+    await accounts.audit(user, "login", client=client)
     return LoginOut(token=token, expires_at=expires, user=StaffOut.of(user))
 
 
 @router.post("/logout", status_code=204)
-async def logout(
-    request: Request,
-    user: Annotated[StaffUser, Depends(current_staff)],
-    authorization: Annotated[str | None, Header()] = None,
-) -> None:
-    await accounts(request).logout(bearer_token(authorization) or "")
-    _recheck_agent_sockets(request)
-    await accounts(request).audit(user, "logout", client=client_address(request))
+async def logout(user: CurrentStaff, token: Bearer, hub: Services, client: ClientAddress) -> None:
+    await hub.accounts.logout(token or "")
+    hub.desk.recheck_logins()  # open agent-desk sockets re-check their login at once: a dead login gets nothing more
+    await hub.accounts.audit(user, "logout", client=client)
 
 
 @router.get("/me", response_model=StaffOut)
-async def me(user: Annotated[StaffUser, Depends(current_staff)]) -> StaffOut:
+async def me(user: CurrentStaff) -> StaffOut:
     return StaffOut.of(user)
 
 
 @router.get("/users", response_model=list[StaffOut])
-async def list_users(request: Request, admin: Annotated[StaffUser, Depends(require_role(Role.admin))]) -> list[StaffOut]:
-    users = await accounts(request).list_users()
-    await accounts(request).audit(admin, "user.list", "", {"count": len(users)}, client=client_address(request))
+async def list_users(admin: AdminUser, accounts: StaffAccounts, client: ClientAddress) -> list[StaffOut]:
+    users = await accounts.list_users()
+    await accounts.audit(admin, "user.list", "", {"count": len(users)}, client=client)
     return [StaffOut.of(u) for u in users]
 
 
 @router.post("/users", response_model=StaffOut, status_code=201)
-async def create_user(
-    body: UserCreate, request: Request, admin: Annotated[StaffUser, Depends(require_role(Role.admin))]
-) -> StaffOut:
+async def create_user(body: UserCreate, admin: AdminUser, accounts: StaffAccounts, client: ClientAddress) -> StaffOut:
     try:
-        user = await accounts(request).create_user(
+        user = await accounts.create_user(
             body.username, body.password, body.role, display_name=body.display_name, skills=body.skills
         )
     except UserExists:  # also when the name differs only in case ("Admin" beside "admin")
         raise ApiError(409, "user_exists", "这个用户名已经存在（用户名不区分大小写）。") from None
-    await accounts(request).audit(
-        admin, "user.create", body.username, {"role": body.role.value}, client=client_address(request)
-    )
+    await accounts.audit(admin, "user.create", body.username, {"role": body.role.value}, client=client)
     return StaffOut.of(user)
 
 
 @router.patch("/users/{username}", response_model=StaffOut)
-async def update_user(
-    username: str,
-    body: UserUpdate,
-    request: Request,
-    admin: Annotated[StaffUser, Depends(require_role(Role.admin))],
-) -> StaffOut:
-    user = await accounts(request).update_user(username, **body.model_dump(exclude_none=True))
+async def update_user(username: str, body: UserUpdate, admin: AdminUser, hub: Services,
+                      client: ClientAddress) -> StaffOut:
+    user = await hub.accounts.update_user(username, **body.model_dump(exclude_none=True))
     if user is None:
         raise ApiError(404, "not_found", "没有这个用户。")
-    _recheck_agent_sockets(request)
+    hub.desk.recheck_logins()
     changes = body.model_dump(exclude_none=True)
     if "password" in changes:
         changes["password"] = "changed"
-    await accounts(request).audit(admin, "user.update", username, changes, client=client_address(request))
+    await hub.accounts.audit(admin, "user.update", username, changes, client=client)
     return StaffOut.of(user)
 
 
@@ -206,16 +146,15 @@ class AuditOut(BaseModel):
 
 @router.get("/audit", response_model=list[AuditOut])
 async def audit_log(
-    request: Request,
-    admin: Annotated[StaffUser, Depends(require_role(Role.admin))],
+    admin: AdminUser,
+    accounts: StaffAccounts,
+    client: ClientAddress,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     actor: str | None = None,
 ) -> list[AuditOut]:
-    entries = await accounts(request).audit_log(limit, actor)
+    entries = await accounts.audit_log(limit, actor)
     # Reading the audit log is itself recorded (after the read, so the answer does not show it).
-    await accounts(request).audit(
-        admin, "audit.read", actor or "", {"limit": limit, "count": len(entries)}, client=client_address(request)
-    )
+    await accounts.audit(admin, "audit.read", actor or "", {"limit": limit, "count": len(entries)}, client=client)
     return [
         AuditOut(at=e.at, actor=e.actor, role=e.role, action=e.action, target=e.target, detail=e.detail, client=e.client)
         for e in entries

@@ -7,18 +7,14 @@ POST /api/sessions/{id}/close   the resident ends the conversation (runs the clo
 
 from __future__ import annotations
 
-import logging
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.routers.chat import resident_conversation
-from xiaozhi.hub.store import Conversation
-from xiaozhi.hub.surveys import SurveyError, SurveyService, survey_out
+from fastapi import APIRouter
 
-log = logging.getLogger(__name__)
+from xiaozhi.hub.deps import Conversations, ResidentConversation, Surveys
+from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.surveys import SurveyError, survey_out
+
 router = APIRouter(prefix="/api/sessions", tags=["surveys"])
 
 
@@ -27,21 +23,15 @@ class SurveyAnswer(BaseModel):
     comment: str | None = Field(None, max_length=500, description="Optional; personal numbers are masked.")
 
 
-def surveys(request: Request) -> SurveyService:
-    return request.app.state.surveys
-
-
 @router.get("/{session_id}/survey")
-async def get_survey(request: Request, conv: Annotated[Conversation, Depends(resident_conversation)]) -> dict:
-    return {"survey": survey_out(await surveys(request).for_conversation(conv.id))}
+async def get_survey(conv: ResidentConversation, surveys: Surveys) -> dict:
+    return {"survey": survey_out(await surveys.for_conversation(conv.id))}
 
 
 @router.post("/{session_id}/survey")
-async def answer_survey(
-    body: SurveyAnswer, request: Request, conv: Annotated[Conversation, Depends(resident_conversation)]
-) -> dict:
+async def answer_survey(body: SurveyAnswer, conv: ResidentConversation, surveys: Surveys) -> dict:
     try:
-        survey = await surveys(request).answer(conv.id, body.rating, body.comment or "", via="chat")
+        survey = await surveys.answer(conv.id, body.rating, body.comment or "", via="chat")
     except SurveyError as exc:
         status = {"no_survey": 404, "invalid_rating": 422}.get(exc.code, 409)
         raise ApiError(status, exc.code, exc.message) from None
@@ -49,6 +39,6 @@ async def answer_survey(
 
 
 @router.post("/{session_id}/close")
-async def close_conversation(request: Request, conv: Annotated[Conversation, Depends(resident_conversation)]) -> dict:
-    await request.app.state.conversations.close(conv, "resident_ended")
-    return {"status": "closed", "survey": survey_out(await surveys(request).for_conversation(conv.id))}
+async def close_conversation(conv: ResidentConversation, conversations: Conversations, surveys: Surveys) -> dict:
+    await conversations.close(conv, "resident_ended")
+    return {"status": "closed", "survey": survey_out(await surveys.for_conversation(conv.id))}

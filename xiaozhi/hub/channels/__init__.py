@@ -1,0 +1,8 @@
+"""Channels: each turns its medium into the conversation core's calls (xiaozhi/hub/conversation.py).
+
+- ``chat``: web chat over a WebSocket (HTTP turns are the chat router's; both call ``handle``)
+- ``phone``: the SIP hotline (telephony/ implements the medium; ``PhoneService`` is its DialogueBackend)
+  and the outbound follow-up survey calls
+- ``video``: WebRTC video help and the agent's bridge into a phone call
+- ``live``: the one loop that forwards a conversation's live events to a WebSocket
+"""
