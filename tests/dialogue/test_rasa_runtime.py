@@ -1,86 +1,11 @@
-"""The Rasa processes' jsonschema speed-up validates exactly like jsonschema itself."""
+"""Rasa's runtime besides the patches (tests/dialogue/test_rasa_patches.py): the caching tracker store, on
+SQLite and on PostgreSQL, and the API token sitecustomize hands to `rasa run`."""
 
 import subprocess
 
-from tests.support import REPO
+from tests.support.rasa_venv import run_in_rasa
 from xiaozhi.rasa_model import rasa_environment
 from xiaozhi.settings import Settings
-
-CHECK = """
-import jsonschema, sitecustomize
-assert jsonschema.validate is sitecustomize.validate
-from rasa.core.actions.action import RemoteAction
-from rasa.utils.endpoints import EndpointConfig
-action = RemoteAction("action_answer_from_kb", EndpointConfig("http://127.0.0.1:1"))
-assert action._validate_action_result({"events": [], "responses": [{"text": "好的"}]})
-for bad in ({"events": "not a list"}, {"responses": [{"text": 1}], "events": [{"event": 3}]}):
-    try:
-        action._validate_action_result(bad)
-    except jsonschema.ValidationError:
-        pass
-    else:
-        raise AssertionError(f"accepted {bad}")
-print("ok")
-"""
-
-
-def test_rasa_validates_action_results_with_the_cached_validator():
-    settings = Settings()
-    proc = subprocess.run(
-        [str(settings.rasa_venv / "bin" / "python"), "-c", CHECK],
-        cwd=REPO, env=rasa_environment(settings), capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-
-
-CHANNEL_CHECK = """
-import sqlalchemy
-from rasa.shared.core import events
-from rasa.shared.core.domain import Domain
-from rasa.shared.core.trackers import DialogueStateTracker
-from rasa.shared.utils.common import all_subclasses
-import xiaozhi_channel
-
-# Every event type resolves to the same class as Rasa's own lookup, twice (second time cached).
-for _ in range(2):
-    for cls in all_subclasses(events.Event):
-        assert events.Event.resolve_by_type(cls.type_name) is xiaozhi_channel._original_resolve_by_type(cls.type_name)
-assert events.Event.resolve_by_type("no_such_event", events.ActionExecuted) is events.ActionExecuted
-try:
-    events.Event.resolve_by_type("no_such_event")
-except ValueError:
-    pass
-else:
-    raise AssertionError("an unknown event type resolved")
-evts = events.deserialise_events([{"event": "slot", "name": "region", "value": "330100"},
-                                  {"event": "user", "text": "你好", "parse_data": {"intent": {"name": "greet", "confidence": 0.97}}}])
-assert [type(e) for e in evts] == [events.SlotSet, events.UserUttered]
-
-domain = Domain.from_yaml('''
-version: "3.1"
-intents: [greet]
-slots:
-  region: {type: text, mappings: [{type: custom}]}
-''')
-tracker = DialogueStateTracker.from_events("s1", evts, slots=domain.slots)
-assert xiaozhi_channel.summarise(tracker) == {"intent": "greet", "confidence": 0.97, "slots": {"region": "330100"}, "paused": False}
-
-engine = sqlalchemy.create_engine("sqlite:///" + __import__("tempfile").mkdtemp() + "/t.db")
-with engine.connect() as conn:
-    assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-    assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
-print("ok")
-"""
-
-
-def test_the_hub_channel_resolves_events_summarises_turns_and_opens_sqlite_in_wal_mode():
-    settings = Settings()
-    proc = subprocess.run(
-        [str(settings.rasa_venv / "bin" / "python"), "-c", CHANNEL_CHECK],
-        cwd=REPO, env=rasa_environment(settings), capture_output=True, text=True, timeout=180,
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-
 
 STORE_CHECK = r"""
 import asyncio, json, sys, tempfile
@@ -170,6 +95,14 @@ async def main():
     assert len(fresh.events) < len(t.events)
     await a.save(fresh)
 
+    if not URL:  # SQLite: the store's own connections commit in WAL mode without an fsync each
+        with a.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        other = sqlalchemy.create_engine("sqlite:///" + tempfile.mkdtemp() + "/other.db")
+        with other.connect() as conn:  # and nobody else's engine is touched
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "delete"
+
     # Least recently used conversations leave the cache.
     small = store(cache_size=2)
     for s in ("x1", "x2", "x3"):
@@ -196,105 +129,15 @@ asyncio.run(main())
 """
 
 
-def _run_in_rasa(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    settings = Settings()
-    return subprocess.run(
-        [str(settings.rasa_venv / "bin" / "python"), "-c", code, *args],
-        cwd=REPO, env={**rasa_environment(settings), **(env or {})}, capture_output=True, text=True, timeout=180,
-    )
-
-
 def test_the_tracker_store_keeps_each_conversation_between_turns_and_stays_correct_on_sqlite(tmp_path):
-    proc = _run_in_rasa(STORE_CHECK, env={"XIAOZHI_RASA_TRACKER_DB": str(tmp_path / "rasa.db")})
+    proc = run_in_rasa(STORE_CHECK, env={"XIAOZHI_RASA_TRACKER_DB": str(tmp_path / "rasa.db")})
     assert proc.returncode == 0 and proc.stdout.strip().startswith("ok"), proc.stderr[-3000:]
-
-
-ACTION_JSON_CHECK = """
-import asyncio, json
-import xiaozhi_channel
-from rasa.utils.endpoints import EndpointConfig
-
-async def main():
-    session = EndpointConfig("http://127.0.0.1:1").session()
-    try:
-        assert session.json_serialize is xiaozhi_channel.dumps
-    finally:
-        await session.close()
-    state = {"sender_id": "s1", "slots": {"region": "330100"}, "latest_message": {"text": "异地就医/备案", "intent": {"confidence": 0.93}},
-             "events": [{"event": "user", "timestamp": 1700000000.123456, "text": "你好"}], "n": None, "ok": True}
-    text = xiaozhi_channel.dumps(state)
-    assert json.loads(text) == state and "异地就医/备案" in text
-    assert xiaozhi_channel.dumps(float("nan")) == "NaN"
-    try:
-        xiaozhi_channel.dumps({"bad": {1, 2}})
-    except TypeError:
-        pass
-    else:
-        raise AssertionError("a set was encoded")
-    print("ok")
-
-asyncio.run(main())
-"""
-
-
-def test_action_calls_are_encoded_with_ujson_to_the_same_json():
-    proc = _run_in_rasa(ACTION_JSON_CHECK)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_the_tracker_store_stays_correct_with_two_rasa_replicas_on_postgresql(postgres, tmp_path):
     """As deployed (deploy/rasa/endpoints.yml): several Rasa replicas, one PostgreSQL."""
     url = postgres.create_database().replace("postgresql+asyncpg://", "postgresql://")
-    proc = _run_in_rasa(STORE_CHECK, url, env={"XIAOZHI_RASA_TRACKER_DB": str(tmp_path / "rasa.db")})
-    assert proc.returncode == 0 and proc.stdout.strip().startswith("ok"), proc.stderr[-3000:]
-
-
-ACTION_CALL_CHECK = """
-import xiaozhi_channel
-from rasa.core.actions.action import RemoteAction
-from rasa.shared.core.domain import Domain
-from rasa.shared.core.events import ActionExecuted, BotUttered, SlotSet, UserUttered
-from rasa.shared.core.trackers import DialogueStateTracker
-from rasa.utils.endpoints import EndpointConfig
-
-domain = Domain.from_yaml('''
-version: "3.1"
-intents: [greet, ask_e_voucher]
-slots:
-  region: {type: text, mappings: [{type: custom}]}
-''')
-events = [ActionExecuted("action_listen")]
-for i in range(30):  # a long conversation
-    events += [UserUttered(f"第{i}个问题", {"name": "greet", "confidence": 0.9}), BotUttered("您好" * 50),
-               ActionExecuted("action_listen")]
-events += [UserUttered("医保电子凭证怎么激活", {"name": "ask_e_voucher", "confidence": 0.95}),
-           SlotSet("region", "330100"), ActionExecuted("ev_form")]
-tracker = DialogueStateTracker.from_events("s1", events, slots=domain.slots)
-action = RemoteAction("action_answer_from_kb", EndpointConfig("http://127.0.0.1:1"))
-sent = RemoteAction._action_call_format(action, tracker, domain)
-full = xiaozhi_channel._original_action_call_format(action, tracker, domain)
-# Everything but the events is what Rasa sends; the events are the current turn's, in order.
-assert {k: v for k, v in sent.items() if k != "tracker"} == {k: v for k, v in full.items() if k != "tracker"}
-assert {k: v for k, v in sent["tracker"].items() if k != "events"} == {k: v for k, v in full["tracker"].items() if k != "events"}
-assert sent["tracker"]["events"] == full["tracker"]["events"][-3:]
-assert [e["event"] for e in sent["tracker"]["events"]] == ["user", "slot", "action"]
-assert sent["tracker"]["latest_message"]["text"] == "医保电子凭证怎么激活" and sent["tracker"]["slots"]["region"] == "330100"
-# What the SDK reads from it: the latest intent and the freshly set slots.
-from rasa_sdk import Tracker
-sdk = Tracker.from_dict(sent["tracker"])
-assert sdk.latest_message["intent"]["name"] == "ask_e_voucher" and sdk.get_slot("region") == "330100"
-form_turn = DialogueStateTracker.from_events("s3", events[:-1], slots=domain.slots)  # ends with a slot candidate
-assert Tracker.from_dict(RemoteAction._action_call_format(action, form_turn, domain)["tracker"]).slots_to_validate() == {"region": "330100"}
-# No resident message yet (a session start): everything is sent.
-start = DialogueStateTracker.from_events("s2", [ActionExecuted("action_session_start")], slots=domain.slots)
-assert RemoteAction._action_call_format(action, start, domain)["tracker"]["events"] == \\
-    xiaozhi_channel._original_action_call_format(action, start, domain)["tracker"]["events"]
-print("ok", len(str(full)), len(str(sent)))
-"""
-
-
-def test_action_calls_carry_the_current_turn_and_everything_else_rasa_sends():
-    proc = _run_in_rasa(ACTION_CALL_CHECK)
+    proc = run_in_rasa(STORE_CHECK, url, env={"XIAOZHI_RASA_TRACKER_DB": str(tmp_path / "rasa.db")})
     assert proc.returncode == 0 and proc.stdout.strip().startswith("ok"), proc.stderr[-3000:]
 
 
