@@ -28,7 +28,7 @@ def rasa_environment(settings: Settings) -> dict[str, str]:
         RASA_TELEMETRY_ENABLED="false",
         TF_CPP_MIN_LOG_LEVEL="2",
         SQLALCHEMY_SILENCE_UBER_WARNING="1",
-        # The repo for `bot.actions`; bot/rasa_runtime for its sitecustomize (a validation speed-up).
+        # The repo for `bot.actions`; bot/rasa_runtime for the channel, tracker store, patches, sitecustomize.
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "bot" / "rasa_runtime"), str(REPO_ROOT)]),
         SANIC_HOST=settings.host,  # rasa_sdk's action server listens on 0.0.0.0 unless told
         # DIET is small: TensorFlow's default thread pools only contend with the hub for the cores.
