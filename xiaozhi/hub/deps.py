@@ -36,32 +36,14 @@ def services_of(connection: HTTPConnection) -> HubServices:
 Services = Annotated[HubServices, Depends(services_of)]
 
 
-def _settings(connection: HTTPConnection) -> Settings:
-    return services_of(connection).settings
+def _service(name: str):
+    """A dependency returning the running service ``name`` of the composition root."""
 
+    def dependency(connection: HTTPConnection):
+        return getattr(services_of(connection), name)
 
-def _store(connection: HTTPConnection) -> Store:
-    return services_of(connection).store
-
-
-def _conversations(connection: HTTPConnection) -> ConversationService:
-    return services_of(connection).conversations
-
-
-def _accounts(connection: HTTPConnection) -> Accounts:
-    return services_of(connection).accounts
-
-
-def _desk(connection: HTTPConnection) -> AgentDesk:
-    return services_of(connection).desk
-
-
-def _surveys(connection: HTTPConnection) -> SurveyService:
-    return services_of(connection).surveys
-
-
-def _video(connection: HTTPConnection) -> VideoChannel:
-    return services_of(connection).video
+    dependency.__name__ = f"hub_{name}"
+    return dependency
 
 
 def loaded_knowledge_base(connection: HTTPConnection):
@@ -72,20 +54,15 @@ def loaded_knowledge_base(connection: HTTPConnection):
     return kb
 
 
-def _knowledge_base(connection: HTTPConnection):
-    """The knowledge base, or None while it loads."""
-    return services_of(connection).knowledge_base
-
-
-HubSettings = Annotated[Settings, Depends(_settings)]
-HubStore = Annotated[Store, Depends(_store)]
-Conversations = Annotated[ConversationService, Depends(_conversations)]
-StaffAccounts = Annotated[Accounts, Depends(_accounts)]
-Desk = Annotated[AgentDesk, Depends(_desk)]
-Surveys = Annotated[SurveyService, Depends(_surveys)]
-Video = Annotated[VideoChannel, Depends(_video)]
-KnowledgeBase = Annotated[object, Depends(loaded_knowledge_base)]
-MaybeKnowledgeBase = Annotated[object, Depends(_knowledge_base)]
+HubSettings = Annotated[Settings, Depends(_service("settings"))]
+HubStore = Annotated[Store, Depends(_service("store"))]
+Conversations = Annotated[ConversationService, Depends(_service("conversations"))]
+StaffAccounts = Annotated[Accounts, Depends(_service("accounts"))]
+Desk = Annotated[AgentDesk, Depends(_service("desk"))]
+Surveys = Annotated[SurveyService, Depends(_service("surveys"))]
+Video = Annotated[VideoChannel, Depends(_service("video"))]
+KnowledgeBase = Annotated[object, Depends(loaded_knowledge_base)]  # 503 while it loads
+MaybeKnowledgeBase = Annotated[object, Depends(_service("knowledge_base"))]  # None while it loads
 
 
 # -- who is asking --------------------------------------------------------------------------------
