@@ -16,8 +16,8 @@ an incoming call.
 INVITE client transaction (RFC 3261 17.1.1): retransmitted from T1 doubling until a provisional
 response; a non-2xx final is ACKed in the transaction (same branch); a 2xx is ACKed end to end
 (new branch, to the Contact, through the reversed Record-Route set: ``Dialog.request("ACK")``) and
-that ACK is repeated for every retransmitted 2xx. The SDP offer carries PCMU, PCMA and
-telephone-event/8000.
+that ACK is repeated for every retransmitted 2xx. The SDP offer (``sdp.build_offer``) carries PCMU,
+PCMA and telephone-event/8000.
 """
 
 from __future__ import annotations
@@ -34,12 +34,10 @@ from .g711 import G711Codec
 from .handler import CallHandler
 from .media_stream import MediaStream
 from .privacy import mask_number
-from .sdp import NotAcceptable, SdpError, negotiate, parse_sdp, session_lines
+from .sdp import OFFER_DTMF_PAYLOAD_TYPE, NotAcceptable, SdpError, build_offer, negotiate, parse_sdp
 from .sip_message import Headers, SipRequest, SipResponse, new_branch, new_tag, parse_uri
 
 log = logging.getLogger("telephony.sip")
-
-DTMF_PAYLOAD_TYPE = 101
 
 
 class CallFailed(Exception):
@@ -90,19 +88,6 @@ class _OutgoingInvite:
     final: asyncio.Future | None = None
     ack: bytes | None = None  # the ACK for a 2xx, repeated for retransmitted 2xx
     ack_target: tuple[str, int] | None = None
-
-
-def build_offer(*, address: str, port: int, session_id: int, version: int = 1) -> bytes:
-    lines = session_lines(address=address, session_id=session_id, version=version) + [
-        f"m=audio {port} RTP/AVP 0 8 {DTMF_PAYLOAD_TYPE}",
-        "a=rtpmap:0 PCMU/8000",
-        "a=rtpmap:8 PCMA/8000",
-        f"a=rtpmap:{DTMF_PAYLOAD_TYPE} telephone-event/8000",
-        f"a=fmtp:{DTMF_PAYLOAD_TYPE} 0-16",
-        "a=ptime:20",
-        "a=sendrecv",
-    ]
-    return ("\r\n".join(lines) + "\r\n").encode()
 
 
 def _in_transaction(method: str, invite: SipRequest, to_value: str) -> SipRequest:
@@ -165,7 +150,7 @@ class OutboundCalls:
         call_id = f"{secrets.token_hex(12)}@{host}"
         events = CallEvents()
         media = MediaStream(
-            codec=G711Codec("PCMU"), dtmf_payload_type=DTMF_PAYLOAD_TYPE, remote=None,
+            codec=G711Codec("PCMU"), dtmf_payload_type=OFFER_DTMF_PAYLOAD_TYPE, remote=None,
             on_audio=events.audio, on_dtmf=events.dtmf, send_silence=ep.config.send_silence, label=call_id[:8],
         )
         try:
@@ -280,4 +265,4 @@ class OutboundCalls:
                             dialled=dialled, codec=agreed.codec)
 
 
-__all__ = ["CallFailed", "Endpoint", "EndReason", "OutboundCalls", "build_offer"]
+__all__ = ["CallFailed", "Endpoint", "EndReason", "OutboundCalls"]

@@ -1,7 +1,8 @@
 """SDP offer/answer (RFC 4566, RFC 3264) for one G.711 audio stream plus RFC 4733 telephone-event.
 
 ``parse_sdp`` never raises; ``negotiate`` picks PCMU or PCMA in the offerer's order of preference;
-``build_answer`` mirrors every offered m= line, accepting the first usable audio one.
+``build_answer`` mirrors every offered m= line, accepting the first usable audio one; ``build_offer``
+is our offer when we place a call (PCMU, PCMA, telephone-event).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ _STATIC_PT = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 3: ("GSM", 8000), 4: ("G723"
               13: ("CN", 8000), 18: ("G729", 8000)}
 _DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 MAX_SDP_BYTES = 16384
+OFFER_DTMF_PAYLOAD_TYPE = 101  # telephone-event in our own offers
 
 
 @dataclass
@@ -187,6 +189,16 @@ def session_lines(*, address: str, session_id: int, version: int) -> list[str]:
         f"c=IN {ip_kind} {address}",
         "t=0 0",
     ]
+
+
+def build_offer(*, address: str, port: int, session_id: int, version: int = 1) -> bytes:
+    """Our offer for a call we place: PCMU, then PCMA, and telephone-event/8000, sendrecv."""
+    pt = OFFER_DTMF_PAYLOAD_TYPE
+    lines = session_lines(address=address, session_id=session_id, version=version) + [
+        f"m=audio {port} RTP/AVP 0 8 {pt}", "a=rtpmap:0 PCMU/8000", "a=rtpmap:8 PCMA/8000",
+        f"a=rtpmap:{pt} telephone-event/8000", f"a=fmtp:{pt} 0-16", "a=ptime:20", "a=sendrecv",
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode()
 
 
 def build_answer(offer: SessionDescription, agreed: Negotiated, *, address: str, port: int,
