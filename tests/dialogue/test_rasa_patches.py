@@ -384,8 +384,8 @@ def test_rasa_run_patches_itself_once_and_the_channel_answers_with_what_it_under
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             try:
-                # /status answers once the model is loaded; the channel's own route answers earlier.
-                if httpx.get(f"http://127.0.0.1:{port}/status", timeout=2).status_code in (200, 401, 403):
+                # Rasa listens once the model is loaded (its before_server_start listener).
+                if httpx.get(f"{url}/", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
