@@ -22,7 +22,6 @@ from tests.support.netns import run_in_netns
 from tests.support.video_clients import Peer, an_offer, relay_counts
 
 from video.ice import rtc_configuration
-from xiaozhi.hub.routers import video as video_router
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -100,7 +99,7 @@ def test_chat_conversation_moves_to_video_and_is_queued_once_its_media_connects(
     with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT count(*) FROM escalations WHERE conversation_id=?", (session_id,)).fetchone() == (0,)
     # what the resident's peer reports when it connects (its offer here has no live peer behind it)
-    video_hub.portal.call(video_router._on_event, video_hub.app, session_id,
+    video_hub.portal.call(video_hub.app.state.video.on_event, session_id,
                           {"type": "video", "event": "resident_connected", "user": ""})
     with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT channel, status FROM escalations WHERE conversation_id=?", (session_id,)).fetchall() == [
