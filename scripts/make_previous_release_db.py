@@ -35,7 +35,7 @@ import asyncio, datetime as dt, json, pathlib, sys
 import xiaozhi
 assert pathlib.Path(xiaozhi.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()), xiaozhi.__file__
 from xiaozhi.hub.accounts import Accounts, LoginFailure
-from xiaozhi.hub.store import Store, utcnow
+from xiaozhi.hub.infra.store import Store, utcnow
 from xiaozhi.hub.surveys import Survey
 
 

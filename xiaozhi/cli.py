@@ -58,7 +58,7 @@ def hub() -> None:
     # The protocol layer refuses any WebSocket frame larger than an HTTP body may be (1009); the
     # chat socket applies its own, smaller ws_max_frame_bytes.
     ws_max = max(settings.max_body_bytes, settings.ws_max_frame_bytes)
-    from xiaozhi.hub.security import proxy_options
+    from xiaozhi.hub.infra.security import proxy_options
 
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.hub_port, log_config=None, ws_max_size=ws_max,
@@ -235,7 +235,7 @@ def kb_eval(
 
 async def _with_accounts(settings: Settings, work):
     from xiaozhi.hub.accounts import Accounts
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
 
     store = Store(settings.effective_database_url)
     try:
@@ -299,7 +299,7 @@ def _schema_work(work):
     message and exit status 1, not a traceback."""
     import asyncio
 
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
     from xiaozhi.masking import configure_logging
 
     settings = _settings()
@@ -326,7 +326,7 @@ def db_upgrade(
     """Upgrade the database schema (what the hub does at start; the deploy's migration Job runs this).
 
     A database made before migrations is brought to the baseline and stamped first."""
-    from xiaozhi.hub import migrations
+    from xiaozhi.hub.infra import migrations
 
     before, after = _schema_work(lambda conn: migrations.upgrade(conn, revision))
     _say(f"database schema: {before or 'none'} -> {after or 'none'}")
@@ -339,7 +339,7 @@ def db_downgrade(
     revision: Annotated[str, typer.Argument(help="Revision to go back to, e.g. 0001_baseline or -1.")],
 ) -> None:
     """Undo revisions (run with the newer release's code, which has their downgrade steps, before rolling back)."""
-    from xiaozhi.hub import migrations
+    from xiaozhi.hub.infra import migrations
 
     _say(f"database schema now at {_schema_work(lambda conn: migrations.downgrade(conn, revision)) or 'none'}")
 
@@ -347,7 +347,7 @@ def db_downgrade(
 @db_app.command("stamp")
 def db_stamp(revision: Annotated[str, typer.Argument(help="Revision to record, e.g. 0001_baseline or head.")]) -> None:
     """Record a revision as the database's without running any migration."""
-    from xiaozhi.hub import migrations
+    from xiaozhi.hub.infra import migrations
 
     _schema_work(lambda conn: migrations.stamp(conn, revision))
     _say(f"database stamped with {revision}")
@@ -356,7 +356,7 @@ def db_stamp(revision: Annotated[str, typer.Argument(help="Revision to record, e
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's revision and this release's (head); exit 1 when they differ."""
-    from xiaozhi.hub import migrations
+    from xiaozhi.hub.infra import migrations
 
     at = _schema_work(migrations.current)
     wanted = migrations.head()
@@ -371,7 +371,7 @@ def db_revision(
     autogenerate: Annotated[bool, typer.Option(help="Compare the models with a database at head and write the "
                                                     "operations found (review them!).")] = True,
 ) -> None:
-    """Write a new revision into xiaozhi/hub/migrations/versions/ (a source checkout), numbered after the last.
+    """Write a new revision into xiaozhi/hub/infra/migrations/versions/ (a source checkout), numbered after the last.
 
     Autogenerate compares the models with a scratch SQLite database upgraded to head, so it needs no
     running database; it writes batch operations, which run on SQLite and PostgreSQL alike."""
@@ -381,8 +381,8 @@ def db_revision(
     from alembic import command
     from alembic.script import ScriptDirectory
 
-    from xiaozhi.hub import migrations
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra import migrations
+    from xiaozhi.hub.infra.store import Store
 
     config = migrations.alembic_config()
     number = len(list(ScriptDirectory.from_config(config).walk_revisions())) + 1

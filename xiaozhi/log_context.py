@@ -3,7 +3,7 @@
 - ``RequestIdMiddleware`` (installed outermost in the hub) takes the caller's ``X-Request-ID`` when it
   is a plain token (at most 64 characters of ``[A-Za-z0-9._-]`` that the log mask leaves alone), else
   makes one (uuid4 hex); it holds it in a context variable while the request (or WebSocket) is handled
-  and returns it as a response header. The hub passes it on to Rasa (xiaozhi/hub/rasa_client.py).
+  and returns it as a response header. The hub passes it on to Rasa (xiaozhi/hub/infra/rasa_client.py).
 - ``bind_conversation`` / ``conversation_scope`` name the conversation being handled (chat turn, phone
   turn, video session, desk action on a conversation).
 - ``LogContextFilter`` (on the log handler, see xiaozhi/masking.py ``configure_logging``) copies both

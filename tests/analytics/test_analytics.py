@@ -13,7 +13,7 @@ from tests.support import DATABASES, make_staff, open_session
 
 from xiaozhi.hub import analytics
 from xiaozhi.hub.desk import CALLBACK_TEXT
-from xiaozhi.hub.store import Escalation, Message
+from xiaozhi.hub.infra.store import Escalation, Message
 from xiaozhi.hub.surveys import LOCAL_TZ, Survey
 
 
@@ -374,7 +374,7 @@ async def seed_many(store, n: int = 240, seed: int = 6) -> None:
         escalate = outcome != "answered" and rnd.random() < 0.6 or rnd.random() < 0.08
         closed = created + dt.timedelta(minutes=rnd.randint(2, 25))
         async with store.sessions() as s, s.begin():
-            from xiaozhi.hub.store import Conversation
+            from xiaozhi.hub.infra.store import Conversation
 
             row = await s.get(Conversation, c.id)
             row.created_at, row.status, row.closed_at = created, "closed", closed
@@ -410,7 +410,7 @@ def test_dashboard_in_the_browser_matches_the_api_and_exports(chromium, live_hub
 
     from tests.support.browser import SCREENSHOT_DIR
 
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
 
     url, app = live_hub
 

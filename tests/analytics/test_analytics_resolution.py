@@ -15,7 +15,7 @@ from tests.support import make_staff, open_session
 
 from xiaozhi.hub import analytics
 from xiaozhi.hub.contacts import caller_hash
-from xiaozhi.hub.store import Conversation, Escalation, Message
+from xiaozhi.hub.infra.store import Conversation, Escalation, Message
 from xiaozhi.hub.surveys import LOCAL_TZ, Survey
 
 T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=LOCAL_TZ).astimezone(dt.timezone.utc)

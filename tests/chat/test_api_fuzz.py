@@ -180,7 +180,7 @@ def own_session(fuzz_app):
 def test_any_text_is_stored_cleaned_or_refused_in_chinese_never_a_server_error(text, fuzz_app, own_session):
     from schemathesis.python import asgi
 
-    from xiaozhi.hub.schemas import clean_text
+    from xiaozhi.hub.infra.schemas import clean_text
 
     session = own_session
     base = f"http://{asgi.HOST}/api/sessions/{session['session_id']}/messages"

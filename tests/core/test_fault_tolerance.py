@@ -244,7 +244,7 @@ def test_shutdown_closes_the_database_only_after_the_hubs_own_tasks_have_ended(h
 
     from xiaozhi.hub.app import create_app
     from xiaozhi.hub.conversation import ConversationService
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
 
     sweeping, cleaned_up, seen_at_close = threading.Event(), [], []
 

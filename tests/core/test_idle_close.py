@@ -8,7 +8,7 @@ import pytest
 from tests.support import DATABASES, open_session
 from sqlalchemy import update
 
-from xiaozhi.hub.store import Conversation, Message, utcnow
+from xiaozhi.hub.infra.store import Conversation, Message, utcnow
 
 
 @pytest.fixture(params=DATABASES)

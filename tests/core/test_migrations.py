@@ -1,4 +1,4 @@
-"""Schema migrations (xiaozhi/hub/migrations), on SQLite and PostgreSQL: from an empty database, from a database
+"""Schema migrations (xiaozhi/hub/infra/migrations), on SQLite and PostgreSQL: from an empty database, from a database
 made by the previous release (tests/data/db/, made by scripts/make_previous_release_db.py with that release's
 own code), replicas upgrading at once, a real revision up and down, and the models matching the revisions."""
 
@@ -19,8 +19,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from tests.support import DATABASES, REPO, staff_login
 
-from xiaozhi.hub import migrations
-from xiaozhi.hub.store import Store
+from xiaozhi.hub.infra import migrations
+from xiaozhi.hub.infra.store import Store
 
 RELEASE = "65cad91"  # the last release before migrations
 FIXTURES = REPO / "tests" / "data" / "db"
@@ -96,7 +96,7 @@ def test_upgrade_of_an_empty_database_gives_exactly_the_models_schema(url, caplo
     """The baseline revision, written out by hand, is the models' schema: autogenerate finds nothing to do.
 
     This also guards every later model change: a column added to a model without a revision fails here."""
-    caplog.set_level(logging.INFO, logger="xiaozhi.hub.migrations")
+    caplog.set_level(logging.INFO, logger="xiaozhi.hub.infra.migrations")
     start(url)
     assert run(url, differences) == []
     assert run(url, migrations.current) == migrations.head()
@@ -158,7 +158,7 @@ REPLICA = textwrap.dedent('''
     import asyncio, logging, sys, time
     from pathlib import Path
 
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
 
     url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
@@ -214,7 +214,7 @@ def test_replicas_starting_together_migrate_once(fresh_postgres_url, tmp_path):
 
 def test_a_previous_release_database_is_bridged_stamped_and_keeps_its_rows(previous_release_url, database_backend,
                                                                           caplog):
-    caplog.set_level(logging.INFO, logger="xiaozhi.hub.migrations")
+    caplog.set_level(logging.INFO, logger="xiaozhi.hub.infra.migrations")
     made = MADE[database_backend]
     assert run(previous_release_url, migrations.is_pre_alembic)
 
@@ -412,7 +412,7 @@ def test_db_revision_writes_the_operations_a_model_change_needs(scripts_with_a_r
     from typer.testing import CliRunner
 
     from xiaozhi.cli import app
-    from xiaozhi.hub.store import Base
+    from xiaozhi.hub.infra.store import Base
 
     monkeypatch.setattr(migrations, "MIGRATIONS_DIR", scripts_with_a_rename)
     notes = sa.Table("queue_notes", Base.metadata, sa.Column("id", sa.Integer, primary_key=True),
@@ -472,10 +472,10 @@ def test_an_installed_wheel_carries_the_migrations_and_runs_them(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     installed = tmp_path / "installed"
     shutil.unpack_archive(wheel, installed, format="zip")
-    assert (installed / "xiaozhi/hub/migrations/script.py.mako").is_file(), "the template `xiaozhi db revision` needs"
+    assert (installed / "xiaozhi/hub/infra/migrations/script.py.mako").is_file(), "the template `xiaozhi db revision` needs"
     migrate = textwrap.dedent(f'''
         import asyncio, xiaozhi
-        from xiaozhi.hub.store import Store
+        from xiaozhi.hub.infra.store import Store
         assert xiaozhi.__file__.startswith({str(installed)!r}), xiaozhi.__file__
         async def main():
             store = Store("sqlite+aiosqlite:///{tmp_path / "wheel.db"}")

@@ -122,7 +122,7 @@ def test_replicas_starting_together_on_an_empty_database_all_start_with_one_firs
 
     async def first_start():
         results = await asyncio.gather(*(start_and_stop(app) for app in apps), return_exceptions=True)
-        from xiaozhi.hub.store import Store
+        from xiaozhi.hub.infra.store import Store
 
         store = Store(hub_settings.effective_database_url)
         try:
@@ -145,7 +145,7 @@ def test_replicas_starting_together_on_an_empty_database_all_start_with_one_firs
 def test_a_due_follow_up_call_is_placed_once_by_two_polling_replicas(fresh_postgres_url):
     from concurrent.futures import ThreadPoolExecutor
 
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
     from xiaozhi.hub.surveys import LOCAL_TZ, SurveyPolicy, SurveyService
 
     now = dt.datetime(2026, 3, 3, 10, 0, tzinfo=LOCAL_TZ)  # daytime: calls allowed
@@ -190,7 +190,7 @@ def test_a_due_follow_up_call_is_placed_once_by_two_polling_replicas(fresh_postg
 def test_a_call_in_progress_is_not_taken_for_a_cut_off_one(fresh_postgres_url):
     from concurrent.futures import ThreadPoolExecutor
 
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
     from xiaozhi.hub.surveys import CALL_STALE_S, LOCAL_TZ, SurveyPolicy, SurveyService
 
     clock = [dt.datetime(2026, 3, 3, 10, 0, tzinfo=LOCAL_TZ)]

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from xiaozhi.hub.retention import purge_recordings, retention_loop
+from xiaozhi.hub.infra.retention import purge_recordings, retention_loop
 
 DAY = 86400
 

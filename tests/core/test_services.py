@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import select
 
 from tests.support.video_clients import an_offer
-from xiaozhi.hub.store import Escalation
+from xiaozhi.hub.infra.store import Escalation
 from xiaozhi.hub.services import HubServices
 
 

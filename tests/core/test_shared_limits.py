@@ -14,7 +14,7 @@ from tests.support import client_from
 from fastapi.testclient import TestClient
 
 from xiaozhi.hub.app import create_app
-from xiaozhi.hub.security import Rate, RateLimiter, SharedRateLimiter
+from xiaozhi.hub.infra.security import Rate, RateLimiter, SharedRateLimiter
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The store: a database made by an older release before schema migrations gains the columns and indexes added
-since (the one-time bridge, xiaozhi/hub/migrations/pre_alembic.py; tests/core/test_migrations.py has the rest), and
+since (the one-time bridge, xiaozhi/hub/infra/migrations/pre_alembic.py; tests/core/test_migrations.py has the rest), and
 what several replicas do to one database (SQLite and PostgreSQL)."""
 
 import asyncio
@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from tests.support import DATABASES
 
-from xiaozhi.hub.store import Store
+from xiaozhi.hub.infra.store import Store
 
 
 def test_an_older_database_gains_new_columns_and_keeps_its_rows(tmp_path):
@@ -76,7 +76,7 @@ def test_a_conversation_has_one_open_queue_item_even_when_replicas_queue_it_at_o
     """Four stores (as four hub replicas) queue the same conversations concurrently: one item each.
 
     Before the partial unique index, PostgreSQL let every replica's read-then-insert through."""
-    from xiaozhi.hub.store import Escalation
+    from xiaozhi.hub.infra.store import Escalation
 
     url = database_url or f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}"
 

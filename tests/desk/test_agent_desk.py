@@ -417,7 +417,7 @@ def test_an_agent_socket_closes_after_logout(hub, monkeypatch):
 async def test_an_older_database_gains_the_queue_columns(tmp_path):
     import sqlite3
 
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:  # the escalations table as the previous release made it
@@ -439,7 +439,7 @@ def test_the_queue_preview_and_stored_summary_mask_personal_numbers(hub):
     carried raw ID, phone and card numbers. The holder still reads them in the transcript."""
     from sqlalchemy import select
 
-    from xiaozhi.hub.store import Escalation
+    from xiaozhi.hub.infra.store import Escalation
 
     agent = make_staff(hub, "masker", "agent")
     sid, auth = open_session(hub)

@@ -1,6 +1,6 @@
 """Rasa's REST output (text and custom payload as separate items) becomes one reply per message."""
 
-from xiaozhi.hub.rasa_client import replies_from_rasa
+from xiaozhi.hub.infra.rasa_client import replies_from_rasa
 
 
 def test_a_domain_response_merges_its_custom_payload_into_the_text_before_it():

@@ -7,7 +7,7 @@ from tests.support import DATABASES, client_from, open_session, staff_login
 from pydantic import SecretStr
 from starlette.websockets import WebSocketDisconnect
 
-from xiaozhi.hub.security import Rate, RateLimiter
+from xiaozhi.hub.infra.security import Rate, RateLimiter
 from xiaozhi.settings import Settings
 
 
@@ -210,7 +210,7 @@ def test_websocket_binary_oversized_and_malformed_frames(hub):
     with hub.websocket_connect(f"/api/sessions/{sid}/ws?token={token}") as ws:
         ws.send_bytes(b"\x00\x01\x02")
         assert ws.receive_json()["error"] == "binary_not_supported"
-        # JSON that is not an object is "bad_message", as on the agent and video sockets (xiaozhi/hub/frames.py)
+        # JSON that is not an object is "bad_message", as on the agent and video sockets (xiaozhi/hub/infra/frames.py)
         for garbage, code in [("{not json", "invalid_json"), ("[1, 2]", "bad_message"), ('{"text": 5}', "invalid_message"),
                               ('{"text": null}', "invalid_message"), ('"text"', "bad_message"), ("null", "bad_message"),
                               ('{"text": "   "}', "empty_message"), ('{"text": "' + "问" * 1200 + '"}', "message_too_long")]:
@@ -275,7 +275,7 @@ def _next_error(ws) -> dict:
 
 
 def test_agent_socket_answers_garbage_and_stays_open(hub, caplog):
-    caplog.set_level("INFO", logger="xiaozhi.hub.frames")
+    caplog.set_level("INFO", logger="xiaozhi.hub.infra.frames")
     token = staff_login(hub)["Authorization"].split()[1]
     limit = hub.app.state.settings.ws_max_frame_bytes
     with hub.websocket_connect(f"/api/agent/ws?token={token}") as ws:
@@ -452,7 +452,7 @@ def test_the_sqlite_database_and_its_wal_are_created_0600(tmp_path):
     import os
     import stat
 
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
 
     old = tmp_path / "old.db"
     old.write_text("")
@@ -512,7 +512,7 @@ def test_uvicorn_believes_x_forwarded_for_only_from_configured_proxies():
     import uvicorn
     from tests.support import free_port
 
-    from xiaozhi.hub.security import proxy_options
+    from xiaozhi.hub.infra.security import proxy_options
 
     async def app(scope, receive, send):
         if scope["type"] != "http":

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from telephony.audio import load_wav
 from telephony.testing import RtpCaller, SipPeer, environment_has_sipp, free_udp_port
-from xiaozhi.hub.store import Conversation, Escalation
+from xiaozhi.hub.infra.store import Conversation, Escalation
 
 ASR = Path(__file__).resolve().parent.parent / "data" / "asr"
 SCENARIOS = Path(__file__).resolve().parent.parent / "data" / "telephony"

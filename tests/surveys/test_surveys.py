@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 from tests.support import DATABASES, open_session
 
-from xiaozhi.hub.store import Store
+from xiaozhi.hub.infra.store import Store
 from xiaozhi.hub.surveys import LOCAL_TZ, SurveyPolicy, SurveyService, parse_quiet_hours
 
 
@@ -214,7 +214,7 @@ def test_closing_twice_keeps_one_survey(hub) -> None:
 
 
 def test_an_escalation_closed_without_closing_the_conversation_gets_a_survey(store) -> None:
-    from xiaozhi.hub.store import Escalation
+    from xiaozhi.hub.infra.store import Escalation
 
     async def scenario():
         clock = Clock(local(2026, 3, 3, 10, 0))

@@ -91,7 +91,7 @@ def test_sipp_caller_presses_0_and_is_bridged_to_an_agent_peer(hub_settings, kno
             async with app.state.store.sessions() as s, s.begin():
                 from sqlalchemy import update
 
-                from xiaozhi.hub.store import Escalation
+                from xiaozhi.hub.infra.store import Escalation
 
                 await s.execute(update(Escalation).where(Escalation.conversation_id == conv_id)
                                 .values(status="claimed", agent="zhao"))

@@ -26,8 +26,8 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, delete, exists, func, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.store import Base, Store, aware, hash_token, utcnow
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.store import Base, Store, aware, hash_token, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from sqlalchemy import select
 
 from knowledge_base.schema import TOPIC_LABELS
 from xiaozhi.hub.desk import CALLBACK_TEXT
-from xiaozhi.hub.store import Conversation, Escalation, Message, Store, aware
+from xiaozhi.hub.infra.store import Conversation, Escalation, Message, Store, aware
 from xiaozhi.hub.surveys import LOCAL_TZ, Survey
 from xiaozhi.masking import mask_pii
 

@@ -15,10 +15,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import State
 
 from xiaozhi.hub.deps import MaybeKnowledgeBase, Services
-from xiaozhi.hub.errors import install_error_handlers
+from xiaozhi.hub.infra.errors import install_error_handlers
 from xiaozhi.hub.metrics import install_http_metrics
 from xiaozhi.hub.routers import agent, analytics, chat, knowledge, staff, surveys, video
-from xiaozhi.hub.security import HubSecurityMiddleware
+from xiaozhi.hub.infra.security import HubSecurityMiddleware
 from xiaozhi.hub.services import HubServices
 from xiaozhi.hub.widget import install_widget
 from xiaozhi.log_context import RequestIdMiddleware
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
     app.state = HubState(services)
     install_error_handlers(app)
 
-    # Outermost layer: rate limits, body limits (declared and chunked), security headers (xiaozhi/hub/security.py).
+    # Outermost layer: rate limits, body limits (declared and chunked), security headers (xiaozhi/hub/infra/security.py).
     app.add_middleware(
         HubSecurityMiddleware,
         limits=services.limits,

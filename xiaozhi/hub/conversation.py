@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 from typing import Awaitable, Callable
 
 from knowledge_base.search import KnowledgeBase
-from xiaozhi.hub.bus import LocalBus
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.rasa_client import BotReply, RasaClient, RasaUnavailable
-from xiaozhi.hub.store import Conversation, Message, Store, utcnow
+from xiaozhi.hub.infra.bus import LocalBus
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.rasa_client import BotReply, RasaClient, RasaUnavailable
+from xiaozhi.hub.infra.store import Conversation, Message, Store, utcnow
 from xiaozhi.log_context import conversation_scope
 from xiaozhi.masking import mask_pii
 
@@ -99,7 +99,7 @@ class ConversationService:
         bus: LocalBus | None = None,
     ) -> None:
         self.store = store
-        # Live events reach the sockets of every hub replica (xiaozhi/hub/bus.py).
+        # Live events reach the sockets of every hub replica (xiaozhi/hub/infra/bus.py).
         self.bus = bus or LocalBus()
         self.bus.on("conversation", self._deliver)
         self.rasa = rasa

@@ -16,10 +16,10 @@ from starlette.requests import HTTPConnection
 from xiaozhi.hub.accounts import Accounts, Role, StaffUser
 from xiaozhi.hub.conversation import ConversationService, preview
 from xiaozhi.hub.desk import AgentDesk
-from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.channels.video import VideoChannel
 from xiaozhi.hub.services import HubServices
-from xiaozhi.hub.store import Conversation, Store
+from xiaozhi.hub.infra.store import Conversation, Store
 from xiaozhi.hub.surveys import SurveyService
 from xiaozhi.log_context import bind_conversation
 from xiaozhi.settings import Settings

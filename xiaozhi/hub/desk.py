@@ -28,8 +28,8 @@ from sqlalchemy import func, select, update
 
 from knowledge_base.schema import TOPIC_LABELS
 from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.store import OPEN_STATUSES, Conversation, Escalation, Message, Store, aware, utcnow
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.store import OPEN_STATUSES, Conversation, Escalation, Message, Store, aware, utcnow
 from xiaozhi.log_context import bind_conversation
 from xiaozhi.masking import mask_pii
 
@@ -277,7 +277,7 @@ class AgentDesk:
         self.canned = load_canned_responses()
         # called with (the item as it was, the time) when an agent takes an item (metrics: queue wait)
         self.claimed_hooks: list[Callable[[Escalation, dt.datetime], None]] = []
-        # Queue changes and presence travel to every hub replica (xiaozhi/hub/bus.py).
+        # Queue changes and presence travel to every hub replica (xiaozhi/hub/infra/bus.py).
         self.bus = conversations.bus
         self.bus.on("desk", self._desk_event)
 

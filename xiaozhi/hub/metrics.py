@@ -34,12 +34,12 @@ from starlette.routing import Match, Mount
 
 from telephony.metrics import VoiceMetrics
 from xiaozhi.hub.analytics import RESOLUTIONS, classify
-from xiaozhi.hub.store import Conversation, Escalation, aware, utcnow
+from xiaozhi.hub.infra.store import Conversation, Escalation, aware, utcnow
 from xiaozhi.hub.surveys import Survey
 
 if TYPE_CHECKING:
     from xiaozhi.hub.services import HubServices
-    from xiaozhi.hub.store import Store
+    from xiaozhi.hub.infra.store import Store
 
 log = logging.getLogger(__name__)
 

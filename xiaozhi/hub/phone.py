@@ -23,7 +23,7 @@ from telephony.lines import DistrictLines, LinesError
 from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
 from xiaozhi.hub.contacts import caller_hash
-from xiaozhi.hub.owner import owner_meta
+from xiaozhi.hub.infra.owner import owner_meta
 from xiaozhi.hub.phone_confirm import PhoneConfirmation, before_reply
 from xiaozhi.log_context import conversation_scope
 from xiaozhi.spoken import spoken_chinese
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from telephony.metrics import VoiceMetrics
     from telephony.user_agent import UserAgent
     from xiaozhi.hub.conversation import ConversationService
-    from xiaozhi.hub.store import Conversation, Store
+    from xiaozhi.hub.infra.store import Conversation, Store
     from xiaozhi.settings import Settings
 
 log = logging.getLogger(__name__)

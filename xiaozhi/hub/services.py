@@ -33,15 +33,15 @@ import logging
 import secrets
 
 from xiaozhi.hub.accounts import Accounts, Role
-from xiaozhi.hub.bus import LocalBus, make_bus
+from xiaozhi.hub.infra.bus import LocalBus, make_bus
 from xiaozhi.hub.conversation import ConversationService
 from xiaozhi.hub.desk import AgentDesk
 from xiaozhi.hub.metrics import HubMetrics
 from xiaozhi.hub.phone import PhoneService
-from xiaozhi.hub.rasa_client import RasaClient
-from xiaozhi.hub.retention import retention_loop
-from xiaozhi.hub.security import Limits
-from xiaozhi.hub.store import Store
+from xiaozhi.hub.infra.rasa_client import RasaClient
+from xiaozhi.hub.infra.retention import retention_loop
+from xiaozhi.hub.infra.security import Limits
+from xiaozhi.hub.infra.store import Store
 from xiaozhi.hub.surveys import SurveyService
 from xiaozhi.hub.channels.video import VideoChannel
 from xiaozhi.settings import Settings
@@ -87,7 +87,7 @@ class HubServices:
         s = self.settings
         # 1. persistence, the dialogue engine, staff accounts
         self.store = Store(s.effective_database_url)
-        await self.store.create_schema(migrate=s.db_migrate_on_start)  # xiaozhi/hub/migrations
+        await self.store.create_schema(migrate=s.db_migrate_on_start)  # xiaozhi/hub/infra/migrations
         token = s.rasa_token.get_secret_value() if s.rasa_token else None
         self.rasa = RasaClient(s.effective_rasa_url, timeout_s=s.rasa_timeout_s, token=token)
         self.accounts = Accounts(self.store, session_hours=s.staff_session_hours,

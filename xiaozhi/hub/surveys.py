@@ -24,7 +24,7 @@ from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, select, upda
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from xiaozhi.hub.store import Base, Conversation, Store, aware, utcnow
+from xiaozhi.hub.infra.store import Base, Conversation, Store, aware, utcnow
 from xiaozhi.masking import mask_pii
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class SurveyService:
     async def sweep_closed_escalations(self) -> int:
         """An agent can close the queue item and hand the conversation back to the bot without closing
         it: a person handled it, so it gets its survey too (found here, on the scheduler's round)."""
-        from xiaozhi.hub.store import Escalation
+        from xiaozhi.hub.infra.store import Escalation
 
         since = self.clock() - dt.timedelta(hours=self.policy.expire_hours)
         async with self.store.sessions() as s:

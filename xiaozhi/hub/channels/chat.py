@@ -15,11 +15,11 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from xiaozhi.hub.channels.live import Following
 from xiaozhi.hub.conversation import ensure_open
-from xiaozhi.hub.errors import TURN_FAILED, ApiError
-from xiaozhi.hub.frames import close_if_open, receive_json_frame
-from xiaozhi.hub.schemas import clean_text, message_problem
-from xiaozhi.hub.security import via_proxy
-from xiaozhi.hub.store import Conversation
+from xiaozhi.hub.infra.errors import TURN_FAILED, ApiError
+from xiaozhi.hub.infra.frames import close_if_open, receive_json_frame
+from xiaozhi.hub.infra.schemas import clean_text, message_problem
+from xiaozhi.hub.infra.security import via_proxy
+from xiaozhi.hub.infra.store import Conversation
 
 log = logging.getLogger(__name__)
 

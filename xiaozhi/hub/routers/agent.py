@@ -23,9 +23,9 @@ from xiaozhi.hub.channels.live import Following
 from xiaozhi.hub.conversation import message_out
 from xiaozhi.hub.deps import AgentUser, ClientAddress, Desk, KnowledgeBase, StaffAccounts, services_of
 from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.frames import close_if_open, receive_json_frame, refuse
-from xiaozhi.hub.schemas import MessageText
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.frames import close_if_open, receive_json_frame, refuse
+from xiaozhi.hub.infra.schemas import MessageText
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/agent", tags=["agent desk"])

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, Response
 
 from xiaozhi.hub import analytics
 from xiaozhi.hub.deps import Bearer, ClientAddress, HubStore, MaybeKnowledgeBase, Services, SupervisorUser
-from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.surveys import LOCAL_TZ
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from xiaozhi.hub.contacts import VISITOR_PATTERN
 from xiaozhi.hub.conversation import ensure_open, message_out
 from xiaozhi.hub.deps import (Conversations, Desk, HubSettings, HubStore, ResidentConversation,
                               check_length, conversation_for_token, services_of)
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.frames import refuse
-from xiaozhi.hub.schemas import MessageText
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.frames import refuse
+from xiaozhi.hub.infra.schemas import MessageText
 
 router = APIRouter(prefix="/api/sessions", tags=["chat"])
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from xiaozhi.hub.deps import KnowledgeBase, MaybeKnowledgeBase
-from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.infra.errors import ApiError
 
 router = APIRouter(prefix="/api/kb", tags=["knowledge base"])
 

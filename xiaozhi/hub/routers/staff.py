@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from xiaozhi.hub.accounts import LoginRejected, Role, StaffUser, UserExists
 from xiaozhi.hub.deps import AdminUser, Bearer, ClientAddress, CurrentStaff, Services, StaffAccounts
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.store import aware
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.store import aware
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/staff", tags=["staff"])

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from fastapi import APIRouter
 
 from xiaozhi.hub.deps import Conversations, ResidentConversation, Surveys
-from xiaozhi.hub.errors import ApiError
+from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.surveys import SurveyError, survey_out
 
 router = APIRouter(prefix="/api/sessions", tags=["surveys"])

@@ -21,10 +21,10 @@ from pydantic import BaseModel, Field
 from xiaozhi.hub.channels.live import Following
 from xiaozhi.hub.conversation import message_out
 from xiaozhi.hub.deps import Bearer, ClientAddress, HubSettings, HubStore, StaffAccounts, Video, check_length, services_of
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.frames import receive_json_frame, refuse
-from xiaozhi.hub.owner import elsewhere, forward
-from xiaozhi.hub.schemas import MessageText
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.frames import receive_json_frame, refuse
+from xiaozhi.hub.infra.owner import elsewhere, forward
+from xiaozhi.hub.infra.schemas import MessageText
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/video", tags=["video"])

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from xiaozhi.hub.errors import error_body
+from xiaozhi.hub.infra.errors import error_body
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-log = logging.getLogger("xiaozhi.hub.errors")
+log = logging.getLogger("xiaozhi.hub.infra.errors")
 
 _MESSAGES = {
     400: "请求格式不正确。",

@@ -21,8 +21,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from xiaozhi.hub.migrations import BASELINE, hub_metadata
-from xiaozhi.hub.store import utcnow
+from xiaozhi.hub.infra.migrations import BASELINE, hub_metadata
+from xiaozhi.hub.infra.store import utcnow
 
 log = logging.getLogger(__name__)
 

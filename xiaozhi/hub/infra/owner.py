@@ -15,8 +15,8 @@ import logging
 import httpx
 from fastapi import Request, Response
 
-from xiaozhi.hub.errors import ApiError
-from xiaozhi.hub.store import Conversation
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.store import Conversation
 
 log = logging.getLogger(__name__)
 

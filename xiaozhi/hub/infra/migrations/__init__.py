@@ -38,7 +38,7 @@ def hub_metadata() -> MetaData:
     """Every table of the hub: the models of store, accounts and surveys."""
     import xiaozhi.hub.accounts  # noqa: F401  (registers its tables)
     import xiaozhi.hub.surveys  # noqa: F401
-    from xiaozhi.hub.store import Base
+    from xiaozhi.hub.infra.store import Base
 
     return Base.metadata
 
@@ -77,7 +77,7 @@ def upgrade(connection: Connection, revision: str = "head", config: Config | Non
     config.attributes["connection"] = connection
     before = current(connection)
     if before is None and is_pre_alembic(connection):
-        from xiaozhi.hub.migrations import pre_alembic
+        from xiaozhi.hub.infra.migrations import pre_alembic
 
         if not pre_alembic.bridge(connection, config):
             if head(config) != BASELINE:

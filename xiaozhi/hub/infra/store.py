@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from xiaozhi.hub.schemas import clean_stored
+from xiaozhi.hub.infra.schemas import clean_stored
 
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _storable(value):
 def _storable_parameters(conn, cursor, statement, parameters, context, executemany):
     """Last line of defence: no text reaches the database with NUL (PostgreSQL refuses it, and the whole
     commit with it) or lone surrogates (not UTF-8): they are stored as U+FFFD. The API cleans what residents
-    and staff write first (xiaozhi/hub/schemas.py); this catches every other field."""
+    and staff write first (xiaozhi/hub/infra/schemas.py); this catches every other field."""
     return statement, _storable(parameters)
 
 
@@ -187,13 +187,13 @@ class Store:
                 await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
     async def create_schema(self, migrate: bool = True) -> None:
-        """Bring the schema to this release's revision (xiaozhi/hub/migrations); replicas may call it together:
+        """Bring the schema to this release's revision (xiaozhi/hub/infra/migrations); replicas may call it together:
         one migrates, the others wait for it (``exclusive``) and find nothing left to do.
 
         ``migrate=False`` (XIAOZHI_DB_MIGRATE_ON_START=false, when the deploy's Job runs ``xiaozhi db upgrade``):
         only check the database is at that revision, and refuse to start if not (``SchemaOutOfDate``).
         """
-        from xiaozhi.hub import migrations
+        from xiaozhi.hub.infra import migrations
 
         await self.schema_work(migrations.upgrade if migrate else migrations.require_head)
 
