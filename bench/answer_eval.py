@@ -36,7 +36,7 @@ def direct_replies(items: list[dict]) -> list[dict]:
     from knowledge_base.factory import open_knowledge_base
     from xiaozhi.settings import get_settings
 
-    kb = open_knowledge_base(get_settings())
+    kb = open_knowledge_base(get_settings().knowledge_base_config())
     out = []
     for item in items:
         out.append(kb.answerer.answer(item["q"], Context(deployment_region=DEPLOYMENT_REGION)).as_dict())

@@ -126,7 +126,7 @@ def answer_stage(n: int) -> None:
     pool = [i["q"] for i in load_items()]
     rng = random.Random(7)
     qs = [rng.choice(pool) for _ in range(n)]
-    kb = open_knowledge_base(get_settings())
+    kb = open_knowledge_base(get_settings().knowledge_base_config())
     rows = len(kb.answerer.units.layout.texts)
     context = Context(deployment_region="330100")
     lat = []

@@ -83,7 +83,7 @@ async def main() -> None:
     var = Path(tempfile.mkdtemp(prefix="metrics-cost-"))
     settings = Settings(var_dir=var, rasa_url="http://127.0.0.1:9", sip_enabled=False, kb_reload_interval_s=0,
                         survey_poll_interval_s=0)
-    kb = open_knowledge_base(settings)
+    kb = open_knowledge_base(settings.knowledge_base_config())
     app = create_app(settings, knowledge_base=kb)
     async with app.router.lifespan_context(app):
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from telephony.asr import character_errors, make_recognizer  # noqa: E402
 from telephony.g711 import ulaw_decode, ulaw_encode  # noqa: E402
 from telephony.tts import make_synthesizer  # noqa: E402
-from xiaozhi.spoken import speech_text  # noqa: E402
+from yibao_common.spoken import speech_text  # noqa: E402
 
 SENTENCES = [
     # the sentences of issue 15's first measurement

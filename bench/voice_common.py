@@ -80,7 +80,7 @@ async def hotline(rasa_url: str | None = None, **overrides):
         prompts = Path(var) / "prompts.yaml"
         prompts.write_text(yaml.safe_dump(data, allow_unicode=True), "utf-8")
         settings = settings.model_copy(update={"phone_prompts_file": prompts})
-        kb = await asyncio.to_thread(open_knowledge_base, settings)
+        kb = await asyncio.to_thread(open_knowledge_base, settings.knowledge_base_config())
         app = create_app(settings, knowledge_base=kb)
         async with app.router.lifespan_context(app):
             yield app

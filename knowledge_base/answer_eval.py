@@ -105,7 +105,7 @@ def score_reply(item: dict, reply: dict) -> Scored:
     found = sum(fact_present(f, text) for f in facts) if in_scope else 0
     wrong = None
     if item.get("city") and in_scope and outcome == "answered":
-        from knowledge_base.places import REGION_CODES
+        from yibao_common.places import REGION_CODES
 
         code = REGION_CODES.get(item["city"].removesuffix("市").removesuffix("省"), "")
         # A pack the message itself names as the resident's own ("我杭州医保去苏州看病") is right to

@@ -59,6 +59,7 @@ from elasticsearch import (
 from elasticsearch.helpers import BulkIndexError, bulk
 
 from knowledge_base.embedded import asked_by_points, encode_corpus, entry_texts, lexical_documents, mark_current
+from knowledge_base.config import KnowledgeBaseConfig
 from knowledge_base.units import layout
 from knowledge_base.embedder import Embedder
 from knowledge_base.loader import Corpus
@@ -81,7 +82,7 @@ class KnowledgeBaseUnavailable(RuntimeError):
 
 
 class ElasticsearchBackend:
-    """``SearchBackend`` over an Elasticsearch 8.x alias. Build it with ``from_settings`` (or ``open``)."""
+    """``SearchBackend`` over an Elasticsearch 8.x alias. Build it with ``from_config`` (or ``open``)."""
 
     def __init__(
         self,
@@ -142,9 +143,9 @@ class ElasticsearchBackend:
         return Elasticsearch(url, **kwargs)
 
     @classmethod
-    def from_settings(
+    def from_config(
         cls,
-        settings,
+        config: KnowledgeBaseConfig,
         corpus: Corpus,
         text: TextProcessor,
         embedder: Embedder,
@@ -152,26 +153,25 @@ class ElasticsearchBackend:
         progress: Callable[[int, int], None] | None = None,
         **kwargs,
     ) -> "ElasticsearchBackend":
-        """Connect with the ``XIAOZHI_ES_*`` settings; reuse the alias if it holds this corpus, else reindex."""
-        password = settings.es_password.get_secret_value() if settings.es_password is not None else None
-        api_key = settings.es_api_key.get_secret_value() if settings.es_api_key is not None else None
+        """Connect to ``config.elasticsearch``; reuse the alias if it holds this corpus, else reindex."""
+        es = config.elasticsearch
+        if es is None:
+            raise ValueError("config.elasticsearch is not set: no cluster to connect to")
         client = cls.make_client(
-            settings.es_url,
-            username=settings.es_username,
-            password=password,
-            api_key=api_key,
-            ca_certs=str(settings.es_ca_certs) if settings.es_ca_certs else None,
-            timeout_s=settings.es_timeout_s,
+            es.url,
+            username=es.username,
+            password=es.password,
+            api_key=es.api_key,
+            ca_certs=str(es.ca_certs) if es.ca_certs else None,
+            timeout_s=es.timeout_s,
         )
-        index_dir = Path(settings.kb_index_dir)
+        index_dir = Path(config.index_dir)
         # Vectors are cached apart from the embedded backend's generations, and the hub's reload
-        # marker (kb_index_dir/CURRENT) moves only after the alias has: a hub that reloads on it
+        # marker (index_dir/CURRENT) moves only after the alias has: a hub that reloads on it
         # then finds the alias current instead of starting a second reindex.
         kwargs.setdefault("vector_cache_dir", index_dir / "es-vectors")
         kwargs.setdefault("on_swap", lambda name: mark_current(index_dir, name))
-        backend = cls(
-            client, settings.es_index, corpus, text, embedder, analyzer=settings.es_analyzer, url=settings.es_url, **kwargs
-        )
+        backend = cls(client, es.index, corpus, text, embedder, analyzer=es.analyzer, url=es.url, **kwargs)
         backend.ensure_index(progress=progress)
         return backend
 

@@ -18,7 +18,7 @@ questions) and per kind of phrasing (colloquial, elderly, typo, ...).
 the abstain threshold (and the calibration constants) can be fitted; ``fit_abstain_threshold``
 does the former.
 
-Run against the real knowledge base with ``python -m knowledge_base.evaluation [dev-set.yaml]``.
+Run against the real knowledge base with ``xiaozhi kb eval [dev-set.yaml]`` (``main``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from knowledge_base.config import KnowledgeBaseConfig
 
 ABSTAIN = "abstain"
 OUT_OF_SCOPE = "out_of_scope"
@@ -589,13 +591,12 @@ def feature_quartiles(points: Sequence[CalibrationPoint], feature: str = "top_de
 # Command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None, config: KnowledgeBaseConfig) -> int:
     """Evaluate the configured knowledge base on a development set and print the report."""
     import argparse
     import json
 
     from knowledge_base.factory import open_knowledge_base
-    from xiaozhi.settings import get_settings
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("dev_set", nargs="?", default=str(DEFAULT_DEV_SET))
@@ -603,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     args = parser.parse_args(argv)
 
-    kb = open_knowledge_base(get_settings())
+    kb = open_knowledge_base(config)
     queries = load_dev_set(args.dev_set, known_ids=kb.entries)
     report = evaluate(kb, queries)
     points = calibration_points(kb, queries)
@@ -635,7 +636,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     for objective, fit in fits.items():
         print(f"fit ({objective}): {fit}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

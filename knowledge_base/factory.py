@@ -1,56 +1,60 @@
-"""Assemble a ready ``KnowledgeBase`` from the settings: corpus, text processing, embedder, backend."""
+"""Assemble a ready ``KnowledgeBase`` from its ``KnowledgeBaseConfig``: corpus, text processing, embedder, backend."""
 
 from __future__ import annotations
 
 import logging
 from typing import Callable
 
+from knowledge_base.config import KnowledgeBaseConfig
 from knowledge_base.embedder import Embedder
 from knowledge_base.loader import CorpusError, load_corpus
 from knowledge_base.search import Calibration, KnowledgeBase
 from knowledge_base.text import TextProcessor
-from xiaozhi.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def open_knowledge_base(
-    settings: Settings,
+    config: KnowledgeBaseConfig,
     *,
     embedder: Embedder | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> KnowledgeBase:
-    corpus = load_corpus(settings.kb_data_dir)
+    """``embedder``: one already loaded (a reload keeps the model); ``progress(done, total)`` while encoding."""
+    if not isinstance(config, KnowledgeBaseConfig):  # e.g. the hub's Settings, as before issue 16
+        raise TypeError(f"open_knowledge_base takes a KnowledgeBaseConfig (Settings.knowledge_base_config()), "
+                        f"not {type(config).__name__}")
+    corpus = load_corpus(config.data_dir)
     if corpus.errors:
         listing = "\n".join(f"  {p}" for p in corpus.errors[:20])
-        raise CorpusError(f"{len(corpus.errors)} problem(s) in {settings.kb_data_dir}:\n{listing}")
+        raise CorpusError(f"{len(corpus.errors)} problem(s) in {config.data_dir}:\n{listing}")
     for problem in corpus.problems:
         log.warning("%s", problem)
     text = TextProcessor()
     # One inference thread: under concurrent chats, parallel requests use the cores better than
     # torch's intra-op threads fighting over them.
     embedder = embedder or Embedder(
-        settings.effective_embedding_model, prefix=settings.embedding_query_prefix, threads=settings.embedding_threads
+        config.embedding_model, prefix=config.embedding_query_prefix, threads=config.embedding_threads
     )
-    if settings.kb_backend == "elasticsearch":
+    if config.backend == "elasticsearch":
         from knowledge_base.elasticsearch_backend import ElasticsearchBackend
 
-        backend = ElasticsearchBackend.from_settings(settings, corpus, text, embedder)
+        backend = ElasticsearchBackend.from_config(config, corpus, text, embedder)
     else:
         from knowledge_base.embedded import build_embedded_backend
 
-        backend = build_embedded_backend(corpus, text, embedder, settings.kb_index_dir, progress=progress)
+        backend = build_embedded_backend(corpus, text, embedder, config.index_dir, progress=progress)
     kb = KnowledgeBase(
         corpus,
         backend,
         text,
-        abstain_threshold=settings.kb_abstain_threshold,
-        top_k=settings.kb_top_k,
-        default_region=settings.default_region,
-        calibration=Calibration(dense_mid=settings.kb_confidence_midpoint),
+        abstain_threshold=config.abstain_threshold,
+        top_k=config.top_k,
+        default_region=config.default_region,
+        calibration=Calibration(dense_mid=config.confidence_midpoint),
         embedder=embedder,
     )
-    attach_answerer(kb, settings.kb_index_dir)
+    attach_answerer(kb, config.index_dir)
     return kb
 
 

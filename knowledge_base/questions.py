@@ -13,7 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from knowledge_base.places import CODE_NAMES, REGION_CODES, RELATIONS, find_keyword
+from yibao_common.places import CODE_NAMES, REGION_CODES, RELATIONS, find_keyword
 
 # A clause asks something when it holds one of these (or ends with a question mark).
 QUESTION_MARKERS = re.compile(

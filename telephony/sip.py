@@ -7,8 +7,10 @@ import asyncio
 import logging
 import signal
 
+from yibao_common.masking import MaskingFilter
+from yibao_common.ports import parse_port_range
+
 from .handler import DemoHandler
-from .rtp import parse_port_range
 from .user_agent import UserAgent, UserAgentConfig
 
 
@@ -31,12 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answer-delay", type=float, default=0.0, help="seconds of ringing before answering")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    try:
-        from xiaozhi.masking import configure_logging
-
-        configure_logging(args.log_level)
-    except ImportError:  # running the telephony package on its own
-        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(MaskingFilter())  # callers' numbers never reach the log
     config = UserAgentConfig(host=args.host, port=args.port, advertised_host=args.advertise,
                              rtp_port_range=args.rtp_ports, answer_delay_s=args.answer_delay)
     asyncio.run(_serve(DemoHandler(args.prompt, echo=args.echo), config))

@@ -7,7 +7,7 @@
 * ``Pyttsx3Synthesizer`` (``pyttsx3``/``espeak``) drives pyttsx3's espeak driver with the
   ``sit/cmn-latn-pinyin`` voice: a configured engine and the fallback ``phone_synthesizer`` switches
   to, logged, when Kokoro cannot load.
-* numbers are read aloud through ``xiaozhi.spoken`` (amounts, dates, phone numbers; Kokoro also
+* numbers are read aloud through ``yibao_common.spoken`` (amounts, dates, phone numbers; Kokoro also
   spells Latin letters the Chinese way).
 * ``split_clauses`` cuts a reply into clauses; ``speak_clauses`` renders them one after another so the
   first plays while the next renders, cached clauses straight from the ``PromptCache``.
@@ -42,7 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from xiaozhi.spoken import speech_text, spoken_chinese
+from yibao_common.spoken import speech_text, spoken_chinese
 
 from .audio import SAMPLE_RATE, load_wav, resample
 from .metrics import VoiceMetrics

@@ -59,7 +59,7 @@ def knowledge_base(settings: Settings):
 
             tune_embedding_model(settings.embedding_model_dir, settings.embedding_tuned_dir,
                                  load_corpus(settings.kb_data_dir))  # likewise
-    return open_knowledge_base(settings)
+    return open_knowledge_base(settings.knowledge_base_config())
 
 
 @pytest.fixture(scope="session")

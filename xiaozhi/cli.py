@@ -51,7 +51,7 @@ def hub() -> None:
     import uvicorn
 
     from xiaozhi.hub.app import create_app
-    from xiaozhi.masking import configure_logging
+    from xiaozhi.logs import configure_logging
 
     settings = _settings()
     configure_logging(settings.log_level)
@@ -104,7 +104,7 @@ def show_settings(markdown: Annotated[bool, typer.Option(help="Print the documen
                 default = str(default).replace(str(REPO_ROOT), "<repo>").replace(str(Path.home()), "~")
             typer.echo(f"| `XIAOZHI_{name.upper()}` | `{default}` | {field.description} |")
         return
-    from xiaozhi.masking import mask_secrets
+    from yibao_common.masking import mask_secrets
 
     typer.echo(mask_secrets(_settings().model_dump_json(indent=2)))  # SecretStr fields and URL passwords
 
@@ -128,7 +128,7 @@ def _open_kb(progress: bool = False):
     from knowledge_base.loader import CorpusError
 
     try:
-        kb = open_knowledge_base(_settings(), progress=_progress if progress else None)
+        kb = open_knowledge_base(_settings().knowledge_base_config(), progress=_progress if progress else None)
     except (CorpusError, EmbeddingModelMissing, KnowledgeBaseUnavailable) as exc:
         _say(f"error: {exc}")
         raise typer.Exit(2)
@@ -230,7 +230,7 @@ def kb_eval(
     from knowledge_base.evaluation import main as evaluate_main
 
     argv = ([str(dev_set)] if dev_set else []) + ["--failures", str(failures)] + (["--json"] if as_json else [])
-    raise typer.Exit(evaluate_main(argv))
+    raise typer.Exit(evaluate_main(argv, _settings().knowledge_base_config()))
 
 
 async def _with_accounts(settings: Settings, work):
@@ -300,7 +300,7 @@ def _schema_work(work):
     import asyncio
 
     from xiaozhi.hub.infra.store import Store
-    from xiaozhi.masking import configure_logging
+    from xiaozhi.logs import configure_logging
 
     settings = _settings()
     configure_logging(settings.log_level)

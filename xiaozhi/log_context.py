@@ -6,7 +6,7 @@
   and returns it as a response header. The hub passes it on to Rasa (xiaozhi/hub/infra/rasa_client.py).
 - ``bind_conversation`` / ``conversation_scope`` name the conversation being handled (chat turn, phone
   turn, video session, desk action on a conversation).
-- ``LogContextFilter`` (on the log handler, see xiaozhi/masking.py ``configure_logging``) copies both
+- ``LogContextFilter`` (on the log handler, see xiaozhi/logs.py ``configure_logging``) copies both
   onto each record as ``request_id`` and ``conversation_id`` when they are set.
 
 Context variables follow asyncio tasks (a task started while handling a request inherits them) and
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
 
-from xiaozhi.masking import mask_log_text
+from yibao_common.masking import mask_log_text
 
 REQUEST_ID_HEADER = "X-Request-ID"
 request_id: ContextVar[str | None] = ContextVar("xiaozhi_request_id", default=None)

@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from knowledge_base.config import ElasticsearchConfig, KnowledgeBaseConfig
+from yibao_common.ports import parse_port_range
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,7 +24,7 @@ class Settings(BaseSettings):
 
     def __repr_args__(self):
         """Like pydantic's, but a password inside a URL setting (database, Redis, Elasticsearch) is ***."""
-        from xiaozhi.masking import mask_secrets
+        from yibao_common.masking import mask_secrets
 
         for name, value in super().__repr_args__():
             yield name, mask_secrets(value) if isinstance(value, str) else value
@@ -333,15 +336,11 @@ class Settings(BaseSettings):
     @field_validator("sip_rtp_ports")
     @classmethod
     def _rtp_ports_parse(cls, value: str) -> str:
-        from telephony.rtp import parse_port_range
-
         parse_port_range(value)  # a bad range stops start-up with its reason, not a call later
         return value
 
     @property
     def rtp_port_range(self) -> tuple[int, int] | None:
-        from telephony.rtp import parse_port_range
-
         return parse_port_range(self.sip_rtp_ports)
 
     @property
@@ -382,6 +381,32 @@ class Settings(BaseSettings):
     @property
     def kb_index_dir(self) -> Path:
         return self.cache_dir / "kb-index"
+
+    def knowledge_base_config(self) -> KnowledgeBaseConfig:
+        """The knowledge base's own config (``knowledge_base.config``), the one place it is made from settings."""
+        elasticsearch = ElasticsearchConfig(
+            url=self.es_url,
+            index=self.es_index,
+            analyzer=self.es_analyzer,
+            timeout_s=self.es_timeout_s,
+            username=self.es_username,
+            password=self.es_password.get_secret_value() if self.es_password is not None else None,
+            api_key=self.es_api_key.get_secret_value() if self.es_api_key is not None else None,
+            ca_certs=self.es_ca_certs,
+        )
+        return KnowledgeBaseConfig(
+            data_dir=self.kb_data_dir,
+            index_dir=self.kb_index_dir,
+            embedding_model=self.effective_embedding_model,
+            embedding_query_prefix=self.embedding_query_prefix,
+            embedding_threads=self.embedding_threads,
+            backend=self.kb_backend,
+            abstain_threshold=self.kb_abstain_threshold,
+            confidence_midpoint=self.kb_confidence_midpoint,
+            top_k=self.kb_top_k,
+            default_region=self.default_region,
+            elasticsearch=elasticsearch if self.kb_backend == "elasticsearch" else None,
+        )
 
     @property
     def rasa_models_dir(self) -> Path:

@@ -17,9 +17,10 @@ from rasa_sdk.events import SlotSet
 from rasa_sdk.executor import CollectingDispatcher
 from rasa_sdk.forms import ValidationAction
 
+from yibao_common.places import find_place
+
 from .kb import answer_question, more_about
 from .messages import domain_message, numbered
-from .regions import find_place
 from .voice import voice_fit
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,12 @@ from rasa_sdk.events import SlotSet
 from rasa_sdk.executor import CollectingDispatcher
 from rasa_sdk.types import DomainDict
 
+from yibao_common.places import CODE_NAMES, RELATIONS, find_keyword, find_place, same_province
+
 from .actions import KB_DOWN_TEXT, NO_ANSWER_SPOKEN, resident_region
 from .kb import get_entry
 from .messages import checklist_payload, domain_message, numbered
-from .regions import (
-    CHANNELS, CODE_NAMES, INSURANCE_TYPES, LONG_TERM, PERSON_CATEGORIES, RELATIONS, TREATMENTS,
-    entity_values, find_keyword, find_place, normalise, same_province,
-)
+from .vocabulary import CHANNELS, INSURANCE_TYPES, LONG_TERM, PERSON_CATEGORIES, TREATMENTS, entity_values, normalise
 from .voice import voice_fit
 
 log = logging.getLogger(__name__)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 
-from xiaozhi.spoken import spoken_chinese
+from yibao_common.spoken import spoken_chinese
 
 MAX_SENTENCE = 40
 
-# The same number reading as the phone line's speech synthesis (xiaozhi/spoken.py is stdlib-only,
-# so the Rasa venv imports it too).
+# The same number reading as the phone line's speech synthesis (yibao_common is shared by both venvs).
 read_aloud = spoken_chinese
 
 

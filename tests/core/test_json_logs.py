@@ -18,7 +18,7 @@ from tests.support import free_port, make_staff, open_session
 from tests.support.dialogue import WebhookServer
 from tests.support.phone import needs_whisper, phone_hub, placed_call, until_quiet
 
-from xiaozhi.masking import configure_logging
+from xiaozhi.logs import configure_logging
 
 VALID_ID = "11010519491231002X"  # GB 11643's own example
 PHONE = "13812345678"

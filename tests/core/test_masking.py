@@ -9,7 +9,8 @@ import urllib.parse
 
 import pytest
 
-from xiaozhi.masking import MaskingFilter, configure_logging, id_number_is_valid, luhn_is_valid, mask_pii
+from xiaozhi.logs import configure_logging
+from yibao_common.masking import MaskingFilter, id_number_is_valid, luhn_is_valid, mask_pii
 
 VALID_ID = "11010519491231002X"  # the GB 11643 standard's own example
 BANK_CARD = "6222021234567890128"  # passes the Luhn check
@@ -179,7 +180,7 @@ def test_bearer_tokens_in_messages_are_hidden(real_log):
 
 
 def test_a_password_inside_a_url_never_reaches_the_log():
-    from xiaozhi.masking import mask_log_text
+    from yibao_common.masking import mask_log_text
 
     line = ("engine postgresql+asyncpg://xiaozhi:Pa55-w0rd@postgres:5432/xiaozhi, limits "
             "redis://:s3cret%2F@redis:6379/2, es https://elastic:es.pw@es01:9200")

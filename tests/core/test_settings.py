@@ -63,3 +63,31 @@ def test_python_dash_m_xiaozhi_cli_knows_every_command():
         ran = subprocess.run([sys.executable, "-m", "xiaozhi.cli", group, "--help"], capture_output=True, text=True,
                              timeout=120)
         assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+def test_the_knowledge_base_gets_its_own_config_made_from_the_settings_in_one_place(tmp_path):
+    """knowledge_base imports nothing of the hub (issue 16): ``open_knowledge_base`` takes a
+    ``KnowledgeBaseConfig``, which ``Settings.knowledge_base_config`` makes, secrets unwrapped there."""
+    from knowledge_base.config import ElasticsearchConfig, KnowledgeBaseConfig
+    from knowledge_base.factory import open_knowledge_base
+
+    s = Settings(cache_dir=tmp_path, kb_top_k=7, kb_abstain_threshold=0.42, default_region="330100",
+                 embedding_tune=True)
+    config = s.knowledge_base_config()
+    assert (config.data_dir, config.index_dir, config.top_k, config.abstain_threshold, config.default_region) == (
+        s.kb_data_dir, tmp_path / "kb-index", 7, 0.42, "330100")
+    assert config.embedding_model == str(tmp_path / "models" / "e5-small-tuned")
+    assert config.backend == "embedded" and config.elasticsearch is None
+
+    es = Settings(kb_backend="elasticsearch", es_url="https://es:9200", es_index="kb", es_username="kb",
+                  es_password="s3cret", es_analyzer="ik_max_word").knowledge_base_config().elasticsearch
+    assert es == ElasticsearchConfig(url="https://es:9200", index="kb", analyzer="ik_max_word", timeout_s=10.0,
+                                     username="kb", password="s3cret")
+    assert "s3cret" not in repr(es)
+
+    with pytest.raises(TypeError, match="KnowledgeBaseConfig"):
+        open_knowledge_base(s)  # the hub's Settings, as before: refused with the reason
+    with pytest.raises(ValueError, match="backend must be one of"):
+        KnowledgeBaseConfig(**{**config.__dict__, "backend": "solr"})
+    with pytest.raises(ValueError, match="needs an ElasticsearchConfig"):
+        KnowledgeBaseConfig(**{**config.__dict__, "backend": "elasticsearch"})

@@ -47,6 +47,7 @@ from knowledge_base.embedded import lexical_documents, entry_texts  # noqa: E402
 from knowledge_base.loader import Corpus, load_corpus  # noqa: E402
 from knowledge_base.search import KnowledgeBase  # noqa: E402
 from knowledge_base.text import TextProcessor  # noqa: E402
+from knowledge_base.config import KnowledgeBaseConfig  # noqa: E402
 from xiaozhi.settings import Settings  # noqa: E402
 
 
@@ -156,7 +157,7 @@ def corpus(full_corpus) -> Corpus:
     return _subset(full_corpus, FIXTURE_IDS)
 
 
-def _settings(es_url: str, alias: str, tmp_path: Path, **extra) -> Settings:
+def _config(es_url: str, alias: str, tmp_path: Path, **extra) -> KnowledgeBaseConfig:
     return Settings(
         kb_backend="elasticsearch",
         es_url=es_url,
@@ -164,13 +165,13 @@ def _settings(es_url: str, alias: str, tmp_path: Path, **extra) -> Settings:
         es_analyzer=extra.pop("es_analyzer", "cjk"),
         cache_dir=tmp_path / "cache",
         **extra,
-    )
+    ).knowledge_base_config()
 
 
 @pytest.fixture(scope="module")
 def backend(es_url, corpus, text, embedder, tmp_path_factory) -> ElasticsearchBackend:
-    settings = _settings(es_url, "kb-contract", tmp_path_factory.mktemp("kb"))
-    return ElasticsearchBackend.from_settings(settings, corpus, text, embedder)
+    config = _config(es_url, "kb-contract", tmp_path_factory.mktemp("kb"))
+    return ElasticsearchBackend.from_config(config, corpus, text, embedder)
 
 
 def _variant_count(corpus: Corpus) -> int:
@@ -297,7 +298,7 @@ def test_analysed_fields_can_join_the_lexical_ranker(backend, corpus, text, embe
 
 # -- alias lifecycle ----------------------------------------------------------------------------------
 def test_reindex_swaps_alias_while_searches_keep_answering(es_url, corpus, full_corpus, text, embedder, tmp_path):
-    backend = ElasticsearchBackend.from_settings(_settings(es_url, "kb-swap", tmp_path), corpus, text, embedder)
+    backend = ElasticsearchBackend.from_config(_config(es_url, "kb-swap", tmp_path), corpus, text, embedder)
     [old] = backend.current_indices()
     query = _prepare(text, corpus, "医保电子凭证怎么激活")
     allowed = {e.id for e in corpus.entries}
@@ -339,13 +340,13 @@ def test_reindex_swaps_alias_while_searches_keep_answering(es_url, corpus, full_
 
 
 def test_reopen_with_same_fingerprint_does_not_reindex(es_url, corpus, full_corpus, text, embedder, tmp_path, monkeypatch):
-    settings = _settings(es_url, "kb-reopen", tmp_path)
-    first = ElasticsearchBackend.from_settings(settings, corpus, text, embedder)
+    config = _config(es_url, "kb-reopen", tmp_path)
+    first = ElasticsearchBackend.from_config(config, corpus, text, embedder)
     [index] = first.current_indices()
     # The hub's reload marker names the live index, written after the alias moved; vectors are
     # cached apart from the embedded backend's generations.
-    assert (settings.kb_index_dir / "CURRENT").read_text() == index
-    assert any((settings.kb_index_dir / "es-vectors").iterdir())
+    assert (config.index_dir / "CURRENT").read_text() == index
+    assert any((config.index_dir / "es-vectors").iterdir())
 
     calls: list[str] = []
     original = ElasticsearchBackend.reindex
@@ -355,13 +356,13 @@ def test_reopen_with_same_fingerprint_does_not_reindex(es_url, corpus, full_corp
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ElasticsearchBackend, "reindex", counting)
-    second = ElasticsearchBackend.from_settings(settings, corpus, text, embedder)
+    second = ElasticsearchBackend.from_config(config, corpus, text, embedder)
     assert calls == [] and second.current_indices() == [index]
 
     changed = _subset(full_corpus, FIXTURE_IDS[:-1])  # different data: a new fingerprint
-    third = ElasticsearchBackend.from_settings(settings, changed, text, embedder)
+    third = ElasticsearchBackend.from_config(config, changed, text, embedder)
     assert calls == ["kb-reopen"] and third.current_indices() != [index]
-    assert (settings.kb_index_dir / "CURRENT").read_text() == third.current_indices()[0]
+    assert (config.index_dir / "CURRENT").read_text() == third.current_indices()[0]
     assert not third.client.indices.exists(index=index)
 
 
@@ -370,7 +371,7 @@ def test_unreachable_cluster_gives_a_clear_error(corpus, text, embedder, tmp_pat
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(KnowledgeBaseUnavailable) as info:
-        ElasticsearchBackend.from_settings(_settings(url, "kb-none", tmp_path), corpus, text, embedder)
+        ElasticsearchBackend.from_config(_config(url, "kb-none", tmp_path), corpus, text, embedder)
     message = str(info.value)
     assert f"cannot reach Elasticsearch at {url}" in message
     assert "XIAOZHI_ES_URL" in message and "XIAOZHI_KB_BACKEND=embedded" in message
@@ -378,9 +379,9 @@ def test_unreachable_cluster_gives_a_clear_error(corpus, text, embedder, tmp_pat
 
 
 def test_missing_analyser_plugin_is_explained_and_leaves_nothing_behind(es_url, corpus, text, embedder, tmp_path):
-    settings = _settings(es_url, "kb-ik", tmp_path, es_analyzer="ik_max_word")  # the stand-in has no IK
+    config = _config(es_url, "kb-ik", tmp_path, es_analyzer="ik_max_word")  # the stand-in has no IK
     with pytest.raises(KnowledgeBaseUnavailable) as info:
-        ElasticsearchBackend.from_settings(settings, corpus, text, embedder)
+        ElasticsearchBackend.from_config(config, corpus, text, embedder)
     assert "analysis-ik" in str(info.value) and "XIAOZHI_ES_ANALYZER=cjk" in str(info.value)
     probe = ElasticsearchBackend.make_client(es_url)
     assert not probe.indices.exists_alias(name="kb-ik")
@@ -392,7 +393,7 @@ def test_concrete_index_with_the_alias_name_is_explained(es_url, corpus, text, e
     client.indices.create(index="kb-squatted")
     try:
         with pytest.raises(KnowledgeBaseUnavailable, match="is a concrete index, not an alias"):
-            ElasticsearchBackend.from_settings(_settings(es_url, "kb-squatted", tmp_path), corpus, text, embedder)
+            ElasticsearchBackend.from_config(_config(es_url, "kb-squatted", tmp_path), corpus, text, embedder)
     finally:
         client.indices.delete(index="kb-squatted")
 
@@ -435,9 +436,9 @@ def test_credentials_come_from_settings_and_rejection_is_explained(corpus, text,
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        settings = _settings(url, "kb-auth", tmp_path, es_username="xiaozhi_kb", es_password="s3cret")
+        config = _config(url, "kb-auth", tmp_path, es_username="xiaozhi_kb", es_password="s3cret")
         with pytest.raises(KnowledgeBaseUnavailable, match="rejected the credentials"):
-            ElasticsearchBackend.from_settings(settings, corpus, text, embedder)
+            ElasticsearchBackend.from_config(config, corpus, text, embedder)
     finally:
         server.shutdown()
         server.server_close()

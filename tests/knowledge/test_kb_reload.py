@@ -35,13 +35,13 @@ def test_hub_serves_a_new_entry_after_kb_index(settings, knowledge_base, tmp_pat
             "kb_reload_interval_s": 0.2,
         }
     )
-    first = open_knowledge_base(local, embedder=knowledge_base.embedder)
+    first = open_knowledge_base(local.knowledge_base_config(), embedder=knowledge_base.embedder)
     with TestClient(create_app(local, knowledge_base=first)) as hub:
         assert "ev-reload-probe" not in first.entries
         with open(data / "national" / "e_voucher.yaml", "a", encoding="utf-8") as f:
             f.write(NEW_ENTRY)
         # What `xiaozhi kb index` does: encode the changed corpus and mark it current.
-        open_knowledge_base(local, embedder=knowledge_base.embedder)
+        open_knowledge_base(local.knowledge_base_config(), embedder=knowledge_base.embedder)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             found = hub.get("/api/kb/entries/ev-reload-probe")

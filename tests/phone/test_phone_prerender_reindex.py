@@ -20,7 +20,7 @@ from tests.support.phone import (
 
 from knowledge_base.factory import open_knowledge_base
 from telephony.tts import CLAUSE_CACHE_NAME, split_clauses
-from xiaozhi.spoken import spoken_chinese
+from yibao_common.spoken import spoken_chinese
 
 pytestmark = [needs_whisper, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ async def test_a_reindexed_answer_is_prerendered_and_played_from_the_cache(setti
     (cache / "models").symlink_to(settings.cache_dir / "models")  # Kokoro, Whisper, the embedding model
     local = hub_settings.model_copy(update={"kb_data_dir": kb_file.parent.parent, "cache_dir": cache,
                                             "embedding_model": settings.effective_embedding_model})
-    first = await asyncio.to_thread(open_knowledge_base, local, embedder=knowledge_base.embedder)
+    first = await asyncio.to_thread(open_knowledge_base, local.knowledge_base_config(), embedder=knowledge_base.embedder)
     async with phone_hub(local, first, tts_prerender=True, kb_reload_interval_s=0.2) as app:
         phone = app.state.phone
         prompts = phone.bot.prompts
@@ -59,7 +59,7 @@ async def test_a_reindexed_answer_is_prerendered_and_played_from_the_cache(setti
         source["entries"] += yaml.safe_load(NEW_ENTRY)
         kb_file.write_text(yaml.safe_dump(source, allow_unicode=True), encoding="utf-8")
         # what `xiaozhi kb index` does: encode the changed corpus and mark it current
-        await asyncio.to_thread(open_knowledge_base, local, embedder=knowledge_base.embedder)
+        await asyncio.to_thread(open_knowledge_base, local.knowledge_base_config(), embedder=knowledge_base.embedder)
         assert await wait_until(lambda: all(prompts.lookup(c, name=CLAUSE_CACHE_NAME) is not None for c in answer),
                               300), "the hub pre-rendered the new answer after the re-index"
         await asyncio.to_thread(phone.prerenderer.idle.wait, 300)

@@ -19,7 +19,7 @@ from telephony.tts import (
     load_prompts,
     make_synthesizer,
 )
-from xiaozhi.spoken import cardinal, spoken_chinese
+from yibao_common.spoken import cardinal, spoken_chinese
 
 needs_espeak = pytest.mark.skipif(
     not espeak_available(), reason="espeak-ng (libespeak-ng) or pyttsx3 not installed: apt-get install espeak-ng"

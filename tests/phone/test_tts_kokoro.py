@@ -26,7 +26,7 @@ from telephony.tts import (
     speak_clauses,
     split_clauses,
 )
-from xiaozhi.spoken import spell_letters, speech_text
+from yibao_common.spoken import spell_letters, speech_text
 
 
 @pytest.fixture(scope="module")

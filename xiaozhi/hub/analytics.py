@@ -47,7 +47,7 @@ from knowledge_base.schema import TOPIC_LABELS
 from xiaozhi.hub.desk import CALLBACK_TEXT
 from xiaozhi.hub.infra.store import Conversation, Escalation, Message, Store, aware
 from xiaozhi.hub.surveys import LOCAL_TZ, Survey
-from xiaozhi.masking import mask_pii
+from yibao_common.masking import mask_pii
 
 GAP_OUTCOMES = ("abstained", "clarifying")
 INTENT_LABELS_FILE = Path(__file__).resolve().parent / "intent_labels.yaml"
@@ -64,9 +64,9 @@ _PROVINCE_FULL = {
 
 
 def _region_names() -> dict[str, str]:
-    """GB/T 2260 code -> name for regions the knowledge base has no entry for (knowledge_base/places.py,
+    """GB/T 2260 code -> name for regions the knowledge base has no entry for (yibao_common/places.py,
     the vocabulary the dialogue reads too)."""
-    from knowledge_base.places import CODE_NAMES
+    from yibao_common.places import CODE_NAMES
 
     names = {}
     for code, name in CODE_NAMES.items():

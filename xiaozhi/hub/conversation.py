@@ -24,7 +24,7 @@ from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.infra.rasa_client import BotReply, RasaClient, RasaUnavailable
 from xiaozhi.hub.infra.store import Conversation, Message, Store, utcnow
 from xiaozhi.log_context import conversation_scope
-from xiaozhi.masking import mask_pii
+from yibao_common.masking import mask_pii
 
 log = logging.getLogger(__name__)
 

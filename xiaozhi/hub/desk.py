@@ -31,7 +31,7 @@ from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
 from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.infra.store import OPEN_STATUSES, Conversation, Escalation, Message, Store, aware, utcnow
 from xiaozhi.log_context import bind_conversation
-from xiaozhi.masking import mask_pii
+from yibao_common.masking import mask_pii
 
 if TYPE_CHECKING:
     from xiaozhi.hub.accounts import StaffUser

@@ -26,7 +26,7 @@ from xiaozhi.hub.contacts import caller_hash
 from xiaozhi.hub.infra.owner import owner_meta
 from xiaozhi.hub.phone_confirm import PhoneConfirmation, before_reply
 from xiaozhi.log_context import conversation_scope
-from xiaozhi.spoken import spoken_chinese
+from yibao_common.spoken import spoken_chinese
 
 if TYPE_CHECKING:
     from telephony.metrics import VoiceMetrics

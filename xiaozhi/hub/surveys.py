@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from xiaozhi.hub.infra.store import Base, Conversation, Store, aware, utcnow
-from xiaozhi.masking import mask_pii
+from yibao_common.masking import mask_pii
 
 log = logging.getLogger(__name__)
 

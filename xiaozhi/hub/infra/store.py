@@ -228,7 +228,7 @@ class Store:
         entry_point: str = "",
         meta: dict | None = None,
     ) -> tuple[Conversation, str]:
-        """``contact`` must already be masked (see ``xiaozhi.masking``)."""
+        """``contact`` must already be masked (see ``yibao_common.masking``)."""
         token = secrets.token_urlsafe(32)
         conv = Conversation(
             id=str(uuid.uuid4()),

@@ -1,15 +1,15 @@
-"""Small GB/T 2260 lookup and keyword tables that normalise what residents say.
+"""Keyword tables that normalise what residents say into the forms' slot values.
 
-Why keywords beside DIET's entities: a phone line's speech recognition often garbles a word the
-entity extractor never saw (微信 -> 威信), and a form must not ask again for something the
-resident already said. These tables are vocabulary, not policy; policy text comes from the KB.
+Places and GB/T 2260 codes are ``yibao_common.places`` (the hub reads them too). Why keywords beside
+DIET's entities: a phone line's speech recognition often garbles a word the entity extractor never
+saw (微信 -> 威信), and a form must not ask again for something the resident already said. These tables are vocabulary, not policy; policy text comes from the KB.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
-from knowledge_base.places import CODE_NAMES, REGION_CODES, RELATIONS, find_keyword  # noqa: F401 (re-exported)
+from yibao_common.places import find_keyword
 
 # canonical value -> spoken/written variants (including frequent recognition errors)
 CHANNELS = {
@@ -53,20 +53,3 @@ def normalise(value: Optional[str], table: Dict[str, List[str]]) -> Optional[str
 
 def entity_values(entities: Iterable[dict], name: str) -> List[str]:
     return [str(e.get("value")) for e in entities if e.get("entity") == name and e.get("value")]
-
-
-def find_place(text: str, entities: Iterable[dict] = ()) -> Optional[Tuple[str, str]]:
-    """(name, GB/T 2260 code) of the first known place named in the message."""
-    for value in entity_values(entities, "city"):
-        name = value.removesuffix("市").removesuffix("省")
-        if name in REGION_CODES:
-            return name, REGION_CODES[name]
-    hits = [(text.find(name), -len(name), name) for name in REGION_CODES if name in text]
-    if hits:
-        _, _, name = min(hits)
-        return name, REGION_CODES[name]
-    return None
-
-
-def same_province(code_a: Optional[str], code_b: Optional[str]) -> bool:
-    return bool(code_a and code_b and code_a[:2] == code_b[:2])

@@ -1,13 +1,13 @@
 """Place names and who-is-who words residents use, with GB/T 2260 codes: vocabulary, not policy.
 
-Standard library only: the hub's knowledge base (Python 3.11) and the Rasa action server
-(bot/actions, Python 3.10) read the same tables.
+The hub's knowledge base and analytics (Python 3.11) and the Rasa action server (bot/actions,
+Python 3.10) read the same tables and find places in a message the same way.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 # Province-level and major city codes (GB/T 2260). Enough for region packs and for telling
 # whether a destination lies in the resident's own province.
@@ -61,9 +61,31 @@ RELATIONS = {
     "配偶": ["配偶", "老婆", "老公", "爱人", "媳妇", "丈夫", "妻子"],
 }
 
+
 def find_keyword(text: str, table: Dict[str, List[str]]) -> Optional[str]:
     """The canonical value whose variant occurs first in the table's order of priority."""
     for value, variants in table.items():
         if any(v in text for v in variants):
             return value
     return None
+
+
+def find_place(text: str, entities: Iterable[dict] = ()) -> Optional[Tuple[str, str]]:
+    """(name, GB/T 2260 code) of the place a message names: a ``city`` entity the NLU extracted
+    (Rasa's entity dicts), else the known name that occurs first in the text (the longest at a tie)."""
+    for entity in entities:
+        if entity.get("entity") != "city" or not entity.get("value"):
+            continue
+        name = str(entity["value"]).removesuffix("市").removesuffix("省")
+        if name in REGION_CODES:
+            return name, REGION_CODES[name]
+    hits = [(text.find(name), -len(name), name) for name in REGION_CODES if name in text]
+    if hits:
+        _, _, name = min(hits)
+        return name, REGION_CODES[name]
+    return None
+
+
+def same_province(code_a: Optional[str], code_b: Optional[str]) -> bool:
+    """Whether two GB/T 2260 codes lie in one province (their first two digits)."""
+    return bool(code_a and code_b and code_a[:2] == code_b[:2])
