@@ -234,7 +234,7 @@ def kb_eval(
 
 
 async def _with_accounts(settings: Settings, work):
-    from xiaozhi.hub.accounts import Accounts
+    from xiaozhi.hub.domain.accounts import Accounts
     from xiaozhi.hub.infra.store import Store
 
     store = Store(settings.effective_database_url)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from tests.support import DATABASES, make_staff, open_session
 
-from xiaozhi.hub import analytics
-from xiaozhi.hub.desk import CALLBACK_TEXT
+from xiaozhi.hub.domain import analytics
+from xiaozhi.hub.domain.desk import CALLBACK_TEXT
 from xiaozhi.hub.infra.store import Escalation, Message
-from xiaozhi.hub.surveys import LOCAL_TZ, Survey
+from xiaozhi.hub.domain.surveys import LOCAL_TZ, Survey
 
 
 @pytest.fixture(params=DATABASES)

@@ -161,7 +161,7 @@ def test_turn_locks_are_dropped_when_a_conversation_is_idle(hub):
 def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
     import asyncio
 
-    from xiaozhi.hub.conversation import KeyedLocks
+    from xiaozhi.hub.domain.conversation import KeyedLocks
 
     async def scenario():
         locks, order = KeyedLocks(), []

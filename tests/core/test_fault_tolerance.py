@@ -243,7 +243,7 @@ def test_shutdown_closes_the_database_only_after_the_hubs_own_tasks_have_ended(h
     from fastapi.testclient import TestClient
 
     from xiaozhi.hub.app import create_app
-    from xiaozhi.hub.conversation import ConversationService
+    from xiaozhi.hub.domain.conversation import ConversationService
     from xiaozhi.hub.infra.store import Store
 
     sweeping, cleaned_up, seen_at_close = threading.Event(), [], []

@@ -327,7 +327,7 @@ def scripts_with_a_rename(tmp_path):
 
 
 def test_a_revision_renames_a_column_with_a_backfill_and_goes_back(url, scripts_with_a_rename):
-    from xiaozhi.hub.accounts import Accounts
+    from xiaozhi.hub.domain.accounts import Accounts
 
     async def users_at_baseline():
         store = Store(url)

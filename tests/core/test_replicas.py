@@ -112,7 +112,7 @@ def test_replicas_starting_together_on_an_empty_database_all_start_with_one_firs
 
     from sqlalchemy import func, select
 
-    from xiaozhi.hub.accounts import AuditEntry, StaffUser
+    from xiaozhi.hub.domain.accounts import AuditEntry, StaffUser
 
     apps = [create_app(hub_settings, knowledge_base=knowledge_base) for _ in range(4)]
 
@@ -146,7 +146,7 @@ def test_a_due_follow_up_call_is_placed_once_by_two_polling_replicas(fresh_postg
     from concurrent.futures import ThreadPoolExecutor
 
     from xiaozhi.hub.infra.store import Store
-    from xiaozhi.hub.surveys import LOCAL_TZ, SurveyPolicy, SurveyService
+    from xiaozhi.hub.domain.surveys import LOCAL_TZ, SurveyPolicy, SurveyService
 
     now = dt.datetime(2026, 3, 3, 10, 0, tzinfo=LOCAL_TZ)  # daytime: calls allowed
     calls: list[int] = []
@@ -191,7 +191,7 @@ def test_a_call_in_progress_is_not_taken_for_a_cut_off_one(fresh_postgres_url):
     from concurrent.futures import ThreadPoolExecutor
 
     from xiaozhi.hub.infra.store import Store
-    from xiaozhi.hub.surveys import CALL_STALE_S, LOCAL_TZ, SurveyPolicy, SurveyService
+    from xiaozhi.hub.domain.surveys import CALL_STALE_S, LOCAL_TZ, SurveyPolicy, SurveyService
 
     clock = [dt.datetime(2026, 3, 3, 10, 0, tzinfo=LOCAL_TZ)]
     seen: list[str] = []
@@ -215,7 +215,7 @@ def test_a_call_in_progress_is_not_taken_for_a_cut_off_one(fresh_postgres_url):
             # A call left "calling" by a crashed replica is retried once it is stale.
             from sqlalchemy import update
 
-            from xiaozhi.hub.surveys import Survey
+            from xiaozhi.hub.domain.surveys import Survey
 
             async with store.sessions() as s, s.begin():
                 await s.execute(update(Survey).values(status="calling", due_at=clock[0]))

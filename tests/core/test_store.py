@@ -41,7 +41,7 @@ def test_older_tables_gain_boolean_integer_and_json_columns_on_both_databases(tm
     """The additive upgrade's DDL must suit the database: PostgreSQL refuses `BOOLEAN DEFAULT 1`."""
     from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, insert, select
 
-    from xiaozhi.hub.accounts import StaffUser
+    from xiaozhi.hub.domain.accounts import StaffUser
 
     url = database_url or f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
     old = MetaData()  # staff_users before skills and disabling; escalations before the agent desk

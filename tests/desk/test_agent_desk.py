@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from xiaozhi.hub.app import create_app
-from xiaozhi.hub.desk import DeskError, ServiceHours
+from xiaozhi.hub.domain.desk import DeskError, ServiceHours
 
 
 @pytest.fixture(params=DATABASES)

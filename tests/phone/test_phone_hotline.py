@@ -20,7 +20,7 @@ import pytest
 
 from telephony.audio import tone
 from telephony.testing import LoopbackCapture, free_udp_port, run_sipp, until_no_calls
-from xiaozhi.hub.contacts import caller_hash
+from xiaozhi.hub.domain.contacts import caller_hash
 
 from tests.support.phone import (
     ASR, SCENARIOS, conversations, escalations, faint_caller_reaches_the_menu, needs_sipp, needs_whisper, phone_hub,

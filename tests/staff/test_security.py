@@ -303,7 +303,7 @@ def test_agent_socket_answers_garbage_and_stays_open(hub, caplog):
 
 @pytest.mark.timeout(60)  # the old failure mode was a socket never closed: the client waited forever
 def test_a_desk_socket_whose_queue_half_fails_is_closed_with_1011_and_logged(hub, caplog, monkeypatch):
-    from xiaozhi.hub.desk import AgentDesk
+    from xiaozhi.hub.domain.desk import AgentDesk
 
     token = staff_login(hub)["Authorization"].split()[1]
 

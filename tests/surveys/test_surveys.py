@@ -9,7 +9,7 @@ import pytest
 from tests.support import DATABASES, open_session
 
 from xiaozhi.hub.infra.store import Store
-from xiaozhi.hub.surveys import LOCAL_TZ, SurveyPolicy, SurveyService, parse_quiet_hours
+from xiaozhi.hub.domain.surveys import LOCAL_TZ, SurveyPolicy, SurveyService, parse_quiet_hours
 
 
 @pytest.fixture(params=DATABASES)
@@ -154,7 +154,7 @@ def test_keypad_answer_is_stored_once_and_a_second_close_does_not_reschedule(sto
         s = await svc.for_conversation(conv.id)
         assert (s.status, s.rating, s.answered_via) == ("answered", 4, "keypad")
         assert await svc.run_due() == 0
-        from xiaozhi.hub.surveys import SurveyError
+        from xiaozhi.hub.domain.surveys import SurveyError
 
         with pytest.raises(SurveyError) as err:
             await svc.answer(conv.id, 5)
@@ -272,7 +272,7 @@ def test_bad_survey_settings_are_logged_and_the_hub_still_serves(hub_settings, k
     settings = hub_settings.model_copy(
         update={"survey_sip_uri": "tel:+8657112345", "survey_quiet_hours": "夜里", "survey_poll_interval_s": 0}
     )
-    with caplog.at_level("ERROR", logger="xiaozhi.hub.surveys"):
+    with caplog.at_level("ERROR", logger="xiaozhi.hub.domain.surveys"):
         with TestClient(create_app(settings, knowledge_base=knowledge_base)) as client:
             assert client.app.state.surveys.phone_caller is None
             assert client.app.state.surveys.policy.quiet == (dt.time(21), dt.time(8, 30))

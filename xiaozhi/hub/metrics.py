@@ -33,9 +33,9 @@ from sqlalchemy import func, select
 from starlette.routing import Match, Mount
 
 from telephony.metrics import VoiceMetrics
-from xiaozhi.hub.analytics import RESOLUTIONS, classify
+from xiaozhi.hub.domain.analytics import RESOLUTIONS, classify
 from xiaozhi.hub.infra.store import Conversation, Escalation, aware, utcnow
-from xiaozhi.hub.surveys import Survey
+from xiaozhi.hub.domain.surveys import Survey
 
 if TYPE_CHECKING:
     from xiaozhi.hub.services import HubServices

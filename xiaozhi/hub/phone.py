@@ -22,7 +22,7 @@ from telephony.call import Call
 from telephony.lines import DistrictLines, LinesError
 from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
-from xiaozhi.hub.contacts import caller_hash
+from xiaozhi.hub.domain.contacts import caller_hash
 from xiaozhi.hub.infra.owner import owner_meta
 from xiaozhi.hub.phone_confirm import PhoneConfirmation, before_reply
 from xiaozhi.log_context import conversation_scope
@@ -31,7 +31,7 @@ from yibao_common.spoken import spoken_chinese
 if TYPE_CHECKING:
     from telephony.metrics import VoiceMetrics
     from telephony.user_agent import UserAgent
-    from xiaozhi.hub.conversation import ConversationService
+    from xiaozhi.hub.domain.conversation import ConversationService
     from xiaozhi.hub.infra.store import Conversation, Store
     from xiaozhi.settings import Settings
 

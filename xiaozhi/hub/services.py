@@ -32,17 +32,17 @@ import functools
 import logging
 import secrets
 
-from xiaozhi.hub.accounts import Accounts, Role
+from xiaozhi.hub.domain.accounts import Accounts, Role
 from xiaozhi.hub.infra.bus import LocalBus, make_bus
-from xiaozhi.hub.conversation import ConversationService
-from xiaozhi.hub.desk import AgentDesk
+from xiaozhi.hub.domain.conversation import ConversationService
+from xiaozhi.hub.domain.desk import AgentDesk
 from xiaozhi.hub.metrics import HubMetrics
 from xiaozhi.hub.phone import PhoneService
 from xiaozhi.hub.infra.rasa_client import RasaClient
 from xiaozhi.hub.infra.retention import retention_loop
 from xiaozhi.hub.infra.security import Limits
 from xiaozhi.hub.infra.store import Store
-from xiaozhi.hub.surveys import SurveyService
+from xiaozhi.hub.domain.surveys import SurveyService
 from xiaozhi.hub.channels.video import VideoChannel
 from xiaozhi.settings import Settings
 

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 from telephony.call import Call
 from telephony.handler import CallHandler
 from telephony.user_agent import UserAgent
-from xiaozhi.hub.surveys import PHONE_NO_ANSWER, PHONE_QUESTION, PHONE_THANKS, Survey
+from xiaozhi.hub.domain.surveys import PHONE_NO_ANSWER, PHONE_QUESTION, PHONE_THANKS, Survey
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Channels: each turns its medium into the conversation core's calls (xiaozhi/hub/conversation.py).
+"""Channels: each turns its medium into the conversation core's calls (xiaozhi/hub/domain/conversation.py).
 
 - ``chat``: web chat over a WebSocket (HTTP turns are the chat router's; both call ``handle``)
 - ``phone``: the SIP hotline (telephony/ implements the medium; ``PhoneService`` is its DialogueBackend)

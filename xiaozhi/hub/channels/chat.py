@@ -14,7 +14,7 @@ import math
 from fastapi import WebSocket, WebSocketDisconnect
 
 from xiaozhi.hub.channels.live import Following
-from xiaozhi.hub.conversation import ensure_open
+from xiaozhi.hub.domain.conversation import ensure_open
 from xiaozhi.hub.infra.errors import TURN_FAILED, ApiError
 from xiaozhi.hub.infra.frames import close_if_open, receive_json_frame
 from xiaozhi.hub.infra.schemas import clean_text, message_problem

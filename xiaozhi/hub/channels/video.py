@@ -17,16 +17,16 @@ from sqlalchemy import select
 
 from video.ice import IceConfigError, ice_servers_for
 from video.session import BadOffer, ClientSessionsFull, SessionGone, SessionsFull, VideoManager, VideoSession
-from xiaozhi.hub.accounts import Role, StaffUser
-from xiaozhi.hub.conversation import preview
+from xiaozhi.hub.domain.accounts import Role, StaffUser
+from xiaozhi.hub.domain.conversation import preview
 from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.infra.owner import owner_meta
 from xiaozhi.hub.infra.store import Conversation, Escalation
 from xiaozhi.log_context import bind_conversation
 
 if TYPE_CHECKING:
-    from xiaozhi.hub.accounts import Accounts
-    from xiaozhi.hub.conversation import ConversationService
+    from xiaozhi.hub.domain.accounts import Accounts
+    from xiaozhi.hub.domain.conversation import ConversationService
     from xiaozhi.hub.phone import PhoneService
     from xiaozhi.hub.infra.store import Message, Store
     from xiaozhi.settings import Settings

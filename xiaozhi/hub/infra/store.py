@@ -142,7 +142,7 @@ class Escalation(Base):
     # waiting (in the queue), claimed (an agent holds it), callback (out of hours: call back), closed.
     status: Mapped[str] = mapped_column(String(16), default="waiting")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # The agent desk's fields (xiaozhi/hub/desk.py). Analytics and the video desk read them by name.
+    # The agent desk's fields (xiaozhi/hub/domain/desk.py). Analytics and the video desk read them by name.
     priority: Mapped[int] = mapped_column(Integer, default=0)  # higher first: urgent, elderly, repeated failure
     topic: Mapped[str] = mapped_column(String(32), default="")  # skill: knowledge-base topic, "" for anyone
     agent: Mapped[str] = mapped_column(String(64), default="")  # user name of the agent holding it

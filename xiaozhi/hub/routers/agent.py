@@ -18,11 +18,11 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from xiaozhi.hub.accounts import Role, StaffUser
+from xiaozhi.hub.domain.accounts import Role, StaffUser
 from xiaozhi.hub.channels.live import Following
-from xiaozhi.hub.conversation import message_out
+from xiaozhi.hub.domain.conversation import message_out
 from xiaozhi.hub.deps import AgentUser, ClientAddress, Desk, KnowledgeBase, StaffAccounts, services_of
-from xiaozhi.hub.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS
+from xiaozhi.hub.domain.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS
 from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.infra.frames import close_if_open, receive_json_frame, refuse
 from xiaozhi.hub.infra.schemas import MessageText
@@ -151,7 +151,7 @@ async def say(item_id: ItemId, body: TextIn, user: Agent, d: Desk, accounts: Sta
 
 @router.get("/canned")
 async def canned(d: Desk, _: Agent) -> dict:
-    """Canned responses (xiaozhi/hub/canned_responses.yaml)."""
+    """Canned responses (xiaozhi/hub/domain/canned_responses.yaml)."""
     return {"responses": d.canned}
 
 

@@ -11,8 +11,8 @@ from fastapi import APIRouter, Query, WebSocket
 from pydantic import BaseModel, Field
 
 from xiaozhi.hub.channels.chat import serve_chat_socket
-from xiaozhi.hub.contacts import VISITOR_PATTERN
-from xiaozhi.hub.conversation import ensure_open, message_out
+from xiaozhi.hub.domain.contacts import VISITOR_PATTERN
+from xiaozhi.hub.domain.conversation import ensure_open, message_out
 from xiaozhi.hub.deps import (Conversations, Desk, HubSettings, HubStore, ResidentConversation,
                               check_length, conversation_for_token, services_of)
 from xiaozhi.hub.infra.errors import ApiError

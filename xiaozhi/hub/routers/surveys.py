@@ -13,7 +13,7 @@ from fastapi import APIRouter
 
 from xiaozhi.hub.deps import Conversations, ResidentConversation, Surveys
 from xiaozhi.hub.infra.errors import ApiError
-from xiaozhi.hub.surveys import SurveyError, survey_out
+from xiaozhi.hub.domain.surveys import SurveyError, survey_out
 
 router = APIRouter(prefix="/api/sessions", tags=["surveys"])
 

@@ -36,8 +36,8 @@ class SchemaOutOfDate(RuntimeError):
 
 def hub_metadata() -> MetaData:
     """Every table of the hub: the models of store, accounts and surveys."""
-    import xiaozhi.hub.accounts  # noqa: F401  (registers its tables)
-    import xiaozhi.hub.surveys  # noqa: F401
+    import xiaozhi.hub.domain.accounts  # noqa: F401  (registers its tables)
+    import xiaozhi.hub.domain.surveys  # noqa: F401
     from xiaozhi.hub.infra.store import Base
 
     return Base.metadata

@@ -27,15 +27,15 @@ import yaml
 from sqlalchemy import func, select, update
 
 from knowledge_base.schema import TOPIC_LABELS
-from xiaozhi.hub.conversation import ESCALATION_WORDS, message_out
+from xiaozhi.hub.domain.conversation import ESCALATION_WORDS, message_out
 from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.infra.store import OPEN_STATUSES, Conversation, Escalation, Message, Store, aware, utcnow
 from xiaozhi.log_context import bind_conversation
 from yibao_common.masking import mask_pii
 
 if TYPE_CHECKING:
-    from xiaozhi.hub.accounts import StaffUser
-    from xiaozhi.hub.conversation import ConversationService
+    from xiaozhi.hub.domain.accounts import StaffUser
+    from xiaozhi.hub.domain.conversation import ConversationService
     from xiaozhi.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -440,7 +440,7 @@ class AgentDesk:
 
     @staticmethod
     def is_supervisor(user: StaffUser) -> bool:
-        from xiaozhi.hub.accounts import Role
+        from xiaozhi.hub.domain.accounts import Role
 
         return user.role_enum.at_least(Role.supervisor)
 
