@@ -6,7 +6,7 @@ Stages per call (each is its own small object, tested alone):
                -> spoken text -> Synthesizer (TTS thread) -> call.play (paced RTP)
 
 What the dialogue *is* stays outside ``telephony/``: a ``DialogueBackend`` (the hub's phone glue,
-``xiaozhi.hub.phone``) creates the conversation, answers turns and queues escalations.
+``xiaozhi.hub.channels.phone.hotline``) creates the conversation, answers turns and queues escalations.
 
 Phone behaviour: greeting (with the recording notice when recording), barge-in (caller speech of
 ``barge_in_ms`` during playback stops it; a shorter burst, or a turn recognised as a backchannel

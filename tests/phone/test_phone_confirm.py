@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from tests.support.phone import needs_whisper, phone_hub, placed_call, until_heard, until_quiet, wait_until
-from xiaozhi.hub.phone_confirm import CONFIRM_SPOKEN, REPHRASE_SPOKEN, PhoneConfirmation, yes_or_no
+from xiaozhi.hub.channels.phone.confirm import CONFIRM_SPOKEN, REPHRASE_SPOKEN, PhoneConfirmation, yes_or_no
 
 # What the recogniser made of a 10 dB story about giving birth away from home (the words around the
 # question half lost): the answer stage still finds a point, but not one to answer without asking.

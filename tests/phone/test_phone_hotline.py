@@ -356,7 +356,7 @@ def test_the_hub_fixture_keeps_sip_off(hub) -> None:
 
 
 def test_elderly_mode_gives_more_patience_unless_set_explicitly(hub_settings) -> None:
-    from xiaozhi.hub.phone import PhoneService
+    from xiaozhi.hub.channels.phone.hotline import PhoneService
 
     plain = PhoneService(hub_settings, None, None).voice_config()
     elderly = PhoneService(hub_settings.model_copy(update={"phone_elderly_mode": True}), None, None).voice_config()

@@ -20,7 +20,7 @@ from xiaozhi.settings import Settings
 
 
 class FakeLeg:
-    """Implements the AgentAudioLeg contract of the phone side (xiaozhi/hub/phone.py) in memory."""
+    """Implements the AgentAudioLeg contract of the phone side (xiaozhi/hub/channels/phone/hotline.py) in memory."""
 
     def __init__(self) -> None:
         self.caller_frames: asyncio.Queue = asyncio.Queue()

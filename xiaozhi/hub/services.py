@@ -37,7 +37,7 @@ from xiaozhi.hub.infra.bus import LocalBus, make_bus
 from xiaozhi.hub.domain.conversation import ConversationService
 from xiaozhi.hub.domain.desk import AgentDesk
 from xiaozhi.hub.metrics import HubMetrics
-from xiaozhi.hub.phone import PhoneService
+from xiaozhi.hub.channels.phone.hotline import PhoneService
 from xiaozhi.hub.infra.rasa_client import RasaClient
 from xiaozhi.hub.infra.retention import retention_loop
 from xiaozhi.hub.infra.security import Limits
@@ -150,7 +150,7 @@ class HubServices:
         """The outbound survey caller when a trunk is configured; a bad URI is logged and chat still serves."""
         if not self.settings.survey_sip_uri:
             return None
-        from xiaozhi.hub.survey_calls import PhoneSurveyCaller
+        from xiaozhi.hub.channels.phone.survey_calls import PhoneSurveyCaller
 
         try:
             return PhoneSurveyCaller.from_settings(self.settings, self.phone, self.metrics.voice)

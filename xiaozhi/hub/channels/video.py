@@ -27,7 +27,7 @@ from xiaozhi.log_context import bind_conversation
 if TYPE_CHECKING:
     from xiaozhi.hub.domain.accounts import Accounts
     from xiaozhi.hub.domain.conversation import ConversationService
-    from xiaozhi.hub.phone import PhoneService
+    from xiaozhi.hub.channels.phone.hotline import PhoneService
     from xiaozhi.hub.infra.store import Message, Store
     from xiaozhi.settings import Settings
 

@@ -24,7 +24,7 @@ from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
 from xiaozhi.hub.domain.contacts import caller_hash
 from xiaozhi.hub.infra.owner import owner_meta
-from xiaozhi.hub.phone_confirm import PhoneConfirmation, before_reply
+from xiaozhi.hub.channels.phone.confirm import PhoneConfirmation, before_reply
 from xiaozhi.log_context import conversation_scope
 from yibao_common.spoken import spoken_chinese
 

@@ -117,7 +117,7 @@ class PhoneSurveyCaller:
         hotline's SIP endpoint when it runs, else from one of its own."""
         from telephony.tts import PromptCache
         from telephony.user_agent import UserAgent, UserAgentConfig
-        from xiaozhi.hub.phone import phone_voice
+        from xiaozhi.hub.channels.phone.hotline import phone_voice
 
         cache: dict[str, object] = {}
 
