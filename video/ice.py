@@ -2,6 +2,7 @@
 
 aiortc contacts a public STUN server when no configuration is given: every peer connection here is
 built with ``rtc_configuration()``, which is exactly what the settings say (an empty list allowed).
+The hub hands the configuration over as an ``IceConfig`` (``Settings.ice_config()``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,19 @@ import hashlib
 import hmac
 import json
 import time
+from dataclasses import dataclass, field
 
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer
+
+
+@dataclass(frozen=True)
+class IceConfig:
+    """``servers``: the JSON list of ``XIAOZHI_ICE_SERVERS``; ``turn_secret``: coturn's use-auth-secret, for
+    time-limited credentials valid ``turn_credential_ttl_s`` seconds on turn: entries that carry none."""
+
+    servers: str
+    turn_credential_ttl_s: int
+    turn_secret: str | None = field(default=None, repr=False)
 
 
 class IceConfigError(ValueError):
@@ -50,16 +62,16 @@ def turn_credentials(secret: str, user: str, ttl_s: int, now: float | None = Non
     return username, base64.b64encode(digest).decode()
 
 
-def ice_servers_for(settings, user: str = "xiaozhi") -> list[dict]:
+def ice_servers_for(config: IceConfig, user: str = "xiaozhi") -> list[dict]:
     """The configured servers; turn: entries without credentials get fresh time-limited ones."""
-    servers = parse_ice_servers(settings.ice_servers)
-    secret = settings.turn_secret.get_secret_value() if settings.turn_secret else None
+    servers = parse_ice_servers(config.servers)
+    secret = config.turn_secret
     if secret:
         for server in servers:
             is_turn = any(u.startswith(("turn:", "turns:")) for u in server["urls"])
             if is_turn and "username" not in server:
                 server["username"], server["credential"] = turn_credentials(
-                    secret, user, settings.turn_credential_ttl_s
+                    secret, user, config.turn_credential_ttl_s
                 )
     return servers
 

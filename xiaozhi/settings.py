@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from knowledge_base.config import ElasticsearchConfig, KnowledgeBaseConfig
 from yibao_common.ports import parse_port_range
+
+if TYPE_CHECKING:
+    from video.ice import IceConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -407,6 +410,13 @@ class Settings(BaseSettings):
             default_region=self.default_region,
             elasticsearch=elasticsearch if self.kb_backend == "elasticsearch" else None,
         )
+
+    def ice_config(self) -> IceConfig:
+        """Video's own config (``video.ice.IceConfig``; imported here, not at the top: video.ice loads aiortc)."""
+        from video.ice import IceConfig
+
+        return IceConfig(servers=self.ice_servers, turn_credential_ttl_s=self.turn_credential_ttl_s,
+                         turn_secret=self.turn_secret.get_secret_value() if self.turn_secret else None)
 
     @property
     def rasa_models_dir(self) -> Path:

@@ -155,7 +155,8 @@ def test_turn_credentials_follow_coturn_use_auth_secret():
     assert password == base64.b64encode(hmac.new(b"s3cret", username.encode(), hashlib.sha1).digest()).decode()
     settings = Settings(ice_servers='[{"urls": ["turn:127.0.0.1:3478"]}, {"urls": "stun:127.0.0.1:3478"}]',
                         turn_secret="s3cret", turn_credential_ttl_s=60)
-    turn, stun = ice_servers_for(settings, "resident")
+    assert "s3cret" not in repr(settings.ice_config())
+    turn, stun = ice_servers_for(settings.ice_config(), "resident")
     assert turn["username"].endswith(":resident") and int(turn["username"].split(":")[0]) > time.time()
     assert "username" not in stun
 

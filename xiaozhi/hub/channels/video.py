@@ -63,7 +63,7 @@ class VideoChannel:
         self.accounts = accounts
         self.phone = phone
         self.manager = VideoManager(
-            ice_servers=lambda: ice_servers_for(settings, "hub"),
+            ice_servers=lambda: ice_servers_for(settings.ice_config(), "hub"),
             max_sessions=settings.video_max_sessions,
             recordings_dir=settings.var_dir / "recordings" if settings.video_recording else None,
             wait_timeout_s=settings.video_wait_timeout_s,
@@ -172,7 +172,7 @@ class VideoChannel:
     # -- what a page needs --------------------------------------------------------------------------------
     def ice(self, who: str) -> list[dict]:
         try:
-            return ice_servers_for(self.settings, who)
+            return ice_servers_for(self.settings.ice_config(), who)
         except IceConfigError:
             log.exception("bad ICE configuration")
             raise ApiError(503, "video_unavailable", "视频服务配置有误，暂时无法使用，请联系管理员。") from None
