@@ -1,5 +1,9 @@
-"""The hub's structure, checked: routers import no other router, and no import circles inside xiaozhi/hub
-(lazy imports inside functions count; imports only for type checking do not)."""
+"""The hub's structure, checked: routers import no other router, the rooms import only downwards
+(infra <- domain <- channels <- root <- deps <- routers <- app), and no import circles inside xiaozhi/hub
+(lazy imports inside functions count; imports only for type checking do not).
+
+The schema's migrations (infra/migrations) are left out: they gather every model's table (domain
+accounts and surveys) and ``Store.create_schema`` runs them, by design both ways."""
 
 from __future__ import annotations
 
@@ -103,6 +107,24 @@ def test_the_cycle_finder_finds_a_circle_and_the_import_reader_reads_lazy_and_re
 
 def test_no_import_circles_in_the_hub():
     assert cycles(hub_import_graph()) == []
+
+
+# Rooms from the bottom up; a module may import its own room and the ones below.
+RANKS = {"infra": 0, "domain": 1, "channels": 2, "metrics": 3, "widget": 3, "services": 3, "deps": 4, "routers": 5,
+         "app": 6}
+
+
+def _rank(module: str) -> int:
+    return RANKS[module.split(".")[2]]
+
+
+def test_the_hub_rooms_import_only_downwards():
+    graph = hub_import_graph()
+    modules = [m for m in graph if m != "xiaozhi.hub"]
+    unplaced = [m for m in modules if m.split(".")[2] not in RANKS]
+    assert unplaced == [], "a module outside the hub's rooms"
+    upwards = sorted(f"{m} -> {d}" for m in modules for d in graph[m] if d != "xiaozhi.hub" and _rank(d) > _rank(m))
+    assert upwards == []
 
 
 def test_routers_import_no_other_router_and_nothing_imports_a_router_but_the_app():
