@@ -5,20 +5,17 @@ and routers. What runs at start, on each turn and at close is the composition ro
 
 from __future__ import annotations
 
-import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import State
 
-from xiaozhi.hub.deps import MaybeKnowledgeBase, Services
 from xiaozhi.hub.infra.errors import install_error_handlers
-from xiaozhi.hub.metrics import install_http_metrics
-from xiaozhi.hub.routers import agent, analytics, chat, knowledge, staff, surveys, video
 from xiaozhi.hub.infra.security import HubSecurityMiddleware
+from xiaozhi.hub.metrics import install_http_metrics
+from xiaozhi.hub.routers import agent, analytics, chat, knowledge, operations, staff, surveys, video
 from xiaozhi.hub.services import HubServices
 from xiaozhi.hub.widget import install_widget
 from xiaozhi.log_context import RequestIdMiddleware
@@ -44,15 +41,6 @@ class HubState(State):
         return super().__getattr__(key)
 
 
-NEARLY_FULL = 0.9  # share of the hotline's call slots at which /readyz reports it nearly full
-
-
-def hotline_slots(in_use: int, capacity: int) -> dict:
-    """The hotline's call slots as /readyz reports them."""
-    return {"calls": in_use, "max_calls": capacity, "free": max(0, capacity - in_use),
-            "nearly_full": in_use >= max(1, math.ceil(NEARLY_FULL * capacity))}
-
-
 def create_app(settings: Settings | None = None, *, knowledge_base=None) -> FastAPI:
     """``knowledge_base`` may be given ready-made (tests share one); otherwise it loads at start-up."""
     services = HubServices(settings or get_settings(), knowledge_base=knowledge_base)
@@ -76,7 +64,8 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
     app.state = HubState(services)
     install_error_handlers(app)
 
-    # Outermost layer: rate limits, body limits (declared and chunked), security headers (xiaozhi/hub/infra/security.py).
+    # Outermost layer: rate limits, body limits (declared and chunked), security headers
+    # (xiaozhi/hub/infra/security.py).
     app.add_middleware(
         HubSecurityMiddleware,
         limits=services.limits,
@@ -95,26 +84,8 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
     app.include_router(video.pages)
     app.include_router(agent.router)  # /api/agent/..., its WebSocket
     app.include_router(agent.page_router)  # /agent console page
-
-    @app.get("/healthz", tags=["operations"])
-    async def healthz() -> dict:
-        """The hub process is up."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["operations"])
-    async def readyz(hub: Services, kb: MaybeKnowledgeBase) -> JSONResponse:
-        """Ready to answer: knowledge base loaded; reports whether Rasa answers (degraded mode if not) and,
-        where the hotline runs, how many of its call slots are taken (``nearly_full`` from 90 %)."""
-        rasa_ready = await hub.rasa.healthy()
-        body = {"knowledge_base": kb is not None, "rasa": rasa_ready, "degraded": not rasa_ready}
-        user_agent = hub.phone.user_agent if hub.phone is not None else None
-        if user_agent is not None:
-            body["phone"] = hotline_slots(user_agent.slots_in_use, user_agent.config.max_calls)
-        return JSONResponse(body, status_code=200 if kb is not None else 503)
-
-    @app.get("/", include_in_schema=False)
-    async def chat_page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+    app.include_router(chat.pages)  # / (the chat page)
+    app.include_router(operations.router)  # /healthz, /readyz
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Added last, so outermost: every log line of a request, the rate limiter's and the access log's

@@ -5,9 +5,11 @@ A conversation is reached only with the token handed out when it was created.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, WebSocket
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from xiaozhi.hub.channels.chat import serve_chat_socket
@@ -20,6 +22,8 @@ from xiaozhi.hub.infra.frames import refuse
 from xiaozhi.hub.infra.schemas import MessageText
 
 router = APIRouter(prefix="/api/sessions", tags=["chat"])
+pages = APIRouter(include_in_schema=False)
+CHAT_PAGE = Path(__file__).resolve().parent.parent / "static" / "index.html"
 
 
 class SessionCreate(BaseModel):
@@ -99,3 +103,8 @@ async def chat_socket(websocket: WebSocket, session_id: str, token: str | None =
         return
     await websocket.accept()
     await serve_chat_socket(websocket, conv, services)
+
+
+@pages.get("/")
+async def chat_page() -> FileResponse:
+    return FileResponse(CHAT_PAGE, media_type="text/html; charset=utf-8")
