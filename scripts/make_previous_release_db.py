@@ -35,8 +35,8 @@ import asyncio, datetime as dt, json, pathlib, sys
 import xiaozhi
 assert pathlib.Path(xiaozhi.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()), xiaozhi.__file__
 from xiaozhi.hub.domain.accounts import Accounts, LoginFailure
-from xiaozhi.hub.infra.store import Store, utcnow
 from xiaozhi.hub.domain.surveys import Survey
+from xiaozhi.hub.infra.store import Store, utcnow
 
 
 async def main(url):

@@ -13,8 +13,8 @@ from tests.support import DATABASES, make_staff, open_session
 
 from xiaozhi.hub.domain import analytics
 from xiaozhi.hub.domain.desk import CALLBACK_TEXT
-from xiaozhi.hub.infra.store import Escalation, Message
 from xiaozhi.hub.domain.surveys import LOCAL_TZ, Survey
+from xiaozhi.hub.infra.store import Escalation, Message
 
 
 @pytest.fixture(params=DATABASES)

@@ -15,8 +15,8 @@ from tests.support import make_staff, open_session
 
 from xiaozhi.hub.domain import analytics
 from xiaozhi.hub.domain.contacts import caller_hash
-from xiaozhi.hub.infra.store import Conversation, Escalation, Message
 from xiaozhi.hub.domain.surveys import LOCAL_TZ, Survey
+from xiaozhi.hub.infra.store import Conversation, Escalation, Message
 
 T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=LOCAL_TZ).astimezone(dt.timezone.utc)
 RANGE = analytics.Range.of_days(dt.date(2026, 3, 2), dt.date(2026, 3, 3))

@@ -15,9 +15,9 @@ from telephony.handler import CallHandler
 from telephony.outbound import CallFailed
 from telephony.testing import SIPP, environment_has_sipp, free_udp_port
 from telephony.user_agent import UserAgent, UserAgentConfig
-from xiaozhi.hub.infra.store import Store
 from xiaozhi.hub.channels.phone.survey_calls import PhoneSurveyCaller
 from xiaozhi.hub.domain.surveys import LOCAL_TZ, SurveyPolicy, SurveyService
+from xiaozhi.hub.infra.store import Store
 
 
 def run_isolated(coro):

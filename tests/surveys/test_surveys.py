@@ -8,8 +8,8 @@ import datetime as dt
 import pytest
 from tests.support import DATABASES, open_session
 
-from xiaozhi.hub.infra.store import Store
 from xiaozhi.hub.domain.surveys import LOCAL_TZ, SurveyPolicy, SurveyService, parse_quiet_hours
+from xiaozhi.hub.infra.store import Store
 
 
 @pytest.fixture(params=DATABASES)

@@ -13,14 +13,14 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from starlette.requests import HTTPConnection
 
+from xiaozhi.hub.channels.video import VideoChannel
 from xiaozhi.hub.domain.accounts import Accounts, Role, StaffUser
 from xiaozhi.hub.domain.conversation import ConversationService, preview
 from xiaozhi.hub.domain.desk import AgentDesk
-from xiaozhi.hub.infra.errors import ApiError
-from xiaozhi.hub.channels.video import VideoChannel
-from xiaozhi.hub.services import HubServices
-from xiaozhi.hub.infra.store import Conversation, Store
 from xiaozhi.hub.domain.surveys import SurveyService
+from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.infra.store import Conversation, Store
+from xiaozhi.hub.services import HubServices
 from xiaozhi.log_context import bind_conversation
 from xiaozhi.settings import Settings
 

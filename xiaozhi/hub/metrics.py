@@ -34,8 +34,8 @@ from starlette.routing import Match, Mount
 
 from telephony.metrics import VoiceMetrics
 from xiaozhi.hub.domain.analytics import RESOLUTIONS, classify
-from xiaozhi.hub.infra.store import Conversation, Escalation, aware, utcnow
 from xiaozhi.hub.domain.surveys import Survey
+from xiaozhi.hub.infra.store import Conversation, Escalation, aware, utcnow
 
 if TYPE_CHECKING:
     from xiaozhi.hub.services import HubServices

@@ -32,18 +32,18 @@ import functools
 import logging
 import secrets
 
+from xiaozhi.hub.channels.phone.hotline import PhoneService
+from xiaozhi.hub.channels.video import VideoChannel
 from xiaozhi.hub.domain.accounts import Accounts, Role
-from xiaozhi.hub.infra.bus import LocalBus, make_bus
 from xiaozhi.hub.domain.conversation import ConversationService
 from xiaozhi.hub.domain.desk import AgentDesk
-from xiaozhi.hub.metrics import HubMetrics
-from xiaozhi.hub.channels.phone.hotline import PhoneService
+from xiaozhi.hub.domain.surveys import SurveyService
+from xiaozhi.hub.infra.bus import LocalBus, make_bus
 from xiaozhi.hub.infra.rasa_client import RasaClient
 from xiaozhi.hub.infra.retention import retention_loop
 from xiaozhi.hub.infra.security import Limits
 from xiaozhi.hub.infra.store import Store
-from xiaozhi.hub.domain.surveys import SurveyService
-from xiaozhi.hub.channels.video import VideoChannel
+from xiaozhi.hub.metrics import HubMetrics
 from xiaozhi.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -45,8 +45,8 @@ from sqlalchemy import select
 
 from knowledge_base.schema import TOPIC_LABELS
 from xiaozhi.hub.domain.desk import CALLBACK_TEXT
-from xiaozhi.hub.infra.store import Conversation, Escalation, Message, Store, aware
 from xiaozhi.hub.domain.surveys import LOCAL_TZ, Survey
+from xiaozhi.hub.infra.store import Conversation, Escalation, Message, Store, aware
 from yibao_common.masking import mask_pii
 
 GAP_OUTCOMES = ("abstained", "clarifying")

@@ -18,10 +18,10 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from xiaozhi.hub.domain.accounts import Role, StaffUser
 from xiaozhi.hub.channels.live import Following
-from xiaozhi.hub.domain.conversation import message_out
 from xiaozhi.hub.deps import AgentUser, ClientAddress, Desk, KnowledgeBase, StaffAccounts, services_of
+from xiaozhi.hub.domain.accounts import Role, StaffUser
+from xiaozhi.hub.domain.conversation import message_out
 from xiaozhi.hub.domain.desk import DISPOSITIONS, OPEN_STATUSES, REASON_LABELS, TOPIC_LABELS
 from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.infra.frames import close_if_open, receive_json_frame, refuse

@@ -13,10 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, Response
 
-from xiaozhi.hub.domain import analytics
 from xiaozhi.hub.deps import Bearer, ClientAddress, HubStore, MaybeKnowledgeBase, Services, SupervisorUser
-from xiaozhi.hub.infra.errors import ApiError
+from xiaozhi.hub.domain import analytics
 from xiaozhi.hub.domain.surveys import LOCAL_TZ
+from xiaozhi.hub.infra.errors import ApiError
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["analytics"])

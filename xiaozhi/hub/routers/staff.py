@@ -13,8 +13,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field, field_validator
 
-from xiaozhi.hub.domain.accounts import LoginRejected, Role, StaffUser, UserExists
 from xiaozhi.hub.deps import AdminUser, Bearer, ClientAddress, CurrentStaff, Services, StaffAccounts
+from xiaozhi.hub.domain.accounts import LoginRejected, Role, StaffUser, UserExists
 from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.infra.store import aware
 

@@ -12,8 +12,8 @@ from pydantic import BaseModel, Field
 from fastapi import APIRouter
 
 from xiaozhi.hub.deps import Conversations, ResidentConversation, Surveys
-from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.domain.surveys import SurveyError, survey_out
+from xiaozhi.hub.infra.errors import ApiError
 
 router = APIRouter(prefix="/api/sessions", tags=["surveys"])
 

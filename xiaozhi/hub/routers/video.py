@@ -19,8 +19,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from xiaozhi.hub.channels.live import Following
-from xiaozhi.hub.domain.conversation import message_out
 from xiaozhi.hub.deps import Bearer, ClientAddress, HubSettings, HubStore, StaffAccounts, Video, check_length, services_of
+from xiaozhi.hub.domain.conversation import message_out
 from xiaozhi.hub.infra.errors import ApiError
 from xiaozhi.hub.infra.frames import receive_json_frame, refuse
 from xiaozhi.hub.infra.owner import elsewhere, forward

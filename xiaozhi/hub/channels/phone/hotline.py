@@ -22,9 +22,9 @@ from telephony.call import Call
 from telephony.lines import DistrictLines, LinesError
 from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
+from xiaozhi.hub.channels.phone.confirm import PhoneConfirmation, before_reply
 from xiaozhi.hub.domain.contacts import caller_hash
 from xiaozhi.hub.infra.owner import owner_meta
-from xiaozhi.hub.channels.phone.confirm import PhoneConfirmation, before_reply
 from xiaozhi.log_context import conversation_scope
 from yibao_common.spoken import spoken_chinese
 
