@@ -234,12 +234,13 @@ def kb_eval(
 
 
 async def _with_accounts(settings: Settings, work):
+    from xiaozhi.hub import migrations
     from xiaozhi.hub.domain.accounts import Accounts
     from xiaozhi.hub.infra.store import Store
 
     store = Store(settings.effective_database_url)
     try:
-        await store.create_schema(migrate=settings.db_migrate_on_start)
+        await migrations.prepare(store, migrate=settings.db_migrate_on_start)
         return await work(Accounts(store))
     finally:
         await store.close()
@@ -326,7 +327,7 @@ def db_upgrade(
     """Upgrade the database schema (what the hub does at start; the deploy's migration Job runs this).
 
     A database made before migrations is brought to the baseline and stamped first."""
-    from xiaozhi.hub.infra import migrations
+    from xiaozhi.hub import migrations
 
     before, after = _schema_work(lambda conn: migrations.upgrade(conn, revision))
     _say(f"database schema: {before or 'none'} -> {after or 'none'}")
@@ -339,7 +340,7 @@ def db_downgrade(
     revision: Annotated[str, typer.Argument(help="Revision to go back to, e.g. 0001_baseline or -1.")],
 ) -> None:
     """Undo revisions (run with the newer release's code, which has their downgrade steps, before rolling back)."""
-    from xiaozhi.hub.infra import migrations
+    from xiaozhi.hub import migrations
 
     _say(f"database schema now at {_schema_work(lambda conn: migrations.downgrade(conn, revision)) or 'none'}")
 
@@ -347,7 +348,7 @@ def db_downgrade(
 @db_app.command("stamp")
 def db_stamp(revision: Annotated[str, typer.Argument(help="Revision to record, e.g. 0001_baseline or head.")]) -> None:
     """Record a revision as the database's without running any migration."""
-    from xiaozhi.hub.infra import migrations
+    from xiaozhi.hub import migrations
 
     _schema_work(lambda conn: migrations.stamp(conn, revision))
     _say(f"database stamped with {revision}")
@@ -356,7 +357,7 @@ def db_stamp(revision: Annotated[str, typer.Argument(help="Revision to record, e
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's revision and this release's (head); exit 1 when they differ."""
-    from xiaozhi.hub.infra import migrations
+    from xiaozhi.hub import migrations
 
     at = _schema_work(migrations.current)
     wanted = migrations.head()
@@ -371,7 +372,7 @@ def db_revision(
     autogenerate: Annotated[bool, typer.Option(help="Compare the models with a database at head and write the "
                                                     "operations found (review them!).")] = True,
 ) -> None:
-    """Write a new revision into xiaozhi/hub/infra/migrations/versions/ (a source checkout), numbered after the last.
+    """Write a new revision into xiaozhi/hub/migrations/versions/ (a source checkout), numbered after the last.
 
     Autogenerate compares the models with a scratch SQLite database upgraded to head, so it needs no
     running database; it writes batch operations, which run on SQLite and PostgreSQL alike."""
@@ -381,7 +382,7 @@ def db_revision(
     from alembic import command
     from alembic.script import ScriptDirectory
 
-    from xiaozhi.hub.infra import migrations
+    from xiaozhi.hub import migrations
     from xiaozhi.hub.infra.store import Store
 
     config = migrations.alembic_config()

@@ -1,4 +1,4 @@
-"""Schema migrations (xiaozhi/hub/infra/migrations), on SQLite and PostgreSQL: from an empty database, from a database
+"""Schema migrations (xiaozhi/hub/migrations), on SQLite and PostgreSQL: from an empty database, from a database
 made by the previous release (tests/data/db/, made by scripts/make_previous_release_db.py with that release's
 own code), replicas upgrading at once, a real revision up and down, and the models matching the revisions."""
 
@@ -19,7 +19,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from tests.support import DATABASES, REPO, staff_login
 
-from xiaozhi.hub.infra import migrations
+from xiaozhi.hub import migrations
 from xiaozhi.hub.infra.store import Store
 
 RELEASE = "65cad91"  # the last release before migrations
@@ -76,7 +76,7 @@ def start(url: str, migrate: bool = True) -> None:
     async def go():
         store = Store(url)
         try:
-            await store.create_schema(migrate=migrate)
+            await migrations.prepare(store, migrate=migrate)
         finally:
             await store.close()
 
@@ -96,7 +96,7 @@ def test_upgrade_of_an_empty_database_gives_exactly_the_models_schema(url, caplo
     """The baseline revision, written out by hand, is the models' schema: autogenerate finds nothing to do.
 
     This also guards every later model change: a column added to a model without a revision fails here."""
-    caplog.set_level(logging.INFO, logger="xiaozhi.hub.infra.migrations")
+    caplog.set_level(logging.INFO, logger="xiaozhi.hub.migrations")
     start(url)
     assert run(url, differences) == []
     assert run(url, migrations.current) == migrations.head()
@@ -158,6 +158,7 @@ REPLICA = textwrap.dedent('''
     import asyncio, logging, sys, time
     from pathlib import Path
 
+    from xiaozhi.hub import migrations
     from xiaozhi.hub.infra.store import Store
 
     url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -172,7 +173,7 @@ REPLICA = textwrap.dedent('''
         while not go.exists():
             time.sleep(0.005)
         try:
-            await store.create_schema()
+            await migrations.prepare(store)
         finally:
             await store.close()
 
@@ -214,7 +215,7 @@ def test_replicas_starting_together_migrate_once(fresh_postgres_url, tmp_path):
 
 def test_a_previous_release_database_is_bridged_stamped_and_keeps_its_rows(previous_release_url, database_backend,
                                                                           caplog):
-    caplog.set_level(logging.INFO, logger="xiaozhi.hub.infra.migrations")
+    caplog.set_level(logging.INFO, logger="xiaozhi.hub.migrations")
     made = MADE[database_backend]
     assert run(previous_release_url, migrations.is_pre_alembic)
 
@@ -332,7 +333,7 @@ def test_a_revision_renames_a_column_with_a_backfill_and_goes_back(url, scripts_
     async def users_at_baseline():
         store = Store(url)
         try:
-            await store.create_schema()
+            await migrations.prepare(store)
             accounts = Accounts(store)
             await accounts.create_user("wang", "wang-password-123", "agent", display_name="王工")
             async with store.sessions() as s, s.begin():  # as an older release stored it: no display name
@@ -472,14 +473,15 @@ def test_an_installed_wheel_carries_the_migrations_and_runs_them(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     installed = tmp_path / "installed"
     shutil.unpack_archive(wheel, installed, format="zip")
-    assert (installed / "xiaozhi/hub/infra/migrations/script.py.mako").is_file(), "the template `xiaozhi db revision` needs"
+    assert (installed / "xiaozhi/hub/migrations/script.py.mako").is_file(), "the template `xiaozhi db revision` needs"
     migrate = textwrap.dedent(f'''
         import asyncio, xiaozhi
+        from xiaozhi.hub import migrations
         from xiaozhi.hub.infra.store import Store
         assert xiaozhi.__file__.startswith({str(installed)!r}), xiaozhi.__file__
         async def main():
             store = Store("sqlite+aiosqlite:///{tmp_path / "wheel.db"}")
-            await store.create_schema()
+            await migrations.prepare(store)
             await store.close()
         asyncio.run(main())
     ''')

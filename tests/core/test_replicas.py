@@ -16,6 +16,7 @@ from tests.support import ADMIN_PASSWORD, client_from, make_staff, open_session
 from fastapi.testclient import TestClient
 
 from xiaozhi.hub.app import create_app
+from xiaozhi.hub.migrations import prepare
 
 
 @pytest.fixture
@@ -159,7 +160,7 @@ def test_a_due_follow_up_call_is_placed_once_by_two_polling_replicas(fresh_postg
     async def scenario():
         stores = [Store(fresh_postgres_url), Store(fresh_postgres_url)]  # one per replica
         try:
-            await stores[0].create_schema()
+            await prepare(stores[0])
             services = [SurveyService(st, SurveyPolicy(delay_s=0), phone_caller=ring, clock=lambda: now) for st in stores]
             conv, _ = await stores[0].create_conversation("phone", "330100", contact="138****5678")
             conv.closed_at = now - dt.timedelta(minutes=5)
@@ -199,7 +200,7 @@ def test_a_call_in_progress_is_not_taken_for_a_cut_off_one(fresh_postgres_url):
     async def scenario():
         store = Store(fresh_postgres_url)
         try:
-            await store.create_schema()
+            await prepare(store)
             other = SurveyService(store, SurveyPolicy(delay_s=0), clock=lambda: clock[0])  # another replica
 
             async def ring(survey):  # while this call rings, the other replica recovers

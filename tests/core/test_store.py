@@ -1,5 +1,5 @@
 """The store: a database made by an older release before schema migrations gains the columns and indexes added
-since (the one-time bridge, xiaozhi/hub/infra/migrations/pre_alembic.py; tests/core/test_migrations.py has the rest), and
+since (the one-time bridge, xiaozhi/hub/migrations/pre_alembic.py; tests/core/test_migrations.py has the rest), and
 what several replicas do to one database (SQLite and PostgreSQL)."""
 
 import asyncio
@@ -9,6 +9,7 @@ import pytest
 from tests.support import DATABASES
 
 from xiaozhi.hub.infra.store import Store
+from xiaozhi.hub.migrations import prepare
 
 
 def test_an_older_database_gains_new_columns_and_keeps_its_rows(tmp_path):
@@ -22,7 +23,7 @@ def test_an_older_database_gains_new_columns_and_keeps_its_rows(tmp_path):
 
     async def upgrade():
         store = Store(f"sqlite+aiosqlite:///{path}")
-        await store.create_schema()
+        await prepare(store)
         conv = await store.get_conversation("c1")
         await store.close()
         return conv
@@ -60,7 +61,7 @@ def test_older_tables_gain_boolean_integer_and_json_columns_on_both_databases(tm
                 await conn.execute(insert(users).values(username="li", display_name="", role="agent", password_hash="x"))
                 await conn.execute(insert(queue).values(conversation_id="c-old", channel="web", reason="requested",
                                                         status="waiting"))
-            await store.create_schema()
+            await prepare(store)
             async with store.sessions() as s:
                 user = (await s.execute(select(StaffUser))).scalar_one()
             return user, await store.escalations()
@@ -83,7 +84,7 @@ def test_a_conversation_has_one_open_queue_item_even_when_replicas_queue_it_at_o
     async def race():
         stores = [Store(url) for _ in range(4)]
         try:
-            await stores[0].create_schema()  # replicas starting together: tests/core/test_replicas.py
+            await prepare(stores[0])  # replicas starting together: tests/core/test_replicas.py
             results = []
             for _ in range(10):
                 conv, _token = await stores[0].create_conversation("web")
@@ -129,7 +130,7 @@ def test_an_older_queue_with_duplicate_open_items_keeps_one_open_item_each_and_g
                 for conversation_id, status in rows:
                     await conn.execute(insert(queue).values(conversation_id=conversation_id, channel="web",
                                                             reason="requested", status=status))
-            await store.create_schema()
+            await prepare(store)
             async with store.engine.connect() as conn:
                 names = await conn.run_sync(lambda c: {i["name"] for i in inspect(c).get_indexes("escalations")})
             item = await store.add_escalation("c-dup", "web", "requested")
@@ -164,7 +165,7 @@ def test_the_idle_close_scan_reads_the_status_index_not_every_conversation(tmp_p
         store = Store(f"sqlite+aiosqlite:///{path}")
         sent: list[tuple[str, tuple]] = []
         try:
-            await store.create_schema()
+            await prepare(store)
             event.listen(store.engine.sync_engine, "before_cursor_execute",
                          lambda conn, cursor, statement, params, context, many: sent.append((statement, params)))
             await store.idle_conversations("web", "open", dt.datetime.now(dt.timezone.utc))

@@ -15,6 +15,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from xiaozhi.hub.app import create_app
 from xiaozhi.hub.domain.desk import DeskError, ServiceHours
+from xiaozhi.hub.migrations import prepare
 
 
 @pytest.fixture(params=DATABASES)
@@ -427,7 +428,7 @@ async def test_an_older_database_gains_the_queue_columns(tmp_path):
                    "VALUES ('c-old', 'web', 'requested', 'waiting', '2026-01-05 01:00:00')")
     store = Store(f"sqlite+aiosqlite:///{path}")
     try:
-        await store.create_schema()
+        await prepare(store)
         (old,) = await store.escalations()
         assert (old.priority, old.topic, old.agent, old.claimed_at, old.disposition, old.summary) == (0, "", "", None, "", {})
     finally:

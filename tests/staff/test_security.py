@@ -8,6 +8,7 @@ from pydantic import SecretStr
 from starlette.websockets import WebSocketDisconnect
 
 from xiaozhi.hub.infra.security import Rate, RateLimiter
+from xiaozhi.hub.migrations import prepare
 from xiaozhi.settings import Settings
 
 
@@ -460,7 +461,7 @@ def test_the_sqlite_database_and_its_wal_are_created_0600(tmp_path):
 
     async def use(path):
         store = Store(f"sqlite+aiosqlite:///{path}")
-        await store.create_schema()
+        await prepare(store)
         await store.create_conversation("web", "")
         await store.engine.dispose()
 

@@ -18,6 +18,7 @@ from telephony.user_agent import UserAgent, UserAgentConfig
 from xiaozhi.hub.channels.phone.survey_calls import PhoneSurveyCaller
 from xiaozhi.hub.domain.surveys import LOCAL_TZ, SurveyPolicy, SurveyService
 from xiaozhi.hub.infra.store import Store
+from xiaozhi.hub.migrations import prepare
 
 
 def run_isolated(coro):
@@ -89,7 +90,7 @@ def real_prompts(cache_dir: Path):
 
 async def run_survey(tmp_path: Path, cache_dir: Path, scenario: str):
     store = Store(f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}")
-    await store.create_schema()
+    await prepare(store)
     ua = UserAgent(CallHandler(), UserAgentConfig(host="127.0.0.1", port=0, rtp_port_range=None, t1=0.2))
     await ua.start()
     proc, sipp_port = await start_sipp_uas(scenario, tmp_path)

@@ -10,6 +10,7 @@ from tests.support import DATABASES, open_session
 
 from xiaozhi.hub.domain.surveys import LOCAL_TZ, SurveyPolicy, SurveyService, parse_quiet_hours
 from xiaozhi.hub.infra.store import Store
+from xiaozhi.hub.migrations import prepare
 
 
 @pytest.fixture(params=DATABASES)
@@ -86,7 +87,7 @@ class Clock:
 @pytest.fixture
 def store(tmp_path, database_url):
     s = Store(database_url or f"sqlite+aiosqlite:///{tmp_path / 'surveys.db'}")
-    run_isolated(s.create_schema(), s)
+    run_isolated(prepare(s), s)
     yield s
 
 

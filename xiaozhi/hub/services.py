@@ -43,6 +43,7 @@ from xiaozhi.hub.infra.rasa_client import RasaClient
 from xiaozhi.hub.infra.retention import retention_loop
 from xiaozhi.hub.infra.security import Limits
 from xiaozhi.hub.infra.store import Store
+from xiaozhi.hub import migrations
 from xiaozhi.hub.metrics import HubMetrics
 from xiaozhi.settings import Settings
 
@@ -87,7 +88,7 @@ class HubServices:
         s = self.settings
         # 1. persistence, the dialogue engine, staff accounts
         self.store = Store(s.effective_database_url)
-        await self.store.create_schema(migrate=s.db_migrate_on_start)  # xiaozhi/hub/infra/migrations
+        await migrations.prepare(self.store, migrate=s.db_migrate_on_start)
         token = s.rasa_token.get_secret_value() if s.rasa_token else None
         self.rasa = RasaClient(s.effective_rasa_url, timeout_s=s.rasa_timeout_s, token=token)
         self.accounts = Accounts(self.store, session_hours=s.staff_session_hours,

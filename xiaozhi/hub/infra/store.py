@@ -186,17 +186,6 @@ class Store:
             finally:
                 await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
 
-    async def create_schema(self, migrate: bool = True) -> None:
-        """Bring the schema to this release's revision (xiaozhi/hub/infra/migrations); replicas may call it together:
-        one migrates, the others wait for it (``exclusive``) and find nothing left to do.
-
-        ``migrate=False`` (XIAOZHI_DB_MIGRATE_ON_START=false, when the deploy's Job runs ``xiaozhi db upgrade``):
-        only check the database is at that revision, and refuse to start if not (``SchemaOutOfDate``).
-        """
-        from xiaozhi.hub.infra import migrations
-
-        await self.schema_work(migrations.upgrade if migrate else migrations.require_head)
-
     async def schema_work(self, work):
         """``work(sync_connection)`` in one transaction, one replica at a time (migrations, ``xiaozhi db``).
 

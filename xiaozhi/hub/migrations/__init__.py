@@ -1,7 +1,9 @@
 """Schema migrations: Alembic, with its scripts shipped in this package (no alembic.ini at run time).
 
-- ``upgrade`` brings a database to a revision (``head`` at start, under the replicas' advisory lock, see
-  ``Store.create_schema``; or ``xiaozhi db upgrade``, as the Kubernetes Job does).
+- ``prepare(store)`` is what the hub runs at start (services.py, and ``xiaozhi staff``): upgrade to ``head``
+  under the replicas' advisory lock, or only check the revision when migrating at start is off.
+- ``upgrade`` brings a database to a revision (``head`` at start; or ``xiaozhi db upgrade``, as the
+  Kubernetes Job does).
 - A database made before migrations existed (the hub's tables, no ``alembic_version``) first goes through
   ``pre_alembic.bridge`` (the additive upgrade those releases ran at start), then is stamped with the
   baseline revision, and from there upgrades like any other.
@@ -20,13 +22,14 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import MetaData, inspect
+from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
+
+from xiaozhi.hub.migrations.schema import BASELINE, hub_metadata
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
-BASELINE = "0001_baseline"  # the schema of the last release before migrations (commit 65cad91)
 VERSION_TABLE = "alembic_version"
 
 
@@ -34,13 +37,17 @@ class SchemaOutOfDate(RuntimeError):
     """The database is not at the revision this code needs, and this process was told not to migrate it."""
 
 
-def hub_metadata() -> MetaData:
-    """Every table of the hub: the models of store, accounts and surveys."""
-    import xiaozhi.hub.domain.accounts  # noqa: F401  (registers its tables)
-    import xiaozhi.hub.domain.surveys  # noqa: F401
-    from xiaozhi.hub.infra.store import Base
+async def prepare(store, migrate: bool = True) -> None:
+    """Bring ``store``'s schema to this release's revision; replicas may call it together: one migrates, the
+    others wait for it (``Store.exclusive``) and find nothing left to do.
 
-    return Base.metadata
+    ``migrate=False`` (XIAOZHI_DB_MIGRATE_ON_START=false, when the deploy's Job runs ``xiaozhi db upgrade``):
+    only check the database is at that revision, and refuse to start if not (``SchemaOutOfDate``).
+
+    It lives here, not on the store, because the schema is every room's tables (the domain's accounts and
+    surveys too): the store stays below the domain and imports none of it.
+    """
+    await store.schema_work(upgrade if migrate else require_head)
 
 
 def alembic_config(connection: Connection | None = None, url: str | None = None,
@@ -77,7 +84,7 @@ def upgrade(connection: Connection, revision: str = "head", config: Config | Non
     config.attributes["connection"] = connection
     before = current(connection)
     if before is None and is_pre_alembic(connection):
-        from xiaozhi.hub.infra.migrations import pre_alembic
+        from xiaozhi.hub.migrations import pre_alembic
 
         if not pre_alembic.bridge(connection, config):
             if head(config) != BASELINE:

@@ -1,6 +1,6 @@
-"""Alembic's environment for the hub's schema (xiaozhi/hub/infra/migrations).
+"""Alembic's environment for the hub's schema (xiaozhi/hub/migrations).
 
-Run from the hub (``xiaozhi.hub.infra.migrations``: at start and by ``xiaozhi db ...``), which hands over an open
+Run from the hub (``xiaozhi.hub.migrations``: at start and by ``xiaozhi db ...``), which hands over an open
 connection in ``config.attributes["connection"]``; or from the ``alembic`` command with a URL
 (``-x url=...`` or ``sqlalchemy.url``), for which it opens an async engine and runs the migrations
 through ``connection.run_sync`` (Alembic's async recipe).
@@ -15,7 +15,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from xiaozhi.hub.infra.migrations import hub_metadata
+from xiaozhi.hub.migrations.schema import hub_metadata
 
 config = context.config
 target_metadata = hub_metadata()

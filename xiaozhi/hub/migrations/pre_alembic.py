@@ -21,7 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from xiaozhi.hub.infra.migrations import BASELINE, hub_metadata
+from xiaozhi.hub.migrations.schema import BASELINE, hub_metadata
 from xiaozhi.hub.infra.store import utcnow
 
 log = logging.getLogger(__name__)
