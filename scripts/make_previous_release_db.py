@@ -34,9 +34,10 @@ import asyncio, datetime as dt, json, pathlib, sys
 
 import xiaozhi
 assert pathlib.Path(xiaozhi.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()), xiaozhi.__file__
-from xiaozhi.hub.domain.accounts import Accounts, LoginFailure
-from xiaozhi.hub.domain.surveys import Survey
-from xiaozhi.hub.infra.store import Store, utcnow
+# The previous release's module paths (flat xiaozhi/hub/), not today's: this runs that release's code.
+from xiaozhi.hub.accounts import Accounts, LoginFailure
+from xiaozhi.hub.store import Store, utcnow
+from xiaozhi.hub.surveys import Survey
 
 
 async def main(url):
@@ -92,8 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", default="65cad91", help="the last commit before schema migrations")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "tests"))
-    from postgres import postgres_cluster
+    sys.path.insert(0, str(REPO))
+    from tests.support.postgres import postgres_cluster
 
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
