@@ -94,6 +94,17 @@ _TIMING_SETTINGS = {"phone_end_of_turn_ms": "end_silence_ms", "phone_no_input_s"
                     "phone_early_asr_ms": "early_asr_ms", "phone_asr_timeout_s": "asr_timeout_s"}
 
 
+def recognizer_model_path(settings: Settings):
+    """The recogniser's model: ``XIAOZHI_ASR_MODEL_PATH`` when set; for Whisper otherwise Whisper-base,
+    joined from its wheels into the hub's own cache (``Settings.cache_dir``, as the Kokoro voice is), not
+    into whatever cache the environment names (blocking on first use: it joins the model once)."""
+    if settings.asr_model_path is not None or settings.asr_kind != "whisper":
+        return settings.asr_model_path
+    from telephony.asr_models import ensure_whisper_base
+
+    return ensure_whisper_base(settings.cache_dir / "models")
+
+
 def phone_voice(settings: Settings):
     """The configured phone voice (``XIAOZHI_TTS_*``: engine, voice, speed, 适老化 preset), or espeak-ng,
     logged, when it cannot load: every call the hub makes or takes has a voice (blocking: model load)."""
@@ -173,12 +184,13 @@ class PhoneService:
             self.lines = DistrictLines.load(s.phone_lines_file)
         except LinesError:
             log.exception("phone: district lines not loaded; every call gets the default region")
-        key = (s.asr_kind, str(s.asr_model_path), s.asr_threads, s.asr_workers, s.asr_window)
+        model_path = recognizer_model_path(s)
+        key = (s.asr_kind, str(model_path), s.asr_threads, s.asr_workers, s.asr_window)
         with _RECOGNIZERS_LOCK:
             if key not in _RECOGNIZERS:
                 options = ({"cpu_threads": s.asr_threads, "workers": s.asr_workers, "window": s.asr_window}
                            if s.asr_kind == "whisper" else {})
-                _RECOGNIZERS[key] = make_recognizer(s.asr_kind, s.asr_model_path, **options)
+                _RECOGNIZERS[key] = make_recognizer(s.asr_kind, model_path, **options)
             recognizer = _RECOGNIZERS[key]
         synthesizer = phone_voice(s)
         # Prompts and answers are rendered in the background (Prerenderer); until then a prompt is
