@@ -49,5 +49,9 @@ async def test_a_full_garbage_collection_mid_call_does_not_walk_the_loaded_model
     print(f"\nobjects before the hub {loaded_before}, frozen {gc.get_freeze_count()}, walked by a full "
           f"collection mid-call {walked} ({full_collection_s * 1000:.0f} ms); loop lag during the call: "
           f"median {np.median(lags) * 1000:.1f} ms, max {max(lags) * 1000:.0f} ms")
-    assert gc.get_freeze_count() >= loaded_before, "what start-up loaded is out of the collector's full passes"
-    assert walked < loaded_before / 4, (walked, loaded_before)
+    frozen = gc.get_freeze_count()
+    assert frozen >= loaded_before, "what start-up loaded is out of the collector's full passes"
+    # Most of what the process tracks is frozen, so a full pass walks little of it. (Not against
+    # loaded_before alone: after an earlier hub in this process froze the shared models, gc.get_objects()
+    # no longer lists them and loaded_before is small.)
+    assert walked < frozen / 4, (walked, frozen, loaded_before)
