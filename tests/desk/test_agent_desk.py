@@ -396,9 +396,9 @@ def test_canned_responses_and_knowledge_search(hub):
 def test_an_agent_socket_closes_after_logout(hub, monkeypatch):
     import time
 
-    from xiaozhi.hub.routers import agent as agent_router
+    from xiaozhi.hub.channels import desk as desk_channel
 
-    monkeypatch.setattr(agent_router, "QUEUE_REFRESH_S", 60.0)  # the periodic re-check cannot be what closes it
+    monkeypatch.setattr(desk_channel, "QUEUE_REFRESH_S", 60.0)  # the periodic re-check cannot be what closes it
     agent = make_staff(hub, "gone", "agent")
     token = agent["Authorization"].split()[1]
     with hub.websocket_connect(f"/api/agent/ws?token={token}") as ws:
