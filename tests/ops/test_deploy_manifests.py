@@ -416,7 +416,9 @@ def _start_kamailio_and_probe(tmp_path: Path) -> None:
     ctl = f"unixs:{tmp_path}/kamailio_ctl"
     cfg = (DEPLOY / "kamailio" / "kamailio.cfg").read_text()
     assert 'modparam("ctl", "binrpc", "unixs:/tmp/kamailio_ctl")' in cfg
-    cfg = (cfg.replace("/etc/kamailio/dispatcher.list", str(DEPLOY / "kamailio" / "dispatcher.list"))
+    # A copy beside the config: user 10001 may not be able to read the checkout (a clone in a 0700 directory).
+    (tmp_path / "dispatcher.list").write_text((DEPLOY / "kamailio" / "dispatcher.list").read_text())
+    cfg = (cfg.replace("/etc/kamailio/dispatcher.list", str(tmp_path / "dispatcher.list"))
               .replace("listen=udp:0.0.0.0:5060", f"listen=udp:127.0.0.1:{port}")
               .replace("unixs:/tmp/kamailio_ctl", ctl))
     (tmp_path / "k.cfg").write_text(cfg)
