@@ -81,13 +81,9 @@ def _data_files(root: Path) -> list[Path]:
 
 def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.date | None = None) -> Corpus:
     """Load and validate every data file below ``root``; problems are collected, not raised."""
-    today = today or dt.date.today()
-    entries: list[Entry] = []
-    points: list[KnowledgePoint] = []
-    point_files: dict[str, str] = {}
+    items: list[tuple[str, str, object]] = []
     problems: list[Problem] = []
     digest = hashlib.sha256()
-    seen: dict[str, str] = {}
     for path in _data_files(root):
         rel = str(path.relative_to(root))
         raw = path.read_bytes()
@@ -97,8 +93,35 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
         except (yaml.YAMLError, ValidationError) as exc:
             problems.append(Problem(rel, None, f"file is not a valid entry file: {exc}"))
             continue
-        for raw_entry in doc.entries:
-            entry = _validated(Entry, raw_entry, doc, rel, problems)
+        items += [(rel, "entry", _in_region(raw_entry, doc)) for raw_entry in doc.entries]
+        items += [(rel, "point", _in_region(raw_point, doc)) for raw_point in doc.points]
+    corpus = build_corpus(items, fingerprint=digest.hexdigest()[:16], stale_after_years=stale_after_years, today=today)
+    corpus.problems[:0] = problems
+    return corpus
+
+
+def _in_region(raw, doc: EntryFile):
+    """An item of a file in the file's region (an item that is not a mapping stays as it is: refused later)."""
+    return {**raw, "region": doc.region} if isinstance(raw, dict) else raw
+
+
+def build_corpus(
+    items, *, fingerprint: str, stale_after_years: int = 5, today: dt.date | None = None
+) -> Corpus:
+    """A corpus from ``(where, kind, raw)`` items in order: ``kind`` is "entry" or "point", ``raw`` a mapping
+    carrying its own ``region``, ``where`` names it in problems (a data file, or a database record).
+
+    The data files and the database (the console's records, xiaozhi/hub/domain/knowledge_store.py) are
+    checked by this same code, so what ``kb validate`` refuses the console refuses too."""
+    today = today or dt.date.today()
+    entries: list[Entry] = []
+    points: list[KnowledgePoint] = []
+    point_files: dict[str, str] = {}
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    for rel, kind, raw in items:
+        if kind == "entry":
+            entry = _validated(Entry, raw, rel, problems)
             if entry is None:
                 continue
             if entry.id in seen:
@@ -119,8 +142,8 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
                     Problem(rel, entry.id, f"source older than {stale_after_years} years: re-check it", "warning")
                 )
             entries.append(entry)
-        for raw_point in doc.points:
-            point = _validated(KnowledgePoint, raw_point, doc, rel, problems)
+        else:
+            point = _validated(KnowledgePoint, raw, rel, problems)
             if point is None:
                 continue
             if point.id in seen or point.id in point_files:
@@ -135,13 +158,13 @@ def load_corpus(root: Path = DATA_DIR, *, stale_after_years: int = 5, today: dt.
             problems.append(Problem(point_files[point.id], point.id, f"parent entry {point.entry!r} does not exist"))
             points.remove(point)
     problems.extend(_check_overrides(entries, seen))
-    return Corpus(entries=entries, problems=problems, fingerprint=digest.hexdigest()[:16], points=points)
+    return Corpus(entries=entries, problems=problems, fingerprint=fingerprint, points=points)
 
 
-def _validated(model, raw, doc: EntryFile, rel: str, problems: list[Problem]):
-    """One entry or knowledge point of a file, in the file's region; None (and the problem noted) if invalid."""
+def _validated(model, raw, rel: str, problems: list[Problem]):
+    """One entry or knowledge point (its region included); None (and the problem noted) if invalid."""
     try:
-        return model.model_validate({**raw, "region": doc.region})
+        return model.model_validate(raw)
     except (ValidationError, TypeError) as exc:
         item_id = raw.get("id") if isinstance(raw, dict) else None
         message = _short_validation_message(exc) if isinstance(exc, ValidationError) else "not a mapping"
