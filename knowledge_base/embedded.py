@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import tantivy
@@ -176,8 +176,12 @@ def encode_corpus(
     *,
     progress: Callable[[int, int], None] | None = None,
     batch: int = 64,
+    reuse: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Path]:
-    """Vectors for every row of the corpus layout (units.py), from the cache when corpus and model are unchanged."""
+    """Vectors for every row of the corpus layout (units.py), from the cache when corpus and model are unchanged.
+
+    ``reuse``: vectors already known by text (the running knowledge base's, ``known_vectors``): only the
+    texts not in it are encoded, so publishing one changed figure does not re-encode the whole corpus."""
     target = index_dir / _cache_key(corpus, embedder)
     if (target / "manifest.json").exists():
         vectors = np.load(target / "vectors.npy")
@@ -188,12 +192,17 @@ def encode_corpus(
     texts = rows.texts
     owners_list = rows.row_entry
     started = time.perf_counter()
-    chunks = []
-    for i in range(0, len(texts), batch):
-        chunks.append(embedder.encode(texts[i : i + batch]))
+    known = reuse or {}
+    missing = list(dict.fromkeys(t for t in texts if t not in known))
+    fresh: dict[str, np.ndarray] = {}
+    for i in range(0, len(missing), batch):
+        fresh.update(zip(missing[i : i + batch], embedder.encode(missing[i : i + batch])))
         if progress:
-            progress(min(i + batch, len(texts)), len(texts))
-    vectors = np.vstack(chunks) if chunks else np.zeros((0, embedder.dimension), np.float32)
+            progress(min(i + batch, len(missing)), len(missing))
+    if texts:
+        vectors = np.vstack([fresh[t] if t in fresh else known[t] for t in texts]).astype(np.float32, copy=False)
+    else:
+        vectors = np.zeros((0, embedder.dimension), np.float32)
     owners = np.asarray(owners_list, dtype=np.int64)
     tmp = index_dir / (target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -206,6 +215,7 @@ def encode_corpus(
                 "entries": len(corpus.entries),
                 "points": len(corpus.points),
                 "texts": len(texts),
+                "encoded": len(missing),
                 "model": embedder.model_name,
                 "corpus_fingerprint": corpus.fingerprint,
                 "seconds": round(time.perf_counter() - started, 2),
@@ -216,8 +226,22 @@ def encode_corpus(
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     mark_current(index_dir, target.name)
-    log.info("encoded %d texts of %d entries in %.1f s", len(texts), len(corpus.entries), time.perf_counter() - started)
+    log.info("encoded %d of %d texts of %d entries in %.1f s", len(missing), len(texts), len(corpus.entries),
+             time.perf_counter() - started)
     return vectors, owners, target
+
+
+def known_vectors(corpus: Corpus, embedder: Embedder, index_dir: Path) -> dict[str, np.ndarray]:
+    """The cached vector of every text of ``corpus`` (encoded before by ``encode_corpus``), by text; {} if none."""
+    target = index_dir / _cache_key(corpus, embedder)
+    try:
+        vectors = np.load(target / "vectors.npy")
+    except FileNotFoundError:
+        return {}
+    texts = layout(corpus).texts
+    if len(texts) != len(vectors):
+        return {}
+    return dict(zip(texts, vectors))
 
 
 def asked_by_points(rows: Layout) -> dict[str, tuple[str, ...]]:

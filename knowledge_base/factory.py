@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Mapping
+
+import numpy as np
 
 from knowledge_base.config import KnowledgeBaseConfig
 from knowledge_base.embedder import Embedder
-from knowledge_base.loader import CorpusError, load_corpus
+from knowledge_base.loader import Corpus, CorpusError, load_corpus
 from knowledge_base.search import Calibration, KnowledgeBase
 from knowledge_base.text import TextProcessor
 
@@ -19,15 +21,21 @@ def open_knowledge_base(
     *,
     embedder: Embedder | None = None,
     progress: Callable[[int, int], None] | None = None,
+    corpus: Corpus | None = None,
+    reuse: Mapping[str, np.ndarray] | None = None,
 ) -> KnowledgeBase:
-    """``embedder``: one already loaded (a reload keeps the model); ``progress(done, total)`` while encoding."""
+    """``embedder``: one already loaded (a reload keeps the model); ``progress(done, total)`` while encoding.
+
+    ``corpus``: serve this corpus instead of the data files (the records published in the hub's database);
+    ``reuse``: vectors known by text (``embedded.known_vectors``), so only new texts are encoded."""
     if not isinstance(config, KnowledgeBaseConfig):  # e.g. the hub's Settings, as before issue 16
         raise TypeError(f"open_knowledge_base takes a KnowledgeBaseConfig (Settings.knowledge_base_config()), "
                         f"not {type(config).__name__}")
-    corpus = load_corpus(config.data_dir)
+    where = config.data_dir if corpus is None else "the published records"
+    corpus = load_corpus(config.data_dir) if corpus is None else corpus
     if corpus.errors:
         listing = "\n".join(f"  {p}" for p in corpus.errors[:20])
-        raise CorpusError(f"{len(corpus.errors)} problem(s) in {config.data_dir}:\n{listing}")
+        raise CorpusError(f"{len(corpus.errors)} problem(s) in {where}:\n{listing}")
     for problem in corpus.problems:
         log.warning("%s", problem)
     text = TextProcessor()
@@ -36,6 +44,12 @@ def open_knowledge_base(
     embedder = embedder or Embedder(
         config.embedding_model, prefix=config.embedding_query_prefix, threads=config.embedding_threads
     )
+    if reuse:
+        from knowledge_base.embedded import encode_corpus
+
+        encode_corpus(corpus, embedder, config.index_dir, progress=progress, reuse=reuse)  # both backends then find it cached
+        if config.backend == "elasticsearch":
+            encode_corpus(corpus, embedder, config.index_dir / "es-vectors", reuse=reuse)
     if config.backend == "elasticsearch":
         from knowledge_base.elasticsearch_backend import ElasticsearchBackend
 
