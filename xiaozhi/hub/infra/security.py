@@ -299,11 +299,14 @@ def security_headers(path: str, content_type: str, scheme: str, frame_ancestors:
 class HubSecurityMiddleware:
     """Rate limits, body-size limit (also for chunked bodies) and security headers, in one ASGI layer."""
 
-    def __init__(self, app, *, limits: Limits, max_body_bytes: int, frame_ancestors: str) -> None:
+    def __init__(self, app, *, limits: Limits, max_body_bytes: int, frame_ancestors: str,
+                 upload_paths: dict[str, int] | None = None) -> None:
         self.app = app
         self.limits = limits
         self.max_body_bytes = max_body_bytes
         self.frame_ancestors = frame_ancestors
+        # The few staff upload endpoints (a knowledge spreadsheet) and their own limits; all else max_body_bytes.
+        self.upload_paths = upload_paths or {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -319,8 +322,9 @@ class HubSecurityMiddleware:
                                [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
             return
 
+        max_body_bytes = self.upload_paths.get(path, self.max_body_bytes)
         declared = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"content-length"), None)
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
             log.info("%s %s rejected: body of %s bytes", scope["method"], path, declared)
             await self._reject(send, 413, "body_too_large", path, scope, [])
             return
@@ -334,7 +338,7 @@ class HubSecurityMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > max_body_bytes:
                     too_large = True
                     raise _BodyTooLarge()
             return message
