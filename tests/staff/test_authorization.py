@@ -88,6 +88,21 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/api/staff/analytics"): SUPERVISOR,
     ("GET", "/api/staff/analytics/export.csv"): SUPERVISOR,
     ("GET", "/api/staff/analytics/regions"): SUPERVISOR,
+    # the knowledge console (issue 18): agents read, supervisors edit and send for review, admins publish
+    ("GET", "/staff/knowledge"): PUBLIC,
+    ("GET", "/api/staff/kb/records"): AGENT,
+    ("GET", "/api/staff/kb/records/{kind}/{record_id}"): AGENT,
+    ("POST", "/api/staff/kb/check/{kind}"): SUPERVISOR,
+    ("POST", "/api/staff/kb/records/{kind}"): SUPERVISOR,
+    ("PUT", "/api/staff/kb/records/{kind}/{record_id}"): SUPERVISOR,
+    ("POST", "/api/staff/kb/records/{kind}/{record_id}/state"): SUPERVISOR,
+    ("POST", "/api/staff/kb/records/{kind}/{record_id}/restore"): SUPERVISOR,
+    ("POST", "/api/staff/kb/publish"): ADMIN,
+    ("GET", "/api/staff/kb/publications"): AGENT,
+    ("POST", "/api/staff/kb/import-packs"): ADMIN,
+    ("GET", "/api/staff/kb/template.{fmt}"): AGENT,
+    ("GET", "/api/staff/kb/export.{fmt}"): AGENT,
+    ("POST", "/api/staff/kb/import"): SUPERVISOR,
     # video: a kiosk opens its own conversation; then only the conversation's parties
     ("POST", "/api/video/sessions"): PUBLIC,
     ("GET", "/api/video/config"): PUBLIC,  # the recording notice and camera size, before a conversation exists
@@ -186,7 +201,8 @@ class Identities:
         return self.tokens.get(identity)
 
 
-PARAMS = {"username": "authz_agent", "entry_id": "no-such-entry", "item_id": "999999"}
+PARAMS = {"username": "authz_agent", "entry_id": "no-such-entry", "item_id": "999999", "kind": "point",
+          "record_id": "no-such-record", "fmt": "csv"}
 
 
 def concrete(path: str, ids: Identities) -> str:

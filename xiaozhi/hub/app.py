@@ -15,7 +15,7 @@ from starlette.datastructures import State
 from xiaozhi.hub.infra.errors import install_error_handlers
 from xiaozhi.hub.infra.security import HubSecurityMiddleware
 from xiaozhi.hub.metrics import install_http_metrics
-from xiaozhi.hub.routers import agent, analytics, chat, knowledge, operations, staff, surveys, video
+from xiaozhi.hub.routers import agent, analytics, chat, knowledge, knowledge_admin, operations, staff, surveys, video
 from xiaozhi.hub.services import HubServices
 from xiaozhi.hub.widget import install_widget
 from xiaozhi.log_context import RequestIdMiddleware
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
         limits=services.limits,
         max_body_bytes=settings.max_body_bytes,
         frame_ancestors=settings.frame_ancestors,
+        upload_paths=knowledge_admin.UPLOAD_PATHS,
     )
     install_http_metrics(app, services.metrics)  # HTTP timing outside the limits, so 429 and 413 are timed too
 
@@ -79,6 +80,8 @@ def create_app(settings: Settings | None = None, *, knowledge_base=None) -> Fast
     app.include_router(staff.router)
     app.include_router(surveys.router)
     app.include_router(analytics.router)
+    app.include_router(knowledge_admin.router)  # /api/staff/kb/...: the knowledge console's records and publishing
+    app.include_router(knowledge_admin.pages)  # /staff/knowledge
     install_widget(app, settings)  # /widget.js, /widget-demo, CORS for XIAOZHI_WIDGET_ORIGINS (outermost)
     app.include_router(video.router)
     app.include_router(video.pages)

@@ -9,7 +9,8 @@ Start (in this order):
  1. store (schema upgraded), Rasa client, staff accounts (the first admin on a new installation)
  2. event bus (live events across replicas), the conversation core
  3. agent desk: the core's escalations go to its queue (``use_queue``)
- 4. knowledge base (loaded unless given), before the hotline can answer a call
+ 4. knowledge base (loaded unless given), before the hotline can answer a call; the knowledge records and
+    their publisher: a database with a publication serves the published records instead of the data files
  5. phone hotline (started when SIP is enabled; a failure leaves chat serving)
  6. follow-up surveys (their phone caller uses the hotline's voice and SIP endpoint)
  7. video channel (its peer sessions and the phone bridge)
@@ -17,7 +18,8 @@ Start (in this order):
  9. conversation close hooks, run in this order on each close:
     desk (a waiting item abandoned) -> surveys (one scheduled) -> metrics (how it ended, classified
     after the desk has marked the item) -> video (its session hung up)
-10. background tasks: the knowledge base's reload watcher, the idle close, recording retention
+10. background tasks: the knowledge base's reload watcher (a new publication, or a re-indexed data
+    directory while no publication exists), the idle close, recording retention
 
 Stop: background tasks first (nothing they use may close under them), then video sessions, phone
 calls (their conversations close and run the hooks), surveys, metrics, turns in progress (drained),
@@ -37,6 +39,8 @@ from xiaozhi.hub.channels.video import VideoChannel
 from xiaozhi.hub.domain.accounts import Accounts, Role
 from xiaozhi.hub.domain.conversation import ConversationService
 from xiaozhi.hub.domain.desk import AgentDesk
+from xiaozhi.hub.domain.knowledge_publish import KnowledgePublisher
+from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
 from xiaozhi.hub.domain.surveys import SurveyService
 from xiaozhi.hub.infra.bus import LocalBus, make_bus
 from xiaozhi.hub.infra.rasa_client import RasaClient
@@ -81,6 +85,8 @@ class HubServices:
         self.phone: PhoneService | None = None
         self.surveys: SurveyService | None = None
         self.video: VideoChannel | None = None
+        self.knowledge: KnowledgeStore | None = None
+        self.publisher: KnowledgePublisher | None = None
         self._tasks: list[asyncio.Task] = []
 
     # -- start ------------------------------------------------------------------------------------
@@ -107,6 +113,10 @@ class HubServices:
         if self.knowledge_base is None:
             self.knowledge_base = await asyncio.to_thread(load_knowledge_base, s)
             log.info("knowledge base ready: %d entries", len(self.knowledge_base.entries))
+        self.knowledge = KnowledgeStore(self.store)
+        self.publisher = KnowledgePublisher(self.knowledge, s.knowledge_base_config(),
+                                            lambda: self.knowledge_base, self._use_knowledge_base)
+        await self.publisher.catch_up()  # the staff's published records, if they published any
         # 5. the phone hotline
         self.phone = PhoneService(s, self.store, self.conversations, metrics=self.metrics.voice)
         if s.sip_enabled:
@@ -186,14 +196,24 @@ class HubServices:
             await self.store.close()
 
     # -- the knowledge base's reload --------------------------------------------------------------
+    def _use_knowledge_base(self, kb) -> None:
+        self.knowledge_base = kb  # one reference: a search in progress finishes on the one it started with
+
     async def _watch_knowledge_base(self) -> None:
-        """Reload when `xiaozhi kb index` marks a new index current; the old one serves until then."""
+        """Serve a publication another replica made; without any, reload when `xiaozhi kb index` marks a new
+        index current. The old knowledge base serves until the new one is ready."""
         from knowledge_base.embedded import current_generation
 
         s = self.settings
         loaded = current_generation(s.kb_index_dir)
         while True:
             await asyncio.sleep(s.kb_reload_interval_s)
+            try:
+                await self.publisher.catch_up()
+            except Exception:  # the database away for a moment: the next round tries again
+                log.exception("checking for a new knowledge-base publication failed")
+            if self.publisher.serving_database:
+                continue  # the data files are a seed now; `xiaozhi kb import-packs` brings their changes in
             generation = current_generation(s.kb_index_dir)
             if generation is None or generation == loaded:
                 continue

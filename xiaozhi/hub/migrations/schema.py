@@ -10,8 +10,9 @@ BASELINE = "0001_baseline"  # the schema of the last release before migrations (
 
 
 def hub_metadata() -> MetaData:
-    """Every table of the hub: the models of store, accounts and surveys."""
+    """Every table of the hub: the models of store, accounts, surveys and the knowledge records."""
     import xiaozhi.hub.domain.accounts  # noqa: F401  (registers its tables)
+    import xiaozhi.hub.domain.knowledge_store  # noqa: F401
     import xiaozhi.hub.domain.surveys  # noqa: F401
     from xiaozhi.hub.infra.store import Base
 
