@@ -233,6 +233,45 @@ def kb_eval(
     raise typer.Exit(evaluate_main(argv, _settings().knowledge_base_config()))
 
 
+@kb_app.command("import-packs")
+def kb_import_packs(
+    force: Annotated[bool, typer.Option(help="Also overwrite records staff changed since their last import.")] = False,
+    publish: Annotated[bool, typer.Option(help="Record a publication: running hubs then serve the database.")] = False,
+) -> None:
+    """Bring the YAML packs into the database's knowledge records (seed, or re-import after a release).
+
+    Records staff changed in the console since their last import are left alone (listed) unless --force.
+    With --publish the hubs (which follow publications) serve the database's published records."""
+    import asyncio
+
+    from knowledge_base.records import corpus_from_records, pack_records
+
+    settings = _settings()
+    entries, points, _ = pack_records(settings.kb_data_dir)
+
+    async def work(accounts):
+        from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
+
+        records = KnowledgeStore(accounts.store)
+        report = await records.import_packs(entries, points, force=force)
+        await accounts.audit("cli", "kb.import_packs", "", {"created": report.created, "updated": report.updated,
+                                                            "conflicts": len(report.conflicts), "force": force})
+        if publish:
+            served = corpus_from_records(*(await records.served()))
+            if served.errors:
+                _say(f"not published: {len(served.errors)} error(s), e.g. {served.errors[0]}")
+                raise typer.Exit(1)
+            pub = await records.record_publication("cli", served, "xiaozhi kb import-packs --publish")
+            await accounts.audit("cli", "kb.publish", str(pub.id), {"entries": pub.entries, "points": pub.points})
+            _say(f"published generation {pub.id}: running hubs re-index within their reload interval")
+        return report
+
+    report = asyncio.run(_with_accounts(settings, work))
+    _say(f"imported: {report.created} new, {report.updated} updated, {report.unchanged} unchanged")
+    for record in report.conflicts:
+        _say(f"left alone (changed in the console since its last import): {record}")
+
+
 async def _with_accounts(settings: Settings, work):
     from xiaozhi.hub import migrations
     from xiaozhi.hub.domain.accounts import Accounts

@@ -186,3 +186,21 @@ def test_another_replica_follows_a_publication(hub_settings, knowledge_base, tmp
         while time.monotonic() < deadline and "12345" not in _answer_text(_chat(two, QUESTION)):
             time.sleep(0.5)
         assert "12345" in _answer_text(_chat(two, QUESTION)), "the other replica still serves the old figure"
+
+
+def test_import_packs_from_the_command_line_seeds_then_finds_nothing_new(settings, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XIAOZHI_VAR_DIR=str(tmp_path), XIAOZHI_KB_DATA_DIR=str(settings.kb_data_dir))
+    command = [sys.executable, "-m", "xiaozhi", "kb", "import-packs"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries, points, _ = pack_records(settings.kb_data_dir)
+    assert f"imported: {len(entries) + len(points)} new, 0 updated" in first.stderr + first.stdout
+    again = subprocess.run([*command, "--publish"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    out = again.stderr + again.stdout
+    assert f"imported: 0 new, 0 updated, {len(entries) + len(points)} unchanged" in out
+    assert "published generation 1" in out
