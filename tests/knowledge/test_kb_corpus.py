@@ -54,6 +54,15 @@ def test_every_entry_cites_source_region_and_date():
         assert cite["region"] and cite["effective_date"], e.id
 
 
+def test_no_shipped_source_cites_a_site_root_and_every_uncheckable_one_says_why():
+    # Issue 14: a citation names the page that states the rule, never a bureau's home page; a source
+    # still without a document number or date is under review, and its note says what is missing.
+    corpus = load_corpus()
+    cited = [*corpus.entries, *corpus.points]
+    assert [x.id for x in cited if x.source.is_site_root] == []
+    assert [x.id for x in cited if x.source.problems() and x.review is None] == []
+
+
 def test_local_figures_carry_the_local_rule_notice():
     for e in load_corpus().entries:
         if e.local_figure:
