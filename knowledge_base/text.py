@@ -10,7 +10,7 @@ import re
 import threading
 import unicodedata
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import rjieba
@@ -48,7 +48,14 @@ def normalise_width(text: str) -> str:
 
 def toneless_pinyin(text: str) -> list[str]:
     """One syllable per Han character; other characters pass through as they are."""
-    return lazy_pinyin(text, style=Style.NORMAL, errors=lambda chars: list(chars))
+    return list(_toneless_pinyin(text))
+
+
+@lru_cache(maxsize=100_000)
+def _toneless_pinyin(text: str) -> tuple[str, ...]:
+    # Memoised: pypinyin is most of the time of indexing a corpus, and a re-index after one published
+    # change (xiaozhi/hub/domain/knowledge_publish.py) sees every other text again.
+    return tuple(lazy_pinyin(text, style=Style.NORMAL, errors=lambda chars: list(chars)))
 
 
 # rjieba keeps one process-wide dictionary in a Rust cell: adding a word while another thread
