@@ -127,8 +127,9 @@
 
   function showProblems(problems) {
     var ul = $("problems"); ul.textContent = "";
+    var refused = problems.filter(function (p) { return p.severity !== "warning"; });
+    if (!refused.length) ul.appendChild(el("li", problems.length ? "校验通过（有提醒）" : "校验通过", "ok"));
     problems.forEach(function (p) { ul.appendChild(el("li", p.message, p.severity === "warning" ? "warn" : "bad")); });
-    if (!problems.length) ul.appendChild(el("li", "校验通过", "ok"));
   }
 
   function preview() {
