@@ -16,7 +16,7 @@ Targets: CER <= 0.25 for 10-25 s turns and <= 0.12 for short ones; latency for 1
 p50 <= 1.0 s, p95 <= 1.5 s.
 
     flock /tmp/xiaozhi-heavy.lock .venv/bin/python bench/long_turns.py [--noisy 10] [--limit N] [--every N]
-        [--no-segments] [--rasa-url http://127.0.0.1:5005]
+        [--no-segments] [--rasa-url http://127.0.0.1:5005] [--early-asr-ms 100]
 """
 
 from __future__ import annotations
@@ -152,9 +152,11 @@ async def main() -> None:
     parser.add_argument("--every", type=int, default=1, help="every Nth long story (a quicker run)")
     parser.add_argument("--no-segments", action="store_true", help="decode each turn whole at its end (as before)")
     parser.add_argument("--rasa-url", default=None, help="a running Rasa (default: none, degraded mode)")
+    parser.add_argument("--early-asr-ms", type=int, default=100,
+                        help="silence before recognition starts while the turn may go on (0: off; 300: before)")
     args = parser.parse_args()
     work = fixtures(args.noisy, args.limit, args.every)
-    async with hotline(args.rasa_url) as app:
+    async with hotline(args.rasa_url, phone_early_asr_ms=args.early_asr_ms) as app:
         if args.no_segments:
             app.state.phone.bot.config.segments = False
         # warm-up: the prompts and the confirmation's first clause are rendered and cached once, as

@@ -34,10 +34,12 @@ async def main() -> None:
     parser.add_argument("--stagger-s", type=float, default=2.0)
     parser.add_argument("--tts", default="kokoro")
     parser.add_argument("--cold", action="store_true", help="answers synthesised live (no warm-up call per question)")
+    parser.add_argument("--early-asr-ms", type=int, default=100,
+                        help="silence before recognition starts while the turn may go on (0: off; 300: before)")
     args = parser.parse_args()
 
     rows = []
-    async with hotline(args.rasa_url, tts_kind=args.tts) as app:
+    async with hotline(args.rasa_url, tts_kind=args.tts, phone_early_asr_ms=args.early_asr_ms) as app:
         if not args.cold:  # answers cached, as the hub's background pre-rendering leaves them
             for name, expected in FIXTURES:
                 await one_call(app, name, expected, whole_reply=True)

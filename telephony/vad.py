@@ -102,7 +102,9 @@ class EnergyVad:
 class TurnEvent:
     """``kind`` is "start" (the caller began speaking), "pause" (``audio`` holds the turn so far; it
     may still go on) or "end" (the turn is complete, ``audio`` holds it). A pause followed by the
-    end with no speech in between carries exactly the same audio as that end."""
+    end with no speech in between carries the same voiced frames as that end (``same_speech``): the
+    same audio when the pause came after the kept trailing silence (200 ms), else that audio
+    followed by less of the silence."""
 
     kind: str  # "start", "pause" (silence of pause_ms inside a turn that may go on) or "end"
     audio: bytes = b""
@@ -110,6 +112,11 @@ class TurnEvent:
     duration_ms: int = 0
     truncated: bool = False  # ended by the hard limit (hard_max_turn_s), not by silence
     silent_ms: int = 0  # silence after the last voiced frame when the end was decided
+
+    def same_speech(self, other: TurnEvent) -> bool:
+        """Whether ``other`` (a later event of the same turn) holds no speech after this one's: what
+        was recognised from this event's audio is the whole of ``other``'s words."""
+        return other.voiced_ms == self.voiced_ms and other.audio.startswith(self.audio)
 
 
 class TurnDetector:
@@ -124,8 +131,9 @@ class TurnDetector:
             not cut mid-sentence, and still kept as one turn.
         hard_max_turn_s: a turn is cut here whatever it holds (a caller who never pauses, or a noisy
             line): ``truncated``.
-        pause_ms: silence after which a "pause" event is sent (0: never; at least 200 ms; only
-            shorter than ``end_silence_ms`` makes sense).
+        pause_ms: silence after which a "pause" event is sent (0: never; only shorter than
+            ``end_silence_ms`` makes sense). A pause before the kept trailing silence (200 ms) carries
+            less silence than the end that may follow it, the same speech (``TurnEvent.same_speech``).
     """
 
     TRAILING_KEEP_FRAMES = 10  # silence kept after the last voiced frame (200 ms)
@@ -135,8 +143,7 @@ class TurnDetector:
                  late_pause_ms: int = 300) -> None:
         self.start_frames = start_frames
         self.end_silence_frames = max(1, end_silence_ms // FRAME_MS)
-        # at least the kept trailing silence, so that a pause and its end cut the audio at the same frame
-        self.pause_frames = max(self.TRAILING_KEEP_FRAMES, pause_ms // FRAME_MS) if pause_ms > 0 else 0
+        self.pause_frames = max(1, pause_ms // FRAME_MS) if pause_ms > 0 else 0
         self.max_frames = int(max_turn_s * 1000 // FRAME_MS)
         self.hard_max_frames = max(self.max_frames, int(hard_max_turn_s * 1000 // FRAME_MS))
         self.late_pause_frames = min(self.end_silence_frames, max(1, late_pause_ms // FRAME_MS))

@@ -71,11 +71,12 @@ SHORT_ANSWER_CHARS = 6  # 是的 / 不用了 / 一 / 杭州: what a caller says 
 
 def is_complete_turn(text: str, *, expecting_answer: bool = False) -> bool:
     """Whether an early transcript already says all the caller meant: a question that ends like one
-    (…吗/…呢/怎么办/多少/哪里…), or, when the bot has just asked something, a short answer."""
+    (…吗/…呢/怎么办/多少/哪里…, 转人工 also as Whisper mishears it: 医保再研工), or, when the bot has
+    just asked something, a short answer."""
     bare = PUNCTUATION.sub("", text)
     if not bare:
         return False
-    if _QUESTION_END.search(text.strip()):
+    if _QUESTION_END.search(correct_agent_request(text.strip())):
         return True
     return expecting_answer and len(bare) <= SHORT_ANSWER_CHARS
 
@@ -116,11 +117,15 @@ class VoiceConfig:
     end_silence_ms: int = 600  # silence that ends a caller turn
     # Recognition starts after this much silence, while the turn may still go on (0: off): when the
     # caller has in fact finished, the transcript is (nearly) ready at end of turn. Skipped while
-    # every recogniser worker is busy, so under load no CPU goes to guesses.
-    early_asr_ms: int = 300
-    # End the turn at that pause when the early transcript is a complete question (or the short answer
-    # the bot asked for): ``is_complete_turn``. Otherwise the turn waits for end_silence_ms as before.
+    # every recogniser worker is busy, so under load no CPU goes to guesses. 100 ms, not 300: a
+    # Whisper-base decode of a 2-3 s question takes 0.25-0.45 s here, so a guess started at 300 ms came
+    # back after the 600 ms hangover had ended the turn and never answered early (0 of 24 calls).
+    early_asr_ms: int = 100
+    # End the turn once the early transcript is a complete question (or the short answer the bot asked
+    # for): ``is_complete_turn``, and the caller has been silent for early_answer_ms (at least
+    # early_asr_ms); a guess back sooner waits for that. Otherwise the turn waits for end_silence_ms.
     early_answer: bool = True
+    early_answer_ms: int = 250
     # voiced speech during playback that stops it (echo of the bot's voice excluded). Silero needs one or
     # two 32 ms windows to rise: 140 ms of voicing is decided 200 ms (p50; p95 275) after the caller starts,
     # 20 ms sooner than 160 ms, and echo alone (0 to -20 dB, 20-250 ms late) never gets there
@@ -154,7 +159,7 @@ class VoiceConfig:
 
     @classmethod
     def elderly(cls, **overrides: Any) -> VoiceConfig:
-        values: dict[str, Any] = {"end_silence_ms": 1100, "early_asr_ms": 600, "no_input_s": 12.0,
+        values: dict[str, Any] = {"end_silence_ms": 1100, "early_asr_ms": 600, "early_answer_ms": 600, "no_input_s": 12.0,
                                   "inter_digit_s": 8.0, "max_turn_s": 35.0}
         values.update(overrides)
         return cls(**values)
@@ -217,7 +222,7 @@ class CallSession:
         self.tasks: set[asyncio.Task] = set()
         self.barge_ins = 0
         self.backchannels = 0
-        self.early: tuple[bytes, asyncio.Future] | None = None  # (audio, its recognition) from a pause
+        self.early: tuple[Any, asyncio.Future] | None = None  # (pause event, its recognition) from a pause
         self.early_used = self.early_wasted = 0
         self.early_answers = 0  # turns ended at the pause because their words were a complete question
         self.expects_answer = False  # the bot's last reply asked the caller something
@@ -377,25 +382,32 @@ class VoiceBot(CallHandler):
         else:
             task = self._spawn(session, self._transcribe(event.audio))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a stale guess's error is not news
-        session.early = (event.audio, task)
+        session.early = (event, task)
         if self.config.early_answer:
-            task.add_done_callback(lambda t: self._early_transcript(session, event.audio, t))
+            task.add_done_callback(lambda t: self._early_transcript(session, event, t))
 
-    def _early_transcript(self, session: CallSession, audio: bytes, task: asyncio.Task) -> None:
-        """The guess made at a pause is back: if the caller is still silent and the words are a complete
-        question (or the short answer the bot asked for), the turn ends now instead of after the full
-        end-of-turn silence. Otherwise nothing changes: the turn ends as before, or goes on."""
+    def _early_transcript(self, session: CallSession, pause: Any, task: asyncio.Task) -> None:
+        """The guess made at a pause is back: if the caller has said nothing since and the words are a
+        complete question (or the short answer the bot asked for), the turn ends once the caller has been
+        silent for ``early_answer_ms`` (now, or when that is reached) instead of after the full
+        end-of-turn silence. Otherwise nothing changes: the turn ends as before, or goes on (speech after
+        the pause drops the guess: a new pause makes a new one, and the turn's end decodes it all)."""
         if (task.cancelled() or task.exception() is not None or session.early is None or session.early[1] is not task
-                or not session.turns.in_turn or session.turns.silent_ms < self.config.early_asr_ms
+                or not session.turns.in_turn or session.turns.voiced_ms != pause.voiced_ms
                 or session.mode not in ("bot", "menu")):
             return
         if not is_complete_turn(task.result().text, expecting_answer=session.expects_answer or session.mode == "menu"):
             return
+        wait_ms = max(self.config.early_answer_ms, self.config.early_asr_ms) - session.turns.silent_ms
+        if wait_ms > 0:  # back before the caller has been quiet long enough to tell a breath from the end
+            asyncio.get_running_loop().call_later(max(wait_ms, 20) / 1000, self._early_transcript, session, pause, task)
+            return
         silent_s = session.turns.silent_ms / 1000
         event = session.turns.finish()
-        if event is None or event.audio != audio:
+        if event is None:
             return
-        session.early_answers += 1
+        if pause.same_speech(event):
+            session.early_answers += 1
         self._turn_ended(session, event, asyncio.get_running_loop().time() - silent_s)
 
     async def _transcribe(self, audio: bytes, previous: str | None = None):
@@ -567,13 +579,13 @@ class VoiceBot(CallHandler):
                 session.busy = False
 
     async def _speech_turn(self, session: CallSession, event: Any, speech_end: float,
-                           early: tuple[bytes, asyncio.Future] | None = None,
+                           early: tuple[Any, asyncio.Future] | None = None,
                            transcriber: TurnTranscriber | None = None) -> None:
         loop = asyncio.get_running_loop()
         timing = TurnTiming(speech_end=speech_end, end_of_turn_s=loop.time() - speech_end)
         started = loop.time()
         try:
-            if early is not None and early[0] == event.audio:  # no speech since the pause
+            if early is not None and early[0].same_speech(event):  # no speech since the pause
                 timing.early = True
                 session.early_used += 1
                 transcript = await early[1]

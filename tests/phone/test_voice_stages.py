@@ -115,10 +115,15 @@ def test_speech_after_a_pause_makes_the_end_longer_than_the_pause() -> None:
     assert pauses[-1].audio == end.audio
 
 
-def test_a_pause_never_cuts_less_than_the_kept_trailing_silence() -> None:
-    # a 100 ms pause would cut the audio 200 ms after the last voice at the end but not at the pause
-    assert TurnDetector(pause_ms=100).pause_frames == TurnDetector.TRAILING_KEEP_FRAMES
-    assert TurnDetector(pause_ms=0).pause_frames == 0
+def test_a_pause_before_the_kept_trailing_silence_holds_the_same_speech_as_the_end() -> None:
+    # a 100 ms pause carries 100 ms of the silence, the end that follows 200 ms: the same words
+    q = speech()
+    line = np.concatenate([noise(0.5, 20), q, noise(1.5, 20)])
+    events = run_detector(TurnDetector(end_silence_ms=600, pause_ms=100), line)
+    assert [e.kind for e in events][-2:] == ["pause", "end"]
+    pause, end = events[-2:]
+    assert pause.audio != end.audio and pause.same_speech(end)
+    assert TurnDetector(pause_ms=100).pause_frames == 5 and TurnDetector(pause_ms=0).pause_frames == 0
 
 
 def test_a_caller_who_never_pauses_is_cut_at_the_hard_maximum_turn_length() -> None:
