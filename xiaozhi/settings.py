@@ -314,9 +314,10 @@ class Settings(BaseSettings):
         600, description="Silence that ends a caller's turn, in ms (1100 in elderly mode unless set)."
     )
     phone_early_asr_ms: int = Field(
-        300,
-        description="Silence after which recognition of a turn starts before the turn is over, in ms "
-        "(600 in elderly mode unless set; 0: off).",
+        100,
+        description="Silence after which recognition of a turn starts before the turn is over, in ms; a turn "
+        "whose words are a complete question is then answered after 250 ms of silence instead of the full end "
+        "of turn (600 in elderly mode unless set; 0: off).",
     )
     phone_no_input_s: float = Field(
         8.0, description="Seconds of caller silence after the bot spoke before a re-prompt (12 in elderly mode unless set)."
