@@ -51,7 +51,7 @@ def toneless_pinyin(text: str) -> list[str]:
     return list(_toneless_pinyin(text))
 
 
-@lru_cache(maxsize=100_000)
+@lru_cache(maxsize=400_000)
 def _toneless_pinyin(text: str) -> tuple[str, ...]:
     # Memoised: pypinyin is most of the time of indexing a corpus, and a re-index after one published
     # change (xiaozhi/hub/domain/knowledge_publish.py) sees every other text again.

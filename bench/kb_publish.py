@@ -1,0 +1,163 @@
+"""Publishing a change to a 10,000-knowledge-point base: how long the re-index takes, and chat latency meanwhile.
+
+What runs is the hub's own path (xiaozhi/hub/domain/knowledge_publish.py): the records in a database
+(SQLite in a scratch directory), an edit of one figure as a draft, an admin's approval, then
+``KnowledgePublisher.publish``: the published records read and validated into a corpus, the texts without a
+vector encoded by the real e5 model, the BM25 index, the answer stage's unit index, and the swap. While it
+runs, a "chat" thread asks the knowledge base questions through the answer stage (what the hub's chat and
+the Rasa action's /api/kb/answer call) back to back, and every answer is timed.
+
+The base: the packs' 152 entries and their knowledge points copied under new ids until there are
+``--points`` of them, each copy's texts prefixed with a city name (distinct texts, as a real base has).
+Encoding 70,000 new texts for the baseline would take an hour and measure nothing about publishing: the
+baseline's vectors for a copied text are those of the text it copies (the published change itself is
+encoded for real). The base is built once (the first generation), then ``--rounds`` publications of one
+changed figure each are timed.
+
+    flock /tmp/xiaozhi-heavy.lock .venv/bin/python bench/kb_publish.py [--points 10000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from knowledge_base.embedder import Embedder  # noqa: E402
+from knowledge_base.factory import open_knowledge_base  # noqa: E402
+from knowledge_base.records import pack_records  # noqa: E402
+from knowledge_base.units import layout  # noqa: E402
+from xiaozhi.hub import migrations  # noqa: E402
+from xiaozhi.hub.domain.accounts import Role, StaffUser  # noqa: E402
+from xiaozhi.hub.domain.knowledge_publish import KnowledgePublisher  # noqa: E402
+from xiaozhi.hub.domain.knowledge_store import KnowledgeStore  # noqa: E402
+from xiaozhi.hub.infra.store import Store  # noqa: E402
+from xiaozhi.settings import get_settings  # noqa: E402
+
+CITIES = ["杭州", "宁波", "温州", "嘉兴", "湖州", "绍兴", "金华", "衢州", "舟山", "台州", "丽水", "南京", "苏州", "无锡",
+          "合肥", "福州", "厦门", "南昌", "济南", "青岛", "郑州", "武汉", "长沙", "广州", "深圳"]
+QUESTIONS = ["异地就医结算出了问题，打什么电话求助？", "医保电子凭证怎么激活", "住院报销需要什么材料", "异地就医怎么备案",
+             "门诊慢特病怎么申请", "生孩子医保能报多少", "医保卡丢了怎么办", "居民医保断了再交要等多久"]
+ADMIN = StaffUser(username="bench-admin", role=Role.admin.value, display_name="bench", password_hash="-")
+
+
+def generated_points(points: list[dict], total: int) -> tuple[list[dict], dict[str, str]]:
+    """``total`` points: the packs' own, then copies with city-prefixed texts; and copy text -> original text."""
+    out = list(points)
+    origin: dict[str, str] = {}
+    n = 0
+    while len(out) < total:
+        city = CITIES[n // len(points) % len(CITIES)] + f"{n // (len(points) * len(CITIES)) or ''}"
+        p = points[n % len(points)]
+        copy = {**p, "id": f"{p['id']}.c{n}", "question": f"{city}：{p['question']}",
+                "asks": [f"{city}：{a}" for a in p["asks"]], "answer": f"{city}：{p['answer']}"[:400]}
+        for original, copied in [(p["question"], copy["question"]), (p["answer"], copy["answer"]),
+                                 *zip(p["asks"], copy["asks"])]:
+            origin[copied] = original
+        out.append(copy)
+        n += 1
+    return out, origin
+
+
+def chat_load(get_kb, stop: threading.Event, latencies: list[float]) -> None:
+    from knowledge_base.answers import Context
+
+    i = 0
+    while not stop.is_set():
+        question = QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f"（{i}）")
+        started = time.perf_counter()
+        get_kb().answerer.answer(question, Context())
+        latencies.append(time.perf_counter() - started)
+        i += 1
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+async def run(points_total: int, rounds: int) -> None:
+    settings = get_settings()
+    scratch = Path(tempfile.mkdtemp(prefix="kb-publish-"))
+    config = dataclasses.replace(settings.knowledge_base_config(), index_dir=scratch / "kb-index")
+    entries, points, pack_corpus = pack_records(settings.kb_data_dir)
+    all_points, origin = generated_points(points, points_total)
+    print(f"base: {len(entries)} entries, {len(all_points)} knowledge points ({len(points)} from the packs)")
+
+    embedder = Embedder(config.embedding_model, prefix=config.embedding_query_prefix, threads=config.embedding_threads)
+    started = time.perf_counter()
+    packs_kb = open_knowledge_base(dataclasses.replace(config, index_dir=settings.kb_index_dir), embedder=embedder)
+    known = dict(zip(packs_kb.answerer.units.layout.texts, packs_kb.answerer.units.vectors))
+    print(f"pack knowledge base opened in {time.perf_counter() - started:.1f} s")
+
+    store = Store(f"sqlite+aiosqlite:///{scratch / 'hub.db'}")
+    await migrations.prepare(store)
+    records = KnowledgeStore(store)
+    started = time.perf_counter()
+    await records.import_packs(entries, all_points)
+    print(f"imported into the database in {time.perf_counter() - started:.1f} s")
+
+    started = time.perf_counter()
+    corpus = await records.served_corpus()
+    stand_in = {t: known[origin.get(t, t)] for t in layout(corpus).texts if origin.get(t, t) in known}
+    holder = {"kb": await asyncio.to_thread(open_knowledge_base, config, embedder=embedder, corpus=corpus,
+                                            reuse=stand_in)}
+    print(f"baseline generation built in {time.perf_counter() - started:.1f} s "
+          f"({len(layout(corpus).texts)} vector rows, {len(layout(corpus).texts) - len(stand_in)} encoded)")
+    publisher = KnowledgePublisher(records, config, lambda: holder["kb"], lambda kb: holder.__setitem__("kb", kb))
+
+    idle: list[float] = []
+    stop = threading.Event()
+    threading.Timer(10, stop.set).start()
+    await asyncio.to_thread(chat_load, lambda: holder["kb"], stop, idle)
+    print(f"chat alone: {len(idle)} answers, p50 {pct(idle, .5) * 1000:.0f} ms, p95 {pct(idle, .95) * 1000:.0f} ms")
+
+    timings, during = [], []
+    target = "cr-settlement-failed.hotline"
+    for r in range(rounds):
+        row = await records.get("point", target)
+        figure = f"1239{r}" if r else "12345"
+        doc = {**row.doc, "answer": row.doc["answer"].replace("12393", figure).replace("12345", figure)}
+        await records.save(ADMIN, "point", doc, reason=f"bench round {r}")
+        await records.transition(ADMIN, "point", target, "published")
+        latencies: list[float] = []
+        stop = threading.Event()
+        chat = threading.Thread(target=chat_load, args=(lambda: holder["kb"], stop, latencies))
+        chat.start()
+        started = time.perf_counter()
+        result = await publisher.publish(ADMIN, f"bench round {r}")
+        seconds = time.perf_counter() - started
+        stop.set()
+        chat.join()
+        served = holder["kb"].answerer.answer("异地就医结算出了问题，打什么电话求助？")
+        timings.append(seconds)
+        during += latencies
+        print(f"round {r + 1}: published generation {result['generation']} in {seconds:.1f} s; "
+              f"chat meanwhile: {len(latencies)} answers, p50 {pct(latencies, .5) * 1000:.0f} ms, "
+              f"p95 {pct(latencies, .95) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; "
+              f"new figure served: {figure in served.text}")
+    await store.close()
+    print(f"\npublish (re-index + swap) of one change to {len(all_points)} points: median "
+          f"{statistics.median(timings):.1f} s over {rounds} rounds (target < 60 s)")
+    print(f"chat during publishing: p50 {pct(during, .5) * 1000:.0f} ms, p95 {pct(during, .95) * 1000:.0f} ms "
+          f"over {len(during)} answers (target p95 < 500 ms); alone p95 {pct(idle, .95) * 1000:.0f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(run(args.points, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
