@@ -111,3 +111,38 @@ def test_agents_cannot_import_and_the_template_has_the_columns(hub):
     admin = staff_login(hub)
     audit = hub.get("/api/staff/audit", headers=admin).json()
     assert not any(e["action"] == "kb.import" and e["actor"] == "sheet_agent" for e in audit)
+
+
+def test_xlsx_export_and_import(hub):
+    import openpyxl
+
+    supervisor = make_staff(hub, "sheet_xlsx", "supervisor")
+    exported = hub.get("/api/staff/kb/export.xlsx", params={"entry": "cr-settlement-failed"}, headers=supervisor)
+    assert exported.status_code == 200 and exported.content[:2] == b"PK"
+    book = openpyxl.load_workbook(io.BytesIO(exported.content))
+    sheet = book.worksheets[0]
+    header = [c.value for c in sheet[1]]
+    assert header[0] == "编号"
+    ids = [sheet.cell(row, 1).value for row in range(1, sheet.max_row + 1)]
+    target, other = ids.index(POINT) + 1, next(i for i, v in enumerate(ids, 1) if i > 1 and v != POINT)
+    answer, date = header.index("书面回答") + 1, header.index("发文日期") + 1
+    sheet.cell(target, answer).value = sheet.cell(target, answer).value.replace("12393", "12366")
+    kept, sheet.cell(other, date).value = sheet.cell(other, date).value, None
+
+    def upload():
+        out = io.BytesIO()
+        book.save(out)
+        return hub.post("/api/staff/kb/import", params={"filename": "points.xlsx"}, content=out.getvalue(),
+                        headers=supervisor)
+
+    refused = upload()  # the row without a date refuses the whole file, with its line
+    assert refused.status_code == 422, refused.text
+    assert [(b["line"], b["reasons"]) for b in refused.json()["bad"]] == [(other, ["缺少发文日期"])]
+    assert "12393" in hub.get(f"/api/staff/kb/records/point/{POINT}", headers=supervisor).json()["doc"]["answer"]
+    sheet.cell(other, date).value = kept
+    done = upload()
+    assert done.status_code == 200 and done.json()["changed"] == 1, done.text
+    assert "12366" in hub.get(f"/api/staff/kb/records/point/{POINT}", headers=supervisor).json()["doc"]["answer"]
+    template = hub.get("/api/staff/kb/template.xlsx", headers=supervisor)
+    assert template.status_code == 200
+    assert [c.value for c in openpyxl.load_workbook(io.BytesIO(template.content)).worksheets[0][1]] == header
