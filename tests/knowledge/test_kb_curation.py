@@ -204,3 +204,20 @@ def test_import_packs_from_the_command_line_seeds_then_finds_nothing_new(setting
     out = again.stderr + again.stdout
     assert f"imported: 0 new, 0 updated, {len(entries) + len(points)} unchanged" in out
     assert "published generation 1" in out
+
+
+def test_reminders_list_old_sources_waiting_reviews_and_unverified_answers(hub):
+    supervisor = make_staff(hub, "kb_reminder", "supervisor")
+    first = hub.get("/api/staff/kb/reminders", params={"older_than": 5}, headers=supervisor).json()
+    doc = hub.get(f"/api/staff/kb/records/point/{POINT}", headers=supervisor).json()["doc"]
+    assert doc["source"]["date"] == "2022-06-30"  # within 5 years of today (2026), until it is edited below
+    old = {**doc, "source": {**doc["source"], "date": "2010-01-01"}}
+    _edit(hub, supervisor, old, "旧文件")
+    assert hub.post(f"/api/staff/kb/records/point/{POINT}/state", json={"state": "in_review"},
+                    headers=supervisor).status_code == 200
+    again = hub.get("/api/staff/kb/reminders", params={"older_than": 5}, headers=supervisor).json()
+    assert again["source_old"]["count"] == first["source_old"]["count"] + 1
+    assert again["in_review"] == {"count": 1, "records": [{"kind": "point", "id": POINT}]}
+    assert again["unverified"]["count"] == first["unverified"]["count"] > 0
+    listed = hub.get("/api/staff/kb/records", params={"older_than": 5, "q": POINT}, headers=supervisor).json()
+    assert [r["id"] for r in listed["records"]] == [POINT]

@@ -415,6 +415,27 @@ class KnowledgeStore:
             rows = list((await s.execute(query)).scalars())
         return rows, total
 
+    async def reminders(self, *, older_than_years: float = 5, today: dt.date | None = None, sample: int = 50) -> dict:
+        """What needs a look: records whose source is older than ``older_than_years`` (or undated), records
+        waiting for review, and served records still marked unverified (a "待核实" note)."""
+        today = today or dt.date.today()
+        old, _ = await self.records(Filters(source_older_than_years=older_than_years), today=today)
+        waiting, _ = await self.records(Filters(state="in_review"))
+        async with self.store.sessions() as s:
+            served = (await s.execute(select(KnowledgeRecord.kind, KnowledgeRecord.id, KnowledgeRecord.published)
+                                      .where(KnowledgeRecord.published.is_not(None)))).all()
+        unverified = [(k, i) for k, i, d in served if d.get("review")]
+
+        def listing(pairs):
+            return {"count": len(pairs), "records": [{"kind": k, "id": i} for k, i in pairs[:sample]]}
+
+        return {
+            "older_than_years": older_than_years,
+            "source_old": listing([(r.kind, r.id) for r in old if r.state != "retired"]),
+            "in_review": listing([(r.kind, r.id) for r in waiting]),
+            "unverified": listing(unverified),
+        }
+
     async def served(self) -> tuple[list[dict], list[dict]]:
         """The published documents (entries, points): what a publication serves."""
         async with self.store.sessions() as s:

@@ -188,6 +188,13 @@ async def publish(body: PublishIn, user: AdminUser, hub: Services, records: Reco
     return result
 
 
+@router.get("/reminders")
+async def reminders(user: AgentUser, records: Records,
+                    older_than: float = Query(5, ge=0, le=100, description="Source older than this many years.")) -> dict:
+    """What needs a look on the console: old sources, records waiting for review, unverified answers served."""
+    return await records.reminders(older_than_years=older_than)
+
+
 @router.get("/publications")
 async def publications(user: AgentUser, hub: Services, records: Records) -> dict:
     pubs = await records.publications()

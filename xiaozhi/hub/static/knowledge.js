@@ -234,13 +234,28 @@
     }).then(function () { $("import-file").value = ""; });
   }
 
+  function reminders() {
+    return api("/api/staff/kb/reminders?older_than=5").then(function (r) {
+      var box = $("reminders"); box.textContent = "";
+      [["source_old", "来源超过" + r.older_than_years + "年或未注明日期", function () { $("f-age").value = "5"; $("f-state").value = ""; }],
+       ["in_review", "待审核", function () { $("f-state").value = "in_review"; $("f-age").value = ""; }],
+       ["unverified", "线上仍标注“待核实”", null]].forEach(function (item) {
+        var n = r[item[0]].count; if (!n) return;
+        var b = el("button", item[1] + "：" + n + "条", "reminder"); b.type = "button";
+        if (item[2]) b.addEventListener("click", function () { item[2](); $("f-kind").value = ""; load(); });
+        else b.disabled = true;
+        box.appendChild(b);
+      });
+    }, fail);
+  }
+
   function start() {
     api("/api/staff/me").then(function (user) {
       me = user; show("dash");
       $("who").textContent = (user.display_name || user.username) + "（" + (ROLE[user.role] || user.role) + "）";
       $("publish").hidden = !can("admin");
       $("import-file").parentNode.hidden = !can("supervisor");
-      load();
+      load(); reminders();
     }, fail);
   }
 
