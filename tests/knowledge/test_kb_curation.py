@@ -123,8 +123,9 @@ def _edit(client, auth, doc, reason):
 
 def test_publish_serves_the_new_figure_and_a_restore_brings_the_old_back(hub):
     """The chat API (degraded mode: the knowledge base answers directly) before and after two publications."""
-    before = _answer_text(_chat(hub, QUESTION))
-    assert "12393" in before, before
+    asked_before, resident = open_session(hub)
+    before = hub.post(f"/api/sessions/{asked_before}/messages", json={"text": QUESTION}, headers=resident).json()
+    assert "12393" in _answer_text(before), before
     supervisor = make_staff(hub, "kb_sup", "supervisor")
     agent = make_staff(hub, "kb_agent", "agent")
     admin = staff_login(hub)
@@ -147,6 +148,12 @@ def test_publish_serves_the_new_figure_and_a_restore_brings_the_old_back(hub):
     assert published.status_code == 200, published.text
     after = _chat(hub, QUESTION)
     assert "12345" in _answer_text(after) and "12393" not in _answer_text(after), after
+    # Who was told the old figure in the 30 days before: the conversation that asked before the change.
+    assert hub.get(f"/api/staff/kb/records/point/{POINT}/answered", headers=agent).status_code == 403
+    told = hub.get(f"/api/staff/kb/records/point/{POINT}/answered", headers=supervisor).json()
+    assert [c["conversation"] for c in told["conversations"]] == [asked_before], told
+    assert "12393" in told["conversations"][0]["reply"]
+    assert {c["field"] for c in told["changes"]} == {"answer", "spoken"}
 
     history = hub.get(f"/api/staff/kb/records/point/{POINT}", headers=agent).json()["history"]
     assert history[-1]["action"] == "import" and history[-1]["version"] == 1

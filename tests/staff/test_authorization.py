@@ -100,6 +100,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/api/staff/kb/publish"): ADMIN,
     ("GET", "/api/staff/kb/publications"): AGENT,
     ("GET", "/api/staff/kb/reminders"): AGENT,
+    ("GET", "/api/staff/kb/records/{kind}/{record_id}/answered"): SUPERVISOR,
     ("POST", "/api/staff/kb/import-packs"): ADMIN,
     ("GET", "/api/staff/kb/template.{fmt}"): AGENT,
     ("GET", "/api/staff/kb/export.{fmt}"): AGENT,

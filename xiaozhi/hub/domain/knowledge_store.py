@@ -436,6 +436,39 @@ class KnowledgeStore:
             "unverified": listing(unverified),
         }
 
+    async def answered_before_change(self, kind: str, record_id: str, *, days: int = 30, limit: int = 500) -> dict:
+        """The conversations of the ``days`` before this record's current document was published that were
+        answered with it, i.e. with what it said before (for follow-up when a figure changed)."""
+        from sqlalchemy import String as SqlString, cast
+
+        from xiaozhi.hub.infra.store import Conversation, Message
+
+        async with self.store.sessions() as s:
+            moves = list((await s.execute(select(KnowledgeVersion).where(
+                KnowledgeVersion.kind == kind, KnowledgeVersion.record_id == record_id,
+                KnowledgeVersion.action.in_(("state", "import")), KnowledgeVersion.state == "published",
+            ).order_by(KnowledgeVersion.version.desc()).limit(2))).scalars())
+            if len(moves) < 2:  # published once (the import): no earlier answer differs
+                return {"changed_at": None, "changes": [], "conversations": []}
+            latest, earlier = moves
+            since = aware(latest.at) - dt.timedelta(days=days)
+            rows = (await s.execute(
+                select(Message, Conversation).join(Conversation, Conversation.id == Message.conversation_id).where(
+                    Message.role == "bot", Message.created_at >= since, Message.created_at < latest.at,
+                    cast(Message.meta, SqlString).contains(record_id),
+                ).order_by(Message.created_at.desc()).limit(limit * 4))).all()
+        key = "point" if kind == "point" else "entry"
+        found: dict[str, dict] = {}
+        for message, conv in rows:
+            meta = message.meta or {}
+            cited = [a.get(key) for a in meta.get("answers") or [] if isinstance(a, dict)]
+            cited += [c.get("point" if kind == "point" else "id") for c in meta.get("citations") or [] if isinstance(c, dict)]
+            if record_id in cited and conv.id not in found and len(found) < limit:
+                found[conv.id] = {"conversation": conv.id, "channel": conv.channel, "contact": conv.contact,
+                                  "at": aware(message.created_at).isoformat(), "reply": message.text[:200]}
+        return {"changed_at": aware(latest.at).isoformat(), "changes": diff(earlier.doc, latest.doc),
+                "conversations": list(found.values())}
+
     async def served(self) -> tuple[list[dict], list[dict]]:
         """The published documents (entries, points): what a publication serves."""
         async with self.store.sessions() as s:

@@ -113,6 +113,17 @@ async def get_record(kind: Kind, record_id: str, user: AgentUser, records: Recor
             "problems": [{"message": p.message, "severity": p.severity} for p in problems]}
 
 
+@router.get("/records/{kind}/{record_id}/answered")
+async def answered_before_change(kind: Kind, record_id: str, user: SupervisorUser, hub: Services, records: Records,
+                                 client: ClientAddress, days: int = Query(30, ge=1, le=365)) -> dict:
+    """Conversations answered with this record's previous published document in the ``days`` before the
+    current one was published: whom to follow up when a figure changed (contacts are stored masked)."""
+    found = await records.answered_before_change(kind, record_id, days=days)
+    await hub.accounts.audit(user, "kb.answered_read", f"{kind}:{record_id}", {"conversations": len(found["conversations"])},
+                             client=client)
+    return found
+
+
 @router.post("/check/{kind}")
 async def check_record(kind: Kind, body: RecordIn, user: SupervisorUser, records: Records) -> dict:
     """What `xiaozhi kb validate` says about this document, for the editor's inline validation."""

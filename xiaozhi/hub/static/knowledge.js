@@ -101,6 +101,20 @@
       b.hidden = !can(needs) || (target && !allowed(rec.state, target));
     });
     history(rec.history || []);
+    answered(rec);
+  }
+
+  function answered(rec) {
+    $("answered").hidden = true;
+    if (!can("supervisor")) return;
+    api("/api/staff/kb/records/" + rec.kind + "/" + encodeURIComponent(rec.id) + "/answered").then(function (r) {
+      var ul = $("answered-list"); ul.textContent = "";
+      r.conversations.forEach(function (c) {
+        ul.appendChild(el("li", new Date(c.at).toLocaleString("zh-CN") + " · " + ({ web: "网页", phone: "电话", video: "视频" }[c.channel] || c.channel) +
+          (c.contact ? " · " + c.contact : "") + " · 会话 " + c.conversation.slice(0, 8) + "：" + c.reply));
+      });
+      $("answered").hidden = !r.conversations.length;
+    }, function () {});
   }
 
   function allowed(from, to) {
