@@ -23,11 +23,13 @@ def open_knowledge_base(
     progress: Callable[[int, int], None] | None = None,
     corpus: Corpus | None = None,
     reuse: Mapping[str, np.ndarray] | None = None,
+    text: TextProcessor | None = None,
 ) -> KnowledgeBase:
     """``embedder``: one already loaded (a reload keeps the model); ``progress(done, total)`` while encoding.
 
     ``corpus``: serve this corpus instead of the data files (the records published in the hub's database);
-    ``reuse``: vectors known by text (``embedded.known_vectors``), so only new texts are encoded."""
+    ``reuse``: vectors known by text (``embedded.known_vectors``), so only new texts are encoded;
+    ``text``: the running knowledge base's text processor, whose memo of normalised texts is reused."""
     if not isinstance(config, KnowledgeBaseConfig):  # e.g. the hub's Settings, as before issue 16
         raise TypeError(f"open_knowledge_base takes a KnowledgeBaseConfig (Settings.knowledge_base_config()), "
                         f"not {type(config).__name__}")
@@ -36,9 +38,13 @@ def open_knowledge_base(
     if corpus.errors:
         listing = "\n".join(f"  {p}" for p in corpus.errors[:20])
         raise CorpusError(f"{len(corpus.errors)} problem(s) in {where}:\n{listing}")
-    for problem in corpus.problems:
-        log.warning("%s", problem)
-    text = TextProcessor()
+    if where == config.data_dir:
+        for problem in corpus.problems:
+            log.warning("%s", problem)
+    elif corpus.problems:  # a publication: the console lists each record's problems; the log says how many
+        log.warning("%d reminder(s) in the published records (not served differently): e.g. %s",
+                    len(corpus.problems), corpus.problems[0])
+    text = text or TextProcessor()
     # One inference thread: under concurrent chats, parallel requests use the cores better than
     # torch's intra-op threads fighting over them.
     embedder = embedder or Embedder(
@@ -76,7 +82,8 @@ def attach_answerer(kb: KnowledgeBase, index_dir) -> None:
     """The answer stage needs a vector per unit row: the embedded index's own, or the same cache for ES."""
     from knowledge_base.answers import Answerer, UnitIndex
     from knowledge_base.embedded import encode_corpus
+    from knowledge_base.unit_classifier import UnitClassifier
     from knowledge_base.units import layout
 
     vectors, _owners, _ = encode_corpus(kb.corpus, kb.embedder, index_dir)
-    kb.answerer = Answerer(kb, UnitIndex(layout(kb.corpus), vectors, kb.text))
+    kb.answerer = Answerer(kb, UnitIndex(layout(kb.corpus), vectors, kb.text), classifier=UnitClassifier.load())

@@ -51,7 +51,10 @@ def toneless_pinyin(text: str) -> list[str]:
     return list(_toneless_pinyin(text))
 
 
-@lru_cache(maxsize=400_000)
+MEMO_SIZE = 400_000  # texts remembered: every row of a 10,000-point base (about 95,000) and its queries
+
+
+@lru_cache(maxsize=MEMO_SIZE)
 def _toneless_pinyin(text: str) -> tuple[str, ...]:
     # Memoised: pypinyin is most of the time of indexing a corpus, and a re-index after one published
     # change (xiaozhi/hub/domain/knowledge_publish.py) sees every other text again.
@@ -95,6 +98,10 @@ class TextProcessor:
         _add_words(words)
         # Longest synonym first, so 外省看病 wins over 看病-level rules.
         self._synonyms = sorted(self.lexicon.synonyms.items(), key=lambda kv: -len(kv[0]))
+        # Memoised per processor: a re-index after one published change (knowledge_publish.py hands the
+        # running knowledge base's processor to the new one) normalises and cuts only the changed texts.
+        self._normalise_memo = lru_cache(maxsize=MEMO_SIZE)(self._normalise)
+        self._words_memo = lru_cache(maxsize=MEMO_SIZE)(self._words)
 
     @cached_property
     def _homophone_index(self) -> dict[tuple[str, ...], str]:
@@ -141,6 +148,9 @@ class TextProcessor:
         Long answer texts may skip the per-character homophone pass (``correct=False``): they are
         written correctly, and it is the costliest step of indexing 10,000 entries.
         """
+        return self._normalise_memo(text, correct)
+
+    def _normalise(self, text: str, correct: bool) -> str:
         text = normalise_width(text)
         if correct:
             text = self.correct_homophones(text)
@@ -152,13 +162,16 @@ class TextProcessor:
 
     def words(self, text: str) -> list[str]:
         """Search-mode jieba words without stop words or punctuation (text already normalised)."""
+        return list(self._words_memo(text))
+
+    def _words(self, text: str) -> tuple[str, ...]:
         with _JIEBA_LOCK:
             cut = rjieba.cut_for_search(text)
-        return [
+        return tuple(
             w
             for w in cut
             if w.strip() and w not in STOPWORDS and not _TOKEN_JUNK.match(w)
-        ]
+        )
 
     @staticmethod
     def char_ngrams(text: str) -> list[str]:

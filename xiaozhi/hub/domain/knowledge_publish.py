@@ -103,4 +103,5 @@ class KnowledgePublisher:
             reuse = dict(zip(units.layout.texts, units.vectors))
         elif old is not None and embedder is not None:
             reuse = known_vectors(old.corpus, embedder, self.config.index_dir)
-        return open_knowledge_base(self.config, embedder=embedder, corpus=corpus, reuse=reuse)
+        return open_knowledge_base(self.config, embedder=embedder, corpus=corpus, reuse=reuse,
+                                   text=getattr(old, "text", None))
