@@ -47,11 +47,11 @@ class KnowledgePublisher:
     async def publish(self, user: StaffUser | str, note: str = "") -> dict:
         """Make the published records what every replica serves; the publication and how long it took."""
         started = time.perf_counter()
-        corpus = await self.records.served_corpus()
-        if corpus.errors:
-            listing = "；".join(str(p) for p in corpus.errors[:5])
-            raise PublishFailed(f"{len(corpus.errors)}处错误：{listing}")
-        async with self._lock:
+        async with self._lock:  # two publications at once: the later one reads (and serves) the later records
+            corpus = await self.records.served_corpus()
+            if corpus.errors:
+                listing = "；".join(str(p) for p in corpus.errors[:5])
+                raise PublishFailed(f"{len(corpus.errors)}处错误：{listing}")
             kb = await asyncio.to_thread(self._build, corpus)
             pub = await self.records.record_publication(user, corpus, note)
             self._set_kb(kb)

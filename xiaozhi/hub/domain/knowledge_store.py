@@ -16,6 +16,7 @@ left alone (reported as a conflict) unless forced.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
@@ -177,6 +178,8 @@ class KnowledgeStore:
     def __init__(self, store: Store, *, stale_after_years: int = 5) -> None:
         self.store = store
         self.stale_after_years = stale_after_years
+        self.seeded = False  # the console's first request found records (or seeded them)
+        self._importing = asyncio.Lock()  # one import at a time in this process (SQLite has no advisory lock)
 
     # -- checking ---------------------------------------------------------------------------------
     async def _parent(self, s, kind: str, doc: dict) -> dict | None:
@@ -329,11 +332,14 @@ class KnowledgeStore:
         return await self.save(user, kind, old.doc, reason=reason or f"恢复到第{version}版", action="restore")
 
     async def import_packs(self, entries: list[dict], points: list[dict], *, actor: str = IMPORT_ACTOR,
-                           force: bool = False) -> ImportReport:
-        """Bring the packs' records in as published versions; records staff changed since are left alone."""
+                           force: bool = False, only_if_empty: bool = False) -> ImportReport:
+        """Bring the packs' records in as published versions; records staff changed since are left alone.
+        ``only_if_empty``: the seed of a new installation (two replicas seeding at once seed once)."""
         report = ImportReport()
-        async with self.store.exclusive("xiaozhi.kb-import"), self.store.sessions() as s, s.begin():
+        async with self._importing, self.store.exclusive("xiaozhi.kb-import"), self.store.sessions() as s, s.begin():
             rows = {(r.kind, r.id): r for r in (await s.execute(select(KnowledgeRecord))).scalars()}
+            if only_if_empty and rows:
+                return report
             parents = {d["id"]: d for d in entries}
             for kind, docs in (("entry", entries), ("point", points)):
                 for doc in docs:

@@ -31,19 +31,16 @@ Kind = Literal["entry", "point"]
 PAGE_SIZE_MAX = 500
 UPLOAD_PATHS = {"/api/staff/kb/import": 20_000_000}  # the security middleware's body limit for the sheet import
 
-_seeded: set[int] = set()  # stores (by id) this process has seen seeded
-
-
 async def records_of(hub: Services) -> KnowledgeStore:
-    """The knowledge records; an empty installation is seeded from the packs first (once, under a lock)."""
+    """The knowledge records; an empty installation is seeded from the packs first (once)."""
     store = hub.knowledge
-    if id(store) not in _seeded:
+    if not store.seeded:
         if not await store.count():
             from knowledge_base.records import pack_records
 
             entries, points, _ = await asyncio.to_thread(pack_records, hub.settings.kb_data_dir)
-            await store.import_packs(entries, points)
-        _seeded.add(id(store))
+            await store.import_packs(entries, points, only_if_empty=True)
+        store.seeded = True
     return store
 
 
