@@ -105,4 +105,19 @@ def test_supervisor_edits_admin_publishes_and_chat_answers_with_the_new_figure(c
     admin.get_by_role("button", name="发布到线上").click()
     admin.locator("#status", has_text="已发布第2版").wait_for(timeout=60000)
     assert "12393" in _ask(resident, QUESTION)
+
+    # A new knowledge point under the open entry, and one opened pre-filled by a link (?new=point&…).
+    admin.get_by_role("button", name="新建知识点").click()
+    admin.locator("#e-meta", has_text="新建知识点").wait_for()
+    admin.locator("#e-id").fill("cr-settlement-failed.card-abroad")
+    admin.locator("#e-question").fill("在外地刷卡结算失败了，能先自己垫钱吗？")
+    admin.locator("#e-answer").fill("可以先自费垫付，保存好发票和费用清单，回参保地按规定手工报销。")
+    admin.locator("#e-spoken").fill("可以先垫付，留好发票和清单，回参保地报销。")
+    admin.get_by_role("button", name="保存草稿").click()
+    admin.locator("#e-status", has_text="已保存为草稿").wait_for()
+    admin.locator("#editor-title", has_text="cr-settlement-failed.card-abroad").wait_for()
+    assert "草稿" in admin.locator("#e-meta").inner_text()
+    supervisor.goto(f"{url}/staff/knowledge?new=point&entry=cr-settlement-failed&question=外地结算失败找谁")
+    supervisor.locator("#e-meta", has_text="新建知识点").wait_for()
+    assert supervisor.locator("#e-question").input_value() == "外地结算失败找谁"
     assert not errors, errors

@@ -10,7 +10,7 @@
     personal_account: "个人账户", chronic_disease: "门诊慢特病", maternity: "生育保险", card: "社保卡", referral: "转诊转院",
     drug_catalog: "药品目录", payment_reform: "支付方式改革", designated_institutions: "定点医药机构", service_info: "经办服务", other: "其他" };
   var ACTIONS = { create: "新建", edit: "修改", restore: "恢复", import: "导入", state: "状态变更" };
-  var me = null, current = null, offset = 0, checkTimer = null;
+  var me = null, current = null, offset = 0, checkTimer = null, creating = false;
   var token = function () { return sessionStorage.getItem(TOKEN_KEY); };
 
   function api(path, opts) {
@@ -73,7 +73,8 @@
 
   function fill(rec) {
     var d = rec.doc, s = d.source || {}, r = d.region || {};
-    current = rec; setKind(rec.kind);
+    current = rec; setKind(rec.kind); creating = !!rec.creating;
+    $("e-id").readOnly = !creating;
     $("editor").hidden = false;
     $("editor-title").textContent = (rec.kind === "point" ? "知识点 " : "条目 ") + rec.id;
     $("e-meta").textContent = "状态：" + rec.state_label + " · 第" + rec.version + "版" +
@@ -98,8 +99,9 @@
     document.querySelectorAll("#edit-form .actions button").forEach(function (b) {
       var target = b.dataset.state;
       var needs = target === "published" || target === "retired" ? "admin" : "supervisor";
-      b.hidden = !can(needs) || (target && !allowed(rec.state, target));
+      b.hidden = !can(needs) || (target && (creating || !allowed(rec.state, target)));
     });
+    if (creating) $("e-meta").textContent = "新建知识点（所属条目 " + d.entry + "），保存后为草稿";
     history(rec.history || []);
     answered(rec);
   }
@@ -123,6 +125,7 @@
 
   function doc() {
     var d = JSON.parse(JSON.stringify(current.doc));
+    if (creating) d.id = $("e-id").value.trim();
     var src = { title: $("e-src-title").value.trim(), url: $("e-src-url").value.trim(),
       publisher: $("e-src-publisher").value.trim() || null, document: $("e-src-document").value.trim() || null,
       date: $("e-src-date").value || null };
@@ -195,9 +198,31 @@
   }
   function reopen(msg) { return open(current.kind, current.id).then(function () { $("e-status").textContent = msg; load(); }); }
 
+  function blankPoint(entry, question) {
+    // A new point under ``entry``, with the entry's region and source as a start (the curator corrects them).
+    return api("/api/staff/kb/records/entry/" + encodeURIComponent(entry)).then(function (parent) {
+      var p = parent.doc;
+      fill({ kind: "point", id: "", creating: true, state: "draft", version: 0, history: [], problems: [],
+        doc: { id: "", entry: p.id, question: question || "", asks: [], answer: "", spoken: "", facts: [], when: {},
+          source: JSON.parse(JSON.stringify(p.source)), review: null, local_figure: false, region: p.region } });
+      $("e-id").value = p.id + ".";
+      $("e-id").focus();
+    }, fail);
+  }
+
   function save(ev) {
     ev.preventDefault();
     $("e-status").textContent = "保存中…";
+    if (creating) {
+      var fresh = doc(); fresh.id = $("e-id").value.trim();
+      api("/api/staff/kb/records/point", { method: "POST", body: { doc: fresh, reason: $("e-reason").value.trim() } })
+        .then(function (rec) { current = rec; creating = false; return reopen("已保存为草稿"); }, function (e) {
+          creating = true;
+          if (e.body && e.body.problems) showProblems(e.body.problems);
+          $("e-status").textContent = e.message;
+        });
+      return;
+    }
     api("/api/staff/kb/records/" + current.kind + "/" + encodeURIComponent(current.id),
         { method: "PUT", body: { doc: doc(), reason: $("e-reason").value.trim() } })
       .then(function () { return reopen("已保存为草稿"); }, function (e) {
@@ -270,6 +295,8 @@
       $("publish").hidden = !can("admin");
       $("import-file").parentNode.hidden = !can("supervisor");
       load(); reminders();
+      var params = new URLSearchParams(location.search);  // a link from elsewhere: ?new=point&entry=…&question=…
+      if (params.get("new") === "point" && params.get("entry") && can("supervisor")) blankPoint(params.get("entry"), params.get("question"));
     }, fail);
   }
 
@@ -285,6 +312,7 @@
     b.addEventListener("click", function () { move(b.dataset.state); });
   });
   $("publish").addEventListener("click", publish);
+  $("new-point").addEventListener("click", function () { blankPoint(current.kind === "entry" ? current.id : current.doc.entry); });
   $("export-csv").addEventListener("click", function () { download("csv"); });
   $("export-xlsx").addEventListener("click", function () { download("xlsx"); });
   $("template").addEventListener("click", function () { download("template"); });
