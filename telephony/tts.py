@@ -524,6 +524,17 @@ def split_clauses(text: str) -> list[str]:
     return [c for c in clauses if c]
 
 
+def trim_onset(samples: np.ndarray, *, threshold: int = 200, keep_s: float = 0.005,
+               rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``samples`` from just before their first sound (``keep_s`` earlier): a reply's first clause keeps
+    30 ms of near-silence from trimming Kokoro's edges (cached renders too), which the caller would
+    only wait through."""
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > threshold)
+    if loud.size == 0:
+        return samples
+    return samples[max(0, loud[0] - int(keep_s * rate)):]
+
+
 def clause_pause(clause: str, rate: int = SAMPLE_RATE) -> np.ndarray:
     """The silence that follows ``clause`` when clauses are played one after another."""
     seconds = SENTENCE_PAUSE_S if re.search(r"[。！？；!?;\n]$", clause) else COMMA_PAUSE_S
@@ -794,6 +805,8 @@ async def speak_clauses(synth: Synthesizer, clauses: list[str], cache: PromptCac
                 queued.append(start(nxt[1]))
             samples = np.frombuffer(pcm, dtype="<i2")
             if samples.size:
+                if index == 0:  # the answer starts with its first sound, not the render's quiet lead-in
+                    samples = trim_onset(samples)
                 if index < len(clauses) - 1:
                     samples = np.concatenate([samples, clause_pause(clauses[index])])
                 yield index, samples

@@ -160,6 +160,25 @@ def test_clauses_play_in_order_and_cached_clauses_are_not_rendered_again(kokoro,
     assert said[-1][1].size == samples(cache.lookup(clauses[-1], name="clause")).size  # the last has none
 
 
+def test_a_reply_starts_with_its_first_sound(kokoro, tmp_path: Path) -> None:
+    # the render's quiet lead-in (30 ms kept when Kokoro's edges are trimmed) is not played before an answer
+    cache = PromptCache(kokoro, tmp_path, prompts={})
+    clauses = split_clauses("医保电子凭证可以在微信里激活。激活以后就能看病买药。")
+    cache.get_text(clauses[0], name="clause", remember=False)
+
+    async def first() -> np.ndarray:
+        async for _, audio in speak_clauses(kokoro, clauses[:1], cache):
+            return audio
+
+    def onset_ms(x: np.ndarray) -> float:
+        return np.flatnonzero(np.abs(x.astype(np.int32)) > 200)[0] / 8
+
+    cached = samples(cache.lookup(clauses[0], name="clause"))
+    said = asyncio.run(first())
+    assert onset_ms(cached) >= 15 and onset_ms(said) <= 5, (onset_ms(cached), onset_ms(said))
+    assert np.array_equal(said[-1000:], cached[-1000:])  # the rest is the cached clause, untouched
+
+
 def test_stopping_a_reply_cancels_the_clauses_not_yet_rendered(kokoro, tmp_path: Path) -> None:
     cache = PromptCache(kokoro, tmp_path, prompts={})
     clauses = split_clauses("参保人员住院治疗，需要先支付起付线以下的费用，超过的部分按比例报销，"
