@@ -99,16 +99,18 @@ async def test_a_question_is_answered_before_the_hangover_a_statement_waits_and_
         session = next(iter(bot.sessions.values()))
         hangover = bot.config.end_silence_ms / 1000
         assert hangover == 1.5 and bot.config.early_asr_ms == 100
+        # a statement (the first half of a question) when the bot has asked nothing: its guess is not a
+        # complete question, so the turn waits for the hangover
+        assert not session.expects_answer
+        q = trimmed("01_pingzheng_jihuo")
+        await _ask(rtp, q[: int(q.size * 0.55)])
+        statement = session.timings[-1]
+        assert session.early_answers == 0 and statement.end_of_turn_s >= hangover - 0.02, statement
         # a question that ends like one: the turn ends at the guess, before the hangover
         await _ask(rtp, trimmed("08_qifuxian"))
         first = session.timings[-1]
         assert first.early and session.early_answers == 1, (first, session.early_answers)
         assert first.end_of_turn_s < hangover - 0.1, first
-        # a statement (the first half of a question): its guess is not a complete question, so it waits
-        q = trimmed("01_pingzheng_jihuo")
-        await _ask(rtp, q[: int(q.size * 0.55)])
-        statement = session.timings[-1]
-        assert session.early_answers == 1 and statement.end_of_turn_s >= hangover - 0.02, statement
         # a question, a 180 ms breath (the guess starts), and more words: the guess is dropped and the turn
         # goes on; both questions are one turn, answered once
         wasted = session.early_wasted
