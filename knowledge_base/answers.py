@@ -16,9 +16,11 @@ points, the passages of its answer — against the question, and decides:
   rules decide and whom to ask.
 
 Scoring is a linear model over a few features (``FEATURES``); its weights were fitted with
-logistic regression on the development split of tests/data/answer_set.yaml and
-tests/data/kb_dev.yaml (``xiaozhi kb fit-reranker``), never on the held-out split. No cross-encoder
-model for Chinese ships in any package this project can install offline.
+a listwise logistic regression on the development split of tests/data/answer_set.yaml
+(``xiaozhi kb fit-reranker``), never on the held-out split. One feature is itself learned: the
+margin of a character n-gram classifier trained to tell every unit from the others
+(knowledge_base/unit_classifier.py). No cross-encoder model for Chinese ships in any package this
+project can install offline.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ from knowledge_base.questions import (
 )
 from knowledge_base.search import KnowledgeBase, SearchResult
 from knowledge_base.text import TextProcessor
+from knowledge_base.unit_classifier import UnitClassifier
 from knowledge_base.units import Layout, Unit
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "reranker.json"
 
 FEATURES = ("dense_core", "dense_full", "dense_answer", "entry_prior", "overlap", "words_asked", "words_answer",
             "words_covered", "number", "case",
-            "is_point", "is_passage")
+            "is_point", "is_passage", "learned")
 
 # Hand-set starting weights; reranker.json (fitted) replaces them when present.
 DEFAULT_WEIGHTS = {
@@ -266,9 +269,12 @@ class Reply:
 
 
 class Answerer:
-    def __init__(self, kb: KnowledgeBase, units: UnitIndex, weights: dict[str, float] | None = None) -> None:
+    def __init__(self, kb: KnowledgeBase, units: UnitIndex, weights: dict[str, float] | None = None,
+                 classifier: UnitClassifier | None = None) -> None:
         self.kb = kb
         self.units = units
+        # Without a fitted classifier its feature is 0 for every unit: the other features rank.
+        self.classifier = classifier
         self.weights = weights or load_weights()
         self.clarify_share = self.weights.pop("clarify_share", CLARIFY_SHARE)
         # Below this retrieval confidence the stage declines. Lower than the search's own threshold:
@@ -306,6 +312,7 @@ class Answerer:
         sims_full, answer_sims = self.units.similarities(indexes, qv_full)
         sims_core = self.units.similarities(indexes, qv_core)[0] if core != question else sims_full
         words = self.kb.text.words(self.kb.text.normalise(question))
+        learned = self._learned(question, indexes)
         out = []
         for u in indexes:
             unit = self.units.layout.units[u]
@@ -323,6 +330,7 @@ class Answerer:
                 "case": case_agreement(parsed.case, unit),
                 "is_point": float(unit.kind == "point"),
                 "is_passage": float(unit.kind == "passage"),
+                "learned": learned.get(u, 0.0),
             }
             out.append(Candidate(unit, features, self.score(features)))
         out.sort(key=lambda c: -c.score)
@@ -333,6 +341,14 @@ class Answerer:
             for c, w in zip(out, weights):
                 c.share = w / total
         return QuestionAnswer(question, best_result, out, confidence, confidence < self.abstain_below)
+
+    def _learned(self, question: str, indexes: list[int]) -> dict[int, float]:
+        """The unit classifier's margin per candidate unit (a passage, not a way of asking, is unknown to it)."""
+        if self.classifier is None or not indexes:
+            return {}
+        units = self.units.layout.units
+        scores = self.classifier.scores(question, {units[u].id for u in indexes})
+        return {u: scores[units[u].id] for u in indexes}
 
     def _units_answering(self, entry_id: str) -> list[int]:
         """An entry's units; a local entry also brings the points of the national entry it replaces

@@ -1,0 +1,160 @@
+"""A learned scorer of which unit a question asks for: the words that tell sibling questions apart.
+
+The answer stage's other features measure how *alike* a question and a unit are (e5 cosines, shared
+words). Residents' questions mostly land on the right area and then on a neighbouring knowledge point
+(docs/retrieval-quality.md): "亲情账户最多绑几个人" and "亲情账户能被几个人绑" share almost every word.
+A linear classifier over character n-grams, trained to pick each unit from all the others, learns
+which few characters separate them (最多 / 被, 门诊 / 住院, 离职 / 到账).
+
+It is trained on
+* every way of asking of every entry and knowledge point (the corpus's own wording), and
+* labelled residents' questions: the development split of tests/data/answer_set.yaml (real messages
+  with the point that answers them), never its held-out split. An agency adds its own labelled
+  questions to the same kind of file, and every refit learns from them.
+
+Fitted offline with the reranker (``xiaozhi kb fit-reranker``) and shipped as arrays in
+``unit_classifier.npz`` (no pickled objects): the n-gram vocabulary and idf, a sparse float32
+weight matrix (weights below ``PRUNE`` dropped: about a tenth of them, the scores barely move) and
+the unit ids it knows. A unit added since the fit has no score of its own and gets ``UNKNOWN``; a
+refit picks it up. Scikit-learn (TF-IDF + LinearSVC, one-vs-rest) does the fitting; scoring is one
+sparse product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from scipy import sparse
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_PATH = Path(__file__).resolve().parent / "unit_classifier.npz"
+NGRAMS = (1, 3)
+MIN_DF = 2
+C = 0.5
+PRUNE = 0.01
+UNKNOWN = -1.5  # below almost every fitted score: a unit the classifier has not seen is not preferred
+FORMAT = 1
+
+
+def _vectorizer(vocabulary: dict[str, int] | None = None):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(analyzer="char_wb", ngram_range=NGRAMS, sublinear_tf=True,
+                           min_df=1 if vocabulary is not None else MIN_DF, vocabulary=vocabulary)
+
+
+@dataclass
+class UnitClassifier:
+    vocabulary: dict[str, int]
+    idf: np.ndarray  # (n_features,)
+    coef: sparse.csr_matrix  # (n_units, n_features) float32
+    intercept: np.ndarray  # (n_units,)
+    unit_ids: list[str]
+    trained_on: str = ""  # a hash of the training rows, to tell a stale fit
+
+    def __post_init__(self) -> None:
+        self._row = {u: i for i, u in enumerate(self.unit_ids)}
+        self._analyzer = _vectorizer(self.vocabulary).build_analyzer()
+
+    def transform(self, texts: list[str]) -> sparse.csr_matrix:
+        """TF-IDF rows exactly as scikit-learn's fitted vectorizer makes them (sublinear tf, l2 norm)."""
+        rows, cols, vals = [], [], []
+        for r, text in enumerate(texts):
+            counts: dict[int, int] = {}
+            for gram in self._analyzer(text):
+                j = self.vocabulary.get(gram)
+                if j is not None:
+                    counts[j] = counts.get(j, 0) + 1
+            if not counts:
+                continue
+            js = np.fromiter(counts, dtype=np.int64)
+            v = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64))) * self.idf[js]
+            v /= np.linalg.norm(v)
+            rows.extend([r] * len(js))
+            cols.extend(js.tolist())
+            vals.extend(v.tolist())
+        return sparse.csr_matrix((vals, (rows, cols)), shape=(len(texts), len(self.idf)), dtype=np.float64)
+
+    def scores(self, question: str, unit_ids: Iterable[str]) -> dict[str, float]:
+        """The classifier's margin for each asked unit; ``UNKNOWN`` for a unit it was not fitted on."""
+        ids = list(unit_ids)
+        known = [u for u in ids if u in self._row]
+        out = dict.fromkeys(ids, UNKNOWN)
+        if known:
+            x = self.transform([question])
+            rows = [self._row[u] for u in known]
+            values = (self.coef[rows] @ x.T).toarray().ravel() + self.intercept[rows]
+            out.update(zip(known, (float(v) for v in values)))
+        return out
+
+    # -- storage ----------------------------------------------------------------------------------
+    def save(self, path: Path = CLASSIFIER_PATH) -> None:
+        vocab = sorted(self.vocabulary, key=self.vocabulary.get)
+        coef = self.coef.tocsr()
+        with open(path, "wb") as f:
+            np.savez_compressed(
+                f, format=np.asarray(FORMAT), vocabulary=np.asarray(vocab), idf=self.idf.astype(np.float32),
+                data=coef.data.astype(np.float32), indices=coef.indices.astype(np.int32),
+                indptr=coef.indptr.astype(np.int64), shape=np.asarray(coef.shape),
+                intercept=self.intercept.astype(np.float32), unit_ids=np.asarray(self.unit_ids),
+                trained_on=np.asarray(self.trained_on),
+            )
+
+    @classmethod
+    def load(cls, path: Path = CLASSIFIER_PATH) -> "UnitClassifier | None":
+        """The shipped fit, or None when there is none (or it is of another format): the answer stage
+        then scores without it, as before the classifier existed."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z["format"]) != FORMAT:
+                    log.warning("unit classifier %s has format %s, expected %s: not used", path, int(z["format"]), FORMAT)
+                    return None
+                vocab = [str(g) for g in z["vocabulary"]]
+                coef = sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+                return cls({g: i for i, g in enumerate(vocab)}, z["idf"].astype(np.float64), coef,
+                           z["intercept"].astype(np.float64), [str(u) for u in z["unit_ids"]], str(z["trained_on"]))
+        except FileNotFoundError:
+            return None
+
+
+def training_rows(units, labelled: Iterable[tuple[str, str]] = ()) -> tuple[list[str], list[str]]:
+    """(text, unit id) rows: every way of asking of every entry and point, then labelled questions
+    whose unit exists. Passages are answers' sentences, not ways of asking: they are left out."""
+    texts, ids = [], []
+    known = set()
+    for unit in units:
+        if unit.kind == "passage":
+            continue
+        known.add(unit.id)
+        for text in dict.fromkeys(unit.texts):
+            texts.append(text)
+            ids.append(unit.id)
+    for question, unit_id in labelled:
+        if unit_id in known:
+            texts.append(question)
+            ids.append(unit_id)
+    return texts, ids
+
+
+def fit_unit_classifier(texts: list[str], ids: list[str]) -> UnitClassifier:
+    from sklearn.svm import LinearSVC
+
+    vectorizer = _vectorizer()
+    x = vectorizer.fit_transform(texts)
+    svm = LinearSVC(C=C).fit(x, ids)
+    coef = np.asarray(svm.coef_, dtype=np.float32)
+    intercept = np.asarray(svm.intercept_, dtype=np.float64)
+    classes = [str(c) for c in svm.classes_]
+    if len(classes) == 2:  # scikit-learn keeps one row for a two-class problem: the second class's margin
+        coef = np.vstack([-coef, coef])
+        intercept = np.concatenate([-intercept, intercept])
+    coef[np.abs(coef) < PRUNE] = 0.0
+    digest = hashlib.sha256("\x1e".join(f"{t}\x1f{i}" for t, i in zip(texts, ids)).encode()).hexdigest()[:16]
+    return UnitClassifier(dict(vectorizer.vocabulary_), vectorizer.idf_.astype(np.float64),
+                          sparse.csr_matrix(coef), intercept, classes, digest)

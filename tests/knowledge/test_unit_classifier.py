@@ -1,0 +1,107 @@
+"""The unit classifier: a learned feature that tells sibling questions apart by the few characters
+that separate them, trained on the corpus's ways of asking and labelled residents' questions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from knowledge_base.answers import FEATURES, Answerer
+from knowledge_base.rerank_fit import FOLDS, fold_of, labelled_questions
+from knowledge_base.unit_classifier import (
+    CLASSIFIER_PATH,
+    UNKNOWN,
+    UnitClassifier,
+    _vectorizer,
+    fit_unit_classifier,
+    training_rows,
+)
+
+
+@dataclass
+class FakeUnit:  # the three attributes training_rows reads from knowledge_base.units.Unit
+    id: str
+    kind: str
+    texts: tuple[str, ...]
+
+
+SIBLINGS = [
+    FakeUnit("family.max", "point", ("亲情账户最多能加几个人", "亲情账户能绑几个家人", "医保码最多添加几位亲属", "亲情账户人数上限是多少")),
+    FakeUnit("family.by-several", "point", ("一个人能被几个人绑进亲情账户", "孩子能同时被爸爸妈妈绑定吗", "老人能被两个子女同时添加吗")),
+    FakeUnit("family.face", "point", ("给家人加亲情账户要刷脸吗", "添加亲情账户需要本人人脸识别吗", "绑定家人要不要本人刷脸")),
+    FakeUnit("family", "entry", ("医保电子凭证亲情账户", "怎么给家人开亲情账户")),
+    FakeUnit("family#s1", "passage", ("亲情账户可以添加多位家人。",)),
+]
+
+
+@pytest.fixture(scope="module")
+def small() -> UnitClassifier:
+    return fit_unit_classifier(*training_rows(SIBLINGS, [("我跟我姐都想绑我妈，一个人能被两个人绑吗", "family.by-several"),
+                                                         ("no such unit", "gone.unit")]))
+
+
+def test_training_rows_take_ways_of_asking_and_known_labels_not_passages():
+    texts, ids = training_rows(SIBLINGS, [("问题一", "family.max"), ("问题二", "gone.unit")])
+    assert "family#s1" not in ids  # a passage is an answer's sentence, not a way of asking
+    assert ("问题一", "family.max") in zip(texts, ids)
+    assert "问题二" not in texts  # a label whose unit no longer exists is dropped
+    assert len(texts) == sum(len(u.texts) for u in SIBLINGS if u.kind != "passage") + 1
+
+
+def test_the_separating_words_pick_the_sibling(small):
+    ids = [u.id for u in SIBLINGS]
+    for question, right in [("亲情账户最多可以加几个", "family.max"),
+                            ("我妈能同时被我和我哥两个人绑吗", "family.by-several"),
+                            ("加亲情账户一定要刷脸吗", "family.face")]:
+        scores = small.scores(question, ids)
+        assert max(scores, key=scores.get) == right, scores
+    assert small.scores("亲情账户最多可以加几个", ["family#s1"]) == {"family#s1": UNKNOWN}
+
+
+def test_its_tfidf_rows_are_scikit_learns(small):
+    """Scoring rebuilds the TF-IDF rows from the stored arrays; they must equal the fitted vectorizer's."""
+    texts, _ids = training_rows(SIBLINGS)
+    reference = _vectorizer().fit(texts + ["我跟我姐都想绑我妈，一个人能被两个人绑吗"])
+    probe = ["亲情账户最多能加几个人？", "刷脸", "完全不相干的句子xyz"]
+    np.testing.assert_allclose(small.transform(probe).toarray(), reference.transform(probe).toarray(), atol=1e-9)
+
+
+def test_save_and_load_keep_the_scores(small, tmp_path):
+    path = tmp_path / "c.npz"
+    small.save(path)
+    again = UnitClassifier.load(path)
+    ids = [u.id for u in SIBLINGS]
+    for q in ("亲情账户最多可以加几个", "要刷脸吗"):
+        a, b = small.scores(q, ids), again.scores(q, ids)
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+    assert again.trained_on == small.trained_on
+    assert UnitClassifier.load(tmp_path / "missing.npz") is None
+
+
+def test_the_out_of_fold_parts_split_the_dev_questions_and_labels_follow_questions():
+    folds = {fold_of(f"问题{i}") for i in range(200)}
+    assert folds == set(range(FOLDS))
+    items = [{"q": "补一张社保卡要几天，补卡收钱吗", "out_of_scope": False, "expect": ["card.days", "card.fee"]},
+             {"q": "公积金怎么取", "out_of_scope": True, "expect": []}]
+    assert labelled_questions(items) == [("补一张社保卡要几天", "card.days"), ("补卡收钱吗", "card.fee")]
+
+
+def test_the_answer_stage_reads_the_shipped_classifier(knowledge_base):
+    answerer: Answerer = knowledge_base.answerer
+    assert CLASSIFIER_PATH.exists() and answerer.classifier is not None
+    assert "learned" in FEATURES and answerer.weights.get("learned", 0) > 0
+    found = answerer.candidates("亲情账户最多能绑几个人", answerer_parse("亲情账户最多能绑几个人"), "330100")
+    learned = [c.features["learned"] for c in found.candidates]
+    assert len(set(learned)) > 1
+    # without a classifier the feature is 0 for every unit: the others rank, as before
+    bare = Answerer(knowledge_base, answerer.units, dict(answerer.weights))
+    found = bare.candidates("亲情账户最多能绑几个人", answerer_parse("亲情账户最多能绑几个人"), "330100")
+    assert {c.features["learned"] for c in found.candidates} == {0.0}
+
+
+def answerer_parse(text):
+    from knowledge_base.questions import parse
+
+    return parse(text)
