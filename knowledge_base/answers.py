@@ -343,11 +343,13 @@ class Answerer:
         return QuestionAnswer(question, best_result, out, confidence, confidence < self.abstain_below)
 
     def _learned(self, question: str, indexes: list[int]) -> dict[int, float]:
-        """The unit classifier's margin per candidate unit (a passage, not a way of asking, is unknown to it)."""
+        """The unit classifier's margin per candidate unit. A point or entry published after the fit is
+        scored from its ways of asking; a passage (an answer's sentence, not a way of asking) is unknown."""
         if self.classifier is None or not indexes:
             return {}
         units = self.units.layout.units
-        scores = self.classifier.scores(question, {units[u].id for u in indexes})
+        texts = {units[u].id: units[u].texts for u in indexes if units[u].kind != "passage"}
+        scores = self.classifier.scores(question, {units[u].id for u in indexes}, texts)
         return {u: scores[units[u].id] for u in indexes}
 
     def _units_answering(self, entry_id: str) -> list[int]:

@@ -15,9 +15,11 @@ It is trained on
 Fitted offline with the reranker (``xiaozhi kb fit-reranker``) and shipped as arrays in
 ``unit_classifier.npz`` (no pickled objects): the n-gram vocabulary and idf, a sparse float32
 weight matrix (weights below ``PRUNE`` dropped: about a tenth of them, the scores barely move) and
-the unit ids it knows. A unit added since the fit has no score of its own and gets ``UNKNOWN``; a
-refit picks it up. Scikit-learn (TF-IDF + LinearSVC, one-vs-rest) does the fitting; scoring is one
-sparse product.
+the unit ids it knows. A unit published since the fit (issue 18: staff add knowledge points between
+refits) has no weights of its own: it is scored from the TF-IDF cosine between the question and the
+centroid of its ways of asking, mapped onto the margin scale by a line fitted on the known units
+(``fallback``), so it is neither preferred nor buried until a refit learns it. Scikit-learn
+(TF-IDF + LinearSVC, one-vs-rest) does the fitting; scoring is one sparse product.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import scipy.sparse.linalg  # noqa: F401  (sparse.linalg.norm)
 from scipy import sparse
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class UnitClassifier:
     intercept: np.ndarray  # (n_units,)
     unit_ids: list[str]
     trained_on: str = ""  # a hash of the training rows, to tell a stale fit
+    fallback: tuple[float, float] = (0.0, UNKNOWN)  # margin ~ a * cos(question, centroid) + b, for units fitted later
 
     def __post_init__(self) -> None:
         self._row = {u: i for i, u in enumerate(self.unit_ids)}
@@ -81,16 +85,23 @@ class UnitClassifier:
             vals.extend(v.tolist())
         return sparse.csr_matrix((vals, (rows, cols)), shape=(len(texts), len(self.idf)), dtype=np.float64)
 
-    def scores(self, question: str, unit_ids: Iterable[str]) -> dict[str, float]:
-        """The classifier's margin for each asked unit; ``UNKNOWN`` for a unit it was not fitted on."""
+    def scores(self, question: str, unit_ids: Iterable[str],
+               texts: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
+        """The classifier's margin for each asked unit. A unit it was not fitted on is scored by
+        ``fallback`` from its ways of asking (``texts``), or gets ``UNKNOWN`` without them."""
         ids = list(unit_ids)
         known = [u for u in ids if u in self._row]
         out = dict.fromkeys(ids, UNKNOWN)
+        x = self.transform([question])
         if known:
-            x = self.transform([question])
             rows = [self._row[u] for u in known]
             values = (self.coef[rows] @ x.T).toarray().ravel() + self.intercept[rows]
             out.update(zip(known, (float(v) for v in values)))
+        new = [u for u in ids if u not in self._row and texts and texts.get(u)]
+        if new:
+            a, b = self.fallback
+            cosines = (_centroids(self.transform, [texts[u] for u in new]) @ x.T).toarray().ravel()
+            out.update(zip(new, (float(a * c + b) for c in cosines)))
         return out
 
     # -- storage ----------------------------------------------------------------------------------
@@ -103,7 +114,7 @@ class UnitClassifier:
                 data=coef.data.astype(np.float32), indices=coef.indices.astype(np.int32),
                 indptr=coef.indptr.astype(np.int64), shape=np.asarray(coef.shape),
                 intercept=self.intercept.astype(np.float32), unit_ids=np.asarray(self.unit_ids),
-                trained_on=np.asarray(self.trained_on),
+                trained_on=np.asarray(self.trained_on), fallback=np.asarray(self.fallback, dtype=np.float64),
             )
 
     @classmethod
@@ -118,9 +129,38 @@ class UnitClassifier:
                 vocab = [str(g) for g in z["vocabulary"]]
                 coef = sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
                 return cls({g: i for i, g in enumerate(vocab)}, z["idf"].astype(np.float64), coef,
-                           z["intercept"].astype(np.float64), [str(u) for u in z["unit_ids"]], str(z["trained_on"]))
+                           z["intercept"].astype(np.float64), [str(u) for u in z["unit_ids"]], str(z["trained_on"]),
+                           tuple(float(v) for v in z["fallback"]))
         except FileNotFoundError:
             return None
+
+
+def _centroids(transform, groups: list[Sequence[str]]) -> sparse.csr_matrix:
+    """One l2-normalised mean TF-IDF row per group of texts."""
+    rows = []
+    for texts in groups:
+        mean = sparse.csr_matrix(transform(list(texts)).mean(axis=0))
+        norm = sparse.linalg.norm(mean)
+        rows.append(mean / norm if norm else mean)
+    return sparse.vstack(rows).tocsr()
+
+
+def fit_fallback(classifier: UnitClassifier, texts: list[str], ids: list[str], sample: int = 600,
+                 seed: int = 0) -> tuple[float, float]:
+    """The line from centroid cosine to margin, least squares over a sample of training texts
+    against every known unit's centroid."""
+    by_unit: dict[str, list[str]] = {}
+    for text, unit_id in zip(texts, ids):
+        by_unit.setdefault(unit_id, []).append(text)
+    order = classifier.unit_ids
+    centroids = _centroids(classifier.transform, [by_unit[u] for u in order])
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(texts), size=min(sample, len(texts)), replace=False)
+    x = classifier.transform([texts[i] for i in picked])
+    cosines = (x @ centroids.T).toarray().ravel()
+    margins = ((x @ classifier.coef.T).toarray() + classifier.intercept).ravel()
+    a, b = np.polyfit(cosines, margins, 1)
+    return float(a), float(b)
 
 
 def training_rows(units, labelled: Iterable[tuple[str, str]] = ()) -> tuple[list[str], list[str]]:
@@ -156,5 +196,7 @@ def fit_unit_classifier(texts: list[str], ids: list[str]) -> UnitClassifier:
         intercept = np.concatenate([-intercept, intercept])
     coef[np.abs(coef) < PRUNE] = 0.0
     digest = hashlib.sha256("\x1e".join(f"{t}\x1f{i}" for t, i in zip(texts, ids)).encode()).hexdigest()[:16]
-    return UnitClassifier(dict(vectorizer.vocabulary_), vectorizer.idf_.astype(np.float64),
-                          sparse.csr_matrix(coef), intercept, classes, digest)
+    classifier = UnitClassifier(dict(vectorizer.vocabulary_), vectorizer.idf_.astype(np.float64),
+                                sparse.csr_matrix(coef), intercept, classes, digest)
+    classifier.fallback = fit_fallback(classifier, texts, ids)
+    return classifier

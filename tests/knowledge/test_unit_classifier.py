@@ -105,3 +105,19 @@ def answerer_parse(text):
     from knowledge_base.questions import parse
 
     return parse(text)
+
+
+def test_a_unit_published_after_the_fit_is_scored_from_its_ways_of_asking():
+    """Staff publish new knowledge points between refits (issue 18): such a point is scored by the
+    fitted line from centroid cosine to margin, not buried under UNKNOWN."""
+    known = [u for u in SIBLINGS if u.id != "family.face"]
+    classifier = fit_unit_classifier(*training_rows(known))
+    a, b = classifier.fallback
+    assert a > 0  # more alike, higher margin
+    face = next(u for u in SIBLINGS if u.id == "family.face")
+    texts = {face.id: face.texts}
+    asked = classifier.scores("加亲情账户一定要本人刷脸吗", [face.id, "family.max"], texts)
+    unrelated = classifier.scores("生育津贴什么时候到账", [face.id], texts)
+    assert asked[face.id] > unrelated[face.id] > UNKNOWN
+    assert asked["family.max"] == classifier.scores("加亲情账户一定要本人刷脸吗", ["family.max"])["family.max"]
+    assert classifier.scores("加亲情账户一定要本人刷脸吗", [face.id]) == {face.id: UNKNOWN}  # no texts given
