@@ -122,10 +122,12 @@ async def run(points_total: int, rounds: int) -> None:
 
     timings, during = [], []
     target = "cr-settlement-failed.hotline"
+    served_figure = "12393"
     for r in range(rounds):
         row = await records.get("point", target)
-        figure = f"1239{r}" if r else "12345"
-        doc = {**row.doc, "answer": row.doc["answer"].replace("12393", figure).replace("12345", figure)}
+        figure = f"1234{r + 5}"  # a new hotline number each round: 12345, 12346, ...
+        doc = {**row.doc, "answer": row.doc["answer"].replace(served_figure, figure)}
+        served_figure = figure
         await records.save(ADMIN, "point", doc, reason=f"bench round {r}")
         await records.transition(ADMIN, "point", target, "published")
         latencies: list[float] = []
