@@ -12,8 +12,11 @@ It is trained on
   with the point that answers them), never its held-out split. An agency adds its own labelled
   questions to the same kind of file, and every refit learns from them.
 
-Fitted offline with the reranker (``xiaozhi kb fit-reranker``) and shipped as arrays in
-``unit_classifier.npz`` (no pickled objects): the n-gram vocabulary and idf, a sparse float32
+Fitted offline with the reranker (``xiaozhi kb fit-reranker``) and written as arrays to
+``unit_classifier.npz`` beside the code (no pickled objects); the answer stage uses it when the file
+is there. It is not shipped yet: measured, it helped on average but turned one guard question
+(docs/retrieval-quality.md), so the shipped reranker.json has no ``learned`` weight. The file holds
+the n-gram vocabulary and idf, a sparse float32
 weight matrix (weights below ``PRUNE`` dropped: about a tenth of them, the scores barely move) and
 the unit ids it knows. A unit published since the fit (issue 18: staff add knowledge points between
 refits) has no weights of its own: it is scored from the TF-IDF cosine between the question and the
