@@ -237,6 +237,8 @@ SHEET_TYPES = {
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
 }
 SheetFormat = Literal["csv", "xlsx"]
+SHEET_RESPONSES = {200: {"content": {"text/csv": {}, SHEET_TYPES["xlsx"]: {}},
+                         "description": "A spreadsheet, one knowledge point a row (CSV in UTF-8 with BOM, or xlsx)."}}
 
 
 def _sheet(rows: list[list[str]], fmt: str, name: str) -> Response:
@@ -253,7 +255,7 @@ def _sheet(rows: list[list[str]], fmt: str, name: str) -> Response:
                     headers={"content-disposition": f'attachment; filename="{name}.{fmt}"'})
 
 
-@router.get("/template.{fmt}")
+@router.get("/template.{fmt}", response_class=Response, responses=SHEET_RESPONSES)
 async def template(fmt: SheetFormat, user: AgentUser) -> Response:
     """The import template: the columns, and one example row."""
     from xiaozhi.hub.domain import knowledge_sheets
@@ -266,7 +268,7 @@ async def template(fmt: SheetFormat, user: AgentUser) -> Response:
     return _sheet(knowledge_sheets.export_rows([example], {}), fmt, "knowledge-template")
 
 
-@router.get("/export.{fmt}")
+@router.get("/export.{fmt}", response_class=Response, responses=SHEET_RESPONSES)
 async def export(fmt: SheetFormat, user: AgentUser, hub: Services, records: Records, f: ListFilters,
                  client: ClientAddress) -> Response:
     """The knowledge points the list's filters select, one row each (working copies, as the console shows)."""
