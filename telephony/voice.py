@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from yibao_common.places import find_place
 
 from .asr import PUNCTUATION, Recognizer
 from .audio import FRAME_BYTES, to_int16
@@ -67,6 +68,11 @@ _QUESTION_END = re.compile(
     r"哪儿|哪个|几天|几个月|多久|多长时间|(?:是不是|能不能|可不可以|有没有|要不要|会不会)[\u4e00-\u9fff]{1,4}|"
     r"行不行|对不对|转人工)[\s\W_]*$")
 SHORT_ANSWER_CHARS = 6  # 是的 / 不用了 / 一 / 杭州: what a caller says when the bot just asked something
+# ...and only those: a yes or no, a number, or a place. The first words of a new question ("医保电子评…",
+# after a breath) are short too, and must wait for the rest.
+_SHORT_ANSWER = re.compile(
+    r"^(?:(?:是|对|好|嗯|行|要|需要|可以|没错|不|不是|不对|不要|不用|不需要|没有|没|算了|谢谢|知道了|明白了)"
+    r"(?:的|啊|呀|吧|了|哦|嗯|呢)*|[0-9一二三四五六七八九十零两幺]+(?:号|个|位)?)$")
 
 
 def is_complete_turn(text: str, *, expecting_answer: bool = False) -> bool:
@@ -78,7 +84,8 @@ def is_complete_turn(text: str, *, expecting_answer: bool = False) -> bool:
         return False
     if _QUESTION_END.search(correct_agent_request(text.strip())):
         return True
-    return expecting_answer and len(bare) <= SHORT_ANSWER_CHARS
+    return expecting_answer and len(bare) <= SHORT_ANSWER_CHARS and (
+        bool(_SHORT_ANSWER.match(bare)) or find_place(bare) is not None)
 
 
 def correct_agent_request(text: str) -> str:

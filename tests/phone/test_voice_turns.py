@@ -34,6 +34,9 @@ def test_a_short_answer_is_complete_only_when_the_bot_asked_something() -> None:
         assert not is_complete_turn(text)
         assert is_complete_turn(text, expecting_answer=True)
     assert not is_complete_turn("我想问一下异地就医的事情", expecting_answer=True)  # not short: wait
+    # short, but the first words of a new question said before a breath, not an answer: wait for the rest
+    for text in ("医保电子评", "异地就医", "我想问"):
+        assert not is_complete_turn(text, expecting_answer=True), text
 
 
 def test_a_request_for_a_person_is_complete_as_whisper_mishears_it() -> None:
