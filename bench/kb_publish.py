@@ -106,7 +106,7 @@ async def run(points_total: int, rounds: int) -> None:
     print(f"imported into the database in {time.perf_counter() - started:.1f} s")
 
     started = time.perf_counter()
-    corpus = await records.served_corpus()
+    corpus, _ = await records.served_corpus()
     stand_in = {t: known[origin.get(t, t)] for t in layout(corpus).texts if origin.get(t, t) in known}
     holder = {"kb": await asyncio.to_thread(open_knowledge_base, config, embedder=embedder, corpus=corpus,
                                             reuse=stand_in)}

@@ -145,6 +145,14 @@ class Entry(BaseModel):
     # effective_date is only when the text was written). Shown to residents as 日期待核实.
     review: str | None = None
     region: Region = NATIONAL
+    # The last day this answer holds (a temporary measure, a yearly figure); after it, it is not served.
+    expiry_date: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _expires_after_it_takes_effect(self):
+        if self.expiry_date is not None and self.expiry_date < self.effective_date:
+            raise ValueError(f"expiry_date {self.expiry_date} is before effective_date {self.effective_date}")
+        return self
 
     @field_validator("spoken", "answer", "title")
     @classmethod
@@ -223,6 +231,14 @@ class KnowledgePoint(BaseModel):
     review: str | None = None
     local_figure: bool = False
     region: Region = NATIONAL
+    # The last day this answer holds; after it, it is not served (an entry's expiry ends its points too).
+    expiry_date: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _expires_after_its_source(self):
+        if self.expiry_date is not None and self.source.date is not None and self.expiry_date < self.source.date:
+            raise ValueError(f"expiry_date {self.expiry_date} is before the source's date {self.source.date}")
+        return self
 
     @field_validator("answer", "spoken", "question")
     @classmethod

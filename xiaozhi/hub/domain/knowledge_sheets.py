@@ -37,6 +37,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("发文机关", "source.publisher"),
     ("文号", "source.document"),
     ("发文日期", "source.date"),
+    ("有效期至", "expiry_date"),
     ("地区代码", "region.code"),
     ("地区名称", "region.name"),
     ("地区级别", "region.level"),
@@ -115,6 +116,17 @@ def _xlsx_rows(data: bytes) -> list[list]:
     return [list(r) for r in sheet.iter_rows(values_only=True)]
 
 
+def _date_cell(text: str, name: str, reasons: list[str]) -> dt.date | None:
+    """A YYYY-MM-DD cell as a date; a bad one adds its reason (an empty one is None, no reason)."""
+    if not text:
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        reasons.append(f"{name}格式不对：“{text}”，应为 YYYY-MM-DD")
+        return None
+
+
 def row_problems(cells: dict[str, str], entries: dict[str, dict]) -> tuple[dict | None, list[str]]:
     """The point document of one row, or the reasons it is refused (in Chinese, for the console)."""
     reasons = []
@@ -122,14 +134,14 @@ def row_problems(cells: dict[str, str], entries: dict[str, dict]) -> tuple[dict 
         reasons.append("缺少编号")
     if not cells.get("source.title") or not cells.get("source.url"):
         reasons.append("缺少来源（来源标题和来源网址都要填）")
-    source_date = cells.get("source.date") or ""
-    if source_date:
-        try:
-            dt.date.fromisoformat(source_date.replace("/", "-"))
-        except ValueError:
-            reasons.append(f"日期格式不对：“{source_date}”，应为 YYYY-MM-DD")
-    else:
+    source_date = (cells.get("source.date") or "").replace("/", "-")
+    issued = _date_cell(source_date, "发文日期", reasons)
+    if not source_date:
         reasons.append("缺少发文日期")
+    expiry = (cells.get("expiry_date") or "").replace("/", "-")
+    ends = _date_cell(expiry, "有效期至", reasons)
+    if ends is not None and issued is not None and ends < issued:
+        reasons.append(f"有效期至“{expiry}”早于发文日期“{source_date}”")
     parent = entries.get(cells.get("entry", ""))
     if not cells.get("entry"):
         reasons.append("缺少所属条目")
@@ -163,10 +175,12 @@ def row_problems(cells: dict[str, str], entries: dict[str, dict]) -> tuple[dict 
         "facts": _split(cells.get("facts", "")), "when": when,
         "source": {"title": cells.get("source.title", ""), "url": url,
                    "publisher": cells.get("source.publisher") or None, "document": cells.get("source.document") or None,
-                   "date": source_date.replace("/", "-") or None},
+                   "date": source_date or None},
         "review": cells.get("review") or None,
         "local_figure": cells.get("local_figure", "").strip().lower() in ("是", "true", "1", "yes"),
     }
+    if expiry:
+        doc["expiry_date"] = expiry
     if region:
         doc["region"] = region
     return (None if reasons else doc), reasons
@@ -184,7 +198,8 @@ def export_rows(points: list[dict], topics: dict[str, str]) -> list[list[str]]:
             "when": "；".join(f"{k}={v}" for k, v in (p.get("when") or {}).items()),
             "source.title": source.get("title", ""), "source.url": source.get("url", ""),
             "source.publisher": source.get("publisher") or "", "source.document": source.get("document") or "",
-            "source.date": source.get("date") or "", "region.code": region.get("code", ""),
+            "source.date": source.get("date") or "", "expiry_date": p.get("expiry_date") or "",
+            "region.code": region.get("code", ""),
             "region.name": region.get("name", ""), "region.level": region.get("level", ""),
             "region.parent": region.get("parent") or "", "review": p.get("review") or "",
             "local_figure": "是" if p.get("local_figure") else "",

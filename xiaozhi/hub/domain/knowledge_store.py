@@ -25,7 +25,7 @@ from sqlalchemy import JSON, Date, DateTime, Index, Integer, String, Text, Uniqu
 from sqlalchemy.orm import Mapped, mapped_column
 
 from knowledge_base.loader import Problem
-from knowledge_base.records import KINDS, check_record, corpus_from_records
+from knowledge_base.records import KINDS, check_record, corpus_from_records, next_expiry
 from knowledge_base.schema import TOPICS
 from xiaozhi.hub.domain.accounts import Role, StaffUser
 from xiaozhi.hub.infra.store import Base, Store, aware, utcnow
@@ -128,6 +128,7 @@ class Filters:
     state: str | None = None
     text: str | None = None
     source_older_than_years: float | None = None
+    expiring_within_days: int | None = None  # expired, or expiring within this many days (0: expired)
     entry: str | None = None
     ids: list[str] = field(default_factory=list)
 
@@ -175,9 +176,10 @@ def _date(value) -> dt.date | None:
 class KnowledgeStore:
     """The records, their versions and the publications, on the hub's store."""
 
-    def __init__(self, store: Store, *, stale_after_years: int = 5) -> None:
+    def __init__(self, store: Store, *, stale_after_years: int = 5, expiry_warn_days: int = 60) -> None:
         self.store = store
         self.stale_after_years = stale_after_years
+        self.expiry_warn_days = expiry_warn_days  # the reminders list records expiring within this many days
         self.seeded = False  # the console's first request found records (or seeded them)
         self._importing = asyncio.Lock()  # one import at a time in this process (SQLite has no advisory lock)
 
@@ -413,6 +415,9 @@ class KnowledgeStore:
         if f.source_older_than_years is not None:
             cutoff = (today or dt.date.today()) - dt.timedelta(days=round(365.25 * f.source_older_than_years))
             where.append((KnowledgeRecord.source_date < cutoff) | KnowledgeRecord.source_date.is_(None))
+        if f.expiring_within_days is not None:  # the expiry date is the last day a record holds
+            last = (today or dt.date.today()) + dt.timedelta(days=f.expiring_within_days - 1)
+            where.append(KnowledgeRecord.expiry_date.is_not(None) & (KnowledgeRecord.expiry_date <= last))
         query = select(KnowledgeRecord).where(*where).order_by(KnowledgeRecord.kind, KnowledgeRecord.id)
         async with self.store.sessions() as s:
             total = (await s.execute(select(func.count()).select_from(KnowledgeRecord).where(*where))).scalar_one()
@@ -421,11 +426,16 @@ class KnowledgeStore:
             rows = list((await s.execute(query)).scalars())
         return rows, total
 
-    async def reminders(self, *, older_than_years: float = 5, today: dt.date | None = None, sample: int = 50) -> dict:
+    async def reminders(self, *, older_than_years: float = 5, expiring_within_days: int | None = None,
+                        today: dt.date | None = None, sample: int = 50) -> dict:
         """What needs a look: records whose source is older than ``older_than_years`` (or undated), records
+        that expired or expire within ``expiring_within_days`` (default ``expiry_warn_days``), records
         waiting for review, and served records still marked unverified (a "待核实" note)."""
         today = today or dt.date.today()
+        days = self.expiry_warn_days if expiring_within_days is None else expiring_within_days
         old, _ = await self.records(Filters(source_older_than_years=older_than_years), today=today)
+        expiring, _ = await self.records(Filters(expiring_within_days=days), today=today)
+        expiring.sort(key=lambda r: (r.expiry_date, r.kind, r.id))
         waiting, _ = await self.records(Filters(state="in_review"))
         async with self.store.sessions() as s:
             served = (await s.execute(select(KnowledgeRecord.kind, KnowledgeRecord.id, KnowledgeRecord.published)
@@ -438,6 +448,9 @@ class KnowledgeStore:
         return {
             "older_than_years": older_than_years,
             "source_old": listing([(r.kind, r.id) for r in old if r.state != "retired"]),
+            "expiring_within_days": days,
+            "expiring": {**listing([(r.kind, r.id) for r in expiring if r.state != "retired"]),
+                         "expired": sum(r.expiry_date < today for r in expiring if r.state != "retired")},
             "in_review": listing([(r.kind, r.id) for r in waiting]),
             "unverified": listing(unverified),
         }
@@ -483,9 +496,13 @@ class KnowledgeStore:
                                     .order_by(KnowledgeRecord.kind, KnowledgeRecord.id))).all()
         return [d for k, d in rows if k == "entry"], [d for k, d in rows if k == "point"]
 
-    async def served_corpus(self):
+    async def served_corpus(self, today: dt.date | None = None):
+        """The corpus of the published records in force ``today`` (expired ones are left out), and the next
+        expiry date among them (the day after it, what is served must be rebuilt; None: none expires)."""
         entries, points = await self.served()
-        return corpus_from_records(entries, points, stale_after_years=self.stale_after_years)
+        today = today or dt.date.today()
+        corpus = corpus_from_records(entries, points, stale_after_years=self.stale_after_years, today=today)
+        return corpus, next_expiry(entries, points, today)
 
     # -- publications -----------------------------------------------------------------------------
     async def generation(self) -> int | None:
@@ -512,6 +529,7 @@ def as_dict(row: KnowledgeRecord) -> dict:
         "kind": row.kind, "id": row.id, "entry": row.entry_id, "topic": row.topic, "region_code": row.region_code,
         "state": row.state, "state_label": STATE_LABELS.get(row.state, row.state), "version": row.version,
         "published_version": row.published_version, "source_date": row.source_date.isoformat() if row.source_date else None,
+        "expiry_date": row.expiry_date.isoformat() if row.expiry_date else None,
         "updated_at": aware(row.updated_at).isoformat() if row.updated_at else None, "updated_by": row.updated_by,
         "doc": row.doc, "pending": row.published != row.doc,
     }

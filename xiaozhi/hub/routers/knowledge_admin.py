@@ -83,10 +83,12 @@ def filters(
     state: Literal["draft", "in_review", "published", "retired"] | None = None,
     q: str | None = Query(None, max_length=100, description="Words in the title/question, answer or source."),
     older_than: float | None = Query(None, ge=0, le=100, description="Source dated more than this many years ago."),
+    expiring: int | None = Query(None, ge=0, le=3650,
+                                 description="Expired, or expiring within this many days (0: expired only)."),
     entry: str | None = Query(None, max_length=128),
 ) -> Filters:
     return Filters(kind=kind, topic=topic, region=region, state=state, text=q or None,
-                   source_older_than_years=older_than, entry=entry)
+                   source_older_than_years=older_than, expiring_within_days=expiring, entry=entry)
 
 
 ListFilters = Annotated[Filters, Depends(filters)]
@@ -198,9 +200,12 @@ async def publish(body: PublishIn, user: AdminUser, hub: Services, records: Reco
 
 @router.get("/reminders")
 async def reminders(user: AgentUser, records: Records,
-                    older_than: float = Query(5, ge=0, le=100, description="Source older than this many years.")) -> dict:
-    """What needs a look on the console: old sources, records waiting for review, unverified answers served."""
-    return await records.reminders(older_than_years=older_than)
+                    older_than: float = Query(5, ge=0, le=100, description="Source older than this many years."),
+                    expiring: int | None = Query(None, ge=0, le=3650, description=(
+                        "Expired or expiring within this many days (default 60)."))) -> dict:
+    """What needs a look on the console: old sources, expired or expiring records, records waiting for
+    review, unverified answers served."""
+    return await records.reminders(older_than_years=older_than, expiring_within_days=expiring)
 
 
 @router.get("/publications")

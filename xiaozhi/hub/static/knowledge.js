@@ -33,12 +33,13 @@
   }
   function show(which) { $("login").hidden = which !== "login"; $("dash").hidden = which !== "dash"; $("logout").hidden = which !== "dash"; }
   function el(tag, text, cls) { var n = document.createElement(tag); if (text != null) n.textContent = text; if (cls) n.className = cls; return n; }
+  function today() { var d = new Date(); d.setMinutes(d.getMinutes() - d.getTimezoneOffset()); return d.toISOString().slice(0, 10); }
   function lines(v) { return (v || "").split("\n").map(function (s) { return s.trim(); }).filter(Boolean); }
   function can(role) { return me && RANK[me.role] >= RANK[role]; }
 
   function query() {
     var p = new URLSearchParams();
-    [["kind", "f-kind"], ["topic", "f-topic"], ["region", "f-region"], ["state", "f-state"], ["older_than", "f-age"], ["q", "f-q"]]
+    [["kind", "f-kind"], ["topic", "f-topic"], ["region", "f-region"], ["state", "f-state"], ["older_than", "f-age"], ["expiring", "f-expiring"], ["q", "f-q"]]
       .forEach(function (pair) { var v = $(pair[1]).value.trim(); if (v) p.set(pair[0], v); });
     return p;
   }
@@ -56,6 +57,8 @@
         tr.appendChild(el("td", rec.doc.question || rec.doc.title));
         tr.appendChild(el("td", rec.state_label + (rec.pending && rec.state !== "published" ? "（线上为旧版）" : ""), "st st-" + rec.state));
         tr.appendChild(el("td", rec.source_date || "—"));
+        tr.appendChild(el("td", rec.expiry_date ? rec.expiry_date + (rec.expiry_date < today() ? "（已过期）" : "") : "—",
+          rec.expiry_date && rec.expiry_date < today() ? "expired" : null));
         tr.appendChild(el("td", "v" + rec.version));
         tr.addEventListener("click", function () { open(rec.kind, rec.id); });
         tr.addEventListener("keydown", function (ev) { if (ev.key === "Enter") open(rec.kind, rec.id); });
@@ -87,7 +90,7 @@
     $("e-steps").value = (d.steps || []).join("\n");
     $("e-src-title").value = s.title || ""; $("e-src-url").value = s.url || ""; $("e-src-publisher").value = s.publisher || "";
     $("e-src-document").value = s.document || ""; $("e-src-date").value = s.date || "";
-    $("e-effective").value = d.effective_date || "";
+    $("e-effective").value = d.effective_date || ""; $("e-expiry").value = d.expiry_date || "";
     $("e-region-code").value = r.code || ""; $("e-region-name").value = r.name || ""; $("e-region-level").value = r.level || "national";
     $("e-region-parent").value = r.parent || ""; $("e-review").value = d.review || ""; $("e-reason").value = "";
     showProblems(rec.problems || []);
@@ -132,6 +135,7 @@
     d.source = src;
     d.answer = $("e-answer").value.trim(); d.spoken = $("e-spoken").value.trim();
     d.review = $("e-review").value.trim() || null;
+    if ($("e-expiry").value) d.expiry_date = $("e-expiry").value; else delete d.expiry_date;
     d.region = { level: $("e-region-level").value, code: $("e-region-code").value.trim(), name: $("e-region-name").value.trim(),
       parent: $("e-region-parent").value.trim() || null };
     if (current.kind === "point") { d.question = $("e-question").value.trim(); d.asks = lines($("e-asks").value); }
@@ -276,8 +280,15 @@
   function reminders() {
     return api("/api/staff/kb/reminders?older_than=5").then(function (r) {
       var box = $("reminders"); box.textContent = "";
-      [["source_old", "来源超过" + r.older_than_years + "年或未注明日期", function () { $("f-age").value = "5"; $("f-state").value = ""; }],
-       ["in_review", "待审核", function () { $("f-state").value = "in_review"; $("f-age").value = ""; }],
+      var clear = function () { $("f-age").value = ""; $("f-state").value = ""; $("f-expiring").value = ""; };
+      var days = String(r.expiring_within_days);
+      if (!$("f-expiring").querySelector('option[value="' + days + '"]')) {
+        var o = el("option", "已过期或" + days + "天内到期"); o.value = days; $("f-expiring").appendChild(o);
+      }
+      [["source_old", "来源超过" + r.older_than_years + "年或未注明日期", function () { clear(); $("f-age").value = "5"; }],
+       ["expiring", "已过期或" + days + "天内到期" + (r.expiring.expired ? "（已过期" + r.expiring.expired + "条，已不再答复居民）" : ""),
+        function () { clear(); $("f-expiring").value = days; }],
+       ["in_review", "待审核", function () { clear(); $("f-state").value = "in_review"; }],
        ["unverified", "线上仍标注“待核实”", null]].forEach(function (item) {
         var n = r[item[0]].count; if (!n) return;
         var b = el("button", item[1] + "：" + n + "条", "reminder"); b.type = "button";
