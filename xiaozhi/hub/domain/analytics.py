@@ -260,6 +260,26 @@ def answered_units(meta: dict) -> list[dict]:
     ]
 
 
+USAGE_DAYS = 30
+
+
+async def usage_counts(store: Store, *, days: int = USAGE_DAYS, now: dt.datetime | None = None) -> Counter:
+    """How many conversations of the last ``days`` were answered with each entry and knowledge point:
+    ``{("entry", id): n, ("point", id): n}``, from the replies' stored ``answers`` / citations (the same
+    reading as the dashboard's, ``answered_units``; nothing is tracked for it)."""
+    since = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(days=days)
+    q = select(Message.conversation_id, Message.meta).where(Message.role == "bot", Message.created_at >= since)
+    seen: set[tuple[str, str, str]] = set()
+    async with store.sessions() as s:
+        for conversation, meta in (await s.execute(q)).all():
+            for unit in answered_units(meta or {}):
+                if unit.get("entry"):
+                    seen.add(("entry", str(unit["entry"]), conversation))
+                if unit.get("point"):
+                    seen.add(("point", str(unit["point"]), conversation))
+    return Counter((kind, record) for kind, record, _ in seen)
+
+
 def _substantive(meta: dict) -> bool:
     """A reply that answers or fails to answer a question (not a greeting, a thanks reply or a prompt)."""
     outcome = meta.get("outcome") or "answered"

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import JSON, Date, DateTime, Index, Integer, String, Text, UniqueConstraint, func, select
 from sqlalchemy.orm import Mapped, mapped_column
@@ -131,6 +132,14 @@ class Filters:
     expiring_within_days: int | None = None  # expired, or expiring within this many days (0: expired)
     entry: str | None = None
     ids: list[str] = field(default_factory=list)
+    # Usage: conversations of the last 30 days answered with the record (analytics.usage_counts).
+    min_uses: int | None = None
+    max_uses: int | None = None
+    sort: str = "id"  # id (kind, then id) | uses (most used first)
+
+    @property
+    def needs_uses(self) -> bool:
+        return self.min_uses is not None or self.max_uses is not None or self.sort == "uses"
 
 
 @dataclass
@@ -394,9 +403,19 @@ class KnowledgeStore:
             ).order_by(KnowledgeVersion.id.desc()))).scalars())
 
     async def records(self, filters: Filters | None = None, *, limit: int | None = None, offset: int = 0,
-                      today: dt.date | None = None) -> tuple[list[KnowledgeRecord], int]:
-        """Records matching ``filters`` (by kind, then id), and how many match in all."""
+                      today: dt.date | None = None, uses: Mapping[tuple[str, str], int] | None = None,
+                      ) -> tuple[list[KnowledgeRecord], int]:
+        """Records matching ``filters`` (by kind, then id; or most used first), and how many match in all.
+        ``uses``: each record's usage count, ``(kind, id) -> n``, for the usage filters and sort."""
         f = filters or Filters()
+        if f.needs_uses:
+            rows, _ = await self.records(replace(f, min_uses=None, max_uses=None, sort="id"), today=today)
+            count = (uses or {}).get
+            rows = [r for r in rows if (f.min_uses is None or count((r.kind, r.id), 0) >= f.min_uses)
+                    and (f.max_uses is None or count((r.kind, r.id), 0) <= f.max_uses)]
+            if f.sort == "uses":
+                rows.sort(key=lambda r: -count((r.kind, r.id), 0))  # stable: ties stay by kind, then id
+            return rows[offset:None if limit is None else offset + limit], len(rows)
         where = []
         if f.kind:
             where.append(KnowledgeRecord.kind == f.kind)
@@ -524,7 +543,8 @@ class KnowledgeStore:
                 KnowledgePublication.id.desc()).limit(limit))).scalars())
 
 
-def as_dict(row: KnowledgeRecord) -> dict:
+def as_dict(row: KnowledgeRecord, uses: Mapping[tuple[str, str], int] | None = None) -> dict:
+    """A record for the console; ``uses``: usage counts, then the record's own as ``uses``."""
     return {
         "kind": row.kind, "id": row.id, "entry": row.entry_id, "topic": row.topic, "region_code": row.region_code,
         "state": row.state, "state_label": STATE_LABELS.get(row.state, row.state), "version": row.version,
@@ -532,6 +552,7 @@ def as_dict(row: KnowledgeRecord) -> dict:
         "expiry_date": row.expiry_date.isoformat() if row.expiry_date else None,
         "updated_at": aware(row.updated_at).isoformat() if row.updated_at else None, "updated_by": row.updated_by,
         "doc": row.doc, "pending": row.published != row.doc,
+        **({"uses": uses.get((row.kind, row.id), 0)} if uses is not None else {}),
     }
 
 

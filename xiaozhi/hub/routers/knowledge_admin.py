@@ -86,19 +86,28 @@ def filters(
     expiring: int | None = Query(None, ge=0, le=3650,
                                  description="Expired, or expiring within this many days (0: expired only)."),
     entry: str | None = Query(None, max_length=128),
+    min_uses: int | None = Query(None, ge=0, description="Answered at least this many conversations in 30 days."),
+    max_uses: int | None = Query(None, ge=0, description="At most this many (0: not used in 30 days)."),
+    sort: Literal["id", "uses"] = Query("id", description="id, or uses: the most used first."),
 ) -> Filters:
     return Filters(kind=kind, topic=topic, region=region, state=state, text=q or None,
-                   source_older_than_years=older_than, expiring_within_days=expiring, entry=entry)
+                   source_older_than_years=older_than, expiring_within_days=expiring, entry=entry,
+                   min_uses=min_uses, max_uses=max_uses, sort=sort)
 
 
 ListFilters = Annotated[Filters, Depends(filters)]
 
 
 @router.get("/records")
-async def list_records(user: AgentUser, records: Records, f: ListFilters,
+async def list_records(user: AgentUser, hub: Services, records: Records, f: ListFilters,
                        limit: int = Query(50, ge=1, le=PAGE_SIZE_MAX), offset: int = Query(0, ge=0)) -> dict:
-    rows, total = await records.records(f, limit=limit, offset=offset)
-    return {"total": total, "records": [as_dict(r) for r in rows], "states": list(STATES)}
+    """Records with how many conversations of the last 30 days each answered (``uses``, from analytics)."""
+    from xiaozhi.hub.domain.analytics import USAGE_DAYS, usage_counts
+
+    uses = await usage_counts(hub.store)
+    rows, total = await records.records(f, limit=limit, offset=offset, uses=uses)
+    return {"total": total, "records": [as_dict(r, uses) for r in rows], "states": list(STATES),
+            "usage_days": USAGE_DAYS}
 
 
 @router.get("/records/{kind}/{record_id}")
@@ -279,8 +288,10 @@ async def export(fmt: SheetFormat, user: AgentUser, hub: Services, records: Reco
     """The knowledge points the list's filters select, one row each (working copies, as the console shows)."""
     from xiaozhi.hub.domain import knowledge_sheets
 
+    from xiaozhi.hub.domain.analytics import usage_counts
+
     f.kind = "point"
-    rows, _ = await records.records(f)
+    rows, _ = await records.records(f, uses=await usage_counts(hub.store) if f.needs_uses else None)
     entries = await records.entry_docs()
     topics = {i: d.get("topic", "") for i, d in entries.items()}
     table = knowledge_sheets.export_rows([r.doc for r in rows], topics)

@@ -41,6 +41,9 @@
     var p = new URLSearchParams();
     [["kind", "f-kind"], ["topic", "f-topic"], ["region", "f-region"], ["state", "f-state"], ["older_than", "f-age"], ["expiring", "f-expiring"], ["q", "f-q"]]
       .forEach(function (pair) { var v = $(pair[1]).value.trim(); if (v) p.set(pair[0], v); });
+    var uses = $("f-uses").value;
+    if (uses === "unused") p.set("max_uses", "0"); else if (uses) p.set("min_uses", uses);
+    if ($("f-sort").value === "uses") p.set("sort", "uses");
     return p;
   }
 
@@ -59,6 +62,7 @@
         tr.appendChild(el("td", rec.source_date || "—"));
         tr.appendChild(el("td", rec.expiry_date ? rec.expiry_date + (rec.expiry_date < today() ? "（已过期）" : "") : "—",
           rec.expiry_date && rec.expiry_date < today() ? "expired" : null));
+        tr.appendChild(el("td", String(rec.uses == null ? "—" : rec.uses), "num"));
         tr.appendChild(el("td", "v" + rec.version));
         tr.addEventListener("click", function () { open(rec.kind, rec.id); });
         tr.addEventListener("keydown", function (ev) { if (ev.key === "Enter") open(rec.kind, rec.id); });
