@@ -121,3 +121,77 @@ def test_supervisor_edits_admin_publishes_and_chat_answers_with_the_new_figure(c
     supervisor.locator("#e-meta", has_text="新建知识点").wait_for()
     assert supervisor.locator("#e-question").input_value() == "外地结算失败找谁"
     assert not errors, errors
+
+
+GAP_QUESTION = "我手机13812345678，异地就医结算失败了，垫的钱怎么退回来"
+
+
+@pytest.mark.slow
+def test_a_knowledge_gap_opens_a_prefilled_draft_that_a_supervisor_saves(chromium, live_hub) -> None:
+    """精准分析's gap list links a supervisor to a new knowledge point under the closest entry, with the
+    residents' wording (masked) as its question; saved, it is a draft."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xiaozhi.hub.infra.store import Store
+
+    url, app = live_hub
+
+    async def unanswered():  # a question the bot could not answer, as the hub stores it
+        store = Store(app.state.settings.effective_database_url)  # the live hub's loop is another thread
+        try:
+            conv, _ = await store.create_conversation("web", "")
+            asked = await store.add_message(conv.id, "resident", GAP_QUESTION)
+            await store.add_messages(conv.id, [("bot", "抱歉，这个问题我还不能确定。", {"outcome": "abstained", "citations": []})],
+                                     reply_to=asked.id, answered=asked.id)
+        finally:
+            await store.close()
+
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API holds this thread's event loop
+        pool.submit(asyncio.run, unanswered()).result()
+    admin = {"Authorization": "Bearer " + httpx.post(f"{url}/api/staff/login", json={
+        "username": "admin", "password": ADMIN_PASSWORD}).json()["token"]}
+    for name, role in (("gap_lead", "supervisor"), ("gap_agent", "agent")):
+        created = httpx.post(f"{url}/api/staff/users", headers=admin, json={
+            "username": name, "password": f"{name}-password-1", "role": role, "display_name": name})
+        assert created.status_code == 201, created.text
+    figures = httpx.get(f"{url}/api/staff/analytics", headers=admin, timeout=60).json()
+    (gap,) = [g for g in figures["knowledge_gaps"] if any("退回来" in s for s in g["samples"])]
+    masked = gap["samples"][0]
+    assert "13812345678" not in masked and gap["nearest_entry"]
+
+    errors: list[str] = []
+    page = chromium.new_context(viewport={"width": 1400, "height": 1000}, locale="zh-CN").new_page()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{url}/staff/analytics")
+    page.get_by_label("用户名").fill("gap_lead")
+    page.get_by_label("密码").fill("gap_lead-password-1")
+    page.get_by_role("button", name="登录").click()
+    page.locator("#status", has_text="已更新").wait_for(timeout=60000)
+    row = page.locator("#gaps tbody tr", has_text="退回来")
+    assert "13812345678" not in row.inner_text()
+    row.get_by_role("link", name="新建知识点").click()
+
+    page.locator("#e-meta", has_text="新建知识点").wait_for(timeout=60000)
+    assert page.locator("#e-question").input_value() == masked
+    assert page.locator("#e-entry").input_value() == gap["nearest_entry"]
+    page.locator("#e-id").fill(gap["nearest_entry"] + ".refund-after-failed-settlement")
+    page.locator("#e-answer").fill("结算失败先垫付的费用，可凭发票和费用清单回参保地医保经办机构申请手工报销。")
+    page.locator("#e-spoken").fill("先垫付的钱，带发票和清单回参保地申请报销。")
+    page.locator("#e-reason").fill("精准分析：居民问了没答上")
+    page.get_by_role("button", name="保存草稿").click()
+    page.locator("#e-status", has_text="已保存为草稿").wait_for()
+    saved = httpx.get(f"{url}/api/staff/kb/records/point/{gap['nearest_entry']}.refund-after-failed-settlement",
+                      headers=admin).json()
+    assert saved["state"] == "draft" and saved["doc"]["question"] == masked
+    assert saved["history"][0]["actor"] == "gap_lead"
+
+    # An agent sees no such link: 精准分析 is for supervisors, and its data is refused to agents.
+    agent = chromium.new_context(locale="zh-CN").new_page()
+    agent.goto(f"{url}/staff/analytics")
+    agent.get_by_label("用户名").fill("gap_agent")
+    agent.get_by_label("密码").fill("gap_agent-password-1")
+    agent.get_by_role("button", name="登录").click()
+    agent.locator("#status", has_text="权限").wait_for(timeout=30000)
+    assert agent.get_by_role("link", name="新建知识点").count() == 0
+    assert not errors, errors

@@ -8,7 +8,9 @@
   var CHANNEL = { web: "网页", phone: "电话", video: "视频" };
   var OUTCOME = { answered: "已解答", clarifying: "追问澄清", abstained: "未能回答", escalated: "转人工", degraded: "简化模式" };
   var ROLE = { agent: "坐席", supervisor: "主管", admin: "管理员" };
+  var RANK = { agent: 1, supervisor: 2, admin: 3 };
   var token = function () { return sessionStorage.getItem(TOKEN_KEY); };
+  var me = null;
 
   function api(path, opts) {
     opts = opts || {};
@@ -141,6 +143,14 @@
     return el("a", { href: "#entry-" + id }, label);
   }
 
+  // A gap row opens a new knowledge point in the console under the entry the question came closest to,
+  // pre-filled with the residents' wording (the sample, already masked); for those who may edit knowledge.
+  function draftLink(g) {
+    if (!g.nearest_entry || !g.samples.length || !me || RANK[me.role] < RANK.supervisor) return "";
+    var q = new URLSearchParams({ "new": "point", entry: g.nearest_entry, question: g.samples[0] });
+    return el("a", { href: "/staff/knowledge?" + q, class: "draft", title: "在知识库维护中新建一条知识点草稿" }, "新建知识点");
+  }
+
   function table(id, head, rows) {
     var t = $(id); var cap = t.querySelector("caption"); t.textContent = ""; if (cap) t.appendChild(cap);
     var tr = el("tr"); head.forEach(function (h) { tr.appendChild(el("th", { scope: "col" }, h)); }); t.appendChild(el("thead")).appendChild(tr);
@@ -170,9 +180,10 @@
     }));
     var known = {};
     f.entry_quality.forEach(function (q) { known[q.entry] = true; });
-    table("gaps", ["最接近的知识条目 / 问题", "主题", "次数", "未答上", "追问", "低置信度", "问题示例（已脱敏）"], f.knowledge_gaps.map(function (g) {
+    var editor = me && RANK[me.role] >= RANK.supervisor;
+    table("gaps", ["最接近的知识条目 / 问题", "主题", "次数", "未答上", "追问", "低置信度", "问题示例（已脱敏）"].concat(editor ? ["补充知识"] : []), f.knowledge_gaps.map(function (g) {
       return [entryLink(g.nearest_entry, g.label, known), g.topic_label || g.topic, g.count, g.outcomes.abstained || 0, g.outcomes.clarifying || 0, g.outcomes.low_confidence || 0,
-              el("span", { class: "samples" }, g.samples.join(" ｜ "))];
+              el("span", { class: "samples" }, g.samples.join(" ｜ "))].concat(editor ? [draftLink(g)] : []);
     }));
     table("quality", ["知识条目", "主题", "被用来回答", "致谢确认", "换个说法再问", "说不对/没用", "之后转人工", "问题比例"], f.entry_quality.map(function (q) {
       return [q.title, q.topic_label || q.topic || "—", q.used, q.confirmed, q.rephrased, q.disputed, q.escalated, pct(q.problem_rate)];
@@ -210,7 +221,8 @@
     var q = new URLSearchParams(location.search);
     $("from").value = q.get("from") || week; $("to").value = q.get("to") || today;
     if (!token()) { show("login"); return; }
-    api("/api/staff/me").then(function (me) {
+    api("/api/staff/me").then(function (user) {
+      me = user;
       $("who").textContent = (me.display_name || me.username) + "（" + (ROLE[me.role] || me.role) + "）";
       show("dash");
       return regions().then(load);
