@@ -106,11 +106,14 @@
     document.querySelectorAll("#edit-form .actions button").forEach(function (b) {
       var target = b.dataset.state;
       var needs = target === "published" || target === "retired" ? "admin" : "supervisor";
-      b.hidden = !can(needs) || (target && (creating || !allowed(rec.state, target)));
+      b.hidden = !can(needs) || (target && (creating || !allowed(rec.state, target))) || (b.id === "new-point" && creating);
     });
-    if (creating) $("e-meta").textContent = "新建知识点（所属条目 " + d.entry + "），保存后为草稿";
+    if (creating) {
+      $("e-meta").textContent = rec.kind === "point" ? "新建知识点（所属条目 " + d.entry + "），保存后为草稿" : "新建条目，保存后为草稿";
+      $("editor-title").textContent = rec.kind === "point" ? "新建知识点" : "新建条目";
+    }
     history(rec.history || []);
-    answered(rec);
+    if (!creating) answered(rec);
   }
 
   function answered(rec) {
@@ -218,12 +221,21 @@
     }, fail);
   }
 
+  function blankEntry() {
+    // A new entry: the topic the list is filtered on, national until the curator says otherwise.
+    fill({ kind: "entry", id: "", creating: true, state: "draft", version: 0, history: [], problems: [],
+      doc: { id: "", topic: $("f-topic").value || "other", title: "", questions: [], spoken: "", answer: "", steps: [],
+        source: { title: "", url: "", publisher: null, document: null, date: null }, effective_date: "", tags: [],
+        local_figure: false, overrides: null, review: null, region: { level: "national", code: "100000", name: "全国", parent: null } } });
+    $("e-id").focus();
+  }
+
   function save(ev) {
     ev.preventDefault();
     $("e-status").textContent = "保存中…";
     if (creating) {
       var fresh = doc(); fresh.id = $("e-id").value.trim();
-      api("/api/staff/kb/records/point", { method: "POST", body: { doc: fresh, reason: $("e-reason").value.trim() } })
+      api("/api/staff/kb/records/" + current.kind, { method: "POST", body: { doc: fresh, reason: $("e-reason").value.trim() } })
         .then(function (rec) { current = rec; creating = false; return reopen("已保存为草稿"); }, function (e) {
           creating = true;
           if (e.body && e.body.problems) showProblems(e.body.problems);
@@ -312,6 +324,8 @@
       load(); reminders();
       var params = new URLSearchParams(location.search);  // a link from elsewhere: ?new=point&entry=…&question=…
       if (params.get("new") === "point" && params.get("entry") && can("supervisor")) blankPoint(params.get("entry"), params.get("question"));
+      else if (params.get("new") === "entry" && can("supervisor")) blankEntry();
+      $("new-entry").hidden = !can("supervisor");
     }, fail);
   }
 
@@ -327,6 +341,7 @@
     b.addEventListener("click", function () { move(b.dataset.state); });
   });
   $("publish").addEventListener("click", publish);
+  $("new-entry").addEventListener("click", blankEntry);
   $("new-point").addEventListener("click", function () { blankPoint(current.kind === "entry" ? current.id : current.doc.entry); });
   $("export-csv").addEventListener("click", function () { download("csv"); });
   $("export-xlsx").addEventListener("click", function () { download("xlsx"); });
