@@ -68,10 +68,28 @@ class EmbeddedBackend:
         # Passage rows refine an answer inside an entry; only question rows rank the entries.
         self._passage_rows = None if question_rows is None else np.flatnonzero(~question_rows)
         self._asked_too = asked_too or {}
-        self._index, self._schema = self._build_lexical(entries)
+        self._entries = entries
+        self._index, self._schema = self._build_lexical(self._documents())
 
     # -- building ---------------------------------------------------------------------------------
-    def _build_lexical(self, entries: list[Entry]) -> tuple[tantivy.Index, tantivy.Schema]:
+    def _documents(self) -> list[dict[str, str]]:
+        return [lexical_documents(e, self.text, self._asked_too.get(e.id, ())) for e in self._entries]
+
+    def __getstate__(self) -> dict:
+        """Pickled for another process (a knowledge base built off the serving process, knowledge_base/
+        build_worker.py): the lexical documents instead of the in-RAM index, without the model and the
+        text processor, which the receiving process attaches (``text``, ``embedder``)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_index", "_schema", "text", "embedder")}
+        state["_lexical"] = self._documents()
+        return {**state, "text": None, "embedder": None}
+
+    def __setstate__(self, state: dict) -> None:
+        documents = state.pop("_lexical")
+        self.__dict__.update(state)
+        self._index, self._schema = self._build_lexical(documents)
+
+    @staticmethod
+    def _build_lexical(documents: list[dict[str, str]]) -> tuple[tantivy.Index, tantivy.Schema]:
         builder = tantivy.SchemaBuilder()
         for name in ("words", "chars", "pinyin", "answer"):
             builder.add_text_field(name, stored=False, tokenizer_name="whitespace")
@@ -79,9 +97,9 @@ class EmbeddedBackend:
         schema = builder.build()
         index = tantivy.Index(schema)  # in RAM: rebuilding is cheaper than a second cache to keep valid
         writer = index.writer(heap_size=50_000_000, num_threads=1)
-        for pos, entry in enumerate(entries):
+        for pos, fields in enumerate(documents):
             doc = tantivy.Document()
-            for name, value in lexical_documents(entry, self.text, self._asked_too.get(entry.id, ())).items():
+            for name, value in fields.items():
                 doc.add_text(name, value)
             doc.add_unsigned("pos", pos)
             writer.add_document(doc)

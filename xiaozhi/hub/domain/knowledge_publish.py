@@ -2,10 +2,16 @@
 
 ``publish`` records a publication (a new generation in ``kb_publications``) and rebuilds this replica's
 knowledge base from the database; ``follow_forever`` lets every other replica see the new generation
-within ``interval`` seconds and rebuild too. A rebuild runs in a worker thread and encodes only the texts
-the running knowledge base has no vector for (``knowledge_base.embedded.known_vectors``): the old
-knowledge base answers until the new one is swapped in (one reference assignment), so chat never waits.
-With Elasticsearch the same build makes a new index and moves the alias (its existing reindex).
+within ``interval`` seconds and rebuild too. A rebuild encodes only the texts the running knowledge base
+has no vector for: the old knowledge base answers until the new one is swapped in (one reference
+assignment), so chat never waits for it.
+
+The embedded backend is built in a worker process (knowledge_base/build_worker.py: a spawned
+``ProcessPoolExecutor`` of one, kept for the next publication): validating 10,000 records and cutting
+95,000 texts is seconds of pure Python, which in a thread of this process would hold the GIL the chat's
+answers need. The worker keeps its own model and memo; this process attaches its own model and text
+processor to what comes back. With Elasticsearch the build runs in a thread as before: it makes a new
+index on the server and moves the alias (the backend's existing reindex).
 
 A record whose expiry date has passed is not served: each replica rebuilds by itself the day after the
 earliest expiry date among what it serves (``catch_up``), as it does for a new generation.
@@ -18,9 +24,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from typing import Callable
 
+from knowledge_base.loader import CorpusError
+from knowledge_base.records import next_expiry
 from xiaozhi.hub.domain.accounts import StaffUser
 from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
 
@@ -35,7 +47,7 @@ class KnowledgePublisher:
     """Builds and swaps this replica's knowledge base from the published records."""
 
     def __init__(self, records: KnowledgeStore, config, get_kb: Callable[[], object],
-                 set_kb: Callable[[object], None]) -> None:
+                 set_kb: Callable[[object], None], *, build_in_process: bool = True) -> None:
         self.records = records
         self.config = config  # knowledge_base.config.KnowledgeBaseConfig
         self._get_kb = get_kb
@@ -44,6 +56,9 @@ class KnowledgePublisher:
         self.last_build_s: float | None = None
         self.serves_until: dt.date | None = None  # the earliest expiry date among what is served
         self.today: Callable[[], dt.date] = dt.date.today
+        # The embedded backend is built in a worker process (False: in a thread, as Elasticsearch is).
+        self.build_in_process = build_in_process and getattr(config, "backend", "embedded") == "embedded"
+        self._pool: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -54,14 +69,16 @@ class KnowledgePublisher:
         """Make the published records what every replica serves; the publication and how long it took."""
         started = time.perf_counter()
         async with self._lock:  # two publications at once: the later one reads (and serves) the later records
-            corpus, until = await self.records.served_corpus(self.today())
-            if corpus.errors:
-                listing = "；".join(str(p) for p in corpus.errors[:5])
-                raise PublishFailed(f"{len(corpus.errors)}处错误：{listing}")
-            kb = await asyncio.to_thread(self._build, corpus)
+            entries, points = await self.records.served()
+            today = self.today()
+            try:
+                kb = await self._build(entries, points, today)
+            except CorpusError as exc:
+                raise PublishFailed(str(exc).replace("\n", " ")) from None
+            corpus = kb.corpus
             pub = await self.records.record_publication(user, corpus, note)
             self._set_kb(kb)
-            self.serving, self.serves_until = pub.id, until
+            self.serving, self.serves_until = pub.id, next_expiry(entries, points, today)
         self.last_build_s = time.perf_counter() - started
         log.info("knowledge base published as generation %d: %d entries, %d points in %.1f s",
                  pub.id, len(corpus.entries), len(corpus.points), self.last_build_s)
@@ -83,17 +100,18 @@ class KnowledgePublisher:
             if generation == self.serving:
                 log.info("a served knowledge record expired after %s: rebuilding generation %d without it",
                          self.serves_until, generation)
-            corpus, until = await self.records.served_corpus(self.today())
+            entries, points = await self.records.served()
+            today = self.today()
             try:
-                kb = await asyncio.to_thread(self._build, corpus)
+                kb = await self._build(entries, points, today)
             except Exception:
                 log.exception("building generation %d failed; still serving %s", generation, self.serving or "the data files")
                 self.serving, self.serves_until = generation, None  # not retried every few seconds
                 return False
             self._set_kb(kb)
-            self.serving, self.serves_until = generation, until
+            self.serving, self.serves_until = generation, next_expiry(entries, points, today)
         log.info("knowledge base now serves generation %d (%d entries, %d points)", generation,
-                 len(corpus.entries), len(corpus.points))
+                 len(kb.corpus.entries), len(kb.corpus.points))
         return True
 
     async def follow_forever(self, interval_s: float) -> None:
@@ -104,10 +122,62 @@ class KnowledgePublisher:
             except Exception:  # the database away for a moment: the next round tries again
                 log.exception("checking for a new knowledge-base publication failed")
 
-    def _build(self, corpus):
+    async def close(self) -> None:
+        """End the worker process (a hub that stops)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+    # -- building ---------------------------------------------------------------------------------
+    async def _build(self, entries: list[dict], points: list[dict], today: dt.date):
+        if not self.build_in_process:
+            return await asyncio.to_thread(self._build_here, entries, points, today)
+        from knowledge_base import build_worker
+
+        old = self._get_kb()
+        seed = None
+        if self._pool is None:  # a new worker knows no vectors yet: it starts from the running ones
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            units = getattr(getattr(old, "answerer", None), "units", None)
+            if units is not None:
+                seed = (list(units.layout.texts), units.vectors)
+        loop = asyncio.get_running_loop()
+        try:
+            kb = await loop.run_in_executor(self._pool, partial(
+                build_worker.build, self.config, entries, points, today=today,
+                stale_after_years=self.records.stale_after_years, seed=seed))
+        except BrokenProcessPool:  # the worker died (killed, out of memory): the next build starts a new one
+            self._pool = None
+            raise
+        embedder = getattr(old, "embedder", None)
+        if embedder is None:  # no running knowledge base to take the model from (not the hub's case)
+            from knowledge_base.embedder import Embedder
+
+            embedder = await asyncio.to_thread(Embedder, self.config.embedding_model,
+                                               prefix=self.config.embedding_query_prefix,
+                                               threads=self.config.embedding_threads)
+        text = getattr(old, "text", None)
+        if text is None:
+            from knowledge_base.text import TextProcessor
+
+            text = TextProcessor()
+        if getattr(old, "answerer", None) is not None:  # the same fit attach_answerer loads
+            classifier = old.answerer.classifier
+        else:
+            from knowledge_base.unit_classifier import UnitClassifier
+
+            classifier = UnitClassifier.load()
+        return build_worker.attach(kb, embedder=embedder, text=text, classifier=classifier)
+
+    def _build_here(self, entries: list[dict], points: list[dict], today: dt.date):
         from knowledge_base.embedded import known_vectors
         from knowledge_base.factory import open_knowledge_base
+        from knowledge_base.records import corpus_from_records
 
+        corpus = corpus_from_records(entries, points, stale_after_years=self.records.stale_after_years, today=today)
+        if corpus.errors:
+            listing = "；".join(str(p) for p in corpus.errors[:5])
+            raise CorpusError(f"{len(corpus.errors)}处错误：{listing}")
         old = self._get_kb()
         embedder = getattr(old, "embedder", None)
         reuse = {}
@@ -118,3 +188,4 @@ class KnowledgePublisher:
             reuse = known_vectors(old.corpus, embedder, self.config.index_dir)
         return open_knowledge_base(self.config, embedder=embedder, corpus=corpus, reuse=reuse,
                                    text=getattr(old, "text", None))
+

@@ -1,0 +1,69 @@
+"""Build a knowledge base from records in another process, so the serving process keeps its GIL for chat.
+
+A publication (xiaozhi/hub/domain/knowledge_publish.py) validates 10,000 records, lays out 95,000 texts,
+cuts them into words, n-grams and pinyin and builds the answer stage's word index: seconds of pure Python.
+In a thread of the serving process that holds the GIL the chat's answers wait for; here it runs in a
+worker process (``concurrent.futures.ProcessPoolExecutor`` with the spawn context, one worker kept for
+the next publication) which keeps its own model, its own memoised text processor and the vectors of its
+last build, so a published change re-encodes and re-cuts only the texts it changed, as in-process.
+
+``build`` answers the knowledge base pickled without what the serving process already has: its model, its
+text processor, its answer stage's classifier (``attach`` puts the serving process's own back), and with
+the embedded backend's lexical documents in place of its in-RAM index (rebuilt on unpickling, in Rust).
+Only the embedded backend is built here; Elasticsearch indexes on its server, so a thread suffices for it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from knowledge_base.config import KnowledgeBaseConfig
+
+log = logging.getLogger(__name__)
+
+_state: dict = {}  # in the worker process: "embedder", "text", "reuse" (text -> vector of the last build)
+
+
+def build(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], *, today: dt.date,
+          stale_after_years: int = 5, seed: tuple[Sequence[str], np.ndarray] | None = None):
+    """The knowledge base of these published records (run in the worker process). ``seed``: the texts and
+    vectors the serving process knows, for a worker that has none of its own yet."""
+    from knowledge_base.embedder import Embedder
+    from knowledge_base.factory import open_knowledge_base
+    from knowledge_base.records import corpus_from_records
+    from knowledge_base.text import TextProcessor
+
+    if "embedder" not in _state:
+        _state["embedder"] = Embedder(config.embedding_model, prefix=config.embedding_query_prefix,
+                                      threads=config.embedding_threads)
+        _state["text"] = TextProcessor()
+    reuse = _state.get("reuse") or {}
+    if seed is not None:
+        reuse = {**dict(zip(seed[0], seed[1])), **reuse}
+    corpus = corpus_from_records(entries, points, stale_after_years=stale_after_years, today=today)
+    kb = open_knowledge_base(config, embedder=_state["embedder"], corpus=corpus, reuse=reuse, text=_state["text"])
+    units = kb.answerer.units
+    _state["reuse"] = dict(zip(units.layout.texts, units.vectors))
+    return detach(kb)
+
+
+def detach(kb):
+    """The knowledge base without its model, text processor and classifier (``attach`` adds them back)."""
+    kb.embedder = kb.text = None
+    kb.backend.embedder = None  # the embedded backend pickles its lexical documents, not its text processor
+    kb.answerer.units.text = None
+    kb.answerer.classifier = None
+    return kb
+
+
+def attach(kb, *, embedder, text, classifier):
+    """Give a knowledge base built in the worker the serving process's model, text processor, classifier."""
+    kb.embedder = kb.backend.embedder = embedder
+    kb.text = kb.backend.text = kb.answerer.units.text = text
+    kb.answerer.classifier = classifier
+    return kb
+
