@@ -176,6 +176,8 @@ class HubServices:
         # of a query finishes its session's cleanup first, and must not find the pool gone.
         await stop_tasks(*reversed(self._tasks))
         self._tasks.clear()
+        if self.publisher is not None:
+            await self.publisher.close()  # its build worker process
         if self.video is not None:
             await self.video.close_all()  # both peers of every video/phone-bridge session
         if self.phone is not None:
