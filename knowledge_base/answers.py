@@ -50,7 +50,7 @@ WEIGHTS_PATH = Path(__file__).resolve().parent / "reranker.json"
 
 FEATURES = ("dense_core", "dense_full", "dense_answer", "entry_prior", "overlap", "words_asked", "words_answer",
             "words_covered", "number", "case",
-            "is_point", "is_passage", "learned")
+            "is_point", "is_passage", "learned", "learned_entry")
 
 # Hand-set starting weights; reranker.json (fitted) replaces them when present.
 DEFAULT_WEIGHTS = {
@@ -312,7 +312,7 @@ class Answerer:
         sims_full, answer_sims = self.units.similarities(indexes, qv_full)
         sims_core = self.units.similarities(indexes, qv_core)[0] if core != question else sims_full
         words = self.kb.text.words(self.kb.text.normalise(question))
-        learned = self._learned(question, indexes)
+        learned, learned_entry = self._learned(question, indexes)
         out = []
         for u in indexes:
             unit = self.units.layout.units[u]
@@ -331,6 +331,7 @@ class Answerer:
                 "is_point": float(unit.kind == "point"),
                 "is_passage": float(unit.kind == "passage"),
                 "learned": learned.get(u, 0.0),
+                "learned_entry": learned_entry.get(u, 0.0),
             }
             out.append(Candidate(unit, features, self.score(features)))
         out.sort(key=lambda c: -c.score)
@@ -342,15 +343,27 @@ class Answerer:
                 c.share = w / total
         return QuestionAnswer(question, best_result, out, confidence, confidence < self.abstain_below)
 
-    def _learned(self, question: str, indexes: list[int]) -> dict[int, float]:
-        """The unit classifier's margin per candidate unit. A point or entry published after the fit is
-        scored from its ways of asking; a passage (an answer's sentence, not a way of asking) is unknown."""
+    def _learned(self, question: str, indexes: list[int]) -> tuple[dict[int, float], dict[int, float]]:
+        """The unit classifier's margin per candidate unit, and the entry classifier's margin for the
+        unit's entry. A point or entry published after the fit is scored from its ways of asking (an
+        entry from all of its units'); a passage (an answer's sentence, not a way of asking) is unknown
+        to the unit classifier but takes its entry's margin."""
         if self.classifier is None or not indexes:
-            return {}
+            return {}, {}
         units = self.units.layout.units
         texts = {units[u].id: units[u].texts for u in indexes if units[u].kind != "passage"}
         scores = self.classifier.scores(question, {units[u].id for u in indexes}, texts)
-        return {u: scores[units[u].id] for u in indexes}
+        learned = {u: scores[units[u].id] for u in indexes}
+        if self.classifier.entries is None:
+            return learned, {}
+        entry_texts: dict[str, list[str]] = {}
+        for u in indexes:
+            entry_id = units[u].entry.id
+            if entry_id not in entry_texts:
+                entry_texts[entry_id] = [t for i in self.units.units_of(entry_id) if units[i].kind != "passage"
+                                         for t in units[i].texts]
+        entry_scores = self.classifier.entries.scores(question, entry_texts, entry_texts)
+        return learned, {u: entry_scores[units[u].entry.id] for u in indexes}
 
     def _units_answering(self, entry_id: str) -> list[int]:
         """An entry's units; a local entry also brings the points of the national entry it replaces

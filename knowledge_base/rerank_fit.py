@@ -28,8 +28,9 @@ import numpy as np
 
 from knowledge_base.answer_eval import load_items, unit_matches
 from knowledge_base.answers import FEATURES, WEIGHTS_PATH
+from knowledge_base.evaluation import DEFAULT_DEV_SET, load_dev_set
 from knowledge_base.questions import parse
-from knowledge_base.unit_classifier import CLASSIFIER_PATH, fit_unit_classifier, training_rows
+from knowledge_base.unit_classifier import CLASSIFIER_PATH, entry_of, fit_unit_classifier, training_rows
 
 FOLDS = 5
 
@@ -122,6 +123,23 @@ def labelled_questions(items: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+def entry_labelled_questions(path: Path = DEFAULT_DEV_SET) -> list[tuple[str, str]]:
+    """(question, entry id) pairs from the knowledge base's own development set (tests/data/kb_dev.yaml:
+    residents' wording labelled with the entry that answers it; the classifier knows entries as units).
+    Questions to abstain on are left out. Each question the message asks takes the first (best) entry,
+    except a multi-question message with one entry per question, whose questions take theirs in order."""
+    out = []
+    for query in load_dev_set(path):
+        if query.should_abstain:
+            continue
+        questions = parse(query.q).questions or [query.q]
+        if query.kind == "multi" and len(query.expect) == len(questions):
+            out.extend(zip(questions, query.expect))
+        else:
+            out.extend((question, query.expect[0]) for question in questions)
+    return out
+
+
 def _fit_weights(groups: list[tuple[np.ndarray, np.ndarray]], l2: float) -> np.ndarray:
     from scipy.optimize import minimize
 
@@ -135,14 +153,18 @@ def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01,
     items = [i for i in load_items() if i["split"] == "dev"]
     answerer = kb.answerer
     units = answerer.units.layout.units
+    entries = entry_of(units)
+    # The knowledge base's entry-level labelled questions are no answer-set question: every fold learns them.
+    extra = entry_labelled_questions()
     # Out-of-fold features: part k's questions are scored by a classifier that never saw them.
     x_parts, y_parts, groups = [], [], []
     offset = 0
     for k in range(FOLDS):
         train = [i for i in items if fold_of(i["q"]) != k]
         part = [i for i in items if fold_of(i["q"]) == k]
-        say(f"fold {k + 1}/{FOLDS}: classifier on the corpus and {len(train)} development questions")
-        answerer.classifier = fit_unit_classifier(*training_rows(units, labelled_questions(train)))
+        say(f"fold {k + 1}/{FOLDS}: classifiers on the corpus, {len(train)} development questions "
+            f"and {len(extra)} labelled entry questions")
+        answerer.classifier = fit_unit_classifier(*training_rows(units, labelled_questions(train) + extra), entries)
         x, y, g = collect(kb, part, region)
         x_parts.append(x)
         y_parts.append(y)
@@ -160,7 +182,7 @@ def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01,
         hits += top1(w, x, y, test) * len(test)
     weights = _fit_weights([(x[g], y[g].astype(np.float64)) for g in groups if g], l2)
     say("final classifier on the corpus and every development question")
-    classifier = fit_unit_classifier(*training_rows(units, labelled_questions(items)))
+    classifier = fit_unit_classifier(*training_rows(units, labelled_questions(items) + extra), entries)
     classifier.save(classifier_path)
     answerer.classifier = classifier
     reachable = sum(1 for g in groups if g and y[g].any()) / max(1, len(groups))
@@ -172,8 +194,9 @@ def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01,
         "top1_dev_cross_validated": round(hits / max(1, len(groups)), 4),
         "right_unit_among_candidates_dev": round(reachable, 4),
         "clarify_share": clarify_threshold(weights, x, y, groups),
-        "classifier": {"units": len(classifier.unit_ids), "ngrams": len(classifier.idf),
-                       "weights": int(classifier.coef.nnz), "trained_on": classifier.trained_on},
+        "classifier": {"units": len(classifier.unit_ids), "entries": len(classifier.entries.unit_ids),
+                       "entry_labelled_questions": len(extra), "ngrams": len(classifier.idf),
+                       "weights": int(classifier.coef.nnz + classifier.entries.coef.nnz), "trained_on": classifier.trained_on},
         "weights": {f: round(float(w), 4) for f, w in zip(FEATURES, weights)},
     }
     try:  # the answer stage's own abstain threshold is chosen by a separate grid on the dev split; keep it

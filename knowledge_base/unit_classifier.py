@@ -64,6 +64,10 @@ class UnitClassifier:
     unit_ids: list[str]
     trained_on: str = ""  # a hash of the training rows, to tell a stale fit
     fallback: tuple[float, float] = (0.0, UNKNOWN)  # margin ~ a * cos(question, centroid) + b, for units fitted later
+    # The same rows with each unit's *entry* as the class (same vocabulary): which area is asked. A
+    # point's own margin competes with its siblings and its entry; the entry's margin pools every way of
+    # asking of the entry and its points, and learns from entry-level labels (tests/data/kb_dev.yaml).
+    entries: "UnitClassifier | None" = None
 
     def __post_init__(self) -> None:
         self._row = {u: i for i, u in enumerate(self.unit_ids)}
@@ -110,14 +114,11 @@ class UnitClassifier:
     # -- storage ----------------------------------------------------------------------------------
     def save(self, path: Path = CLASSIFIER_PATH) -> None:
         vocab = sorted(self.vocabulary, key=self.vocabulary.get)
-        coef = self.coef.tocsr()
         with open(path, "wb") as f:
             np.savez_compressed(
                 f, format=np.asarray(FORMAT), vocabulary=np.asarray(vocab), idf=self.idf.astype(np.float32),
-                data=coef.data.astype(np.float32), indices=coef.indices.astype(np.int32),
-                indptr=coef.indptr.astype(np.int64), shape=np.asarray(coef.shape),
-                intercept=self.intercept.astype(np.float32), unit_ids=np.asarray(self.unit_ids),
-                trained_on=np.asarray(self.trained_on), fallback=np.asarray(self.fallback, dtype=np.float64),
+                trained_on=np.asarray(self.trained_on), **_arrays(self, ""),
+                **(_arrays(self.entries, "entry_") if self.entries is not None else {}),
             )
 
     @classmethod
@@ -129,13 +130,32 @@ class UnitClassifier:
                 if int(z["format"]) != FORMAT:
                     log.warning("unit classifier %s has format %s, expected %s: not used", path, int(z["format"]), FORMAT)
                     return None
-                vocab = [str(g) for g in z["vocabulary"]]
-                coef = sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-                return cls({g: i for i, g in enumerate(vocab)}, z["idf"].astype(np.float64), coef,
-                           z["intercept"].astype(np.float64), [str(u) for u in z["unit_ids"]], str(z["trained_on"]),
-                           tuple(float(v) for v in z["fallback"]))
+                vocabulary = {str(g): i for i, g in enumerate(z["vocabulary"])}
+                idf = z["idf"].astype(np.float64)
+
+                def part(prefix: str) -> "UnitClassifier":
+                    coef = sparse.csr_matrix((z[prefix + "data"], z[prefix + "indices"], z[prefix + "indptr"]),
+                                             shape=tuple(z[prefix + "shape"]))
+                    return cls(vocabulary, idf, coef, z[prefix + "intercept"].astype(np.float64),
+                               [str(u) for u in z[prefix + "unit_ids"]], str(z["trained_on"]),
+                               tuple(float(v) for v in z[prefix + "fallback"]))
+
+                out = part("")
+                if "entry_unit_ids" in z.files:  # a fit before the entry classifier existed has none
+                    out.entries = part("entry_")
+                return out
         except FileNotFoundError:
             return None
+
+
+def _arrays(classifier: UnitClassifier, prefix: str) -> dict[str, np.ndarray]:
+    """One classifier's own arrays (its weights, classes and fallback line) under ``prefix``."""
+    coef = classifier.coef.tocsr()
+    return {prefix + "data": coef.data.astype(np.float32), prefix + "indices": coef.indices.astype(np.int32),
+            prefix + "indptr": coef.indptr.astype(np.int64), prefix + "shape": np.asarray(coef.shape),
+            prefix + "intercept": classifier.intercept.astype(np.float32),
+            prefix + "unit_ids": np.asarray(classifier.unit_ids),
+            prefix + "fallback": np.asarray(classifier.fallback, dtype=np.float64)}
 
 
 def _centroids(transform, groups: list[Sequence[str]]) -> sparse.csr_matrix:
@@ -185,12 +205,15 @@ def training_rows(units, labelled: Iterable[tuple[str, str]] = ()) -> tuple[list
     return texts, ids
 
 
-def fit_unit_classifier(texts: list[str], ids: list[str]) -> UnitClassifier:
+def entry_of(units) -> dict[str, str]:
+    """Unit id -> the id of the entry it belongs to (an entry's own id for the entry)."""
+    return {unit.id: unit.entry.id for unit in units if unit.kind != "passage"}
+
+
+def _svm(x, labels: list[str]) -> tuple[sparse.csr_matrix, np.ndarray, list[str]]:
     from sklearn.svm import LinearSVC
 
-    vectorizer = _vectorizer()
-    x = vectorizer.fit_transform(texts)
-    svm = LinearSVC(C=C).fit(x, ids)
+    svm = LinearSVC(C=C).fit(x, labels)
     coef = np.asarray(svm.coef_, dtype=np.float32)
     intercept = np.asarray(svm.intercept_, dtype=np.float64)
     classes = [str(c) for c in svm.classes_]
@@ -198,8 +221,20 @@ def fit_unit_classifier(texts: list[str], ids: list[str]) -> UnitClassifier:
         coef = np.vstack([-coef, coef])
         intercept = np.concatenate([-intercept, intercept])
     coef[np.abs(coef) < PRUNE] = 0.0
+    return sparse.csr_matrix(coef), intercept, classes
+
+
+def fit_unit_classifier(texts: list[str], ids: list[str], entries: Mapping[str, str] | None = None) -> UnitClassifier:
+    """Fit on (text, unit id) rows; with ``entries`` (unit id -> entry id, see ``entry_of``) also the
+    entry classifier over the same rows, each labelled with its unit's entry."""
+    vectorizer = _vectorizer()
+    x = vectorizer.fit_transform(texts)
+    vocabulary, idf = dict(vectorizer.vocabulary_), vectorizer.idf_.astype(np.float64)
     digest = hashlib.sha256("\x1e".join(f"{t}\x1f{i}" for t, i in zip(texts, ids)).encode()).hexdigest()[:16]
-    classifier = UnitClassifier(dict(vectorizer.vocabulary_), vectorizer.idf_.astype(np.float64),
-                                sparse.csr_matrix(coef), intercept, classes, digest)
+    classifier = UnitClassifier(vocabulary, idf, *_svm(x, ids), digest)
     classifier.fallback = fit_fallback(classifier, texts, ids)
+    if entries is not None:
+        entry_ids = [entries.get(i, i) for i in ids]
+        classifier.entries = UnitClassifier(vocabulary, idf, *_svm(x, entry_ids), digest)
+        classifier.entries.fallback = fit_fallback(classifier.entries, texts, entry_ids)
     return classifier

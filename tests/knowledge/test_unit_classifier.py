@@ -9,21 +9,28 @@ import numpy as np
 import pytest
 
 from knowledge_base.answers import FEATURES, Answerer
-from knowledge_base.rerank_fit import FOLDS, fold_of, labelled_questions
+from knowledge_base.rerank_fit import FOLDS, entry_labelled_questions, fold_of, labelled_questions
 from knowledge_base.unit_classifier import (
     UNKNOWN,
     UnitClassifier,
     _vectorizer,
+    entry_of,
     fit_unit_classifier,
     training_rows,
 )
 
 
+@dataclass(frozen=True)
+class FakeEntry:
+    id: str
+
+
 @dataclass
-class FakeUnit:  # the three attributes training_rows reads from knowledge_base.units.Unit
+class FakeUnit:  # the attributes training_rows and entry_of read from knowledge_base.units.Unit
     id: str
     kind: str
     texts: tuple[str, ...]
+    entry: FakeEntry = FakeEntry("family")
 
 
 SIBLINGS = [
@@ -100,6 +107,26 @@ def test_the_answer_stage_scores_candidates_with_a_fitted_classifier(knowledge_b
     bare = Answerer(knowledge_base, base.units, dict(base.weights))
     found = bare.candidates(question, answerer_parse(question), "330100")
     assert {c.features["learned"] for c in found.candidates} == {0.0}
+    assert {c.features["learned_entry"] for c in found.candidates} == {0.0}
+
+
+def test_every_unit_of_an_entry_takes_its_entrys_margin(knowledge_base):
+    """``learned_entry``: the entry classifier's margin for the candidate's entry, the same for the
+    entry, its points and its passages; an entry the fit never saw is scored from its units' ways of asking."""
+    base: Answerer = knowledge_base.answerer
+    units = base.units.layout.units
+    known = [u for u in units if u.entry.id in ("ev-family-add", "ev-family-use") and u.kind != "passage"]
+    classifier = fit_unit_classifier(*training_rows(known), entry_of(known))
+    answerer = Answerer(knowledge_base, base.units, dict(base.weights), classifier=classifier)
+    question = "亲情账户最多能绑几个人"
+    found = answerer.candidates(question, answerer_parse(question), "330100").candidates
+    by_entry: dict[str, set[float]] = {}
+    for c in found:
+        by_entry.setdefault(c.unit.entry.id, set()).add(c.features["learned_entry"])
+    assert all(len(values) == 1 for values in by_entry.values()), by_entry
+    assert by_entry["ev-family-add"] != by_entry["ev-family-use"]
+    others = [v for e, vs in by_entry.items() if e not in ("ev-family-add", "ev-family-use") for v in vs]
+    assert others and all(v > UNKNOWN for v in others)  # unseen entries: scored, not buried
 
 
 def answerer_parse(text):
@@ -122,3 +149,62 @@ def test_a_unit_published_after_the_fit_is_scored_from_its_ways_of_asking():
     assert asked[face.id] > unrelated[face.id] > UNKNOWN
     assert asked["family.max"] == classifier.scores("加亲情账户一定要本人刷脸吗", ["family.max"])["family.max"]
     assert classifier.scores("加亲情账户一定要本人刷脸吗", [face.id]) == {face.id: UNKNOWN}  # no texts given
+
+
+# Two areas that share their words: the service hall's "what to bring" and the reimbursement materials.
+AREAS = [
+    FakeUnit("hall", "entry", ("医保大厅在哪里", "去医保窗口办事"), FakeEntry("hall")),
+    FakeUnit("hall.materials", "point", ("去医保窗口办事要带什么", "医保办事需要什么材料", "去医保局要带啥证件"),
+             FakeEntry("hall")),
+    FakeUnit("hall.hours", "point", ("医保大厅几点上班", "周末医保窗口开门吗"), FakeEntry("hall")),
+    FakeUnit("manual", "entry", ("手工报销要准备哪些材料", "零星报销材料清单"), FakeEntry("manual")),
+    FakeUnit("manual.list", "point", ("手工报销一般要带哪些材料", "自己垫了钱去报账要带哪些东西"), FakeEntry("manual")),
+    FakeUnit("manual.inpatient", "point", ("住院费用报销比门诊多要什么", "出院后报销需要什么病历"), FakeEntry("manual")),
+]
+
+
+def test_the_entry_classifier_learns_the_area_from_every_unit_and_entry_labels(tmp_path):
+    """Entry-level labels (tests/data/kb_dev.yaml names entries) teach which *area* a question is
+    about: the entry classifier pools an entry's and its points' ways of asking, so a question that
+    shares 需要什么材料 with the hall's point still lands on the reimbursement area it asks about."""
+    labelled = [("住院的钱报销要交哪些单子", "manual"), ("看病垫付的钱回来报要带啥", "manual"),
+                ("去医保大厅办业务带什么证件", "hall")]
+    texts, ids = training_rows(AREAS, labelled)
+    assert entry_of(AREAS) == {u.id: u.entry.id for u in AREAS}
+    classifier = fit_unit_classifier(texts, ids, entry_of(AREAS))
+    assert classifier.entries is not None and sorted(classifier.entries.unit_ids) == ["hall", "manual"]
+    scores = classifier.entries.scores("住院了报销需要带什么材料", ["hall", "manual"])
+    assert scores["manual"] > scores["hall"], scores
+    hall = classifier.entries.scores("去医保窗口需要带身份证吗", ["hall", "manual"])
+    assert hall["hall"] > hall["manual"], hall
+    path = tmp_path / "c.npz"
+    classifier.save(path)
+    again = UnitClassifier.load(path)
+    assert again.entries is not None and again.entries.scores("住院了报销需要带什么材料", ["hall", "manual"]) == \
+        pytest.approx(scores, abs=1e-5)
+    # a fit without entries (the earlier format) loads without them: the answer stage's entry feature is 0
+    fit_unit_classifier(texts, ids).save(path)
+    assert UnitClassifier.load(path).entries is None
+
+
+def test_entry_labelled_questions_leave_out_abstentions_and_follow_multi_questions(tmp_path):
+    dev = tmp_path / "kb_dev.yaml"
+    dev.write_text("""
+- q: 亲情帐户怎么加家人
+  expect: [ev-family-add, ev-family-use]
+  kind: colloquial
+- q: 备案要带啥，多久能批下来
+  expect: [cr-materials, cr-check-status]
+  kind: multi
+- q: 办慢病证需要带些啥证明材料，要不要住院病历
+  expect: [cd-materials]
+  kind: multi
+- q: 公积金怎么取
+  expect: abstain
+  kind: out_of_scope
+""", encoding="utf-8")
+    assert entry_labelled_questions(dev) == [
+        ("亲情帐户怎么加家人", "ev-family-add"),  # the best entry, not an alternative
+        ("备案要带啥", "cr-materials"), ("多久能批下来", "cr-check-status"),
+        ("办慢病证需要带些啥证明材料", "cd-materials"), ("要不要住院病历", "cd-materials"),
+    ]
