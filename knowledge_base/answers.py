@@ -17,8 +17,8 @@ points, the passages of its answer — against the question, and decides:
 
 Scoring is a linear model over a few features (``FEATURES``); its weights were fitted with
 a listwise logistic regression on the development split of tests/data/answer_set.yaml
-(``xiaozhi kb fit-reranker``), never on the held-out split. One feature is itself learned: the
-margin of a character n-gram classifier trained to tell every unit from the others
+(``xiaozhi kb fit-reranker``), never on the held-out split. Two features are themselves learned: the
+margins of character n-gram classifiers trained to tell every unit, and every entry, from the others
 (knowledge_base/unit_classifier.py). No cross-encoder model for Chinese ships in any package this
 project can install offline.
 """

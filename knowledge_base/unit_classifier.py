@@ -7,15 +7,20 @@ A linear classifier over character n-grams, trained to pick each unit from all t
 which few characters separate them (最多 / 被, 门诊 / 住院, 离职 / 到账).
 
 It is trained on
-* every way of asking of every entry and knowledge point (the corpus's own wording), and
+* every way of asking of every entry and knowledge point (the corpus's own wording),
 * labelled residents' questions: the development split of tests/data/answer_set.yaml (real messages
-  with the point that answers them), never its held-out split. An agency adds its own labelled
-  questions to the same kind of file, and every refit learns from them.
+  with the point that answers them), never its held-out split, and
+* the knowledge base's entry-level labelled questions (tests/data/kb_dev.yaml, each with the entry
+  that answers it). An agency adds its own labelled questions to the same kind of file, and every
+  refit learns from them.
+
+A second classifier over the same rows, each labelled with its unit's *entry*, scores which area a
+question is about (``entries``): most of the answer stage's misses lose to a point of another entry,
+and the entry-level labels say most about that.
 
 Fitted offline with the reranker (``xiaozhi kb fit-reranker``) and written as arrays to
 ``unit_classifier.npz`` beside the code (no pickled objects); the answer stage uses it when the file
-is there. It is not shipped yet: measured, it helped on average but turned one guard question
-(docs/retrieval-quality.md), so the shipped reranker.json has no ``learned`` weight. The file holds
+is there (shipped: docs/retrieval-quality.md has its figures). The file holds
 the n-gram vocabulary and idf, a sparse float32
 weight matrix (weights below ``PRUNE`` dropped: about a tenth of them, the scores barely move) and
 the unit ids it knows. A unit published since the fit (issue 18: staff add knowledge points between

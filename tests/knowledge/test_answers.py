@@ -85,6 +85,17 @@ def test_the_family_account_count_question_gets_the_number(knowledge_base):
     assert reply.citations[0]["source"]["url"].startswith("http")
 
 
+@pytest.mark.parametrize("context", [Context(), HANGZHOU], ids=["no deployment region", "hangzhou"])
+def test_reimbursement_materials_are_not_the_service_halls(knowledge_base, context):
+    """A top question with the shipped classifier and reranker: "what to bring for a hospital bill's
+    reimbursement" is the reimbursement materials list, not the service hall's "what to bring to the
+    window" (which the first unit classifier preferred when no deployment region was set)."""
+    reply = knowledge_base.answerer.answer("住院了报销需要带什么材料", context)
+    assert reply.outcome == "answered"
+    assert reply.answers[0]["entry"] == "re-manual-materials", reply.answers[0]
+    assert "发票" in reply.text or "收费票据" in reply.text
+
+
 def test_a_story_gets_the_sub_case_it_told(knowledge_base):
     reply = knowledge_base.answerer.answer("我妈在老家住院了，没办备案，现在出院了，钱怎么报？", Context())
     assert reply.outcome == "answered"
