@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,15 @@ from knowledge_base.config import KnowledgeBaseConfig
 log = logging.getLogger(__name__)
 
 _state: dict = {}  # in the worker process: "embedder", "text", "reuse" (text -> vector of the last build)
+NICENESS = 10  # the worker yields the cores to the serving process's chat when both want them
+
+
+def lower_priority() -> None:
+    """The worker process's initializer: a build is background work beside the chat it must not slow."""
+    try:
+        os.nice(NICENESS)
+    except OSError:  # not permitted here: the build still runs, at normal priority
+        log.warning("could not lower the knowledge-base build worker's priority")
 
 
 def build(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], *, today: dt.date,

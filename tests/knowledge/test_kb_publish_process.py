@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import os
 
 from knowledge_base import build_worker
 from knowledge_base.answers import Context
@@ -43,6 +44,8 @@ def test_a_knowledge_base_built_in_the_worker_answers_as_one_built_here(settings
         try:
             there = await publisher._build(entries, points, today)
             worker = set(publisher._pool._processes)
+            (pid,) = worker
+            assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 1  # niced
             again = await publisher._build(entries, points, today)  # the same worker, its own vectors now
             assert set(publisher._pool._processes) == worker and len(worker) == 1
             return there, again

@@ -137,7 +137,8 @@ class KnowledgePublisher:
         old = self._get_kb()
         seed = None
         if self._pool is None:  # a new worker knows no vectors yet: it starts from the running ones
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=build_worker.lower_priority)
             units = getattr(getattr(old, "answerer", None), "units", None)
             if units is not None:
                 seed = (list(units.layout.texts), units.vectors)
