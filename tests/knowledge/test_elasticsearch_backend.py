@@ -444,3 +444,58 @@ def test_credentials_come_from_settings_and_rejection_is_explained(corpus, text,
         server.server_close()
     expected = "Basic " + base64.b64encode(b"xiaozhi_kb:s3cret").decode()
     assert _Reject401.seen and set(_Reject401.seen) == {expected}
+
+
+def test_a_publication_from_the_console_reindexes_and_moves_the_alias(es_url, full_corpus, text, embedder, tmp_path):
+    """The knowledge console's publish path with XIAOZHI_KB_BACKEND=elasticsearch (issue 18), on the
+    stand-in: the published records become a new concrete index, the alias moves to it, the old index goes,
+    and the answer stage answers with the edited text. (A thread builds it: Elasticsearch indexes on its
+    server, so the publisher's worker process is for the embedded backend only.)"""
+    import asyncio
+
+    from knowledge_base.answers import Context
+    from knowledge_base.factory import open_knowledge_base
+    from knowledge_base.records import corpus_from_records, record_of
+    from xiaozhi.hub import migrations
+    from xiaozhi.hub.domain.accounts import Role, StaffUser
+    from xiaozhi.hub.domain.knowledge_publish import KnowledgePublisher
+    from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
+    from xiaozhi.hub.infra.store import Store
+
+    ids = set(FIXTURE_IDS)
+    entries = [record_of(e) for e in full_corpus.entries if e.id in ids]
+    points = [record_of(p) for p in full_corpus.points if p.entry in ids]
+    assert points, "the fixture's entries have knowledge points"
+    config = _config(es_url, "kb-publish", tmp_path)
+    admin = StaffUser(username="adm", role=Role.admin.value, display_name="adm", password_hash="-")
+    point = next(p for p in points if p["entry"] == "ev-activate")
+    edited = {**point, "answer": point["answer"][:380] + "（2099年起另有规定）"}
+
+    async def scenario():
+        store = Store(f"sqlite+aiosqlite:///{tmp_path / 'kb.db'}")
+        await migrations.prepare(store)
+        try:
+            records = KnowledgeStore(store)
+            await records.import_packs(entries, points)
+            first = await asyncio.to_thread(open_knowledge_base, config, embedder=embedder,
+                                            corpus=corpus_from_records(entries, points), text=text)
+            holder = {"kb": first}
+            publisher = KnowledgePublisher(records, config, lambda: holder["kb"], lambda kb: holder.__setitem__("kb", kb))
+            assert not publisher.build_in_process
+            [old_index] = first.backend.current_indices()
+            await records.save(admin, "point", edited, reason="测试")
+            await records.transition(admin, "point", point["id"], "published")
+            result = await publisher.publish(admin)
+            return first, holder["kb"], old_index, result
+        finally:
+            await store.close()
+
+    first, kb, old_index, result = asyncio.run(scenario())
+    assert result["points"] == len(points) and kb is not first
+    [new_index] = kb.backend.current_indices()
+    assert new_index != old_index and new_index.startswith("kb-publish-")
+    assert not kb.backend.client.indices.exists(index=old_index)
+    assert kb.backend.index_meta(new_index)["corpus_fingerprint"] == kb.corpus.fingerprint != first.corpus.fingerprint
+    reply = kb.answerer.answer(point["question"], Context())
+    assert "2099年起另有规定" in reply.text, reply.text
+    assert kb.search("医保电子凭证怎么激活").best.entry.id == "ev-activate"

@@ -121,8 +121,10 @@ def _edit(client, auth, doc, reason):
     return r.json()
 
 
-def test_publish_serves_the_new_figure_and_a_restore_brings_the_old_back(hub):
-    """The chat API (degraded mode: the knowledge base answers directly) before and after two publications."""
+@pytest.mark.parametrize("database_backend", DATABASES)
+def test_publish_serves_the_new_figure_and_a_restore_brings_the_old_back(hub, database_backend):
+    """The chat API (degraded mode: the knowledge base answers directly) before and after two publications;
+    the conversations answered with the old figure are found on SQLite and on PostgreSQL."""
     asked_before, resident = open_session(hub)
     before = hub.post(f"/api/sessions/{asked_before}/messages", json={"text": QUESTION}, headers=resident).json()
     assert "12393" in _answer_text(before), before
