@@ -15,12 +15,14 @@ POINT = "cr-settlement-failed.hotline"  # 异地就医结算出了问题 -> 1239
 QUESTION = "异地就医结算出了问题，打什么电话求助？"
 
 
-def _login(page, url: str, username: str, password: str) -> None:
-    page.goto(f"{url}/staff/knowledge")
+def _login(page, url: str, username: str, password: str, path: str = "/staff/knowledge",
+           ready: tuple[str, str] = ("#total", "共")) -> None:
+    """Log in on a staff page and wait until it shows ``ready`` (a selector and its text)."""
+    page.goto(f"{url}{path}")
     page.get_by_label("用户名").fill(username)
     page.get_by_label("密码").fill(password)
     page.get_by_role("button", name="登录").click()
-    page.locator("#total", has_text="共").wait_for(timeout=60000)
+    page.locator(ready[0], has_text=ready[1]).wait_for(timeout=60000)
 
 
 def _open(page, record_id: str) -> None:
@@ -163,11 +165,7 @@ def test_a_knowledge_gap_opens_a_prefilled_draft_that_a_supervisor_saves(chromiu
     errors: list[str] = []
     page = chromium.new_context(viewport={"width": 1400, "height": 1000}, locale="zh-CN").new_page()
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{url}/staff/analytics")
-    page.get_by_label("用户名").fill("gap_lead")
-    page.get_by_label("密码").fill("gap_lead-password-1")
-    page.get_by_role("button", name="登录").click()
-    page.locator("#status", has_text="已更新").wait_for(timeout=60000)
+    _login(page, url, "gap_lead", "gap_lead-password-1", "/staff/analytics", ("#status", "已更新"))
     row = page.locator("#gaps tbody tr", has_text="退回来")
     assert "13812345678" not in row.inner_text()
     row.get_by_role("link", name="新建知识点").click()
@@ -188,11 +186,7 @@ def test_a_knowledge_gap_opens_a_prefilled_draft_that_a_supervisor_saves(chromiu
 
     # An agent sees no such link: 精准分析 is for supervisors, and its data is refused to agents.
     agent = chromium.new_context(locale="zh-CN").new_page()
-    agent.goto(f"{url}/staff/analytics")
-    agent.get_by_label("用户名").fill("gap_agent")
-    agent.get_by_label("密码").fill("gap_agent-password-1")
-    agent.get_by_role("button", name="登录").click()
-    agent.locator("#status", has_text="权限").wait_for(timeout=30000)
+    _login(agent, url, "gap_agent", "gap_agent-password-1", "/staff/analytics", ("#status", "权限"))
     assert agent.get_by_role("link", name="新建知识点").count() == 0
     assert not errors, errors
 

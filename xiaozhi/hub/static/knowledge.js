@@ -296,7 +296,7 @@
   function reminders() {
     return api("/api/staff/kb/reminders?older_than=5").then(function (r) {
       var box = $("reminders"); box.textContent = "";
-      var clear = function () { $("f-age").value = ""; $("f-state").value = ""; $("f-expiring").value = ""; };
+      var clear = function () { ["f-age", "f-state", "f-expiring", "f-uses"].forEach(function (id) { $(id).value = ""; }); };
       var days = String(r.expiring_within_days);
       if (!$("f-expiring").querySelector('option[value="' + days + '"]')) {
         var o = el("option", "已过期或" + days + "天内到期"); o.value = days; $("f-expiring").appendChild(o);
