@@ -308,12 +308,36 @@ def environment_has_sipp() -> bool:
     return SIPP is not None and os.access(SIPP, os.X_OK)
 
 
+_SO_TIMESTAMPNS = 35  # Linux (asm-generic); Python's socket module does not name it
+
+
+def _stamp_arrivals(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp each datagram with its arrival time; False where it cannot."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _arrival(ancillary: list) -> float | None:
+    """The kernel's arrival stamp (CLOCK_REALTIME) of one datagram, on the monotonic clock."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return seconds + nanoseconds / 1e9 - (time.time() - time.monotonic())
+    return None
+
+
 class RtpCaller:
     """The caller's media side of a ``SipPeer`` call: paced 20 ms PCMU out, every packet in recorded.
 
     ``await say(samples)`` sends 8 kHz audio in real time (silence packets with ``pause``; through
-    ``line``, a ``BadLine``, with its noise and lost packets), ``key``
-    sends an RFC 4733 event; ``received`` holds (monotonic time, RtpPacket) of what the bot sent.
+    ``line``, a ``BadLine``, with its noise and lost packets; ``said_at`` is when its first packet
+    left), ``key`` sends an RFC 4733 event; ``received`` holds (monotonic time, RtpPacket) of what the
+    bot sent. The time is the kernel's arrival stamp (SO_TIMESTAMPNS), not when this event loop got
+    round to reading the packet: on a loaded machine the loop that reads also runs the hub, and a
+    reader's own lag must not count as the bot's.
     """
 
     def __init__(self, peer: SipPeer, ok: SipResponse, dtmf_pt: int = 101, line: BadLine | None = None) -> None:
@@ -327,19 +351,31 @@ class RtpCaller:
         self.ts = 160000
         self.received: list[tuple[float, RtpPacket]] = []
         self.line = line  # noise under all audio sent, lost audio packets (keys are sent whole)
+        self.said_at = 0.0
+        self.audio_frames = 0  # audio packets sent and not lost on the way
         self._next = time.monotonic()
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._stamped = _stamp_arrivals(self.sock)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sock.fileno(), self._readable)
 
-    async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _readable(self) -> None:
         while True:
-            data = await loop.sock_recv(self.sock, 4096)
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(4096, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # the socket was closed under us
+                return
+            arrived = _arrival(ancillary) if self._stamped else None
             packet = parse_rtp(data)
             if isinstance(packet, RtpPacket):
-                self.received.append((time.monotonic(), packet))
+                self.received.append((time.monotonic() if arrived is None else arrived, packet))
 
     def close(self) -> None:
-        self._reader.cancel()
+        try:
+            self._loop.remove_reader(self.sock.fileno())
+        except (ValueError, OSError):  # already closed
+            pass
 
     async def _tick(self) -> None:
         self._next = max(self._next + 0.02, time.monotonic() - 0.02)
@@ -356,9 +392,12 @@ class RtpCaller:
         pcm = np.concatenate([pcm, np.zeros(-pcm.size % 160, np.int16)])
         for i in range(0, pcm.size, 160):
             await self._tick()
+            if i == 0:
+                self.said_at = time.monotonic()
             packet = pcm[i : i + 160] if self.line is None else self.line.packet(pcm[i : i + 160])
             if packet is not None:
                 self._send(0, ulaw_encode(packet))
+                self.audio_frames += 1
             else:
                 self.seq = (self.seq + 1) & 0xFFFF  # lost on the way: the receiver sees the gap
             self.ts = (self.ts + 160) & 0xFFFFFFFF

@@ -298,11 +298,13 @@ class SileroVad:
         self._sr = np.array(8000, dtype=np.int64)
         self.probability = 0.0
         self.speaking = False
+        self.samples_seen = 0  # where the 32 ms windows fall in the frames: samples_seen % SILERO_WINDOW
 
     def is_speech(self, frame: bytes | np.ndarray) -> bool:
         samples = frame_samples(frame)
         if samples.size == 0:
             return False
+        self.samples_seen += samples.size
         self._pending = np.concatenate([self._pending, samples.astype(np.float32) / 32768.0])
         while self._pending.size >= SILERO_WINDOW:
             window, self._pending = self._pending[:SILERO_WINDOW], self._pending[SILERO_WINDOW:]

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from telephony.audio import load_wav
+from telephony.vad import SILERO_WINDOW
 from telephony.testing import RtpCaller, SipPeer, environment_has_sipp, free_udp_port
 from xiaozhi.hub.infra.store import Conversation, Escalation
 
@@ -137,6 +138,31 @@ async def until_heard(rtp: RtpCaller, since: float, timeout: float = 20.0) -> bo
             return True
         await rtp.pause(0.1)
     return False
+
+
+def backchannel() -> np.ndarray:
+    """嗯: one 120 ms syllable of the fixtures, too short to barge in (VoiceConfig.barge_in_ms)."""
+    return trimmed("01_pingzheng_jihuo")[5800:6760]
+
+
+async def say_at_window_start(rtp: RtpCaller, session, samples: np.ndarray, phase: int = 64) -> float:
+    """Say ``samples`` so that they start ``phase`` samples into one of Silero's 32 ms windows.
+
+    Silero decides on 256-sample windows laid over the 160-sample frames, so where a short sound falls
+    in them changes how many frames it is heard in: the 120 ms ``backchannel`` is 60-160 ms of speech
+    depending on that place and on how long the line was silent before (measured over 40-700 silent
+    frames). How long the caller waited for the bot depends on the machine's load; at this place it is
+    heard as 100 ms every time, so a test of a sound just short of ``barge_in_ms`` does not depend on it.
+    """
+    deadline = time.monotonic() + 2.0
+    while session.vad.samples_seen < rtp.audio_frames * 160 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # the hub has not read every frame sent yet
+    frames = 0
+    while (session.vad.samples_seen + frames * 160) % SILERO_WINDOW != phase:
+        frames += 1
+    if frames:
+        await rtp.pause(frames * 0.02)
+    return await rtp.say(samples)
 
 
 def faint_speech() -> list[np.ndarray]:
