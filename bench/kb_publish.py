@@ -126,8 +126,8 @@ async def run(points_total: int, rounds: int, build: str = "process") -> None:
     print(f"baseline generation built in {time.perf_counter() - started:.1f} s "
           f"({len(layout(corpus).texts)} vector rows, {len(layout(corpus).texts) - len(stand_in)} encoded)")
     publisher = KnowledgePublisher(records, config, lambda: holder["kb"], lambda kb: holder.__setitem__("kb", kb),
-                                   build_in_process=build == "process")
-    print(f"building in a {'worker process' if publisher.build_in_process else 'thread'}")
+                                   process_from=0 if build == "process" else None)
+    print(f"building in a {'worker process' if build == 'process' else 'thread'}")
     started = time.perf_counter()
     await publisher.publish(ADMIN, "baseline")  # as a hub starting on this database: its worker builds it once
     print(f"first publication (untimed below: a new worker loads its model and cuts every text once, as at a "

@@ -481,7 +481,7 @@ def test_a_publication_from_the_console_reindexes_and_moves_the_alias(es_url, fu
                                             corpus=corpus_from_records(entries, points), text=text)
             holder = {"kb": first}
             publisher = KnowledgePublisher(records, config, lambda: holder["kb"], lambda kb: holder.__setitem__("kb", kb))
-            assert not publisher.build_in_process
+            assert not publisher.builds_in_process(10_000)
             [old_index] = first.backend.current_indices()
             await records.save(admin, "point", edited, reason="测试")
             await records.transition(admin, "point", point["id"], "published")

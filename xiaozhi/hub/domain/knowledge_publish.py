@@ -6,10 +6,10 @@ within ``interval`` seconds and rebuild too. A rebuild encodes only the texts th
 has no vector for: the old knowledge base answers until the new one is swapped in (one reference
 assignment), so chat never waits for it.
 
-The embedded backend is built in a worker process (knowledge_base/build_worker.py: a spawned
-``ProcessPoolExecutor`` of one, kept for the next publication): validating 10,000 records and cutting
-95,000 texts is seconds of pure Python, which in a thread of this process would hold the GIL the chat's
-answers need. The worker keeps its own model and memo; this process attaches its own model and text
+The embedded backend of a large base (``PROCESS_FROM`` records or more) is built in a worker process
+(knowledge_base/build_worker.py: a spawned ``ProcessPoolExecutor`` of one, kept for the next
+publication): validating 10,000 records and cutting 95,000 texts is seconds of pure Python, which in a
+thread of this process would hold the GIL the chat's answers need. A smaller base builds in a thread. The worker keeps its own model and memo; this process attaches its own model and text
 processor to what comes back. With Elasticsearch the build runs in a thread as before: it makes a new
 index on the server and moves the alias (the backend's existing reindex).
 
@@ -39,6 +39,12 @@ from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
 log = logging.getLogger(__name__)
 
 
+# From how many published records a build goes to the worker process. Below it a build in a thread takes
+# a second or two of the GIL, less than a new worker takes to load its model and cut every text once (the
+# packs' 958 records: ~1.5 s in a thread, over 10 s in a new worker, against the console's 10 s promise).
+PROCESS_FROM = 3000
+
+
 class PublishFailed(RuntimeError):
     """The published records cannot be served (a corpus error); the running knowledge base stays."""
 
@@ -47,7 +53,7 @@ class KnowledgePublisher:
     """Builds and swaps this replica's knowledge base from the published records."""
 
     def __init__(self, records: KnowledgeStore, config, get_kb: Callable[[], object],
-                 set_kb: Callable[[object], None], *, build_in_process: bool = True) -> None:
+                 set_kb: Callable[[object], None], *, process_from: int | None = PROCESS_FROM) -> None:
         self.records = records
         self.config = config  # knowledge_base.config.KnowledgeBaseConfig
         self._get_kb = get_kb
@@ -56,8 +62,9 @@ class KnowledgePublisher:
         self.last_build_s: float | None = None
         self.serves_until: dt.date | None = None  # the earliest expiry date among what is served
         self.today: Callable[[], dt.date] = dt.date.today
-        # The embedded backend is built in a worker process (False: in a thread, as Elasticsearch is).
-        self.build_in_process = build_in_process and getattr(config, "backend", "embedded") == "embedded"
+        # The embedded backend of ``process_from`` records or more is built in a worker process (None:
+        # never; a smaller one, and Elasticsearch's, in a thread).
+        self.process_from = process_from if getattr(config, "backend", "embedded") == "embedded" else None
         self._pool: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()
 
@@ -129,8 +136,11 @@ class KnowledgePublisher:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
     # -- building ---------------------------------------------------------------------------------
+    def builds_in_process(self, records: int) -> bool:
+        return self.process_from is not None and records >= self.process_from
+
     async def _build(self, entries: list[dict], points: list[dict], today: dt.date):
-        if not self.build_in_process:
+        if not self.builds_in_process(len(entries) + len(points)):
             return await asyncio.to_thread(self._build_here, entries, points, today)
         from knowledge_base import build_worker
 
