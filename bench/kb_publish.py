@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import resource
 import statistics
 import tempfile
 import threading
@@ -72,10 +71,9 @@ def generated_points(points: list[dict], total: int) -> tuple[list[dict], dict[s
     return out, origin
 
 
-def chat_load(get_kb, stop: threading.Event, latencies: list[float], cpu: list[float] | None = None) -> None:
+def chat_load(get_kb, stop: threading.Event, latencies: list[float]) -> None:
     from knowledge_base.answers import Context
 
-    began = time.thread_time()
     i = 0
     while not stop.is_set():
         question = QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f"（{i}）")
@@ -83,13 +81,6 @@ def chat_load(get_kb, stop: threading.Event, latencies: list[float], cpu: list[f
         get_kb().answerer.answer(question, Context())
         latencies.append(time.perf_counter() - started)
         i += 1
-    if cpu is not None:
-        cpu.append(time.thread_time() - began)
-
-
-def process_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def pct(values: list[float], q: float) -> float:
@@ -139,7 +130,7 @@ async def run(points_total: int, rounds: int, build: str = "process") -> None:
     await asyncio.to_thread(chat_load, lambda: holder["kb"], stop, idle)
     print(f"chat alone: {len(idle)} answers, p50 {pct(idle, .5) * 1000:.0f} ms, p95 {pct(idle, .95) * 1000:.0f} ms")
 
-    timings, during, hub_cpu = [], [], []
+    timings, during = [], []
     target = "cr-settlement-failed.hotline"
     served_figure = "12393"
     for r in range(rounds):
@@ -150,33 +141,27 @@ async def run(points_total: int, rounds: int, build: str = "process") -> None:
         await records.save(ADMIN, "point", doc, reason=f"bench round {r}")
         await records.transition(ADMIN, "point", target, "published")
         latencies: list[float] = []
-        chat_cpu: list[float] = []
         stop = threading.Event()
-        chat = threading.Thread(target=chat_load, args=(lambda: holder["kb"], stop, latencies, chat_cpu))
-        cpu_before = process_cpu()
+        chat = threading.Thread(target=chat_load, args=(lambda: holder["kb"], stop, latencies))
         chat.start()
         started = time.perf_counter()
         result = await publisher.publish(ADMIN, f"bench round {r}")
         seconds = time.perf_counter() - started
         stop.set()
         chat.join()
-        # CPU the publication cost this (the serving) process, beside the chat's own thread: GIL time
-        hub_cpu.append(process_cpu() - cpu_before - chat_cpu[0])
         served = holder["kb"].answerer.answer("异地就医结算出了问题，打什么电话求助？")
         timings.append(seconds)
         during += latencies
         print(f"round {r + 1}: published generation {result['generation']} in {seconds:.1f} s; "
               f"chat meanwhile: {len(latencies)} answers, p50 {pct(latencies, .5) * 1000:.0f} ms, "
               f"p95 {pct(latencies, .95) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; "
-              f"CPU in the serving process besides chat {hub_cpu[-1]:.1f} s; new figure served: {figure in served.text}")
+              f"new figure served: {figure in served.text}")
     await publisher.close()
     await store.close()
     print(f"\npublish (re-index + swap) of one change to {len(all_points)} points: median "
           f"{statistics.median(timings):.1f} s over {rounds} rounds (target < 60 s)")
     print(f"chat during publishing: p50 {pct(during, .5) * 1000:.0f} ms, p95 {pct(during, .95) * 1000:.0f} ms "
           f"over {len(during)} answers (target p95 < 500 ms); alone p95 {pct(idle, .95) * 1000:.0f} ms")
-    print(f"CPU a publication costs the serving process (besides the chat thread): median "
-          f"{statistics.median(hub_cpu):.1f} s")
 
 
 def main() -> None:
