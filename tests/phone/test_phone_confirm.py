@@ -12,7 +12,9 @@ import asyncio
 import pytest
 
 from tests.support.phone import needs_whisper, phone_hub, placed_call, until_heard, until_quiet, wait_until
-from xiaozhi.hub.channels.phone.confirm import CONFIRM_SPOKEN, REPHRASE_SPOKEN, PhoneConfirmation, yes_or_no
+from xiaozhi.hub.channels.phone.confirm import (
+    CONFIRM_SPOKEN, REPHRASE_SPOKEN, PhoneConfirmation, confirmation_texts, yes_or_no,
+)
 
 # What the recogniser made of a 10 dB story about giving birth away from home (the words around the
 # question half lost): the answer stage still finds a point, but not one to answer without asking.
@@ -54,6 +56,16 @@ async def test_a_misheard_story_is_confirmed_not_answered(confirmation) -> None:
     ask = await confirmation.check(MISHEARD, 0.6, None)
     assert ask is not None and ask.heard == MISHEARD
     assert len(CONFIRM_SPOKEN.format(question=ask.question)) <= 45  # one short sentence
+
+
+async def test_every_confirmation_the_line_says_is_among_those_prerendered(confirmation, knowledge_base) -> None:
+    """The hotline pre-renders confirmation_texts(corpus) with the spoken answers; what check() makes the
+    bot say must be one of them, or its question clause is rendered while the caller waits."""
+    prerendered = set(confirmation_texts(knowledge_base.corpus))
+    assert len(prerendered) >= len(knowledge_base.corpus.points)
+    for text, confidence in (("异地就医怎么备案", 0.3), (MISHEARD, 0.6), ("亲情账户最多能绑几个人", 0.3)):
+        ask = await confirmation.check(text, confidence, None)
+        assert ask is not None and CONFIRM_SPOKEN.format(question=ask.question) in prerendered, text
 
 
 async def test_a_story_heard_well_and_retrieved_surely_is_answered_at_once(confirmation) -> None:

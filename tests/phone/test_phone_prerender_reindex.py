@@ -1,5 +1,5 @@
-"""A running hub pre-renders the spoken answers a re-index adds, and a call then hears them from the
-cache, not from live synthesis (issue 15, part 5).
+"""A running hub pre-renders the spoken answers a re-index adds (and the confirmation that names them,
+issue 20), and a call then hears them from the cache, not from live synthesis (issue 15, part 5).
 
 A knowledge base of two answers keeps the start-up pre-rendering short; the TTS cache is this
 test's own (the Kokoro model is shared), so the new answer cannot already be in it from another run.
@@ -20,6 +20,7 @@ from tests.support.phone import (
 
 from knowledge_base.factory import open_knowledge_base
 from telephony.tts import CLAUSE_CACHE_NAME, split_clauses
+from xiaozhi.hub.channels.phone.confirm import CONFIRM_SPOKEN
 from yibao_common.spoken import spoken_chinese
 
 pytestmark = [needs_whisper, pytest.mark.slow]
@@ -55,6 +56,9 @@ async def test_a_reindexed_answer_is_prerendered_and_played_from_the_cache(setti
         prompts = phone.bot.prompts
         assert await asyncio.to_thread(phone.prerenderer.idle.wait, 600), "start-up pre-rendering finished"
         answer = split_clauses(spoken_chinese(NEW_ENTRY.split("spoken: ", 1)[1].split("\n", 1)[0]))
+        # and the check of a heard question that names it: "我确认一下，您是想问…，对吗？"
+        confirm = split_clauses(CONFIRM_SPOKEN.format(question="医保电子凭证可以打印出来用吗"))
+        assert len(confirm) >= 2 and all(prompts.lookup(c, name=CLAUSE_CACHE_NAME) is None for c in confirm[1:])
         assert all(prompts.lookup(c, name=CLAUSE_CACHE_NAME) is None for c in answer)
         source["entries"] += yaml.safe_load(NEW_ENTRY)
         kb_file.write_text(yaml.safe_dump(source, allow_unicode=True), encoding="utf-8")
@@ -63,6 +67,8 @@ async def test_a_reindexed_answer_is_prerendered_and_played_from_the_cache(setti
         assert await wait_until(lambda: all(prompts.lookup(c, name=CLAUSE_CACHE_NAME) is not None for c in answer),
                               300), "the hub pre-rendered the new answer after the re-index"
         await asyncio.to_thread(phone.prerenderer.idle.wait, 300)
+        assert all(prompts.lookup(c, name=CLAUSE_CACHE_NAME) is not None for c in confirm), \
+            "the confirmation naming the new entry was pre-rendered too"
         assert await wait_until(lambda: "ev-print-probe" in app.state.knowledge_base.entries, 30)
         question = np.frombuffer(await asyncio.to_thread(phone.bot.synthesizer.synthesize, QUESTION), "<i2")
         async with placed_call(app) as (peer, call, rtp):

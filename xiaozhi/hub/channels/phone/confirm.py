@@ -56,6 +56,19 @@ def yes_or_no(text: str) -> tuple[str | None, str]:
     return None, text
 
 
+def said_question(question: str) -> str:
+    """A knowledge point's question (or an entry's title) as the confirmation says it."""
+    return question.rstrip("？?。 ")
+
+
+def confirmation_texts(corpus) -> list[str]:
+    """Every confirmation the hotline can say with this corpus, one per knowledge point and entry: the
+    hotline pre-renders them with the spoken answers, so the question clause of "我确认一下，您是想问…，
+    对吗？" is not rendered while the caller waits."""
+    questions = [*(p.question for p in getattr(corpus, "points", [])), *(e.title for e in corpus.entries)]
+    return list(dict.fromkeys(CONFIRM_SPOKEN.format(question=said_question(q)) for q in questions))
+
+
 @dataclass
 class Pending:
     """A confirmation asked and not yet answered."""
@@ -112,7 +125,7 @@ class PhoneConfirmation:
             heard_well = confidence is None or confidence >= self.story_asr_confidence
             if heard_well and min(a.get("confidence", 0.0) for a in reply.answers) >= self.min_kb_confidence:
                 return None  # heard well and answered with confidence
-        question = (unit.point.question if unit.point is not None else unit.entry.title).rstrip("？?。 ")
+        question = said_question(unit.point.question if unit.point is not None else unit.entry.title)
         return Pending(question=question, heard=text, unit=unit.id)
 
     def _named_unit(self, answerer, reply):

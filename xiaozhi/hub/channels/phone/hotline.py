@@ -22,7 +22,7 @@ from telephony.call import Call
 from telephony.lines import DistrictLines, LinesError
 from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
-from xiaozhi.hub.channels.phone.confirm import PhoneConfirmation, before_reply
+from xiaozhi.hub.channels.phone.confirm import PhoneConfirmation, before_reply, confirmation_texts
 from xiaozhi.hub.domain.contacts import caller_hash
 from xiaozhi.hub.infra.owner import owner_meta
 from xiaozhi.log_context import conversation_scope
@@ -205,25 +205,32 @@ class PhoneService:
         return VoiceBot(self, recognizer, synthesizer, prompts, self.voice_config(), metrics=self.metrics)
 
     def _spoken_answers(self) -> list[str]:
-        """Every knowledge-base spoken answer, in the form the phone says it (read from the data files)."""
-        from knowledge_base.loader import load_corpus
+        """What the phone says from the knowledge base being served (published records included): every
+        spoken answer, then every confirmation of a heard question, in the form the phone says them."""
         from telephony.tts import spoken_texts
 
-        return spoken_texts(load_corpus(self.settings.kb_data_dir))
+        corpus = self._served_corpus()
+        return [*spoken_texts(corpus), *confirmation_texts(corpus)]
+
+    def _served_corpus(self):
+        kb = self.conversations.knowledge_base()
+        corpus = getattr(kb, "corpus", None)
+        if corpus is None:  # still loading: the data files it is loading from
+            from knowledge_base.loader import load_corpus
+
+            corpus = load_corpus(self.settings.kb_data_dir)
+        return corpus
 
     async def _watch_answers(self) -> None:
-        """After each re-index (``xiaozhi kb index``), pre-render the answers again: new ones get rendered,
-        unchanged ones are found in the cache."""
-        from knowledge_base.embedded import current_generation
-
-        s = self.settings
-        seen = current_generation(s.kb_index_dir)
+        """After each re-index (``xiaozhi kb index``) or publication from the knowledge console, pre-render
+        the answers again: new ones get rendered, unchanged ones are found in the cache."""
+        seen = self.conversations.knowledge_base()
         while True:
-            await asyncio.sleep(s.kb_reload_interval_s)
-            generation = current_generation(s.kb_index_dir)
-            if generation is not None and generation != seen and self.prerenderer is not None:
-                seen = generation
-                log.info("phone: knowledge base re-indexed; pre-rendering its spoken answers")
+            await asyncio.sleep(self.settings.kb_reload_interval_s)
+            kb = self.conversations.knowledge_base()
+            if kb is not None and kb is not seen and self.prerenderer is not None:
+                seen = kb
+                log.info("phone: a new knowledge base is served; pre-rendering its spoken answers")
                 self.prerenderer.submit_from(self._spoken_answers)
 
     async def start(self) -> None:
