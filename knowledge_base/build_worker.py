@@ -11,6 +11,11 @@ last build, so a published change re-encodes and re-cuts only the texts it chang
 text processor, its answer stage's classifier (``attach`` puts the serving process's own back), and with
 the embedded backend's lexical documents in place of its in-RAM index (rebuilt on unpickling, in Rust).
 Only the embedded backend is built here; Elasticsearch indexes on its server, so a thread suffices for it.
+
+``warm_up`` starts a new worker before it is needed (a hub's start on a large published base, a worker that
+died): it builds what the hub serves, keeps the model, the memo and the vectors, and sends nothing back. It
+runs in a thread of the worker at the lowest priority (nice 19; on Linux a thread's niceness is its own),
+so it takes only the CPU nothing else wants; a publication's ``build`` runs at the worker's nice 10.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _state: dict = {}  # in the worker process: "embedder", "text", "reuse" (text -> vector of the last build)
 NICENESS = 10  # the worker yields the cores to the serving process's chat when both want them
+WARM_NICENESS = 19  # the lowest priority: a warm-up is for later, nobody waits for it
 
 
 def lower_priority() -> None:
@@ -54,11 +62,48 @@ def build(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], 
     reuse = _state.get("reuse") or {}
     if seed is not None:
         reuse = {**dict(zip(seed[0], seed[1])), **reuse}
+    memo = _state["text"]._words_memo
+    misses = memo.cache_info().misses
     corpus = corpus_from_records(entries, points, stale_after_years=stale_after_years, today=today)
     kb = open_knowledge_base(config, embedder=_state["embedder"], corpus=corpus, reuse=reuse, text=_state["text"])
     units = kb.answerer.units
     _state["reuse"] = dict(zip(units.layout.texts, units.vectors))
+    # what this build cost the worker: texts it had to cut (not in its memo) and to encode (no vector known)
+    kb.build_info = {"pid": os.getpid(), "texts": len(units.layout.texts),
+                     "cut": memo.cache_info().misses - misses, "encoded": sum(t not in reuse for t in units.layout.texts)}
     return detach(kb)
+
+
+def warm_up(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], *, today: dt.date,
+            stale_after_years: int = 5, seed: tuple[Sequence[str], np.ndarray] | None = None) -> dict:
+    """Build these records once at the lowest priority so the next ``build`` finds the model loaded and every
+    text cut and encoded; answers what it cost (run in the worker process, nothing big sent back)."""
+    done: dict = {}
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, WARM_NICENESS)  # this thread only (Linux)
+        except OSError:
+            log.warning("could not lower the knowledge-base warm-up's priority")
+        started = time.perf_counter()
+        try:
+            kb = build(config, entries, points, today=today, stale_after_years=stale_after_years, seed=seed)
+            done.update(kb.build_info, seconds=round(time.perf_counter() - started, 1),
+                        niceness=os.getpriority(os.PRIO_PROCESS, 0))
+        except BaseException as exc:  # re-raised in the worker's own thread, so the hub sees it
+            done["error"] = exc
+
+    thread = threading.Thread(target=run, name="kb-warm-up")
+    thread.start()
+    thread.join()
+    if "error" in done:
+        raise done["error"]
+    return done
+
+
+def alive() -> int:
+    """Answers the worker's process id: the hub's check that its worker still runs."""
+    return os.getpid()
 
 
 def detach(kb):

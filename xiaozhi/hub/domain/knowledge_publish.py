@@ -13,6 +13,13 @@ thread of this process would hold the GIL the chat's answers need. A smaller bas
 processor to what comes back. With Elasticsearch the build runs in a thread as before: it makes a new
 index on the server and moves the alias (the backend's existing reindex).
 
+The worker is started before a publication needs it (``keep_warm``): as soon as this replica serves a base
+built there, and again when the worker died, a background warm-up starts a new worker at the lowest
+priority and builds what is served once, so its model is loaded and every text cut and encoded when the
+first publication comes (a cold worker took 48-139 s for 10,000 points; a warm one 15 s). A hub's start
+builds the published base in a thread (``catch_up(starting=True)``: no chat is served yet, and waiting for
+a new worker would delay the start) and warms the worker afterwards.
+
 A record whose expiry date has passed is not served: each replica rebuilds by itself the day after the
 earliest expiry date among what it serves (``catch_up``), as it does for a new generation.
 
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 # a second or two of the GIL, less than a new worker takes to load its model and cut every text once (the
 # packs' 958 records: ~1.5 s in a thread, over 10 s in a new worker, against the console's 10 s promise).
 PROCESS_FROM = 3000
+WARM_RETRY_S = 600.0  # a warm-up that failed (the worker died during it) is tried again after this long
 
 
 class PublishFailed(RuntimeError):
@@ -67,6 +75,10 @@ class KnowledgePublisher:
         self.process_from = process_from if getattr(config, "backend", "embedded") == "embedded" else None
         self._pool: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()
+        self.served_records: int | None = None  # how many records the served generation has
+        self._warming: asyncio.Task | None = None
+        self._warm_failed_at: float | None = None
+        self.last_warm_up: dict | None = None  # what the last warm-up cost the worker (pid, texts, seconds)
 
     @property
     def serving_database(self) -> bool:
@@ -86,7 +98,9 @@ class KnowledgePublisher:
             pub = await self.records.record_publication(user, corpus, note)
             self._set_kb(kb)
             self.serving, self.serves_until = pub.id, next_expiry(entries, points, today)
+            self.served_records = len(entries) + len(points)
         self.last_build_s = time.perf_counter() - started
+        self.keep_warm()
         log.info("knowledge base published as generation %d: %d entries, %d points in %.1f s",
                  pub.id, len(corpus.entries), len(corpus.points), self.last_build_s)
         return {"generation": pub.id, "entries": len(corpus.entries), "points": len(corpus.points),
@@ -95,9 +109,12 @@ class KnowledgePublisher:
     def _expired(self) -> bool:
         return self.serves_until is not None and self.today() > self.serves_until
 
-    async def catch_up(self) -> bool:
+    async def catch_up(self, *, starting: bool = False) -> bool:
         """Serve the newest generation if another replica published one since, or rebuild this one when a
-        record it serves expired; True when it swapped."""
+        record it serves expired; True when it swapped. ``starting``: a hub's start, nothing served yet, so
+        the base is built in a thread at full speed rather than in a worker that must start first; the
+        worker is warmed afterwards. Each call also restarts a worker that died (``keep_warm``)."""
+        self.keep_warm()
         generation = await self.records.generation()
         if generation is None or (generation == self.serving and not self._expired()):
             return False
@@ -110,13 +127,15 @@ class KnowledgePublisher:
             entries, points = await self.records.served()
             today = self.today()
             try:
-                kb = await self._build(entries, points, today)
+                kb = await self._build(entries, points, today, here=starting)
             except Exception:
                 log.exception("building generation %d failed; still serving %s", generation, self.serving or "the data files")
                 self.serving, self.serves_until = generation, None  # not retried every few seconds
                 return False
             self._set_kb(kb)
             self.serving, self.serves_until = generation, next_expiry(entries, points, today)
+            self.served_records = len(entries) + len(points)
+        self.keep_warm()
         log.info("knowledge base now serves generation %d (%d entries, %d points)", generation,
                  len(kb.corpus.entries), len(kb.corpus.points))
         return True
@@ -131,34 +150,101 @@ class KnowledgePublisher:
 
     async def close(self) -> None:
         """End the worker process (a hub that stops)."""
+        warming, self._warming = self._warming, None
+        if warming is not None and not warming.done():
+            warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
-    # -- building ---------------------------------------------------------------------------------
+    # -- the worker ----------------------------------------------------------------------------------
     def builds_in_process(self, records: int) -> bool:
         return self.process_from is not None and records >= self.process_from
 
-    async def _build(self, entries: list[dict], points: list[dict], today: dt.date):
-        if not self.builds_in_process(len(entries) + len(points)):
+    def keep_warm(self) -> asyncio.Task | None:
+        """Start a worker in the background when the served base is built in one and none is up (this
+        replica started on it, its worker died); the warm-up, or None when nothing needs starting."""
+        if self.served_records is None or not self.builds_in_process(self.served_records):
+            return None
+        if self._warming is not None and not self._warming.done():
+            return self._warming
+        if self._pool is not None:
+            if self._lock.locked():  # a build is running on it: a death shows there
+                return None
+            from knowledge_base import build_worker
+
+            try:
+                self._pool.submit(build_worker.alive)  # refused at once when the worker has died
+                return None
+            except BrokenProcessPool:
+                log.warning("the knowledge-base build worker died; starting a new one in the background")
+                self._drop_pool()
+        if self._warm_failed_at is not None and time.monotonic() - self._warm_failed_at < WARM_RETRY_S:
+            return None
+        self._warming = asyncio.get_running_loop().create_task(self._warm_up(), name="kb-worker-warm-up")
+        return self._warming
+
+    async def warmed(self) -> dict | None:
+        """Wait for a warm-up in progress (tests, the benchmark); what it cost, or None without one."""
+        if self._warming is not None:
+            await asyncio.gather(self._warming, return_exceptions=True)
+        return self.last_warm_up
+
+    async def _warm_up(self) -> None:
+        from knowledge_base import build_worker
+
+        async with self._lock:  # a publication meanwhile waits for it: one worker, one build at a time
+            if self._pool is not None:
+                return
+            started = time.perf_counter()
+            entries, points = await self.records.served()
+            seed = self._new_pool()
+            try:
+                info = await asyncio.get_running_loop().run_in_executor(self._pool, partial(
+                    build_worker.warm_up, self.config, entries, points, today=self.today(),
+                    stale_after_years=self.records.stale_after_years, seed=seed))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("warming the knowledge-base build worker failed; the next publication starts one")
+                self._warm_failed_at = time.monotonic()
+                self._drop_pool()
+                return
+            self._warm_failed_at = None
+            self.last_warm_up = {**info, "wall_s": round(time.perf_counter() - started, 1)}
+        log.info("knowledge-base build worker ready (pid %s): %d texts cut, %d encoded, in %.1f s at nice %s",
+                 info["pid"], info["cut"], info["encoded"], self.last_warm_up["wall_s"], info["niceness"])
+
+    def _new_pool(self):
+        """Start the worker process; the running knowledge base's texts and vectors to seed it with."""
+        from knowledge_base import build_worker
+
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=build_worker.lower_priority)
+        units = getattr(getattr(self._get_kb(), "answerer", None), "units", None)
+        return None if units is None else (list(units.layout.texts), units.vectors)
+
+    def _drop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- building ---------------------------------------------------------------------------------
+    async def _build(self, entries: list[dict], points: list[dict], today: dt.date, *, here: bool = False):
+        if here or not self.builds_in_process(len(entries) + len(points)):
             return await asyncio.to_thread(self._build_here, entries, points, today)
         from knowledge_base import build_worker
 
         old = self._get_kb()
-        seed = None
-        if self._pool is None:  # a new worker knows no vectors yet: it starts from the running ones
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=build_worker.lower_priority)
-            units = getattr(getattr(old, "answerer", None), "units", None)
-            if units is not None:
-                seed = (list(units.layout.texts), units.vectors)
+        seed = self._new_pool() if self._pool is None else None  # a new worker starts from the running vectors
         loop = asyncio.get_running_loop()
         try:
             kb = await loop.run_in_executor(self._pool, partial(
                 build_worker.build, self.config, entries, points, today=today,
                 stale_after_years=self.records.stale_after_years, seed=seed))
         except BrokenProcessPool:  # the worker died (killed, out of memory): the next build starts a new one
-            self._pool = None
+            self._drop_pool()
             raise
         embedder = getattr(old, "embedder", None)
         if embedder is None:  # no running knowledge base to take the model from (not the hub's case)
