@@ -116,7 +116,7 @@ class HubServices:
         self.knowledge = KnowledgeStore(self.store)
         self.publisher = KnowledgePublisher(self.knowledge, s.knowledge_base_config(),
                                             lambda: self.knowledge_base, self._use_knowledge_base)
-        await self.publisher.catch_up()  # the staff's published records, if they published any
+        await self.publisher.catch_up(starting=True)  # the staff's published records, if any (worker warmed after)
         # 5. the phone hotline
         self.phone = PhoneService(s, self.store, self.conversations, metrics=self.metrics.voice)
         if s.sip_enabled:
