@@ -15,18 +15,25 @@ encoded for real). The base is built once (the first generation), then ``--round
 changed figure each are timed.
 
 The build runs in the publisher's worker process, as in the hub (``--build thread``: in a thread of the
-process that answers, as before; for comparison). A first publication, reported apart, starts the worker
-(its model, its memo of every text), as a hub starting on this database does; the rounds are timed after.
+process that answers, as before; for comparison). As in a hub starting on this database, the published base
+is first built in a thread (``catch_up(starting=True)``, timed), then the worker is warmed in the background
+at the lowest priority while chat answers (both timed); the rounds are timed after, the first one included.
+``--profile``: where the time of a chat answer goes on this base (cProfile of answers alone), and what a
+publication costs the serving process (unpickling what the worker sends back, rebuilding its tantivy index).
 
-    flock /tmp/xiaozhi-heavy.lock .venv/bin/python bench/kb_publish.py [--points 10000] [--rounds 3] [--build thread]
+    flock /tmp/xiaozhi-heavy.lock .venv/bin/python bench/kb_publish.py [--points 10000] [--rounds 3] [--build thread] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import dataclasses
+import io
 import os
+import pickle
+import pstats
 import statistics
 import tempfile
 import threading
@@ -88,7 +95,59 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-async def run(points_total: int, rounds: int, build: str = "process") -> None:
+def report(name: str, values: list[float]) -> str:
+    return f"{name}: {len(values)} answers, p50 {pct(values, .5) * 1000:.0f} ms, p95 {pct(values, .95) * 1000:.0f} ms"
+
+
+async def chat_while(get_kb, work) -> tuple[object, list[float]]:
+    """Run ``work`` (awaited) while a chat thread answers back to back; its result and the chat's latencies."""
+    latencies: list[float] = []
+    stop = threading.Event()
+    chat = threading.Thread(target=chat_load, args=(get_kb, stop, latencies))
+    chat.start()
+    try:
+        return await work, latencies
+    finally:
+        stop.set()
+        chat.join()
+
+
+def profile_answers(kb, n: int = 24) -> None:
+    """Where an answer's time goes on this base: the answer stage's own functions, by cumulative time."""
+    from knowledge_base.answers import Context
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(n):
+        kb.answerer.answer(QUESTIONS[i % len(QUESTIONS)] + f"（{i}）", Context())
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(28)
+    print(f"\nprofile of {n} answers alone (cumulative seconds):")
+    print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
+
+
+def serving_share(config, entries, points, stale_after_years: int, served) -> None:
+    """What a publication costs the serving process: unpickling the worker's knowledge base (which rebuilds its
+    tantivy index) holds this process's GIL; the build itself does not."""
+    import datetime as dt
+
+    from knowledge_base import build_worker
+
+    units = served.answerer.units  # the served vectors: nothing is encoded again
+    kb = build_worker.build(config, entries, points, today=dt.date.today(), stale_after_years=stale_after_years,
+                            seed=(list(units.layout.texts), units.vectors))
+    blob = pickle.dumps(kb, protocol=pickle.HIGHEST_PROTOCOL)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        pickle.loads(blob)
+        times.append(time.perf_counter() - started)
+    print(f"\nthe serving process's share of a publication: {len(blob) / 1e6:.0f} MB pickled, unpickled (tantivy "
+          f"index rebuilt) in {statistics.median(times):.2f} s median of 3, holding the GIL")
+
+
+async def run(points_total: int, rounds: int, build: str = "process", profile: bool = False) -> None:
     settings = get_settings()
     scratch = Path(tempfile.mkdtemp(prefix="kb-publish-"))
     config = dataclasses.replace(settings.knowledge_base_config(), index_dir=scratch / "kb-index")
@@ -114,21 +173,30 @@ async def run(points_total: int, rounds: int, build: str = "process") -> None:
     stand_in = {t: known[origin.get(t, t)] for t in layout(corpus).texts if origin.get(t, t) in known}
     holder = {"kb": await asyncio.to_thread(open_knowledge_base, config, embedder=embedder, corpus=corpus,
                                             reuse=stand_in)}
-    print(f"baseline generation built in {time.perf_counter() - started:.1f} s "
+    print(f"baseline generation built in {time.perf_counter() - started:.1f} s (a new text processor: as a hub's start "
+          f"on this base cuts every text) "
           f"({len(layout(corpus).texts)} vector rows, {len(layout(corpus).texts) - len(stand_in)} encoded)")
     publisher = KnowledgePublisher(records, config, lambda: holder["kb"], lambda kb: holder.__setitem__("kb", kb),
                                    process_from=0 if build == "process" else None)
     print(f"building in a {'worker process' if build == 'process' else 'thread'}")
+    get_kb = lambda: holder["kb"]  # noqa: E731
+    await records.record_publication(ADMIN, corpus, "baseline")
     started = time.perf_counter()
-    await publisher.publish(ADMIN, "baseline")  # as a hub starting on this database: its worker builds it once
-    print(f"first publication (untimed below: a new worker loads its model and cuts every text once, as at a "
-          f"hub's start on this database) in {time.perf_counter() - started:.1f} s")
+    await publisher.catch_up(starting=True)  # a hub's start on this database: built in a thread, nothing served yet
+    print(f"the start's path (catch_up(starting=True), in a thread; texts already cut by the baseline) took "
+          f"{time.perf_counter() - started:.1f} s")
+    if publisher._warming is not None:  # the worker warms in the background, at the lowest priority
+        info, warming = await chat_while(get_kb, publisher.warmed())
+        print(f"worker warmed in the background in {info['wall_s']:.1f} s (nice {info['niceness']}, "
+              f"{info['texts']} texts, {info['cut']} cut, {info['encoded']} encoded); {report('chat meanwhile', warming)}")
 
     idle: list[float] = []
     stop = threading.Event()
     threading.Timer(10, stop.set).start()
-    await asyncio.to_thread(chat_load, lambda: holder["kb"], stop, idle)
-    print(f"chat alone: {len(idle)} answers, p50 {pct(idle, .5) * 1000:.0f} ms, p95 {pct(idle, .95) * 1000:.0f} ms")
+    await asyncio.to_thread(chat_load, get_kb, stop, idle)
+    print(report("chat alone", idle))
+    if profile:
+        profile_answers(holder["kb"])
 
     timings, during = [], []
     target = "cr-settlement-failed.hotline"
@@ -140,23 +208,22 @@ async def run(points_total: int, rounds: int, build: str = "process") -> None:
         served_figure = figure
         await records.save(ADMIN, "point", doc, reason=f"bench round {r}")
         await records.transition(ADMIN, "point", target, "published")
-        latencies: list[float] = []
-        stop = threading.Event()
-        chat = threading.Thread(target=chat_load, args=(lambda: holder["kb"], stop, latencies))
-        chat.start()
         started = time.perf_counter()
-        result = await publisher.publish(ADMIN, f"bench round {r}")
+        result, latencies = await chat_while(get_kb, publisher.publish(ADMIN, f"bench round {r}"))
         seconds = time.perf_counter() - started
-        stop.set()
-        chat.join()
+        built = getattr(holder["kb"], "build_info", {})
         served = holder["kb"].answerer.answer("异地就医结算出了问题，打什么电话求助？")
         timings.append(seconds)
         during += latencies
         print(f"round {r + 1}: published generation {result['generation']} in {seconds:.1f} s; "
               f"chat meanwhile: {len(latencies)} answers, p50 {pct(latencies, .5) * 1000:.0f} ms, "
               f"p95 {pct(latencies, .95) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms; "
-              f"new figure served: {figure in served.text}")
+              f"new figure served: {figure in served.text}; the worker cut {built.get('cut', '-')} texts, "
+              f"encoded {built.get('encoded', '-')}")
     await publisher.close()
+    if profile:
+        served_entries, served_points = await records.served()
+        serving_share(config, served_entries, served_points, records.stale_after_years, holder["kb"])
     await store.close()
     print(f"\npublish (re-index + swap) of one change to {len(all_points)} points: median "
           f"{statistics.median(timings):.1f} s over {rounds} rounds (target < 60 s)")
@@ -170,8 +237,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--build", choices=["process", "thread"], default="process",
                         help="where the publisher builds: its worker process (the hub's way) or a thread")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile answers alone, and time the serving process's share of a publication")
     args = parser.parse_args()
-    asyncio.run(run(args.points, args.rounds, args.build))
+    asyncio.run(run(args.points, args.rounds, args.build, args.profile))
 
 
 if __name__ == "__main__":
