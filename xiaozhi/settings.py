@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     kb_reload_interval_s: float = Field(
         5.0, description="How often the hub checks for a re-indexed knowledge base (0: never)."
     )
+    kb_expiry_warn_days: int = Field(
+        60, ge=1, le=3650,
+        description="The knowledge console reminds of records that expired or expire within this many days.",
+    )
     default_region: str = Field(
         "", description="GB/T 2260 code of the deployment's region (e.g. 330100 杭州); empty: national only."
     )
