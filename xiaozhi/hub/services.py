@@ -113,7 +113,7 @@ class HubServices:
         if self.knowledge_base is None:
             self.knowledge_base = await asyncio.to_thread(load_knowledge_base, s)
             log.info("knowledge base ready: %d entries", len(self.knowledge_base.entries))
-        self.knowledge = KnowledgeStore(self.store)
+        self.knowledge = KnowledgeStore(self.store, expiry_warn_days=s.kb_expiry_warn_days)
         self.publisher = KnowledgePublisher(self.knowledge, s.knowledge_base_config(),
                                             lambda: self.knowledge_base, self._use_knowledge_base)
         await self.publisher.catch_up(starting=True)  # the staff's published records, if any (worker warmed after)
