@@ -165,3 +165,22 @@ def test_the_spreadsheet_carries_the_expiry_date_and_refuses_a_bad_one(hub):
     assert _record(hub, supervisor, "point", POINT)["doc"]["expiry_date"] == "2030-12-31"
     again = _table(hub.get("/api/staff/kb/export.csv", params={"entry": "cr-settlement-failed"}, headers=supervisor).content)
     assert next(r for r in again[1:] if r[0] == POINT)[col] == "2030-12-31"
+
+
+def test_how_far_ahead_the_reminders_warn_is_a_setting(hub_settings, knowledge_base, tmp_path):
+    """XIAOZHI_KB_EXPIRY_WARN_DAYS: a record expiring in 200 days is a reminder at 365 days, not at the 60 default."""
+    from fastapi.testclient import TestClient
+
+    from xiaozhi.hub.app import create_app
+
+    wider = hub_settings.model_copy(update={"database_url": f"sqlite+aiosqlite:///{tmp_path / 'warn.db'}",
+                                            "kb_expiry_warn_days": 365})
+    with TestClient(create_app(wider, knowledge_base=knowledge_base)) as hub:
+        admin = staff_login(hub)
+        point = _record(hub, admin, "point", POINT)["doc"]
+        assert _save(hub, admin, point | {"expiry_date": (TODAY + dt.timedelta(days=200)).isoformat()}).status_code == 200
+        reminders = hub.get("/api/staff/kb/reminders", headers=admin).json()
+        assert reminders["expiring_within_days"] == 365
+        assert reminders["expiring"]["records"] == [{"kind": "point", "id": POINT}]
+        narrower = hub.get("/api/staff/kb/reminders", params={"expiring": 60}, headers=admin).json()
+        assert narrower["expiring"]["count"] == 0  # the request's own number still wins
