@@ -1,6 +1,7 @@
 """The knowledge-base build worker is started before the first publication needs it (issue 18): a replica
 that serves a base built in the worker warms a new worker in the background, at the lowest priority, after
-a start built the base in a thread; one that died is replaced the same way; a small base starts none."""
+a start built the base in a thread; one that died is replaced the same way, and a publication that finds it
+dead builds in a new one rather than failing; a small base starts none."""
 
 from __future__ import annotations
 
@@ -86,6 +87,14 @@ def test_the_worker_is_warm_before_the_first_publication_and_replaced_when_it_di
             built = holder["kb"].build_info
             assert built["pid"] == second["pid"] and built["cut"] <= 3 and built["encoded"] <= 2, built
             assert "12346" in holder["kb"].answerer.answer(QUESTION).text
+
+            # It dies again and a publication comes before any check: built in a new worker, not refused.
+            os.kill(second["pid"], signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            await _publish_figure(records, publisher, "12346", "12347")
+            built = holder["kb"].build_info
+            assert built["pid"] not in (first["pid"], second["pid"]), built
+            assert "12347" in holder["kb"].answerer.answer(QUESTION).text
         finally:
             await publisher.close()
             await store.close()

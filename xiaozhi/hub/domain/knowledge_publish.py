@@ -237,15 +237,19 @@ class KnowledgePublisher:
         from knowledge_base import build_worker
 
         old = self._get_kb()
-        seed = self._new_pool() if self._pool is None else None  # a new worker starts from the running vectors
         loop = asyncio.get_running_loop()
-        try:
-            kb = await loop.run_in_executor(self._pool, partial(
-                build_worker.build, self.config, entries, points, today=today,
-                stale_after_years=self.records.stale_after_years, seed=seed))
-        except BrokenProcessPool:  # the worker died (killed, out of memory): the next build starts a new one
-            self._drop_pool()
-            raise
+        for attempt in (1, 2):
+            seed = self._new_pool() if self._pool is None else None  # a new worker starts from the running vectors
+            try:
+                kb = await loop.run_in_executor(self._pool, partial(
+                    build_worker.build, self.config, entries, points, today=today,
+                    stale_after_years=self.records.stale_after_years, seed=seed))
+                break
+            except BrokenProcessPool:  # the worker died (killed, out of memory): once more in a new one
+                self._drop_pool()
+                if attempt == 2:
+                    raise
+                log.warning("the knowledge-base build worker had died; building in a new one")
         embedder = getattr(old, "embedder", None)
         if embedder is None:  # no running knowledge base to take the model from (not the hub's case)
             from knowledge_base.embedder import Embedder
