@@ -75,6 +75,11 @@ _SHORT_ANSWER = re.compile(
     r"(?:的|啊|呀|吧|了|哦|嗯|呢)*|[0-9一二三四五六七八九十零两幺]+(?:号|个|位)?)$")
 
 
+def _joined(first: str, rest: str) -> str:
+    """Two parts of what a caller said, as one text."""
+    return first + ("" if first[-1:] in "。？！?!，,；;" else "，") + rest
+
+
 def is_complete_turn(text: str, *, expecting_answer: bool = False) -> bool:
     """Whether an early transcript already says all the caller meant: a question that ends like one
     (…吗/…呢/怎么办/多少/哪里…, 转人工 also as Whisper mishears it: 医保再研工), or, when the bot has
@@ -133,6 +138,10 @@ class VoiceConfig:
     # early_asr_ms); a guess back sooner waits for that. Otherwise the turn waits for end_silence_ms.
     early_answer: bool = True
     early_answer_ms: int = 250
+    # A caller who starts talking again within this long of a turn ended early (a story whose clause
+    # happened to end like a question, "…要输密码吗？ 我试了好几次…") was not done: the two are answered
+    # as one turn, and the reply to the first half is cut off (both halves stay in the transcript).
+    continuation_s: float = 1.0
     # voiced speech during playback that stops it (echo of the bot's voice excluded). Silero needs one or
     # two 32 ms windows to rise: 140 ms of voicing is decided 200 ms (p50; p95 275) after the caller starts,
     # 20 ms sooner than 160 ms, and echo alone (0 to -20 dB, 20-250 ms late) never gets there
@@ -232,6 +241,9 @@ class CallSession:
         self.early: tuple[Any, asyncio.Future] | None = None  # (pause event, its recognition) from a pause
         self.early_used = self.early_wasted = 0
         self.early_answers = 0  # turns ended at the pause because their words were a complete question
+        self.early_end: tuple[float, str] | None = None  # (when, what was heard) of the last turn ended early
+        self.continues: str | None = None  # the turn going on carries on that one (``continuation_s``)
+        self.continuations = 0
         self.expects_answer = False  # the bot's last reply asked the caller something
         self.confirming = False  # ... and it was "您是想问…，对吗？" (keys 1/2 answer it)
 
@@ -321,6 +333,9 @@ class VoiceBot(CallHandler):
             self._cancel_timer(session)
             session.turn_during_playback = call.is_playing
             session.barged = False
+            ended, session.early_end, session.continues = session.early_end, None, None
+            if ended is not None and asyncio.get_running_loop().time() - ended[0] <= self.config.continuation_s:
+                session.continues = ended[1]
             self._start_segments(session)
         elif session.segmenter is not None and session.turns.in_turn and self._recognising(session):
             cut = session.segmenter.feed(session.turns.frames, speech)
@@ -354,6 +369,7 @@ class VoiceBot(CallHandler):
         # before the worker takes this one), and so do the decodes of its pieces
         early, session.early = session.early, None
         transcriber, session.transcriber, session.segmenter = session.transcriber, None, None
+        continues, session.continues = session.continues, None
         if session.turn_during_playback and not session.barged:
             session.backchannels += 1  # too short to interrupt (嗯、好): the reply just goes on
             if transcriber is not None:
@@ -365,7 +381,7 @@ class VoiceBot(CallHandler):
                 transcriber.cancel()
             self._after_ignored_turn(session)
             return
-        session.queue.put_nowait(("speech", (event, speech_end, early, transcriber)))
+        session.queue.put_nowait(("speech", (event, speech_end, early, transcriber, continues)))
 
     def _recognise_early(self, session: CallSession, event: Any) -> None:
         """Start recognising the turn so far at a pause, when it would be a real turn and nothing else
@@ -415,7 +431,10 @@ class VoiceBot(CallHandler):
             return
         if pause.same_speech(event):
             session.early_answers += 1
-        self._turn_ended(session, event, asyncio.get_running_loop().time() - silent_s)
+        now = asyncio.get_running_loop().time()
+        said = task.result().text.strip()
+        session.early_end = (now, _joined(session.continues, said) if session.continues else said)
+        self._turn_ended(session, event, now - silent_s)
 
     async def _transcribe(self, audio: bytes, previous: str | None = None):
         """The recogniser's transcript (of a piece of a turn, decoded after ``previous``, when that is
@@ -587,7 +606,7 @@ class VoiceBot(CallHandler):
 
     async def _speech_turn(self, session: CallSession, event: Any, speech_end: float,
                            early: tuple[Any, asyncio.Future] | None = None,
-                           transcriber: TurnTranscriber | None = None) -> None:
+                           transcriber: TurnTranscriber | None = None, continues: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         timing = TurnTiming(speech_end=speech_end, end_of_turn_s=loop.time() - speech_end)
         started = loop.time()
@@ -638,6 +657,12 @@ class VoiceBot(CallHandler):
                 await self._say_prompt(session, "not_heard")
             return
         session.failures = 0
+        if continues:  # the caller went on after a turn that ended early: one question, answered once
+            session.continuations += 1
+            self._stop_speaking(session)  # the answer to its first half, if it is still playing
+            text = _joined(continues, text)
+            log.info("call %s: the caller went on after an early end of turn; answering both parts as one",
+                     session.call.call_id[:8])
         await self._text_turn(session, correct_agent_request(text), source="speech", timing=timing,
                               confidence=transcript.confidence)
 

@@ -131,3 +131,34 @@ async def test_a_question_is_answered_before_the_hangover_a_statement_waits_and_
         peer.in_dialog("BYE", call)
         await peer.expect(200)
         assert await wait_until(lambda: not bot.sessions)
+
+
+@needs_whisper
+async def test_a_caller_who_goes_on_after_an_early_end_is_answered_once_for_both_parts(
+        hub_settings, knowledge_base) -> None:
+    # A story whose clause happens to end like a question ("…可以报销吗？") and goes on after the caller's
+    # breath: the turn ended early, but the caller was not done. What they say next, within
+    # continuation_s, is answered together with it, once; the transcript keeps both parts.
+    async with phone_hub(hub_settings, knowledge_base, phone_end_of_turn_ms=1500) as app, \
+            placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        bot = app.state.phone.bot
+        session = next(iter(bot.sessions.values()))
+        await rtp.say(trimmed("05_menzhen_baoxiao"))
+        for _ in range(150):  # silence until the words end the turn (well before the 1.5 s hangover)
+            if session.early_answers:
+                break
+            await rtp.pause(0.02)
+        assert session.early_answers == 1, "the question ended its turn at the guess"
+        await _ask(rtp, trimmed("06_yibaoka_guashi"))
+        assert session.continuations == 1
+        both = session.timings[-1].text
+        assert "报销" in both and "丢" in both, both
+        [conv] = await conversations(app)
+        said = [m.text for m in await app.state.store.transcript(conv.id) if m.role == "resident"]
+        assert len(said) == 2 and "丢" not in said[0] and "报销" in said[1] and "丢" in said[1], said
+        # the next question, asked after the bot has answered, is a question of its own
+        await _ask(rtp, trimmed("02_yidi_beian"))
+        assert session.continuations == 1 and "报销" not in session.timings[-1].text
+        peer.in_dialog("BYE", call)
+        await peer.expect(200)
