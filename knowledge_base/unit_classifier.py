@@ -77,6 +77,9 @@ class UnitClassifier:
     def __post_init__(self) -> None:
         self._row = {u: i for i, u in enumerate(self.unit_ids)}
         self._analyzer = _vectorizer(self.vocabulary).build_analyzer()
+        # unit id -> (its ways of asking, their centroid): a unit published after the fit is asked about
+        # in every answer it is a candidate of; its centroid changes only when its ways of asking do
+        self._centroid_of: dict[str, tuple[tuple[str, ...], sparse.csr_matrix]] = {}
 
     def transform(self, texts: list[str]) -> sparse.csr_matrix:
         """TF-IDF rows exactly as scikit-learn's fitted vectorizer makes them (sublinear tf, l2 norm)."""
@@ -112,9 +115,19 @@ class UnitClassifier:
         new = [u for u in ids if u not in self._row and texts and texts.get(u)]
         if new:
             a, b = self.fallback
-            cosines = (_centroids(self.transform, [texts[u] for u in new]) @ x.T).toarray().ravel()
+            centroids = sparse.vstack([self._centroid(u, texts[u]) for u in new]).tocsr()
+            cosines = (centroids @ x.T).toarray().ravel()
             out.update(zip(new, (float(a * c + b) for c in cosines)))
         return out
+
+    def _centroid(self, unit_id: str, texts: Sequence[str]) -> sparse.csr_matrix:
+        key = tuple(texts)
+        known = self._centroid_of.get(unit_id)
+        if known is not None and known[0] == key:
+            return known[1]
+        row = _centroids(self.transform, [key])
+        self._centroid_of[unit_id] = (key, row)
+        return row
 
     # -- storage ----------------------------------------------------------------------------------
     def save(self, path: Path = CLASSIFIER_PATH) -> None:
