@@ -211,7 +211,7 @@ async def publish(body: PublishIn, user: AdminUser, hub: Services, records: Reco
 async def reminders(user: AgentUser, records: Records,
                     older_than: float = Query(5, ge=0, le=100, description="Source older than this many years."),
                     expiring: int | None = Query(None, ge=0, le=3650, description=(
-                        "Expired or expiring within this many days (default 60)."))) -> dict:
+                        "Expired or expiring within this many days (default XIAOZHI_KB_EXPIRY_WARN_DAYS)."))) -> dict:
     """What needs a look on the console: old sources, expired or expiring records, records waiting for
     review, unverified answers served."""
     return await records.reminders(older_than_years=older_than, expiring_within_days=expiring)
