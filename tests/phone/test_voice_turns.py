@@ -7,6 +7,7 @@ it, and speech 180 ms into a pause drops the guess made there (it starts at 100 
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,16 @@ def test_the_detector_can_end_a_turn_at_its_pause_with_the_pause_audio() -> None
     assert detector.finish() is None
 
 
+@asynccontextmanager
+async def call_with_a_long_hangover(hub_settings, knowledge_base):
+    """A call to a hotline whose hangover is 1.5 s, after its greeting: (app, peer, call, rtp, bot, session)."""
+    async with phone_hub(hub_settings, knowledge_base, phone_end_of_turn_ms=1500) as app, \
+            placed_call(app) as (peer, call, rtp):
+        await until_quiet(rtp)
+        bot = app.state.phone.bot
+        yield app, peer, call, rtp, bot, next(iter(bot.sessions.values()))
+
+
 async def _ask(rtp, audio) -> float:
     sent = await rtp.say(audio)
     assert await until_heard(rtp, sent)
@@ -95,11 +106,7 @@ async def test_a_question_is_answered_before_the_hangover_a_statement_waits_and_
         hub_settings, knowledge_base) -> None:
     # A 1.5 s hangover: how soon the guess is back depends on the machine (bench/voice_latency.py measures
     # it against the 600 ms default); that the words, not the silence, end the turn does not.
-    async with phone_hub(hub_settings, knowledge_base, phone_end_of_turn_ms=1500) as app, \
-            placed_call(app) as (peer, call, rtp):
-        await until_quiet(rtp)
-        bot = app.state.phone.bot
-        session = next(iter(bot.sessions.values()))
+    async with call_with_a_long_hangover(hub_settings, knowledge_base) as (app, peer, call, rtp, bot, session):
         hangover = bot.config.end_silence_ms / 1000
         assert hangover == 1.5 and bot.config.early_asr_ms == 100
         # a statement (the first half of a question) when the bot has asked nothing: its guess is not a
@@ -139,11 +146,7 @@ async def test_a_caller_who_goes_on_after_an_early_end_is_answered_once_for_both
     # A story whose clause happens to end like a question ("…可以报销吗？") and goes on after the caller's
     # breath: the turn ended early, but the caller was not done. What they say next, within
     # continuation_s, is answered together with it, once; the transcript keeps both parts.
-    async with phone_hub(hub_settings, knowledge_base, phone_end_of_turn_ms=1500) as app, \
-            placed_call(app) as (peer, call, rtp):
-        await until_quiet(rtp)
-        bot = app.state.phone.bot
-        session = next(iter(bot.sessions.values()))
+    async with call_with_a_long_hangover(hub_settings, knowledge_base) as (app, peer, call, rtp, bot, session):
         await rtp.say(trimmed("05_menzhen_baoxiao"))
         for _ in range(150):  # silence until the words end the turn (well before the 1.5 s hangover)
             if session.early_answers:
