@@ -11,7 +11,8 @@ labelled or how the answer stage ranks them. The protocol is in docs/retrieval-q
     #    (the current labels and the answer stage's top distinct points) in a shuffled order
     .venv/bin/python scripts/audit_sheets.py sheets
     # 2. a judge writes bench/answer_set_audit/judgements.txt, one line per item:
-    #    <key> y=<letters> n=<letter><reason>,...   # optional note
+    #    <key> y=<letters> n=<letter><reason>,... d=<reason>   # optional note
+    #    (a candidate not named yes is a no: for the reason n= gives it, else d=, else q)
     #    reasons: b broader area, q neighbouring question, c another sub-case, r another region's
     #    rule, f the key facts missing, o off the question
     # 3. apply: new expect = the yes ids, previously labelled yes ids first in their old order
@@ -122,7 +123,7 @@ def sheets(args) -> int:
     batches: dict[int, list[str]] = {}
     for n, item in enumerate(order):
         k = key_of(item["q"])
-        ids = list(item["expect"])  # the current labels (a gap item's entry), mixed in unmarked
+        ids = list(dict.fromkeys(item["expect"]))  # the current labels (a gap item's entry), mixed in unmarked
         ids += [c for c in _candidate_ids(kb, item) if c not in ids]
         random.Random(int(hashlib.sha1(item["q"].encode()).hexdigest(), 16)).shuffle(ids)
         letters = dict(zip(string.ascii_uppercase, ids))
@@ -152,7 +153,8 @@ def sheets(args) -> int:
     return 0
 
 
-_LINE = re.compile(r"^(?P<key>[0-9a-f]{8})\s+y=(?P<yes>[A-Z]*)\s*(?:n=(?P<no>[A-Z][a-z](?:,[A-Z][a-z])*))?\s*(?:#\s*(?P<note>.*))?$")
+_LINE = re.compile(r"^(?P<key>[0-9a-f]{8})\s+y=(?P<yes>[A-Z]*)\s*(?:n=(?P<no>[A-Z][a-z](?:,[A-Z][a-z])*))?"
+                   r"\s*(?:d=(?P<default>[a-z]))?\s*(?:#\s*(?P<note>.*))?$")
 
 
 def read_judgements(path: Path = JUDGEMENTS) -> dict[str, dict]:
@@ -164,15 +166,16 @@ def read_judgements(path: Path = JUDGEMENTS) -> dict[str, dict]:
         if not m:
             raise SystemExit(f"{path}:{number}: cannot read {line!r}")
         no = dict((t[0], t[1]) for t in (m["no"] or "").split(",") if t)
-        out[m["key"]] = {"yes": list(m["yes"]), "no": no, "note": (m["note"] or "").strip()}
+        out[m["key"]] = {"yes": list(m["yes"]), "no": no, "default": m["default"] or "q", "note": (m["note"] or "").strip()}
     return out
 
 
 def decide(before: dict, judged: dict, letters: dict[str, str], points: list[str]) -> dict:
     """The new labels of one item from its judgement (see the module's text)."""
-    unjudged = set(letters) - set(judged["yes"]) - set(judged["no"])
-    if unjudged or set(judged["yes"]) & set(judged["no"]) or set(judged["yes"]) - set(letters):
+    if set(judged["yes"]) & set(judged["no"]) or (set(judged["yes"]) | set(judged["no"])) - set(letters):
         raise SystemExit(f"every candidate needs exactly one verdict: {sorted(letters)} vs {judged}")
+    # a candidate not named yes or no is a no for the line's default reason
+    judged = {**judged, "no": {x: judged["no"].get(x, judged["default"]) for x in letters if x not in judged["yes"]}}
     old, gap = list(before["expect"]), before["gap"]
     yes = [letters[x] for x in judged["yes"]]
     no_reason = {letters[x]: REASONS[r] for x, r in judged["no"].items()}
