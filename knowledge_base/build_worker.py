@@ -23,9 +23,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import pickle
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 _state: dict = {}  # in the worker process: "embedder", "text", "reuse" (text -> vector of the last build)
 NICENESS = 10  # the worker yields the cores to the serving process's chat when both want them
 WARM_NICENESS = 19  # the lowest priority: a warm-up is for later, nobody waits for it
+STATE_FILE = "knowledge_base.pickle"  # beside the backend's vectors and lexical index (``save``)
 
 
 def lower_priority() -> None:
@@ -46,10 +49,20 @@ def lower_priority() -> None:
         log.warning("could not lower the knowledge-base build worker's priority")
 
 
-def build(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], *, today: dt.date,
-          stale_after_years: int = 5, seed: tuple[Sequence[str], np.ndarray] | None = None):
-    """The knowledge base of these published records (run in the worker process). ``seed``: the texts and
-    vectors the serving process knows, for a worker that has none of its own yet."""
+class BuildResultError(RuntimeError):
+    """What a worker wrote cannot be served (a file missing, cut short or unreadable): the old base stays."""
+
+
+def build(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], *, today: dt.date, out: Path,
+          stale_after_years: int = 5, seed: tuple[Sequence[str], np.ndarray] | None = None) -> dict:
+    """Build the knowledge base of these published records and write it into ``out`` (run in the worker
+    process); answers its small description for ``load``. ``seed``: the texts and vectors the serving process
+    knows, for a worker that has none of its own yet."""
+    return save(_build(config, entries, points, today=today, stale_after_years=stale_after_years, seed=seed), out)
+
+
+def _build(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], *, today: dt.date,
+           stale_after_years: int = 5, seed: tuple[Sequence[str], np.ndarray] | None = None):
     from knowledge_base.embedder import Embedder
     from knowledge_base.factory import open_knowledge_base
     from knowledge_base.records import corpus_from_records
@@ -71,7 +84,68 @@ def build(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], 
     # what this build cost the worker: texts it had to cut (not in its memo) and to encode (no vector known)
     kb.build_info = {"pid": os.getpid(), "texts": len(units.layout.texts),
                      "cut": memo.cache_info().misses - misses, "encoded": sum(t not in reuse for t in units.layout.texts)}
-    return detach(kb)
+    return kb
+
+
+def save(kb, out: Path) -> dict:
+    """Write a knowledge base built here into the new directory ``out``: the embedded backend's vectors (one
+    ``.npy``, also the answer stage's: the same rows) and its tantivy index, and the rest pickled without the
+    model, the text processor and the classifier. Answers what ``load`` needs: the path and each file's size."""
+    kb.backend.save(out)
+    units = kb.answerer.units
+    if units.vectors.shape != kb.backend._vectors.shape:
+        raise ValueError(f"the answer stage has {units.vectors.shape} vectors, the backend {kb.backend._vectors.shape}")
+    detach(kb)
+    units.vectors = None  # the backend's, mapped from the same file on arrival
+    with open(out / STATE_FILE, "wb") as f:
+        pickle.dump(kb, f, protocol=pickle.HIGHEST_PROTOCOL)
+    files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    return {"path": str(out), "files": files, "build_info": kb.build_info}
+
+
+def load(built: dict, *, embedder, text, classifier):
+    """The knowledge base a worker wrote (``built``: what ``build`` answered), with the serving process's model,
+    text processor and classifier; run in a thread of the serving process. The vectors are mapped and the
+    tantivy index opened, nothing rebuilt; the rest is unpickled from a reader that lets chat's threads take
+    the GIL between its frames. BuildResultError (logged) when a file is missing, cut short or unreadable."""
+    out = Path(built["path"])
+    try:
+        for name, size in built["files"].items():
+            try:
+                found = (out / name).stat().st_size
+            except FileNotFoundError:
+                raise BuildResultError(f"{out / name} is missing") from None
+            if found != size:
+                raise BuildResultError(f"{out / name} has {found} bytes, the worker wrote {size}")
+        with open(out / STATE_FILE, "rb") as f:
+            kb = pickle.load(_Yielding(f))  # EmbeddedBackend.__setstate__ maps the vectors, opens the index
+        kb.answerer.units.vectors = kb.backend._vectors
+    except BuildResultError as exc:
+        log.error("the knowledge base built by the worker in %s cannot be served: %s", out, exc)
+        raise
+    except Exception as exc:  # a corrupt file: unpickling, numpy or tantivy refused it
+        log.error("the knowledge base built by the worker in %s cannot be served: %s: %s", out,
+                  type(exc).__name__, exc)
+        raise BuildResultError(f"{out}: {type(exc).__name__}: {exc}") from exc
+    return attach(kb, embedder=embedder, text=text, classifier=classifier)
+
+
+class _Yielding:
+    """A file for ``pickle.load`` whose reads are Python calls: the unpickler asks for one frame (64 KB) at a
+    time, and each call is a point where the interpreter hands the GIL to a thread that waits for it (chat),
+    instead of unpickling a whole knowledge base (a second or more) in one C call that holds it throughout."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, buffer) -> int:
+        return self._f.readinto(buffer)
+
+    def readline(self) -> bytes:
+        return self._f.readline()
 
 
 def warm_up(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict], *, today: dt.date,
@@ -87,7 +161,7 @@ def warm_up(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict]
             log.warning("could not lower the knowledge-base warm-up's priority")
         started = time.perf_counter()
         try:
-            kb = build(config, entries, points, today=today, stale_after_years=stale_after_years, seed=seed)
+            kb = _build(config, entries, points, today=today, stale_after_years=stale_after_years, seed=seed)
             done.update(kb.build_info, seconds=round(time.perf_counter() - started, 1),
                         niceness=os.getpriority(os.PRIO_PROCESS, 0))
         except BaseException as exc:  # re-raised in the worker's own thread, so the hub sees it

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # Field weights of the lexical ranker: what a resident asks matches question variants best.
 _LEXICAL_FIELDS = (("words", 1.0), ("chars", 0.5), ("answer", 0.3))
+# What ``EmbeddedBackend.save`` writes into its directory.
+VECTORS_FILE = "vectors.npy"
+LEXICAL_DIR = "lexical"
 
 
 def entry_texts(entry: Entry) -> list[str]:
@@ -69,6 +72,7 @@ class EmbeddedBackend:
         self._passage_rows = None if question_rows is None else np.flatnonzero(~question_rows)
         self._asked_too = asked_too or {}
         self._entries = entries
+        self._saved: Path | None = None  # the directory ``save`` wrote the vectors and lexical index to
         self._index, self._schema = self._build_lexical(self._documents())
 
     # -- building ---------------------------------------------------------------------------------
@@ -77,25 +81,59 @@ class EmbeddedBackend:
 
     def __getstate__(self) -> dict:
         """Pickled for another process (a knowledge base built off the serving process, knowledge_base/
-        build_worker.py): the lexical documents instead of the in-RAM index, without the model and the
-        text processor, which the receiving process attaches (``text``, ``embedder``)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_index", "_schema", "text", "embedder")}
-        state["_lexical"] = self._documents()
+        build_worker.py), without the model and the text processor, which the receiving process attaches
+        (``text``, ``embedder``). A backend ``save``d to a directory pickles only where it is: the receiving
+        process maps its vectors and opens its lexical index there. Otherwise the lexical documents go
+        instead of the in-RAM index, which is rebuilt on arrival."""
+        drop = ("_index", "_schema", "text", "embedder")
+        if self._saved is not None:
+            drop += ("_vectors",)
+        state = {k: v for k, v in self.__dict__.items() if k not in drop}
+        if self._saved is None:
+            state["_lexical"] = self._documents()
         return {**state, "text": None, "embedder": None}
 
     def __setstate__(self, state: dict) -> None:
-        documents = state.pop("_lexical")
+        documents = state.pop("_lexical", None)
         self.__dict__.update(state)
-        self._index, self._schema = self._build_lexical(documents)
+        if documents is not None:
+            self._index, self._schema = self._build_lexical(documents)
+        else:
+            self._open_saved()
+
+    def save(self, directory: Path) -> None:
+        """Write the vectors and the lexical index into ``directory`` (new), for another process to open without
+        rebuilding anything: the vectors as a ``.npy`` it maps (``np.load(mmap_mode="r")``), the BM25 index as a
+        tantivy index directory (``tantivy.Index.open``)."""
+        directory.mkdir(parents=True)
+        np.save(directory / VECTORS_FILE, np.ascontiguousarray(self._vectors, dtype=np.float32))
+        (directory / LEXICAL_DIR).mkdir()
+        self._build_lexical(self._documents(), directory / LEXICAL_DIR)
+        self._saved = directory
+
+    def _open_saved(self) -> None:
+        """Map the saved vectors and open the saved lexical index; ValueError when they are not what was saved."""
+        directory = self._saved
+        vectors = np.load(directory / VECTORS_FILE, mmap_mode="r")  # ValueError when the file is short
+        if vectors.ndim != 2 or len(vectors) != len(self._owners):
+            raise ValueError(f"{directory / VECTORS_FILE} has {vectors.shape} vectors, the layout {len(self._owners)} rows")
+        index = tantivy.Index.open(str(directory / LEXICAL_DIR))
+        index.reload()
+        documents = index.searcher().num_docs
+        if documents != len(self._ids):
+            raise ValueError(f"{directory / LEXICAL_DIR} has {documents} documents, the knowledge base {len(self._ids)} entries")
+        self._vectors, self._index, self._schema = vectors, index, index.schema
 
     @staticmethod
-    def _build_lexical(documents: list[dict[str, str]]) -> tuple[tantivy.Index, tantivy.Schema]:
+    def _build_lexical(documents: list[dict[str, str]], path: Path | None = None) -> tuple[tantivy.Index, tantivy.Schema]:
         builder = tantivy.SchemaBuilder()
         for name in ("words", "chars", "pinyin", "answer"):
             builder.add_text_field(name, stored=False, tokenizer_name="whitespace")
         builder.add_unsigned_field("pos", stored=True, indexed=False)
         schema = builder.build()
-        index = tantivy.Index(schema)  # in RAM: rebuilding is cheaper than a second cache to keep valid
+        # In RAM for a knowledge base built in this process: rebuilding is cheaper than a second cache to keep
+        # valid. On disk (``path``) for one built in the worker, which the serving process opens.
+        index = tantivy.Index(schema) if path is None else tantivy.Index(schema, path=str(path), reuse=False)
         writer = index.writer(heap_size=50_000_000, num_threads=1)
         for pos, fields in enumerate(documents):
             doc = tantivy.Document()

@@ -32,12 +32,16 @@ import asyncio
 import datetime as dt
 import logging
 import multiprocessing
+import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
+from knowledge_base.build_worker import BuildResultError
 from knowledge_base.loader import CorpusError
 from knowledge_base.records import next_expiry
 from xiaozhi.hub.domain.accounts import StaffUser
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 # packs' 958 records: ~1.5 s in a thread, over 10 s in a new worker, against the console's 10 s promise).
 PROCESS_FROM = 3000
 WARM_RETRY_S = 600.0  # a warm-up that failed (the worker died during it) is tried again after this long
+BUILDS_DIR = "published"  # under the knowledge base's index directory: one directory per hub process
 
 
 class PublishFailed(RuntimeError):
@@ -79,6 +84,9 @@ class KnowledgePublisher:
         self._warming: asyncio.Task | None = None
         self._warm_failed_at: float | None = None
         self.last_warm_up: dict | None = None  # what the last warm-up cost the worker (pid, texts, seconds)
+        # Where the worker writes what it built, one directory per build; only the served one is kept.
+        self.builds_dir = self.config.index_dir / BUILDS_DIR / f"hub-{os.getpid()}"
+        self._builds = 0
 
     @property
     def serving_database(self) -> bool:
@@ -92,11 +100,17 @@ class KnowledgePublisher:
             today = self.today()
             try:
                 kb = await self._build(entries, points, today)
-            except CorpusError as exc:
-                raise PublishFailed(str(exc).replace("\n", " ")) from None
+            except BaseException as exc:
+                self._remove_builds()  # what a failed build wrote
+                if isinstance(exc, CorpusError):
+                    raise PublishFailed(str(exc).replace("\n", " ")) from None
+                if isinstance(exc, BuildResultError):  # logged with the file and what is wrong with it
+                    raise PublishFailed("新版本的索引文件缺失或不完整，请稍后重新发布") from None
+                raise
             corpus = kb.corpus
             pub = await self.records.record_publication(user, corpus, note)
             self._set_kb(kb)
+            self._remove_builds()  # the previous generation's files: searches under way keep theirs open
             self.serving, self.serves_until = pub.id, next_expiry(entries, points, today)
             self.served_records = len(entries) + len(points)
         self.last_build_s = time.perf_counter() - started
@@ -131,8 +145,10 @@ class KnowledgePublisher:
             except Exception:
                 log.exception("building generation %d failed; still serving %s", generation, self.serving or "the data files")
                 self.serving, self.serves_until = generation, None  # not retried every few seconds
+                self._remove_builds()
                 return False
             self._set_kb(kb)
+            self._remove_builds()
             self.serving, self.serves_until = generation, next_expiry(entries, points, today)
             self.served_records = len(entries) + len(points)
         self.keep_warm()
@@ -157,6 +173,31 @@ class KnowledgePublisher:
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        shutil.rmtree(self.builds_dir, ignore_errors=True)
+
+    # -- what the worker wrote ------------------------------------------------------------------------
+    def _new_build_dir(self) -> Path:
+        """A new directory for the worker to write a build into. The first one also removes what hubs that
+        are gone (a crash, a kill) left beside this hub's own."""
+        if self._builds == 0 and self.builds_dir.parent.is_dir():
+            for other in self.builds_dir.parent.iterdir():
+                if other != self.builds_dir and not _hub_alive(other.name):
+                    shutil.rmtree(other, ignore_errors=True)
+        self._builds += 1
+        out = self.builds_dir / f"build-{self._builds}"
+        shutil.rmtree(out, ignore_errors=True)
+        self.builds_dir.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def _remove_builds(self) -> None:
+        """Remove every build directory of this hub but the served knowledge base's (a thread's build has
+        none). A search under way on an older one keeps its open files: Linux frees them after it."""
+        if not self.builds_dir.is_dir():
+            return
+        saved = getattr(getattr(self._get_kb(), "backend", None), "_saved", None)
+        for built in self.builds_dir.iterdir():
+            if saved is None or built != Path(saved):
+                shutil.rmtree(built, ignore_errors=True)
 
     # -- the worker ----------------------------------------------------------------------------------
     def builds_in_process(self, records: int) -> bool:
@@ -241,8 +282,8 @@ class KnowledgePublisher:
         for attempt in (1, 2):
             seed = self._new_pool() if self._pool is None else None  # a new worker starts from the running vectors
             try:
-                kb = await loop.run_in_executor(self._pool, partial(
-                    build_worker.build, self.config, entries, points, today=today,
+                built = await loop.run_in_executor(self._pool, partial(
+                    build_worker.build, self.config, entries, points, today=today, out=self._new_build_dir(),
                     stale_after_years=self.records.stale_after_years, seed=seed))
                 break
             except BrokenProcessPool:  # the worker died (killed, out of memory): once more in a new one
@@ -268,7 +309,8 @@ class KnowledgePublisher:
             from knowledge_base.unit_classifier import UnitClassifier
 
             classifier = UnitClassifier.load()
-        return build_worker.attach(kb, embedder=embedder, text=text, classifier=classifier)
+        # Mapped and opened in a thread: the event loop goes on, and chat's threads get the GIL in between.
+        return await asyncio.to_thread(build_worker.load, built, embedder=embedder, text=text, classifier=classifier)
 
     def _build_here(self, entries: list[dict], points: list[dict], today: dt.date):
         from knowledge_base.embedded import known_vectors
@@ -290,3 +332,13 @@ class KnowledgePublisher:
         return open_knowledge_base(self.config, embedder=embedder, corpus=corpus, reuse=reuse,
                                    text=getattr(old, "text", None))
 
+
+def _hub_alive(name: str) -> bool:
+    """Whether the hub that owns the build directory ``hub-<pid>`` still runs (on this machine)."""
+    try:
+        os.kill(int(name.removeprefix("hub-")), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
