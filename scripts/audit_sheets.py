@@ -15,7 +15,10 @@ labelled or how the answer stage ranks them. The protocol is in docs/retrieval-q
     #    (a candidate not named yes is a no: for the reason n= gives it, else d=, else q)
     #    reasons: b broader area, q neighbouring question, c another sub-case, r another region's
     #    rule, f the key facts missing, o off the question
-    # 3. apply: new expect = the yes ids, previously labelled yes ids first in their old order
+    #    o=<letters> (two-question messages): the yes candidate answering each question, in order,
+    #    so that expect stays "one per question" first (rerank_fit.labelled_questions pairs them)
+    # 3. apply: new expect = the o= ids, then the yes ids, previously labelled ones first in their
+    #    old order
     .venv/bin/python scripts/audit_sheets.py apply
 
 The sheets, the letter key and the record (what changed, and why) are written to
@@ -154,7 +157,7 @@ def sheets(args) -> int:
 
 
 _LINE = re.compile(r"^(?P<key>[0-9a-f]{8})\s+y=(?P<yes>[A-Z]*)\s*(?:n=(?P<no>[A-Z][a-z](?:,[A-Z][a-z])*))?"
-                   r"\s*(?:d=(?P<default>[a-z]))?\s*(?:#\s*(?P<note>.*))?$")
+                   r"\s*(?:d=(?P<default>[a-z]))?\s*(?:o=(?P<order>[A-Z]+))?\s*(?:#\s*(?P<note>.*))?$")
 
 
 def read_judgements(path: Path = JUDGEMENTS) -> dict[str, dict]:
@@ -166,7 +169,8 @@ def read_judgements(path: Path = JUDGEMENTS) -> dict[str, dict]:
         if not m:
             raise SystemExit(f"{path}:{number}: cannot read {line!r}")
         no = dict((t[0], t[1]) for t in (m["no"] or "").split(",") if t)
-        out[m["key"]] = {"yes": list(m["yes"]), "no": no, "default": m["default"] or "q", "note": (m["note"] or "").strip()}
+        out[m["key"]] = {"yes": list(m["yes"]), "no": no, "default": m["default"] or "q",
+                          "order": list(m["order"] or ""), "note": (m["note"] or "").strip()}
     return out
 
 
@@ -177,13 +181,18 @@ def decide(before: dict, judged: dict, letters: dict[str, str], points: list[str
     # a candidate not named yes or no is a no for the line's default reason
     judged = {**judged, "no": {x: judged["no"].get(x, judged["default"]) for x in letters if x not in judged["yes"]}}
     old, gap = list(before["expect"]), before["gap"]
-    yes = [letters[x] for x in judged["yes"]]
+    yes = list(dict.fromkeys(letters[x] for x in judged["yes"]))  # two letters may name one id
     no_reason = {letters[x]: REASONS[r] for x, r in judged["no"].items()}
     if gap and any(y in points for y in yes):
         yes, gap = [y for y in yes if y in points], False  # a point replaces the broad entry
     if not yes:
         return {"expect": old, "gap": gap, "added": [], "removed": [], "flag": bool(old), "reasons": {}}
     new = [e for e in old if e in yes] + [y for y in yes if y not in old]
+    if judged.get("order"):  # a two-question message: the id answering each question, in order, leads
+        if not set(judged["order"]) <= set(judged["yes"]):
+            raise SystemExit(f"o= names a candidate not judged yes: {judged}")
+        lead = list(dict.fromkeys(letters[x] for x in judged["order"]))
+        new = lead + [e for e in new if e not in lead]
     return {"expect": new, "gap": gap, "added": [y for y in new if y not in old],
             "removed": [e for e in old if e not in new], "flag": False,
             "reasons": {e: no_reason.get(e, "replaced by a point of its entry") for e in old if e not in new}}
@@ -210,6 +219,8 @@ def apply(args) -> int:
         changes = [f"+{a}" for a in d["added"]] + [f"-{r} ({d['reasons'][r]})" for r in d["removed"]]
         if d["gap"] != before[k]["gap"]:
             changes.append("gap resolved: a point answers it")
+        if not changes and d["expect"] != before[k]["expect"]:
+            changes.append("reordered: one id per question first")
         if d["flag"]:
             changes.append("FLAG for the lead: no candidate judged yes, labels kept")
         note = f"  # {judged['note']}" if judged["note"] else ""
