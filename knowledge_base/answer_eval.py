@@ -176,3 +176,32 @@ def table(rows: dict[str, dict]) -> str:
         op, target = TARGETS.get(name, ("", ""))
         out.append(f"| {name} | " + " | ".join(cells) + f" | {op} {target} |")
     return "\n".join(out)
+
+
+def _char_pairs(text: str) -> set[str]:
+    t = _norm(text)
+    return {t[i:i + 2] for i in range(len(t) - 1)}
+
+
+def copies_of_answer_set(texts: list[str], items: list[dict], *, split: str | None = "heldout",
+                         limit: float = 0.7) -> list[tuple[str, str, float]]:
+    """(corpus text, answer-set question, similarity) for every way of asking that copies a question of
+    the answer set (``split``; None for both): the same words, or most of its character pairs (Jaccard
+    at or above ``limit``). A copied held-out question would be answered from memory, not measured."""
+    questions = [(i["q"], _char_pairs(i["q"])) for i in items
+                 if split is None or i["split"] == split]
+    out = []
+    for text in texts:
+        pairs = _char_pairs(text)
+        if not pairs:
+            continue
+        norm = _norm(text)
+        for q, q_pairs in questions:
+            if norm == _norm(q):
+                out.append((text, q, 1.0))
+                continue
+            union = len(pairs | q_pairs)
+            similarity = len(pairs & q_pairs) / union if union else 0.0
+            if similarity >= limit:
+                out.append((text, q, round(similarity, 3)))
+    return out

@@ -1,0 +1,27 @@
+"""The held-out quarter of the answer set stays a measure: no way of asking in the knowledge base copies
+one of its questions (the unit classifier and the embeddings learn the corpus's ways of asking, so a
+copied held-out question would be answered from memory)."""
+
+from __future__ import annotations
+
+from knowledge_base.answer_eval import copies_of_answer_set, load_items
+from knowledge_base.loader import load_corpus
+
+
+def _corpus_texts() -> list[str]:
+    corpus = load_corpus()
+    return ([t for p in corpus.points for t in (p.question, *p.asks)]
+            + [q for e in corpus.entries for q in e.questions])
+
+
+def test_no_way_of_asking_copies_a_held_out_question():
+    copies = copies_of_answer_set(_corpus_texts(), load_items(), split="heldout", limit=0.7)
+    assert copies == [], "\n".join(f"{t} ~ {q} ({s})" for t, q, s in copies)
+
+
+def test_a_copy_is_found_verbatim_or_nearly():
+    items = [{"q": "亲情账户最多可以绑定几个人？", "split": "heldout"}, {"q": "医保卡丢了怎么补", "split": "dev"}]
+    found = copies_of_answer_set(["亲情账户最多可以绑定几个人", "亲情账户最多可以绑几个人呢", "新生儿怎么参保",
+                                  "医保卡丢了怎么补"], items)
+    assert [(t, s) for t, _q, s in found] == [("亲情账户最多可以绑定几个人", 1.0), ("亲情账户最多可以绑几个人呢", 0.714)]
+    assert len(copies_of_answer_set(["医保卡丢了怎么补"], items, split=None)) == 1
