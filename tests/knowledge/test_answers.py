@@ -42,6 +42,12 @@ def test_the_later_stage_of_a_story_decides_its_case():
     assert read_case("我在外省住院，还没出来，单位交的医保")["insurance"] == "职工"
 
 
+def test_the_short_names_of_the_two_insurances_are_read():
+    assert read_case("城职退休住院报销比例")["insurance"] == "职工"
+    assert read_case("农村医疗保险转院异地就医怎么报销")["insurance"] == "居民"
+    assert read_case("老家的农村医保在外地能用吗")["insurance"] == "居民"
+
+
 def test_places_know_insured_from_destination():
     places = {p.name: p.role for p in read_places("我是广州参保的，想去上海看病")}
     assert places == {"广州": "insured", "上海": "destination"}
