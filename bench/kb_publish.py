@@ -19,7 +19,8 @@ process that answers, as before; for comparison). As in a hub starting on this d
 is first built in a thread (``catch_up(starting=True)``, timed), then the worker is warmed in the background
 at the lowest priority while chat answers (both timed); the rounds are timed after, the first one included.
 ``--profile``: where the time of a chat answer goes on this base (cProfile of answers alone), and what a
-publication costs the serving process (unpickling what the worker sends back, rebuilding its tantivy index).
+publication costs the serving process (opening the files the worker wrote: how long, and the longest the GIL
+was held in one go).
 
     flock /tmp/xiaozhi-heavy.lock .venv/bin/python bench/kb_publish.py [--points 10000] [--rounds 3] [--build thread] [--profile]
 """
@@ -34,6 +35,7 @@ import io
 import os
 import pickle
 import pstats
+import shutil
 import statistics
 import tempfile
 import threading
@@ -127,24 +129,56 @@ def profile_answers(kb, n: int = 24) -> None:
     print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
 
 
+def longest_hold(work) -> tuple[object, float, float]:
+    """Run ``work()`` while a probe thread sleeps 1 ms at a time: the longest the probe waited past its sleep
+    for the GIL (the longest a chat answer would be held up in one go), and how long ``work`` took."""
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            time.sleep(0.001)
+            gaps.append(time.perf_counter() - started - 0.001)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    time.sleep(0.05)
+    started = time.perf_counter()
+    result = work()
+    took = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    return result, max(gaps), took
+
+
 def serving_share(config, entries, points, stale_after_years: int, served) -> None:
-    """What a publication costs the serving process: unpickling the worker's knowledge base (which rebuilds its
-    tantivy index) holds this process's GIL; the build itself does not."""
+    """What a publication costs the serving process: opening what the worker wrote (its vectors mapped, its
+    tantivy index opened, the rest unpickled from a reader that hands the GIL over between frames); the build
+    itself does not hold this process's GIL. Before this, the worker's result came through the pipe pickled
+    (345 MB) and the tantivy index was rebuilt here: 2.3 s holding the GIL."""
     import datetime as dt
 
     from knowledge_base import build_worker
 
     units = served.answerer.units  # the served vectors: nothing is encoded again
-    kb = build_worker.build(config, entries, points, today=dt.date.today(), stale_after_years=stale_after_years,
-                            seed=(list(units.layout.texts), units.vectors))
-    blob = pickle.dumps(kb, protocol=pickle.HIGHEST_PROTOCOL)
-    times = []
+    out = Path(tempfile.mkdtemp(prefix="kb-built-")) / "build"
+    built = build_worker.build(config, entries, points, today=dt.date.today(), stale_after_years=stale_after_years,
+                               seed=(list(units.layout.texts), units.vectors), out=out)
+    sizes = {name.split("/")[0]: 0 for name in built["files"]}
+    for name, size in built["files"].items():
+        sizes[name.split("/")[0]] += size
+    holds, took = [], []
     for _ in range(3):
-        started = time.perf_counter()
-        pickle.loads(blob)
-        times.append(time.perf_counter() - started)
-    print(f"\nthe serving process's share of a publication: {len(blob) / 1e6:.0f} MB pickled, unpickled (tantivy "
-          f"index rebuilt) in {statistics.median(times):.2f} s median of 3, holding the GIL")
+        _, hold, seconds = longest_hold(lambda: build_worker.load(built, embedder=served.embedder, text=served.text,
+                                                                  classifier=served.answerer.classifier))
+        holds.append(hold)
+        took.append(seconds)
+    print(f"\nthe serving process's share of a publication: {len(pickle.dumps(built)) / 1e3:.1f} kB through the pipe; "
+          f"files {', '.join(f'{k} {v / 1e6:.0f} MB' for k, v in sizes.items())}; opened in "
+          f"{statistics.median(took):.2f} s median of 3, the GIL held at most {statistics.median(holds) * 1000:.0f} ms "
+          f"in one go (median of 3 loads)")
+    shutil.rmtree(out.parent, ignore_errors=True)
 
 
 async def run(points_total: int, rounds: int, build: str = "process", profile: bool = False) -> None:
@@ -225,6 +259,7 @@ async def run(points_total: int, rounds: int, build: str = "process", profile: b
         served_entries, served_points = await records.served()
         serving_share(config, served_entries, served_points, records.stale_after_years, holder["kb"])
     await store.close()
+    shutil.rmtree(scratch, ignore_errors=True)  # the database and every generation's vectors: hundreds of MB
     print(f"\npublish (re-index + swap) of one change to {len(all_points)} points: median "
           f"{statistics.median(timings):.1f} s over {rounds} rounds (target < 60 s)")
     print(f"chat during publishing: p50 {pct(during, .5) * 1000:.0f} ms, p95 {pct(during, .95) * 1000:.0f} ms "
