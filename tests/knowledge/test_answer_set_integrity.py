@@ -1,8 +1,11 @@
 """The held-out quarter of the answer set stays a measure: no way of asking in the knowledge base copies
 one of its questions (the unit classifier and the embeddings learn the corpus's ways of asking, so a
-copied held-out question would be answered from memory)."""
+copied held-out question would be answered from memory); and no way of asking is taught to two
+knowledge points at once (the classifier would learn the same words for both)."""
 
 from __future__ import annotations
+
+import re
 
 from knowledge_base.answer_eval import copies_of_answer_set, load_items
 from knowledge_base.loader import load_corpus
@@ -25,3 +28,12 @@ def test_a_copy_is_found_verbatim_or_nearly():
                                   "医保卡丢了怎么补"], items)
     assert [(t, s) for t, _q, s in found] == [("亲情账户最多可以绑定几个人", 1.0), ("亲情账户最多可以绑几个人呢", 0.714)]
     assert len(copies_of_answer_set(["医保卡丢了怎么补"], items, split=None)) == 1
+
+
+def test_no_way_of_asking_belongs_to_two_points():
+    owners: dict[str, set[str]] = {}
+    for point in load_corpus().points:
+        for text in (point.question, *point.asks):
+            owners.setdefault(re.sub(r"[^\u3400-\u9fffA-Za-z0-9]", "", text), set()).add(point.id)
+    shared = {text: sorted(ids) for text, ids in owners.items() if len(ids) > 1}
+    assert shared == {}
