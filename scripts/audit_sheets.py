@@ -47,6 +47,9 @@ JUDGEMENTS = OUT / "judgements.txt"
 KEY = OUT / "key.json"
 RECORD = OUT / "record.txt"
 BEFORE = OUT / "labels-before.json"  # the labels as they were before the audit (not read while judging)
+# Knowledge points merged into another after the sheets were written: removed id -> kept id (the
+# kept point took the removed one's ways of asking); the labels name the kept one.
+MERGED = OUT / "merged.json"
 BATCH = 60
 TOP = 6  # distinct knowledge points (or entries) per question the answer stage scores highest
 REGION = "330100"  # the deployment region of the benchmark (杭州)
@@ -198,8 +201,18 @@ def decide(before: dict, judged: dict, letters: dict[str, str], points: list[str
             "reasons": {e: no_reason.get(e, "replaced by a point of its entry") for e in old if e not in new}}
 
 
+def follow_merges(expect: list[str], asks, merged: dict[str, str]) -> list[str]:
+    """Name the kept point for a merged one. An id named twice is kept once, except among the first
+    ids of a two-question message (one per question: both questions may have the same answer)."""
+    renamed = [merged.get(e, e) for e in expect]
+    per_question = len(asks) if isinstance(asks, list) else 1
+    head = renamed[:per_question] if per_question > 1 else []
+    return head + [e for e in dict.fromkeys(renamed[len(head):]) if e not in head]
+
+
 def apply(args) -> int:
     key = json.loads(KEY.read_text(encoding="utf-8"))
+    merged = json.loads(MERGED.read_text(encoding="utf-8")) if MERGED.exists() else {}
     judgements = read_judgements()
     before = json.loads(BEFORE.read_text(encoding="utf-8"))
     items = {key_of(i["q"]): i for i in load_items()}
@@ -212,6 +225,7 @@ def apply(args) -> int:
     for k, judged in judgements.items():
         item = items[k]
         d = decide(before[k], judged, key[k]["letters"], key[k]["points"])
+        d["expect"] = follow_merges(d["expect"], item.get("asks"), merged)
         totals["audited"][item["split"]] += 1
         totals["added"] += len(d["added"])
         totals["removed"] += len(d["removed"])
