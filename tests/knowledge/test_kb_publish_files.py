@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from knowledge_base import build_worker
 from knowledge_base.embedded import LEXICAL_DIR, VECTORS_FILE
@@ -77,6 +78,10 @@ def test_a_publication_built_in_the_worker_is_served_from_its_files(settings, kn
             assert first.build_info["pid"] != build_worker.os.getpid()
             assert "12345" in first.answerer.answer(QUESTION).text
             assert [h.entry.id for h in first.search(QUESTION).hits][:1] == ["cr-settlement-failed"]
+            # With a worker to feed, numpy's BLAS keeps to one thread here: its second thread spun on the
+            # core the worker needs after every product chat made.
+            blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+            assert blas and all(lib["num_threads"] == 1 for lib in blas), blas
 
             await _publish_figure(records, publisher, "12345", "12346")
             second = holder["kb"]

@@ -261,6 +261,7 @@ class KnowledgePublisher:
         """Start the worker process; the running knowledge base's texts and vectors to seed it with."""
         from knowledge_base import build_worker
 
+        spare_a_core()
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=build_worker.lower_priority)
         units = getattr(getattr(self._get_kb(), "answerer", None), "units", None)
@@ -342,3 +343,14 @@ def _hub_alive(name: str) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def spare_a_core() -> None:
+    """Keep this process's BLAS (numpy's and scipy's OpenBLAS) to one thread. OpenBLAS's second thread spins
+    on the other core after every call it shares, waiting for the next; chat's answers make one often
+    enough that it never sleeps, and the niced worker, which needs that core, got 3-12 % of it: a warm-up
+    that takes 80 s did not end in 8 minutes (bench/kb_publish.py). One thread costs chat nothing measurable
+    (a 95,155 x 384 product: about 13 ms either way); the hub's concurrent chats run in threads of their own."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
