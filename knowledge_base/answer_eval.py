@@ -7,7 +7,9 @@ Used by bench/answer_eval.py, which sends each question through the hub's chat A
 Metrics, each over the items it applies to:
 * ``point``: the first answer's knowledge point is one the item expects (a gap item's expected
   parent entry counts for any unit of that entry);
-* ``topic``: the first citation's topic is the item's topic;
+* ``topic``: the first citation's topic is the item's topic, or its knowledge point is one the item
+  expects (a point that answers the question is on topic wherever its entry is filed: 医保卡能借给家里人用吗
+  is answered by a point of "other" for an item filed under "card");
 * ``fact_recall``: share of the item's key facts whose content appears in the reply (text + steps);
 * ``clarifying``: share of in-scope questions answered with "which one did you mean";
 * ``abstain_precision`` / ``abstain_recall``: abstaining, with out-of-scope as the positive class;
@@ -100,7 +102,8 @@ def score_reply(item: dict, reply: dict) -> Scored:
             point_ok = any(e in (citations[0].get("point"), citations[0].get("id")) for e in item["expect"])
         else:
             point_ok = False
-        topic_ok = outcome == "answered" and bool(citations) and citations[0].get("topic") == item["topic"]
+        topic_ok = bool(point_ok) or (outcome == "answered" and bool(citations)
+                                      and citations[0].get("topic") == item["topic"])
     facts = item.get("facts") or []
     found = sum(fact_present(f, text) for f in facts) if in_scope else 0
     wrong = None

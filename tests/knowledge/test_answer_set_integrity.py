@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from knowledge_base.answer_eval import copies_of_answer_set, load_items
+from knowledge_base.answer_eval import copies_of_answer_set, load_items, score_reply
 from knowledge_base.loader import load_corpus
 
 
@@ -37,3 +37,19 @@ def test_no_way_of_asking_belongs_to_two_points():
             owners.setdefault(re.sub(r"[^\u3400-\u9fffA-Za-z0-9]", "", text), set()).add(point.id)
     shared = {text: sorted(ids) for text, ids in owners.items() if len(ids) > 1}
     assert shared == {}
+
+
+def test_a_right_point_is_on_topic_wherever_its_entry_is_filed():
+    item = {"q": "医保卡能借给家里人用吗", "topic": "card", "expect": ["ot-no-lend.lend"], "out_of_scope": False,
+            "facts": []}
+    right = {"outcome": "answered", "answers": [{"unit": "ot-no-lend.lend", "point": "ot-no-lend.lend",
+                                                 "entry": "ot-no-lend"}],
+             "citations": [{"id": "ot-no-lend", "point": "ot-no-lend.lend", "topic": "other"}], "text": "不能。"}
+    neighbour = {**right, "answers": [{"unit": "ca-lost.report", "point": "ca-lost.report", "entry": "ca-lost"}],
+                 "citations": [{"id": "ca-lost", "point": "ca-lost.report", "topic": "card"}]}
+    elsewhere = {**right, "answers": [{"unit": "pa-family-share.how", "point": "pa-family-share.how",
+                                       "entry": "pa-family-share"}],
+                 "citations": [{"id": "pa-family-share", "point": "pa-family-share.how", "topic": "personal_account"}]}
+    assert score_reply(item, right).topic_ok and score_reply(item, right).point_ok
+    assert score_reply(item, neighbour).topic_ok and not score_reply(item, neighbour).point_ok
+    assert not score_reply(item, elsewhere).topic_ok
