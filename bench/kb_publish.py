@@ -129,11 +129,22 @@ def profile_answers(kb, n: int = 24) -> None:
     print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
 
 
-def longest_hold(work) -> tuple[object, float, float]:
+def longest_hold(work, collections: list[float] | None = None) -> tuple[object, float, float]:
     """Run ``work()`` while a probe thread sleeps 1 ms at a time: the longest the probe waited past its sleep
-    for the GIL (the longest a chat answer would be held up in one go), and how long ``work`` took."""
+    for the GIL (the longest a chat answer would be held up in one go), and how long ``work`` took.
+    ``collections``: filled with how long each full (generation 2) garbage collection meanwhile took."""
+    import gc
+
     gaps: list[float] = []
     stop = threading.Event()
+    began: list[float] = []
+
+    def timed(phase: str, info: dict) -> None:
+        if info["generation"] == 2 and collections is not None:
+            if phase == "start":
+                began[:] = [time.perf_counter()]
+            elif began:
+                collections.append(time.perf_counter() - began[0])
 
     def probe() -> None:
         while not stop.is_set():
@@ -144,11 +155,15 @@ def longest_hold(work) -> tuple[object, float, float]:
     thread = threading.Thread(target=probe)
     thread.start()
     time.sleep(0.05)
+    gc.callbacks.append(timed)
     started = time.perf_counter()
-    result = work()
-    took = time.perf_counter() - started
-    stop.set()
-    thread.join()
+    try:
+        result = work()
+    finally:
+        took = time.perf_counter() - started
+        gc.callbacks.remove(timed)
+        stop.set()
+        thread.join()
     return result, max(gaps), took
 
 
@@ -168,16 +183,17 @@ def serving_share(config, entries, points, stale_after_years: int, served) -> No
     sizes = {name.split("/")[0]: 0 for name in built["files"]}
     for name, size in built["files"].items():
         sizes[name.split("/")[0]] += size
-    holds, took = [], []
+    holds, took, collections = [], [], []
     for _ in range(3):
         _, hold, seconds = longest_hold(lambda: build_worker.load(built, embedder=served.embedder, text=served.text,
-                                                                  classifier=served.answerer.classifier))
+                                                                  classifier=served.answerer.classifier), collections)
         holds.append(hold)
         took.append(seconds)
     print(f"\nthe serving process's share of a publication: {len(pickle.dumps(built)) / 1e3:.1f} kB through the pipe; "
           f"files {', '.join(f'{k} {v / 1e6:.0f} MB' for k, v in sizes.items())}; opened in "
           f"{statistics.median(took):.2f} s median of 3, the GIL held at most {statistics.median(holds) * 1000:.0f} ms "
-          f"in one go (median of 3 loads)")
+          f"in one go (median of 3 loads); full garbage collections meanwhile: {len(collections)}, "
+          f"{', '.join(f'{c * 1000:.0f}' for c in collections) or '-'} ms")
     shutil.rmtree(out.parent, ignore_errors=True)
 
 
