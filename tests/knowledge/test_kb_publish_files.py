@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,13 @@ def test_a_publication_built_in_the_worker_is_served_from_its_files(settings, kn
 
     async def scenario():
         store, records, publisher = await _published(settings, tmp_path, holder)
+        # What another hub left: one that is gone (no such process) and one still running (this one's parent).
+        gone, running = (publisher.builds_dir.parent / f"hub-{pid}" / "build-1" for pid in (2 ** 22 + 1, os.getppid()))
+        gone.mkdir(parents=True)
+        running.mkdir(parents=True)
         try:
             await _publish_figure(records, publisher, "12393", "12345")
+            assert not gone.parent.exists() and running.exists(), "a gone hub's builds are removed, a running one's kept"
             first = holder["kb"]
             saved = Path(first.backend._saved)
             assert _builds(publisher) == [saved] and saved.parent == publisher.builds_dir
