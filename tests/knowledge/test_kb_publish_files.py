@@ -17,12 +17,10 @@ from threadpoolctl import threadpool_info
 
 from knowledge_base import build_worker
 from knowledge_base.embedded import LEXICAL_DIR, VECTORS_FILE
-from knowledge_base.records import pack_records
-from xiaozhi.hub import migrations
+from tests.support.knowledge import seeded_records
 from xiaozhi.hub.domain.accounts import Role, StaffUser
 from xiaozhi.hub.domain.knowledge_publish import KnowledgePublisher, PublishFailed
 from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
-from xiaozhi.hub.infra.store import Store
 
 POINT = "cr-settlement-failed.hotline"
 QUESTION = "异地就医结算出了问题，打什么电话求助？"
@@ -33,17 +31,11 @@ pytestmark = pytest.mark.slow  # a worker starts, loads the model and cuts the p
 
 async def _published(settings, tmp_path, holder):
     """The packs in a database with a first publication, and a publisher that builds them in its worker."""
-    entries, points, _ = pack_records(settings.kb_data_dir)
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'kb.db'}")
-    await migrations.prepare(store)
-    records = KnowledgeStore(store)
-    await records.import_packs(entries, points)
-    corpus, _ = await records.served_corpus()
-    await records.record_publication(ADMIN, corpus, "seed")
+    store, records, served = await seeded_records(settings.kb_data_dir, tmp_path / "kb.db", ADMIN)
     config = dataclasses.replace(settings.knowledge_base_config(), index_dir=tmp_path / "index")
     # The packs' base is small; here it counts as large, so it is built in the worker as 10,000 points are.
     publisher = KnowledgePublisher(records, config, lambda: holder["kb"], lambda kb: holder.__setitem__("kb", kb),
-                                   process_from=len(entries) + len(points))
+                                   process_from=served)
     return store, records, publisher
 
 

@@ -14,13 +14,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from knowledge_base.records import pack_records
 from tests.support import staff_login
+from tests.support.knowledge import seeded_records
 from xiaozhi.hub.domain.accounts import Role, StaffUser
 from xiaozhi.hub.domain.knowledge_publish import KnowledgePublisher
 from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
-from xiaozhi.hub.infra.store import Store
-from xiaozhi.hub import migrations
 
 POINT = "cr-settlement-failed.hotline"
 QUESTION = "异地就医结算出了问题，打什么电话求助？"
@@ -38,18 +36,11 @@ async def _publish_figure(records: KnowledgeStore, publisher: KnowledgePublisher
 
 def test_the_worker_is_warm_before_the_first_publication_and_replaced_when_it_dies(settings, knowledge_base,
                                                                                    tmp_path):
-    entries, points, _ = pack_records(settings.kb_data_dir)
-    served = len(entries) + len(points)
     config = dataclasses.replace(settings.knowledge_base_config(), index_dir=tmp_path / "index")
     holder = {"kb": knowledge_base}
 
     async def scenario():
-        store = Store(f"sqlite+aiosqlite:///{tmp_path / 'kb.db'}")
-        await migrations.prepare(store)
-        records = KnowledgeStore(store)
-        await records.import_packs(entries, points)
-        corpus, _ = await records.served_corpus()
-        await records.record_publication(ADMIN, corpus, "seed")
+        store, records, served = await seeded_records(settings.kb_data_dir, tmp_path / "kb.db", ADMIN)
         # The packs' base is small; here it counts as large, so it is built in the worker as 10,000 points are.
         publisher = KnowledgePublisher(records, config, lambda: holder["kb"], lambda kb: holder.__setitem__("kb", kb),
                                        process_from=served)
