@@ -222,7 +222,7 @@ def test_summary_priority_and_sla_warning(hub):
     agent = make_staff(hub, "chen", "agent")
     sid1, auth1 = open_session(hub, region="330100")
     say(hub, sid1, auth1, "医保电子凭证怎么激活")
-    say(hub, sid1, auth1, "火星上的医保怎么报")  # nothing in the knowledge base: a failed turn
+    say(hub, sid1, auth1, "公积金怎么提取")  # another agency's question, declined: a failed turn
     first = escalate(hub, sid1, auth1)["queue_id"]
     sid2, auth2 = open_session(hub)
     elderly = escalate(hub, sid2, auth2, elderly=True)["queue_id"]
@@ -238,7 +238,7 @@ def test_summary_priority_and_sla_warning(hub):
     assert summary["slots"]["region"] == "330100"
     assert "e_voucher" in [c["topic"] for c in summary["citations"]]
     assert summary["failed_turns"] >= 1 and summary["resident_turns"] == 2
-    assert summary["last_question"] == "火星上的医保怎么报"
+    assert summary["last_question"] == "公积金怎么提取"
     roles = [m["role"] for m in detail["messages"]]
     assert roles.count("resident") == 2 and "bot" in roles
     assert detail["conversation"]["region_code"] == "330100"

@@ -138,6 +138,13 @@ def test_out_of_scope_is_declined_politely_with_who_answers(knowledge_base, text
     assert "医保" in reply.text and ("123" in reply.text or "咨询" in reply.text)
 
 
+@pytest.mark.xfail(strict=True, reason="known since the search-box ways of asking (session 14): a question shaped "
+                   "like a real one about an impossible place reaches search confidence 0.41, above the answer "
+                   "stage's 0.25, and is answered; raising the threshold declines real questions on the dev split")
+def test_a_question_about_nowhere_is_declined(knowledge_base):
+    assert knowledge_base.answerer.answer("火星上的医保怎么报", HANGZHOU).outcome == "abstained"
+
+
 @pytest.mark.parametrize("text", ["", "   ", "😀😀😀", "\u200b", "医保" * 500, "医保card怎么activate？", "？？？"])
 def test_bad_input_gets_a_clear_reply(knowledge_base, text):
     reply = knowledge_base.answerer.answer(text, HANGZHOU)
