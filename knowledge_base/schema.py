@@ -52,12 +52,15 @@ TOPIC_LABELS = {
 LOCAL_RULE_NOTICE = "以当地医保部门规定为准"
 
 
-_CJK = r"[\u3000-\u303f\u3400-\u9fff\uff00-\uffef]"
-_FOLDED_SPACE = re.compile(rf"(?<={_CJK})[ \t]+(?={_CJK})")
+# Chinese characters and punctuation (ideographic, CJK and full-width), but not full-width digits or
+# letters: "２０２５ ７００元" is two numbers, and the space between them is what tells them apart.
+_CJK = r"[\u3001-\u303f\u3400-\u9fff\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uffef]"
+_FOLDED_SPACE = re.compile(rf"(?<={_CJK})[ \t\u3000]+(?={_CJK})")
 
 
 def join_cjk_lines(text: str) -> str:
-    """YAML folds a wrapped line into a space; between Chinese characters that space is an error."""
+    """YAML folds a wrapped line into a space; between Chinese characters that space is an error.
+    A space next to a digit or a Latin letter (half- or full-width) separates two words and stays."""
     return _FOLDED_SPACE.sub("", text.strip())
 
 

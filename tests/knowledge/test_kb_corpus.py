@@ -121,3 +121,24 @@ def test_entries_under_review_are_flagged_in_their_citation_and_by_the_validator
     assert e.citation()["verified"] is False
     assert any("needs review" in str(p) and p.severity == "warning" for p in corpus.problems)
     assert all(x.citation()["verified"] == (x.review is None) for x in load_corpus().entries)
+
+
+def test_a_space_between_two_numbers_or_latin_words_stays_a_separator(tmp_path):
+    # A resident's full-width digits are numbers, not Chinese: "２０２５ ７００元" joined would read 2025700.
+    write(tmp_path, "national/a.yaml", NATIONAL, entry())
+    point = textwrap.dedent("""\
+        region: {level: national, code: "100000", name: 全国}
+        points:
+          - id: re-a.subsidy
+            entry: re-a
+            question: 居民医保财政补助 ２０２５ 多少钱？
+            asks: ["补助标准 ２０２５ ７００元", "ＤＲＧ ＤＩＰ 付费", "长期护理保险 定义", "标准2025 700元"]
+            answer: 出院结算时直接报销，无需垫付全部费用。
+            spoken: 出院时直接结算。
+            source: {title: 示例来源, url: "https://www.nhsa.gov.cn/"}
+        """)
+    (tmp_path / "national/points").mkdir(parents=True)
+    (tmp_path / "national/points/a.yaml").write_text(point, encoding="utf-8")
+    (p,) = load_corpus(tmp_path).points
+    assert p.asks == ["补助标准 ２０２５ ７００元", "ＤＲＧ ＤＩＰ 付费", "长期护理保险定义", "标准2025 700元"]
+    assert p.question == "居民医保财政补助 ２０２５ 多少钱？"
