@@ -248,7 +248,9 @@ def encode_corpus(
     texts = rows.texts
     owners_list = rows.row_entry
     started = time.perf_counter()
-    known = reuse or {}
+    # Without vectors handed in, the last cache of the same model gives those of every text it has:
+    # an edited pack re-encodes only the texts it changed, not the whole corpus (12k texts, ~10 min).
+    known = reuse if reuse is not None else previous_vectors(index_dir, embedder)
     missing = list(dict.fromkeys(t for t in texts if t not in known))
     fresh: dict[str, np.ndarray] = {}
     for i in range(0, len(missing), batch):
@@ -265,6 +267,7 @@ def encode_corpus(
     tmp.mkdir(parents=True)
     np.save(tmp / "vectors.npy", vectors)
     np.save(tmp / "owners.npy", owners)
+    (tmp / TEXTS_FILE).write_text(json.dumps(texts, ensure_ascii=False))
     (tmp / "manifest.json").write_text(
         json.dumps(
             {
@@ -285,6 +288,32 @@ def encode_corpus(
     log.info("encoded %d of %d texts of %d entries in %.1f s", len(missing), len(texts), len(corpus.entries),
              time.perf_counter() - started)
     return vectors, owners, target
+
+
+TEXTS_FILE = "texts.json"  # the text of each row of vectors.npy, so a later corpus can reuse them
+
+
+def previous_vectors(index_dir: Path, embedder: Embedder) -> dict[str, np.ndarray]:
+    """The vectors of the most recently written cache of this model and layout, by text; {} if none.
+
+    Only a cache that lists its texts (``texts.json``, written since this was added) can be reused, and
+    only when its rows and texts agree; anything unreadable is ignored (the texts are then encoded)."""
+    suffix = f"-{embedder.fingerprint}-{_LAYOUT_VERSION}"
+    try:
+        candidates = [d for d in index_dir.iterdir() if d.name.endswith(suffix) and (d / TEXTS_FILE).exists()]
+    except FileNotFoundError:
+        return {}
+    for directory in sorted(candidates, key=lambda d: (d / TEXTS_FILE).stat().st_mtime, reverse=True):
+        try:
+            texts = json.loads((directory / TEXTS_FILE).read_text(encoding="utf-8"))
+            vectors = np.load(directory / "vectors.npy")
+        except (OSError, ValueError) as exc:
+            log.warning("vector cache %s not reused: %s", directory.name, exc)
+            continue
+        if len(texts) == len(vectors) and vectors.ndim == 2 and vectors.shape[1] == embedder.dimension:
+            return dict(zip(texts, vectors))
+        log.warning("vector cache %s not reused: %d texts for %d vectors", directory.name, len(texts), len(vectors))
+    return {}
 
 
 def known_vectors(corpus: Corpus, embedder: Embedder, index_dir: Path) -> dict[str, np.ndarray]:

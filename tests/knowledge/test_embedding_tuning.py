@@ -7,28 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from knowledge_base.loader import load_corpus
 from knowledge_base.tuning import TuneSettings, batches, training_examples, tune_embedding_model, tuned_marker
+from tests.support.knowledge import small_corpus
 
 DATA = Path(__file__).resolve().parent.parent.parent / "knowledge_base" / "data"
-
-
-def small_corpus(tmp_path: Path, entries: int = 3):
-    """The first few e-voucher entries and their knowledge points, as a corpus of their own."""
-    root = tmp_path / "data" / "national"
-    (root / "points").mkdir(parents=True)
-    doc = yaml.safe_load((DATA / "national" / "e_voucher.yaml").read_text(encoding="utf-8"))
-    doc["entries"] = doc["entries"][:entries]
-    keep = {e["id"] for e in doc["entries"]}
-    points = yaml.safe_load((DATA / "national" / "points" / "e_voucher.yaml").read_text(encoding="utf-8"))
-    points["points"] = [p for p in points["points"] if p["entry"] in keep]
-    (root / "e_voucher.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
-    (root / "points" / "e_voucher.yaml").write_text(yaml.safe_dump(points, allow_unicode=True), encoding="utf-8")
-    corpus = load_corpus(tmp_path / "data")
-    assert not corpus.errors and len(corpus.points) >= 4
-    return corpus
 
 
 def test_every_way_of_asking_is_an_anchor_with_a_positive_of_its_unit_and_a_sibling_negative():

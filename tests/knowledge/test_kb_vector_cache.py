@@ -1,0 +1,88 @@
+"""The on-disk vector cache (knowledge_base/embedded.encode_corpus): an edited pack re-encodes only the
+texts it changed. Before, any edit gave the corpus a new fingerprint and every one of its 12k texts was
+encoded again (about 10 minutes on two cores), in `xiaozhi kb search`, the tests' fixture and setup."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from knowledge_base.embedded import TEXTS_FILE, encode_corpus, previous_vectors
+from knowledge_base.loader import load_corpus
+from knowledge_base.units import layout
+from tests.support.knowledge import small_corpus
+
+
+class CountingEmbedder:
+    """A deterministic stand-in for the model (a vector from each text's hash) that counts what it encodes:
+    what is measured here is which texts reach the model, not what the model makes of them."""
+
+    dimension = 8
+
+    def __init__(self, name: str = "counting") -> None:
+        self.fingerprint = hashlib.sha256(name.encode()).hexdigest()[:12]
+        self.model_name = name
+        self.encoded: list[str] = []
+
+    def encode(self, texts: list[str], **_kw) -> np.ndarray:
+        self.encoded.extend(texts)
+        rows = [np.frombuffer(hashlib.sha256(t.encode()).digest()[:8], dtype=np.uint8) for t in texts]
+        return np.asarray(rows, dtype=np.float32) / 255.0
+
+
+def edit_one_answer(tmp_path: Path) -> str:
+    path = tmp_path / "data" / "national" / "points" / "e_voucher.yaml"
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc["points"][0]["answer"] = doc["points"][0]["answer"] + "另外，可以拨打12393咨询。"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    return doc["points"][0]["answer"]
+
+
+def test_an_edited_pack_encodes_only_its_changed_texts(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path)
+    index_dir = tmp_path / "index"
+    model = CountingEmbedder()
+    first, _, first_dir = encode_corpus(corpus, model, index_dir)
+    assert len(model.encoded) == len(set(layout(corpus).texts))
+
+    changed = edit_one_answer(tmp_path)
+    edited = load_corpus(tmp_path / "data")
+    assert edited.fingerprint != corpus.fingerprint
+    model.encoded.clear()
+    vectors, _, target = encode_corpus(edited, model, index_dir)
+
+    assert target != first_dir
+    new_texts = set(layout(edited).texts) - set(layout(corpus).texts)
+    assert new_texts and all(changed in t or t in changed for t in new_texts)
+    assert sorted(model.encoded) == sorted(new_texts)
+    # Each row holds the vector of its own text, reused or new: the same as encoding from nothing.
+    fresh = CountingEmbedder()
+    assert np.array_equal(vectors, fresh.encode(layout(edited).texts))
+
+
+def test_another_model_never_reuses_the_vectors(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path)
+    index_dir = tmp_path / "index"
+    encode_corpus(corpus, CountingEmbedder("model-a"), index_dir)
+    other = CountingEmbedder("model-b")
+    assert previous_vectors(index_dir, other) == {}
+    encode_corpus(corpus, other, index_dir)
+    assert len(other.encoded) == len(set(layout(corpus).texts))
+
+
+def test_a_damaged_cache_is_not_reused(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path)
+    index_dir = tmp_path / "index"
+    model = CountingEmbedder()
+    _, _, target = encode_corpus(corpus, model, index_dir)
+    (target / TEXTS_FILE).write_text('["only one text"]', encoding="utf-8")  # rows and texts disagree
+    assert previous_vectors(index_dir, model) == {}
+    (target / TEXTS_FILE).write_text("{not json", encoding="utf-8")
+    assert previous_vectors(index_dir, model) == {}
+    edit_one_answer(tmp_path)
+    model.encoded.clear()
+    encode_corpus(load_corpus(tmp_path / "data"), model, index_dir)
+    assert len(model.encoded) == len(set(layout(load_corpus(tmp_path / "data")).texts))
