@@ -126,13 +126,20 @@ def test_bad_input_is_refused_clearly(video_hub):
     assert video_hub.get("/healthz").status_code == 200
 
 
-def test_who_may_join_the_agent_side(video_hub):
-    app = video_hub.app
+def escalated_session(video_hub) -> tuple[str, dict]:
+    """A resident's session that has made its offer and asked for an agent (no media flows here): its id
+    and the resident's authorization header."""
     created = video_hub.post("/api/video/sessions", json={}).json()
     sid, resident = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
     assert video_hub.post(f"/api/video/sessions/{sid}/resident/offer", json={"sdp": an_offer(), "type": "offer"},
                           headers=resident).status_code == 200
-    assert video_hub.post(f"/api/sessions/{sid}/escalate", headers=resident).status_code == 200  # no media here
+    assert video_hub.post(f"/api/sessions/{sid}/escalate", headers=resident).status_code == 200
+    return sid, resident
+
+
+def test_who_may_join_the_agent_side(video_hub):
+    app = video_hub.app
+    sid, resident = escalated_session(video_hub)
     agent1 = make_staff(video_hub, "agent1", "agent")
     agent2 = make_staff(video_hub, "agent2", "agent")
     supervisor = make_staff(video_hub, "super1", "supervisor")
@@ -335,11 +342,7 @@ def test_an_agent_who_logs_out_leaves_the_call(video_hub, monkeypatch):
 
     monkeypatch.setattr(video_router, "AGENT_RECHECK_S", 0.2)
     app = video_hub.app
-    created = video_hub.post("/api/video/sessions", json={}).json()
-    sid, resident = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
-    assert video_hub.post(f"/api/video/sessions/{sid}/resident/offer", json={"sdp": an_offer(), "type": "offer"},
-                          headers=resident).status_code == 200
-    assert video_hub.post(f"/api/sessions/{sid}/escalate", headers=resident).status_code == 200  # no media here
+    sid, resident = escalated_session(video_hub)
     agent = make_staff(video_hub, "agent3", "agent")
     claim(app.state.settings, sid, "agent3")
     assert video_hub.post(f"/api/video/sessions/{sid}/agent/offer", json={"sdp": an_offer("agent"), "type": "offer"},
