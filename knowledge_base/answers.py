@@ -69,6 +69,7 @@ PHONE_SPOKEN_CHARS = 60  # everything said for one answer: about 14 s at the pho
 
 HOW_TO = re.compile(r"怎么|如何|咋|流程|步骤|办理|操作|申请|在哪|哪里|去哪|手续|怎样|方法|渠道|开通|激活|绑定|添加|备案|补办")
 _BIGRAM_STRIP = re.compile(r"[^\u3400-\u9fffA-Za-z0-9]")
+_WORD_GAP = re.compile(r"(?<=[A-Za-z0-9])\s+(?=[A-Za-z0-9])")
 _DIGIT = re.compile(r"\d|[一二三四五六七八九十百千万两]+(?:个|名|人|天|年|月|次|岁|元|万|%|成)")
 
 # Resident-facing wording (Simplified Chinese).
@@ -178,8 +179,11 @@ def load_weights(path: Path = WEIGHTS_PATH) -> dict[str, float]:
 
 
 def bigrams(text: str) -> set[str]:
-    t = _BIGRAM_STRIP.sub("", text)
-    return {t[i : i + 2] for i in range(len(t) - 1)} or ({t} if t else set())
+    """Character pairs of the text without punctuation or spaces, except that a space between two digits or
+    Latin letters still parts them: "2025 700元" is two numbers, and 57 is in neither."""
+    parts = [_BIGRAM_STRIP.sub("", part) for part in _WORD_GAP.split(text)]
+    pairs = {t[i : i + 2] for t in parts for i in range(len(t) - 1)}
+    return pairs or {t for t in parts if t}
 
 
 def overlap(question: str, unit: Unit) -> float:

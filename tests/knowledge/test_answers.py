@@ -10,6 +10,7 @@ from knowledge_base.answers import (
     Candidate,
     Context,
     QuestionAnswer,
+    bigrams,
     number_fit,
 )
 from knowledge_base.questions import core_question, extract_questions, other_agency, parse, read_case, read_places
@@ -28,6 +29,12 @@ def test_a_story_is_one_question_with_its_story():
 def test_two_questions_are_two_and_a_short_tail_stays_with_its_question():
     assert extract_questions("补一张社保卡要几天，补卡收钱吗") == ["补一张社保卡要几天", "补卡收钱吗"]
     assert extract_questions("异地备案怎么办，急吗") == ["异地备案怎么办，急吗"]
+
+
+def test_a_space_parts_two_numbers_but_not_two_chinese_words():
+    assert "57" not in bigrams("补助标准2025 700元") and {"20", "25", "70", "00"} <= bigrams("补助标准2025 700元")
+    assert "险定" in bigrams("长期护理保险 定义") and "GD" not in bigrams("DRG DIP")
+    assert bigrams("医") == {"医"} and bigrams("") == set()
 
 
 def test_greetings_and_emoji_are_not_questions():
