@@ -35,8 +35,11 @@ from knowledge_base.unit_classifier import CLASSIFIER_PATH, entry_of, fit_unit_c
 FOLDS = 5
 
 
-def collect(kb, items: list[dict], region: str) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
-    """Feature rows, labels, and per question the row indexes of its candidates (in scored order)."""
+def collect(kb, items: list[dict], region: str,
+            seen: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Feature rows, labels, and per question the row indexes of its candidates (in scored order).
+
+    ``seen``: appended per question: its text, its labels and its candidates' unit ids (row order)."""
     answerer = kb.answerer
     rows, labels, groups = [], [], []
     for item in items:
@@ -54,6 +57,8 @@ def collect(kb, items: list[dict], region: str) -> tuple[np.ndarray, np.ndarray,
                 rows.append([c.features[f] for f in FEATURES])
                 labels.append(int(any(unit_matches(answer, e) for e in item["expect"])))
             groups.append(group)
+            if seen is not None:
+                seen.append({"q": item["q"], "expect": item["expect"], "units": [c.unit.id for c in found.candidates]})
     return np.asarray(rows, dtype=np.float64), np.asarray(labels), groups
 
 
@@ -148,8 +153,12 @@ def _fit_weights(groups: list[tuple[np.ndarray, np.ndarray]], l2: float) -> np.n
 
 
 def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01,
-        classifier_path: Path = CLASSIFIER_PATH, say=print) -> dict:
-    """Fit the classifier and the reranker (see the module's text); write both next to the code."""
+        classifier_path: Path = CLASSIFIER_PATH, say=print, misses: Path | None = None) -> dict:
+    """Fit the classifier and the reranker (see the module's text); write both next to the code.
+
+    ``misses``: a JSON file of the development questions that cross-validation answers with a unit
+    their labels do not name (what was asked, the labels, the unit chosen, whether a right unit was
+    among the candidates at all): where the knowledge or its ways of asking need work."""
     items = [i for i in load_items() if i["split"] == "dev"]
     answerer = kb.answerer
     units = answerer.units.layout.units
@@ -157,7 +166,7 @@ def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01,
     # The knowledge base's entry-level labelled questions are no answer-set question: every fold learns them.
     extra = entry_labelled_questions()
     # Out-of-fold features: part k's questions are scored by a classifier that never saw them.
-    x_parts, y_parts, groups = [], [], []
+    x_parts, y_parts, groups, seen = [], [], [], []
     offset = 0
     for k in range(FOLDS):
         train = [i for i in items if fold_of(i["q"]) != k]
@@ -165,7 +174,7 @@ def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01,
         say(f"fold {k + 1}/{FOLDS}: classifiers on the corpus, {len(train)} development questions "
             f"and {len(extra)} labelled entry questions")
         answerer.classifier = fit_unit_classifier(*training_rows(units, labelled_questions(train) + extra), entries)
-        x, y, g = collect(kb, part, region)
+        x, y, g = collect(kb, part, region, seen)
         x_parts.append(x)
         y_parts.append(y)
         groups.extend([[offset + r for r in group] for group in g])
@@ -175,11 +184,19 @@ def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01,
     sizes = [sum(1 for i in items if fold_of(i["q"]) == k and not i["out_of_scope"] and i["expect"]) for k in range(FOLDS)]
     starts = np.cumsum([0, *sizes])
     hits = 0
+    missed = []
     for k in range(FOLDS):
         test = groups[starts[k]:starts[k + 1]]
         train = groups[:starts[k]] + groups[starts[k + 1]:]
         w = _fit_weights([(x[g], y[g].astype(np.float64)) for g in train if g], l2)
         hits += top1(w, x, y, test) * len(test)
+        for n, g in enumerate(test, start=starts[k]):
+            if g and not y[g[int(np.argmax(x[g] @ w))]]:
+                chosen = seen[n]["units"][int(np.argmax(x[g] @ w))]
+                missed.append({**{k2: seen[n][k2] for k2 in ("q", "expect")}, "chosen": chosen,
+                               "reachable": bool(y[g].any())})
+    if misses is not None:
+        misses.write_text(json.dumps(missed, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     weights = _fit_weights([(x[g], y[g].astype(np.float64)) for g in groups if g], l2)
     say("final classifier on the corpus and every development question")
     classifier = fit_unit_classifier(*training_rows(units, labelled_questions(items) + extra), entries)

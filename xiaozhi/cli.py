@@ -182,11 +182,13 @@ def kb_tune_model(
 @kb_app.command("fit-reranker")
 def kb_fit_reranker(
     region: Annotated[str, typer.Option(help="The deployment's region code the set was written for.")] = "330100",
+    misses: Annotated[Optional[Path], typer.Option(help="Write the questions cross-validation answers wrongly "
+                                                        "here (JSON).")] = None,
 ) -> None:
     """Fit the answer stage's unit scorer on the answer set's development split (never the held-out)."""
     from knowledge_base.rerank_fit import fit
 
-    report = fit(_open_kb(), region)
+    report = fit(_open_kb(), region, misses=misses)
     typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
 
 
