@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from voice_common import ASR, FIXTURES, after_greeting, cer, hotline, percentile, trim, trimmed
+from voice_common import ASR, FIXTURES, after_greeting, cer, hotline, percentile, reply_latency, trim, trimmed
 
 from telephony.g711 import ulaw_decode
 from telephony.noise import mix_at_snr, noise
@@ -83,13 +83,7 @@ async def one_call(app, turn: Turn, samples: np.ndarray) -> Turn:
             session = phone.bot.sessions.get(call.call_id)
             turn.speech_s = samples.size / 8000
             spoke_until = await rtp.say(samples)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                heard = rtp.bot_audio(spoke_until)
-                if heard:
-                    turn.latency_s = heard[0][0] - spoke_until
-                    break
-                await rtp.pause(0.05)
+            turn.latency_s = await reply_latency(rtp, spoke_until)
             # let the reply (or the confirmation's question clause) play out: its gaps are measured
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and rtp.bot_audio(time.monotonic() - 1.0):

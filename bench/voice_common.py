@@ -108,6 +108,17 @@ async def after_greeting(rtp: RtpCaller, timeout: float = 30.0) -> None:
             return
 
 
+async def reply_latency(rtp, spoke_until: float, timeout: float = 60.0) -> float | None:
+    """Seconds from the end of the caller's speech to the bot's first audio after it (None: no reply)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        heard = rtp.bot_audio(spoke_until)
+        if heard:
+            return heard[0][0] - spoke_until
+        await rtp.pause(0.05)
+    return None
+
+
 async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0, whole_reply: bool = False) -> CallResult:
     """Call, wait out the greeting, ask one question, time the answer, hang up (``whole_reply``: after
     the bot has been quiet for 1.5 s, so every clause of the reply is rendered and its gaps measured)."""
@@ -121,14 +132,7 @@ async def one_call(app, fixture: str, expected: str, *, start_delay: float = 0.0
             await after_greeting(rtp)
             session = phone.bot.sessions.get(call.call_id)
             spoke_until = await rtp.say(trimmed(fixture))
-            latency = None
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                heard = rtp.bot_audio(spoke_until)
-                if heard:
-                    latency = heard[0][0] - spoke_until
-                    break
-                await rtp.pause(0.05)
+            latency = await reply_latency(rtp, spoke_until)
             if whole_reply and latency is not None:
                 deadline = time.monotonic() + 90
                 while time.monotonic() < deadline and rtp.bot_audio(time.monotonic() - 1.5):
