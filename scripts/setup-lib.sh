@@ -7,8 +7,8 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 # Run a noisy step with its output in var/setup.log; on failure show the end of it and stop.
 quiet() {
   local what=$1; shift
-  local start
-  start=$(wc -l <"$LOG")
+  local start=0
+  [[ -e $LOG ]] && start=$(wc -l <"$LOG")  # a fresh checkout has no log yet
   if ! "$@" >>"$LOG" 2>&1; then
     tail -n 25 "$LOG" >&2
     # A full disk looks like a network failure to pip ("could not install packages"): say which it was.

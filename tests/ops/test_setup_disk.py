@@ -15,7 +15,7 @@ from tests.support import REPO
 LIB = REPO / "scripts" / "setup-lib.sh"
 
 
-def run_lib(tmp_path: Path, free_mb: int, body: str) -> subprocess.CompletedProcess:
+def run_lib(tmp_path: Path, free_mb: int, body: str, *, log_exists: bool = True) -> subprocess.CompletedProcess:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     df = bin_dir / "df"
@@ -24,7 +24,7 @@ def run_lib(tmp_path: Path, free_mb: int, body: str) -> subprocess.CompletedProc
                   f"echo '/dev/fake 250000 1000 {free_mb} 1% /'\n")
     df.chmod(0o755)
     script = (f"set -euo pipefail\nexport PATH={bin_dir}:$PATH\nROOT={tmp_path}\nLOG={tmp_path}/setup.log\n"
-              f"XIAOZHI_CACHE_DIR={tmp_path}/cache/xiaozhi\n: > $LOG\nsource {LIB}\n{body}\n")
+              f"XIAOZHI_CACHE_DIR={tmp_path}/cache/xiaozhi\n{': > $LOG' if log_exists else ''}\nsource {LIB}\n{body}\n")
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
 
 
@@ -59,3 +59,19 @@ def test_another_failure_keeps_its_own_message(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "ERROR: pip upgrade failed: check access to PyPI (full log:" in done.stderr
     assert "disk is full" not in done.stderr
+
+
+def test_the_first_step_of_a_fresh_checkout_runs_without_a_log_yet(tmp_path: Path) -> None:
+    # A clean clone has no var/setup.log when the first quiet step starts (CI stopped there once).
+    done = run_lib(tmp_path, 80000, "quiet 'pip upgrade failed' sh -c 'echo upgraded'; echo reached",
+                   log_exists=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "reached"
+    assert (tmp_path / "setup.log").read_text().strip() == "upgraded"
+
+
+def test_a_full_disk_on_the_first_step_of_a_fresh_checkout_names_the_disk(tmp_path: Path) -> None:
+    failing = "sh -c 'echo \"OSError: [Errno 28] No space left on device\"; exit 1'"
+    done = run_lib(tmp_path, 100, f"quiet 'pip upgrade failed' {failing}", log_exists=False)
+    assert done.returncode == 1
+    assert "the disk is full (100 MB free" in done.stderr
