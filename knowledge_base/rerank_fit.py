@@ -191,9 +191,9 @@ def fit(kb, region: str = "330100", path: Path = WEIGHTS_PATH, l2: float = 0.01,
         w = _fit_weights([(x[g], y[g].astype(np.float64)) for g in train if g], l2)
         hits += top1(w, x, y, test) * len(test)
         for n, g in enumerate(test, start=starts[k]):
-            if g and not y[g[int(np.argmax(x[g] @ w))]]:
-                chosen = seen[n]["units"][int(np.argmax(x[g] @ w))]
-                missed.append({**{k2: seen[n][k2] for k2 in ("q", "expect")}, "chosen": chosen,
+            best = int(np.argmax(x[g] @ w)) if g else 0
+            if g and not y[g[best]]:
+                missed.append({"q": seen[n]["q"], "expect": seen[n]["expect"], "chosen": seen[n]["units"][best],
                                "reachable": bool(y[g].any())})
     if misses is not None:
         misses.write_text(json.dumps(missed, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
