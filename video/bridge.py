@@ -25,10 +25,21 @@ FRAME_S = 0.020
 PHONE_FRAME_SAMPLES = int(PHONE_RATE * FRAME_S)  # 160
 PHONE_FRAME_BYTES = PHONE_FRAME_SAMPLES * 2  # 320
 MAX_BACKLOG_FRAMES = 5  # more queued caller audio than 100 ms is dropped: latency beats completeness
+# The agent's audio reaches the caller's 20 ms RTP clock through a playout buffer this deep: its frames
+# arrive from WebRTC at the same 20 ms period but on another clock, with jitter, so sent as they come
+# every arrival that slips past a tick leaves the caller a silent frame (measured on the sipp bridge
+# test: frames arrived 8 ms before each tick, a phase any jitter or drift crosses). 60 ms of cushion,
+# built when the agent starts talking and again after an underrun, absorbs that for 60 ms of latency.
+PLAYOUT_FRAMES = 3
 
 
 class AgentAudioLeg(Protocol):
     caller_frames: asyncio.Queue
+
+    @property
+    def playing(self) -> bool:
+        """Audio sent with ``send`` is still waiting to reach the caller (false: the caller hears silence)."""
+        ...
 
     def send(self, pcm_8k: bytes) -> None: ...
 
@@ -112,13 +123,17 @@ class CallerAudioTrack(MediaStreamTrack):
 
 
 class AgentToCaller:
-    """Pumps the agent's WebRTC audio to the caller: any rate/layout -> 8 kHz mono, 20 ms frames -> ``leg.send``."""
+    """Pumps the agent's WebRTC audio to the caller: any rate/layout -> 8 kHz mono, 20 ms frames -> ``leg.send``,
+    through a playout buffer (``PLAYOUT_FRAMES``): the first frames of the agent's audio, and the first after
+    the caller's side ran dry (``underruns``), are held until there are enough to ride out the jitter."""
 
     def __init__(self, track: MediaStreamTrack, leg: AgentAudioLeg) -> None:
         self.track = track
         self.leg = leg
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=PHONE_RATE)
         self._buffer = bytearray()
+        self._held: list[bytes] | None = []  # None: the cushion is built and frames pass straight through
+        self.underruns = 0
         self.task = asyncio.create_task(self._run(), name="agent-to-caller")
 
     def feed(self, frame: av.AudioFrame) -> None:
@@ -127,6 +142,23 @@ class AgentToCaller:
         while len(self._buffer) >= PHONE_FRAME_BYTES:
             chunk = bytes(self._buffer[:PHONE_FRAME_BYTES])
             del self._buffer[:PHONE_FRAME_BYTES]
+            self._play(chunk)
+
+    def _play(self, chunk: bytes) -> None:
+        if self._held is None:
+            if getattr(self.leg, "playing", True):
+                self.leg.send(chunk)
+                return
+            self.underruns += 1  # the caller heard a gap: build the cushion again
+            self._held = []
+        self._held.append(chunk)
+        if len(self._held) >= PLAYOUT_FRAMES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send whatever the playout buffer holds (the agent's track ended: nothing more will come)."""
+        held, self._held = self._held or [], None
+        for chunk in held:
             self.leg.send(chunk)
 
     async def _run(self) -> None:
@@ -134,6 +166,7 @@ class AgentToCaller:
             try:
                 frame = await self.track.recv()
             except MediaStreamError:
+                self.flush()
                 return
             try:
                 self.feed(frame)

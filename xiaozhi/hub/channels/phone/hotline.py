@@ -47,7 +47,8 @@ class AgentAudioLeg:
     """An agent's audio connection to a live call (see the module doc).
 
     ``caller_frames``: 20 ms frames of 8 kHz 16-bit mono PCM from the caller (the oldest is dropped
-    when the agent side falls behind). ``send(pcm)``: 8 kHz 16-bit mono PCM to the caller.
+    when the agent side falls behind). ``send(pcm)``: 8 kHz 16-bit mono PCM to the caller; ``playing``:
+    some of it is still queued for the caller.
     ``close()``: the agent left; the bot resumes the call.
     """
 
@@ -72,6 +73,10 @@ class AgentAudioLeg:
                     self.dropped_frames += 1
                 except asyncio.QueueEmpty:
                     pass
+
+    @property
+    def playing(self) -> bool:
+        return self._call.is_playing
 
     def send(self, pcm_8k: bytes) -> None:
         if self.closed or self._call.ended:
