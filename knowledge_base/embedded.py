@@ -293,8 +293,13 @@ def encode_corpus(
 TEXTS_FILE = "texts.json"  # the text of each row of vectors.npy, so a later corpus can reuse them
 
 
+REUSED_CACHES = 3  # the newest caches of a model whose vectors an edited corpus may reuse
+
+
 def previous_vectors(index_dir: Path, embedder: Embedder) -> dict[str, np.ndarray]:
-    """The vectors of the most recently written cache of this model and layout, by text; {} if none.
+    """The vectors of the most recently written caches of this model and layout (``REUSED_CACHES``), by
+    text, the newer one's where two hold a text; {} if none. Several: the newest may be another corpus's (a
+    test's or a script's few entries beside the packs), which must not make the packs' 12k texts encoded again.
 
     Only a cache that lists its texts (``texts.json``, written since this was added) can be reused, and
     only when its rows and texts agree; anything unreadable is ignored (the texts are then encoded)."""
@@ -303,6 +308,8 @@ def previous_vectors(index_dir: Path, embedder: Embedder) -> dict[str, np.ndarra
         candidates = [d for d in index_dir.iterdir() if d.name.endswith(suffix) and (d / TEXTS_FILE).exists()]
     except FileNotFoundError:
         return {}
+    known: dict[str, np.ndarray] = {}
+    reused = 0
     for directory in sorted(candidates, key=lambda d: (d / TEXTS_FILE).stat().st_mtime, reverse=True):
         try:
             texts = json.loads((directory / TEXTS_FILE).read_text(encoding="utf-8"))
@@ -310,10 +317,15 @@ def previous_vectors(index_dir: Path, embedder: Embedder) -> dict[str, np.ndarra
         except (OSError, ValueError) as exc:
             log.warning("vector cache %s not reused: %s", directory.name, exc)
             continue
-        if len(texts) == len(vectors) and vectors.ndim == 2 and vectors.shape[1] == embedder.dimension:
-            return dict(zip(texts, vectors))
-        log.warning("vector cache %s not reused: %d texts for %d vectors", directory.name, len(texts), len(vectors))
-    return {}
+        if len(texts) != len(vectors) or vectors.ndim != 2 or vectors.shape[1] != embedder.dimension:
+            log.warning("vector cache %s not reused: %d texts for %d vectors", directory.name, len(texts), len(vectors))
+            continue
+        for text, vector in zip(texts, vectors):
+            known.setdefault(text, vector)
+        reused += 1
+        if reused == REUSED_CACHES:
+            break
+    return known
 
 
 def known_vectors(corpus: Corpus, embedder: Embedder, index_dir: Path) -> dict[str, np.ndarray]:

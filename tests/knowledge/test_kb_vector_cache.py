@@ -63,6 +63,21 @@ def test_an_edited_pack_encodes_only_its_changed_texts(tmp_path: Path) -> None:
     assert np.array_equal(vectors, fresh.encode(layout(edited).texts))
 
 
+def test_a_newer_cache_of_another_corpus_does_not_hide_the_packs_vectors(tmp_path: Path) -> None:
+    """A test or a script that encodes a few entries into the same cache directory writes the newest cache;
+    the packs' next edit must still find the vectors of its unchanged texts."""
+    corpus = small_corpus(tmp_path)
+    index_dir = tmp_path / "index"
+    model = CountingEmbedder()
+    encode_corpus(corpus, model, index_dir)
+    encode_corpus(small_corpus(tmp_path / "few", entries=1), model, index_dir)  # the newest cache now
+    edit_one_answer(tmp_path)
+    edited = load_corpus(tmp_path / "data")
+    model.encoded.clear()
+    encode_corpus(edited, model, index_dir)
+    assert sorted(model.encoded) == sorted(set(layout(edited).texts) - set(layout(corpus).texts))
+
+
 def test_another_model_never_reuses_the_vectors(tmp_path: Path) -> None:
     corpus = small_corpus(tmp_path)
     index_dir = tmp_path / "index"
