@@ -183,6 +183,12 @@ class KnowledgeBase:
         self.regions = RegionResolver(corpus.entries)
         self.answerer = None  # knowledge_base.answers.Answerer, attached by the factory
 
+    def retire(self) -> None:
+        """This base is served no more: break its reference cycle (it and its answer stage point at each other)
+        so that reference counting frees it, also where the garbage collector no longer walks it (a hub freezes
+        its knowledge base: xiaozhi/hub/infra/collector.py). Whoever still holds it gets search, not answers."""
+        self.answerer = None
+
     def prepare(self, question: str) -> Query:
         normalised = self.text.normalise(question)
         return Query(

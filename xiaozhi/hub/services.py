@@ -43,6 +43,7 @@ from xiaozhi.hub.domain.knowledge_publish import KnowledgePublisher
 from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
 from xiaozhi.hub.domain.surveys import SurveyService
 from xiaozhi.hub.infra.bus import LocalBus, make_bus
+from xiaozhi.hub.infra.collector import collector_paused
 from xiaozhi.hub.infra.rasa_client import RasaClient
 from xiaozhi.hub.infra.retention import retention_loop
 from xiaozhi.hub.infra.security import Limits
@@ -58,10 +59,16 @@ IDLE_CHECK_S = 60.0  # how often idle web conversations are looked for
 STOP_WAIT_S = 10.0  # how long a cancelled background task may take to end
 
 
+RETIRE_AFTER_S = 120.0  # a replaced knowledge base is retired this long after: searches on it have ended
+
+
 def load_knowledge_base(settings: Settings, embedder=None):
+    """The knowledge base of the data files, opened with the garbage collector paused and then frozen
+    (blocking; xiaozhi/hub/infra/collector.py): no full collection walks it, at start or later."""
     from knowledge_base.factory import open_knowledge_base
 
-    return open_knowledge_base(settings.knowledge_base_config(), embedder=embedder)
+    with collector_paused():
+        return open_knowledge_base(settings.knowledge_base_config(), embedder=embedder)
 
 
 class HubServices:
@@ -70,7 +77,7 @@ class HubServices:
     def __init__(self, settings: Settings, *, knowledge_base=None) -> None:
         self.settings = settings
         self.knowledge_base = knowledge_base  # given ready-made (tests share one), else loaded at start
-        self._given_knowledge_base = knowledge_base is not None
+        self._given = knowledge_base  # never retired: its owner (a test session) keeps using it
         # Made before start: the HTTP middleware wraps them.
         self.limits = Limits(settings)
         self.metrics = HubMetrics()
@@ -199,7 +206,12 @@ class HubServices:
 
     # -- the knowledge base's reload --------------------------------------------------------------
     def _use_knowledge_base(self, kb) -> None:
-        self.knowledge_base = kb  # one reference: a search in progress finishes on the one it started with
+        """Serve ``kb``. A search in progress finishes on the base it started with; the replaced base is retired
+        after ``RETIRE_AFTER_S`` (frozen, it is freed only once its reference cycle is broken), unless it was
+        given to the hub ready-made (tests share one)."""
+        old, self.knowledge_base = self.knowledge_base, kb
+        if old is not None and old is not kb and old is not self._given:
+            asyncio.get_running_loop().call_later(RETIRE_AFTER_S, old.retire)
 
     async def _watch_knowledge_base(self) -> None:
         """Serve a publication another replica made; without any, reload when `xiaozhi kb index` marks a new
@@ -226,7 +238,7 @@ class HubServices:
                 log.exception("reloading the knowledge base failed; still serving generation %s", loaded)
                 loaded = generation
                 continue
-            self.knowledge_base = fresh
+            self._use_knowledge_base(fresh)
             loaded = current_generation(s.kb_index_dir)
             log.info("knowledge base reloaded: %d entries (index %s)", len(fresh.entries), loaded)
 

@@ -37,7 +37,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +46,7 @@ from knowledge_base.loader import CorpusError
 from knowledge_base.records import next_expiry
 from xiaozhi.hub.domain.accounts import StaffUser
 from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
+from xiaozhi.hub.infra.collector import collector_paused
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class KnowledgePublisher:
     # -- building ---------------------------------------------------------------------------------
     async def _build(self, entries: list[dict], points: list[dict], today: dt.date, *, here: bool = False):
         if here or not self.builds_in_process(len(entries) + len(points)):
-            return await asyncio.to_thread(self._build_here, entries, points, today)
+            return await asyncio.to_thread(paused(self._build_here), entries, points, today)
         from knowledge_base import build_worker
 
         old = self._get_kb()
@@ -311,7 +312,9 @@ class KnowledgePublisher:
 
             classifier = UnitClassifier.load()
         # Mapped and opened in a thread: the event loop goes on, and chat's threads get the GIL in between.
-        return await asyncio.to_thread(build_worker.load, built, embedder=embedder, text=text, classifier=classifier)
+        # With the collector paused: the millions of objects the new base allocates set off no full collection.
+        return await asyncio.to_thread(paused(build_worker.load), built, embedder=embedder, text=text,
+                                       classifier=classifier)
 
     def _build_here(self, entries: list[dict], points: list[dict], today: dt.date):
         from knowledge_base.embedded import known_vectors
@@ -332,6 +335,16 @@ class KnowledgePublisher:
             reuse = known_vectors(old.corpus, embedder, self.config.index_dir)
         return open_knowledge_base(self.config, embedder=embedder, corpus=corpus, reuse=reuse,
                                    text=getattr(old, "text", None))
+
+
+def paused(build: Callable) -> Callable:
+    """``build`` run with the garbage collector paused, what it made frozen (xiaozhi/hub/infra/collector.py)."""
+    @wraps(build)
+    def run(*args, **kwargs):
+        with collector_paused():
+            return build(*args, **kwargs)
+
+    return run
 
 
 def _hub_alive(name: str) -> bool:

@@ -12,7 +12,6 @@ conversation core. ``telephony/`` never imports the hub; this module is the only
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from telephony.privacy import mask_number
 from telephony.voice import BotTurn, VoiceBot, VoiceConfig
 from xiaozhi.hub.channels.phone.confirm import PhoneConfirmation, before_reply, confirmation_texts
 from xiaozhi.hub.domain.contacts import caller_hash
+from xiaozhi.hub.infra.collector import freeze_long_lived
 from xiaozhi.hub.infra.owner import owner_meta
 from xiaozhi.log_context import conversation_scope
 from yibao_common.spoken import spoken_chinese
@@ -126,17 +126,15 @@ def phone_voice(settings: Settings):
 
 def freeze_long_lived_objects() -> None:
     """Take what start-up loaded (models, G2P dictionaries, the knowledge base: ~800k objects the
-    collector tracks) out of the cyclic garbage collector's reach (``gc.freeze``).
+    collector tracks) out of the cyclic garbage collector's reach (xiaozhi/hub/infra/collector.py).
 
     A full collection walks every tracked object while holding the GIL: measured 365-380 ms in a hub
     with the hotline's models loaded, which stalled every call's 20 ms RTP sender mid-greeting (the
-    sender skips ahead after 200 ms). Frozen objects are still freed by reference counting; only
-    reference cycles among them wait for the process to end. Called once the hotline is loaded and
-    before it answers a call (the one full collection here costs the same pause, at start-up).
+    sender skips ahead after 200 ms). Called once the hotline is loaded and before it answers a call
+    (the one full collection here costs the same pause, at start-up).
     """
-    gc.collect()
-    gc.freeze()
-    log.info("phone: %d long-lived objects frozen out of the garbage collector's full passes", gc.get_freeze_count())
+    frozen = freeze_long_lived()
+    log.info("phone: %d long-lived objects frozen out of the garbage collector's full passes", frozen)
 
 
 class PhoneService:
