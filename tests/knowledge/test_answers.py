@@ -225,6 +225,14 @@ def test_a_site_root_or_a_source_without_document_and_date_is_refused():
     assert deep.problems() == []
 
 
+def test_every_shipped_record_cites_a_checkable_source(settings):
+    """`xiaozhi kb validate` exits 0 on the packs: no site root, no source without a document or a date."""
+    from knowledge_base.loader import load_corpus
+
+    corpus = load_corpus(settings.kb_data_dir)
+    assert not corpus.errors and [str(p) for p in corpus.refused] == []
+
+
 def test_fact_matching_reads_numbers_either_way():
     assert fact_present("5名", "最多可以添加五名家庭成员")
     assert not fact_present("6个月", "有效期一般不少于3个月")
