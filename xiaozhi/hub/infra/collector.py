@@ -19,11 +19,8 @@ is collected before each pause (cheap once the long-lived objects are frozen), s
 from __future__ import annotations
 
 import gc
-import logging
 import threading
 from contextlib import contextmanager
-
-log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _paused = 0  # how many collector_paused() blocks are open (two threads may open one each)
