@@ -166,6 +166,19 @@ def test_the_spreadsheet_carries_the_expiry_date_and_refuses_a_bad_one(hub):
     again = _table(hub.get("/api/staff/kb/export.csv", params={"entry": "cr-settlement-failed"}, headers=supervisor).content)
     assert next(r for r in again[1:] if r[0] == POINT)[col] == "2030-12-31"
 
+    # A sheet without the column (an older template) leaves the date alone; an empty cell in it clears it.
+    without = [[c for i, c in enumerate(r) if i != col] for r in (header, good)]
+    done = hub.post("/api/staff/kb/import", params={"filename": "p.csv"}, content=_csv(without),
+                    headers={**supervisor, "content-type": "text/csv"})
+    assert done.status_code == 200, done.text
+    assert _record(hub, supervisor, "point", POINT)["doc"]["expiry_date"] == "2030-12-31"
+    cleared = list(good)
+    cleared[col] = ""
+    done = hub.post("/api/staff/kb/import", params={"filename": "p.csv"}, content=_csv([header, cleared]),
+                    headers={**supervisor, "content-type": "text/csv"})
+    assert done.status_code == 200, done.text
+    assert "expiry_date" not in _record(hub, supervisor, "point", POINT)["doc"]
+
 
 def test_how_far_ahead_the_reminders_warn_is_a_setting(hub_settings, knowledge_base, tmp_path):
     """XIAOZHI_KB_EXPIRY_WARN_DAYS: a record expiring in 200 days is a reminder at 365 days, not at the 60 default."""

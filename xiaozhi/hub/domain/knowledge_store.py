@@ -242,14 +242,18 @@ class KnowledgeStore:
             return await self._save(s, user, kind, doc, reason=reason, create=create, action=action)
 
     async def save_many(self, user: StaffUser | str, kind: str, docs: list[dict], *, reason: str = "",
-                        action: str = "import") -> tuple[int, int]:
+                        action: str = "import", keep: tuple[str, ...] = ()) -> tuple[int, int]:
         """Each document as a new draft version (created or edited), all in one transaction: all or nothing.
-        (records created, records changed)."""
+        ``keep``: fields the documents do not carry at all (a sheet without that column), which an existing
+        record keeps rather than loses. (records created, records changed)."""
         created = changed = 0
         async with self.store.sessions() as s, s.begin():
             for doc in docs:
-                existed = await s.get(KnowledgeRecord, (kind, doc.get("id"))) is not None
-                before = (await s.get(KnowledgeRecord, (kind, doc.get("id")))).version if existed else 0
+                current = await s.get(KnowledgeRecord, (kind, doc.get("id")))
+                existed = current is not None
+                before = current.version if existed else 0
+                if existed:
+                    doc = {**doc, **{f: current.doc[f] for f in keep if f not in doc and f in current.doc}}
                 row = await self._save(s, user, kind, doc, reason=reason, create=None, action=action)
                 created += not existed
                 changed += existed and row.version != before

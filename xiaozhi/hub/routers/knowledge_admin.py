@@ -320,8 +320,11 @@ async def import_sheet(request: Request, user: SupervisorUser, hub: Services, re
         return JSONResponse(status_code=422, content=error_body(
             422, "sheet_rows_refused", f"{len(rows)}行中有{len(bad)}行不符合要求，整个文件没有导入，请改正后重新导入。",
             rows=len(rows), bad=bad[:1000], bad_count=len(bad)))
+    # A sheet without the 有效期至 column (an older template, an agency's own list) says nothing of expiry: the
+    # points keep theirs. An empty cell in the column still means "no end".
+    keep = ("expiry_date",) if all("expiry_date" not in cells for _, cells in rows) else ()
     try:
-        created, changed = await records.save_many(user, "point", docs, reason=reason)
+        created, changed = await records.save_many(user, "point", docs, reason=reason, keep=keep)
     except RecordInvalid as exc:  # e.g. a point's id taken by an entry
         return _invalid(exc)
     result = {"rows": len(rows), "created": created, "changed": changed, "unchanged": len(rows) - created - changed}
