@@ -25,6 +25,7 @@ project can install offline.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -178,12 +179,17 @@ def load_weights(path: Path = WEIGHTS_PATH) -> dict[str, float]:
         return dict(DEFAULT_WEIGHTS)
 
 
-def bigrams(text: str) -> set[str]:
+@functools.lru_cache(maxsize=1 << 16)
+def bigrams(text: str) -> frozenset[str]:
     """Character pairs of the text without punctuation or spaces, except that a space between two digits or
-    Latin letters still parts them: "2025 700元" is two numbers, and 57 is in neither."""
+    Latin letters still parts them: "2025 700元" is two numbers, and 57 is in neither.
+
+    Memoised: an answer compares the question with every way of asking of about a thousand candidate units
+    (some 14,000 texts at 10,000 points), and the same units come back question after question; recut each
+    time, this was 45 % of an answer's time."""
     parts = [_BIGRAM_STRIP.sub("", part) for part in _WORD_GAP.split(text)]
-    pairs = {t[i : i + 2] for t in parts for i in range(len(t) - 1)}
-    return pairs or {t for t in parts if t}
+    pairs = frozenset(t[i : i + 2] for t in parts for i in range(len(t) - 1))
+    return pairs or frozenset(t for t in parts if t)
 
 
 def overlap(question: str, unit: Unit) -> float:
