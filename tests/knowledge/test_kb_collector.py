@@ -34,6 +34,18 @@ def test_objects_made_while_the_collector_is_paused_are_frozen_after():
     assert gc.get_freeze_count() >= before + len(made)
 
 
+def test_a_build_that_fails_resumes_the_collector_and_freezes_nothing():
+    before = gc.get_freeze_count()
+    made: list = []
+    try:
+        with collector_paused():
+            made.extend([i] for i in range(5000))  # still held when the block ends
+            raise RuntimeError("the corpus had an error")
+    except RuntimeError:
+        pass
+    assert gc.isenabled() and gc.get_freeze_count() < before + len(made)
+
+
 def test_the_collector_resumes_only_when_the_last_of_two_overlapping_pauses_ends():
     inside, release = threading.Event(), threading.Event()
 

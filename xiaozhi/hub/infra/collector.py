@@ -50,12 +50,15 @@ def collector_paused():
             _was_enabled = gc.isenabled()
             gc.disable()
         _paused += 1
+    built = False
     try:
         yield
+        built = True
     finally:
         with _lock:
             _paused -= 1
             if _paused == 0:
-                gc.freeze()
+                if built:  # a failed build's leftovers are garbage to collect, not a base to keep
+                    gc.freeze()
                 if _was_enabled:
                     gc.enable()
