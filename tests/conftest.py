@@ -157,9 +157,13 @@ def chromium():
     Not per session: Playwright's sync API keeps an event loop running in the main thread while it
     is open, and asyncio.run() in later modules would then refuse to start.
     """
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from tests.support.browser import launch_chromium
+
+    # Browser tests check what a page shows, not how fast: on a loaded two-core CI machine an answer
+    # can take longer than Playwright's 5 s default (speed is measured in bench/).
+    expect.set_options(timeout=20_000)
 
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright)

@@ -10,6 +10,9 @@
   const shown = new Set();
   let session = null;
   let socket = null;
+  let starting = null;
+  let pending = null;
+  let backoff = 1000;
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
@@ -45,9 +48,10 @@
     li.scrollIntoView({ block: "end" });
   }
 
-  async function api(path, options) {
+  async function api(path, options, as) {
     const headers = { "Content-Type": "application/json" };
-    if (session) headers.Authorization = "Bearer " + session.token;
+    const who = as || session;
+    if (who) headers.Authorization = "Bearer " + who.token;
     const res = await fetch(path, Object.assign({ headers: headers }, options));
     const body = await res.json().catch(function () { return {}; });
     if (!res.ok) throw Object.assign(new Error(body.message || "请求失败"), { status: res.status });
@@ -67,26 +71,48 @@
     return id;
   }
 
+  // The conversation is only used once the hub has confirmed it: until then a question waits in
+  // `pending` (and stays in the box) and is sent as soon as the conversation is there.
   async function start() {
-    const saved = localStorage.getItem(KEY);
-    if (saved) {
-      session = JSON.parse(saved);
+    let old = null;
+    try { old = JSON.parse(localStorage.getItem(KEY)); } catch (e) { old = null; } // unreadable: start afresh
+    if (old && old.session_id) {
       try {
-        const t = await api("/api/sessions/" + session.session_id + "/messages");
+        const t = await api("/api/sessions/" + old.session_id + "/messages", undefined, old);
+        session = old;
         t.messages.forEach(render);
-      } catch (e) { session = null; }
+      } catch (e) { if (!e.status) throw e; } // refused (expired, closed): a new one below
     }
     if (!session) {
-      session = await api("/api/sessions", { method: "POST", body: JSON.stringify({ visitor: visitor() }) });
-      localStorage.setItem(KEY, JSON.stringify({ session_id: session.session_id, token: session.token }));
-      render({ seq: 0, role: "bot", text: session.greeting });
+      const created = await api("/api/sessions", { method: "POST", body: JSON.stringify({ visitor: visitor() }) });
+      localStorage.setItem(KEY, JSON.stringify({ session_id: created.session_id, token: created.token }));
+      session = created;
+      render({ seq: 0, role: "bot", text: created.greeting });
     }
     connect();
   }
 
+  function begin() {
+    if (starting) return;
+    starting = start().then(function () {
+      starting = null; backoff = 1000;
+      if (pending) { const text = pending; pending = null; if (input.value.trim() === text) input.value = ""; send(text); }
+      else status.textContent = "";
+    }, function (e) {
+      starting = null;
+      status.textContent = pending ? "暂时连不上，正在重试，连上后会自动发送您的问题。" : "连接失败：" + e.message + "，正在重试。";
+      setTimeout(begin, backoff);
+      backoff = Math.min(backoff * 2, 30000);
+    });
+  }
+
   function connect() {
     const proto = location.protocol === "https:" ? "wss://" : "ws://";
-    socket = new WebSocket(proto + location.host + "/api/sessions/" + session.session_id + "/ws?token=" + encodeURIComponent(session.token));
+    try {
+      socket = new WebSocket(proto + location.host + "/api/sessions/" + session.session_id + "/ws?token=" + encodeURIComponent(session.token));
+    } catch (e) { // no WebSocket (a proxy that drops them): questions go over HTTP; try again later
+      socket = null; setTimeout(connect, 30000); return;
+    }
     socket.onmessage = function (ev) {
       const event = JSON.parse(ev.data);
       if (event.type === "message") { render(event.message); if (event.message.role !== "resident") status.textContent = ""; }
@@ -99,18 +125,31 @@
     socket.onclose = function () { socket = null; setTimeout(function () { if (!socket) connect(); }, 2000); };
   }
 
-  form.addEventListener("submit", async function (ev) {
+  function send(text) {
+    status.textContent = "医保小智正在输入…";
+    if (socket && socket.readyState === WebSocket.OPEN) { socket.send(JSON.stringify({ text: text })); return; }
+    api("/api/sessions/" + session.session_id + "/messages", { method: "POST", body: JSON.stringify({ text: text }) }).then(function (r) {
+      render(r.message); r.replies.forEach(render); status.textContent = "";
+    }, function (e) {
+      // nothing typed is lost: the question goes back into the box to be sent again
+      if (!input.value.trim()) input.value = text;
+      status.textContent = e.message + "。您的问题还在输入框里，请稍后再点“发送”。";
+    });
+  }
+
+  form.addEventListener("submit", function (ev) {
     ev.preventDefault();
     const text = input.value.trim();
     if (!text) return;
+    if (!session) { // still connecting: the question stays in the box and is sent once connected
+      pending = text;
+      status.textContent = "正在连接，连上后会自动发送您的问题，请稍候。";
+      begin();
+      return;
+    }
     input.value = "";
-    if (socket && socket.readyState === WebSocket.OPEN) { socket.send(JSON.stringify({ text: text })); return; }
-    status.textContent = "医保小智正在输入…";
-    try {
-      const r = await api("/api/sessions/" + session.session_id + "/messages", { method: "POST", body: JSON.stringify({ text: text }) });
-      render(r.message); r.replies.forEach(render); status.textContent = "";
-    } catch (e) { status.textContent = e.message; }
+    send(text);
   });
 
-  start().catch(function (e) { status.textContent = "连接失败：" + e.message; });
+  begin();
 })();

@@ -1,0 +1,69 @@
+"""The hub's own chat page (/) in headless Chromium: a question typed before the page has its
+conversation, or while the hub cannot be reached, is kept and sent, never dropped."""
+
+from __future__ import annotations
+
+import re
+
+from playwright.sync_api import expect
+
+TIMEOUT_MS = 30_000
+
+
+def test_a_question_sent_while_the_page_connects_is_kept_and_answered(chromium, live_hub) -> None:
+    """The hub refuses the page's first two attempts to open a conversation; the resident has
+    already pressed 发送. The question stays in the box, the resident is told, and it is sent once."""
+    url, _ = live_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    refused: list[int] = []
+
+    def flaky(route) -> None:
+        if route.request.method == "POST" and len(refused) < 2:
+            refused.append(1)
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(re.compile(r".*/api/sessions$"), flaky)
+    page.goto(f"{url}/")
+    page.fill("#text", "医保电子凭证怎么激活")
+    page.click("#form button[type=submit]")
+    expect(page.locator("#text")).to_have_value("医保电子凭证怎么激活", timeout=TIMEOUT_MS)
+    expect(page.locator("#status")).to_contain_text("连上后会自动发送您的问题", timeout=TIMEOUT_MS)
+    resident = page.locator("#log li.resident", has_text="医保电子凭证怎么激活")
+    expect(resident).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(page.locator("#log li.bot")).to_have_count(2, timeout=TIMEOUT_MS)  # greeting + answer
+    assert len(refused) == 2
+    expect(page.locator("#text")).to_have_value("")
+    context.close()
+
+
+def test_a_question_the_hub_did_not_take_goes_back_into_the_box(chromium, live_hub) -> None:
+    """No WebSocket (a proxy drops them) and the one HTTP send fails: the question is put back in
+    the box with a plain message, and sending it again gets the answer."""
+    url, _ = live_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    page.add_init_script("window.WebSocket = function () { throw new Error('blocked by proxy'); };")
+    failed: list[int] = []
+
+    def once(route) -> None:
+        if route.request.method == "POST" and not failed:
+            failed.append(1)
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(re.compile(r".*/api/sessions/[^/]+/messages$"), once)
+    page.goto(f"{url}/")
+    expect(page.locator("#log li.bot")).to_have_count(1, timeout=TIMEOUT_MS)  # the greeting
+    page.fill("#text", "异地就医怎么备案")
+    page.click("#form button[type=submit]")
+    expect(page.locator("#status")).to_contain_text("您的问题还在输入框里", timeout=TIMEOUT_MS)
+    expect(page.locator("#text")).to_have_value("异地就医怎么备案")
+    page.click("#form button[type=submit]")
+    expect(page.locator("#log li.bot")).to_have_count(2, timeout=TIMEOUT_MS)
+    expect(page.locator("#log li.resident", has_text="异地就医怎么备案")).to_have_count(1)
+    assert page.locator("#log li.bot").last.locator(".cite").count() >= 1
+    context.close()
