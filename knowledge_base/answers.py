@@ -29,6 +29,9 @@ import functools
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +68,7 @@ CANDIDATE_ENTRIES = 5  # entries whose units are scored
 CLARIFY_SHARE = 0.35
 CLARIFY_RATIO = 0.6  # the runner-up's share is at least this fraction of the best one's
 ANSWER_ABSTAIN = 0.25  # retrieval confidence below which the answer stage declines (fitted: reranker.json)
+SHARED_ANSWERS = 512  # recent answers answer_shared keeps (a prefetched one waits for its request)
 AREA_DENSE = 0.6  # (cos 0.94) a question this close to an entry's own wording is answered by the entry
 PHONE_SPOKEN_CHARS = 60  # everything said for one answer: about 14 s at the phone voice's pace
 
@@ -291,6 +295,8 @@ class Answerer:
         # questions for other agencies are already declined by name (questions.other_agency), and
         # residents' real wording sits further from the corpus than the team's paraphrases do.
         self.abstain_below = self.weights.pop("abstain_below", ANSWER_ABSTAIN)
+        self._shared: OrderedDict[tuple, Future] = OrderedDict()  # answer_shared's recent answers
+        self._shared_lock = threading.Lock()
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, features: dict[str, float]) -> float:
@@ -390,6 +396,49 @@ class Answerer:
     # -- the decision -------------------------------------------------------------------------------
     def answer(self, message: str, context: Context | None = None) -> Reply:
         context = context or Context()
+        return self._once_only(self._decide(message, context.region, context.deployment_region), context)
+
+    def answer_shared(self, message: str, context: Context | None = None) -> Reply:
+        """``answer``, computed once for the same message and region however many callers ask, and
+        kept for the next few hundred: the hub starts it while Rasa still parses the message
+        (``prefetch``) and the action's request joins that work. The Reply is shared: read it, never
+        change it."""
+        context = context or Context()
+        key = (message, context.region, context.deployment_region)
+        with self._shared_lock:
+            future = self._shared.get(key)
+            owner = future is None
+            if owner:
+                future = self._shared[key] = Future()
+                if len(self._shared) > SHARED_ANSWERS:
+                    self._shared.popitem(last=False)
+            else:
+                self._shared.move_to_end(key)
+        if owner:
+            try:
+                future.set_result(self._decide(*key))
+            except BaseException as exc:
+                with self._shared_lock:
+                    if self._shared.get(key) is future:
+                        del self._shared[key]
+                future.set_exception(exc)
+        return self._once_only(future.result(), context)
+
+    def prefetch(self, message: str, context: Context | None = None) -> None:
+        """Start ``answer_shared`` ahead of the request that will ask for it (its result is kept)."""
+        self.answer_shared(message, context)
+
+    def _once_only(self, reply: Reply, context: Context) -> Reply:
+        """Never "which one did you mean" twice in a row: after a clarifying turn, a person is offered."""
+        if reply.outcome == "clarifying" and context.last_outcome == "clarifying":
+            meta = {k: v for k, v in reply.meta.items() if k != "options"}
+            return Reply("abstained", UNSURE_AGAIN_TEXT, UNSURE_AGAIN_SPOKEN, buttons=[HUMAN_BUTTON],
+                         meta={**meta, "reason": "unsure_after_clarifying"})
+        return reply
+
+    def _decide(self, message: str, region: str | None, deployment_region: str) -> Reply:
+        """The reply to ``message`` in ``region``, before the never-twice rule (``_once_only``)."""
+        context = Context(region=region, deployment_region=deployment_region)
         parsed = parse(message)
         if not parsed.questions:
             return Reply("abstained", NO_QUESTION_TEXT, NO_QUESTION_SPOKEN, buttons=[HUMAN_BUTTON],
@@ -424,10 +473,6 @@ class Answerer:
                 # Unsure between precise points but sure of the area: the broad answer beats a question back.
                 answerable[0].candidates.insert(0, area)
                 options = []
-            if options and context.last_outcome == "clarifying":
-                # Never "which one did you mean" twice in a row: a person is offered instead.
-                return Reply("abstained", UNSURE_AGAIN_TEXT, UNSURE_AGAIN_SPOKEN, buttons=[HUMAN_BUTTON],
-                             meta={**meta, "reason": "unsure_after_clarifying"})
             if options:
                 return self._clarify(options, meta)
         # Two questions that land on the same unit are one answer.

@@ -187,6 +187,78 @@ def test_never_clarify_twice_in_a_row(knowledge_base, monkeypatch):
     assert any(b["payload"] == "/request_human" for b in again.buttons)
 
 
+def test_the_same_question_asked_twice_at_once_is_answered_once(knowledge_base, monkeypatch):
+    """The hub starts an answer while Rasa parses the message; the action's request for the same
+    message and region joins it: one computation, the same reply as answer()."""
+    import threading
+
+    answerer = knowledge_base.answerer
+    calls: list[str] = []
+    started, release = threading.Event(), threading.Event()
+    decide = answerer._decide
+
+    def slow_decide(message, region, deployment_region):
+        calls.append(message)
+        started.set()
+        release.wait(10)
+        return decide(message, region, deployment_region)
+
+    monkeypatch.setattr(answerer, "_decide", slow_decide)
+    text = "亲情账户最多可以绑定几个人（并发测试）"
+    context = Context(region="330100", deployment_region="330100")
+    ahead = threading.Thread(target=answerer.prefetch, args=(text, context))
+    ahead.start()
+    assert started.wait(10)
+    joined: list = []
+    asker = threading.Thread(target=lambda: joined.append(answerer.answer_shared(text, context)))
+    asker.start()
+    release.set()
+    ahead.join(10)
+    asker.join(10)
+    assert calls == [text]  # computed once, by the prefetch
+    other_region = answerer.answer_shared(text, Context(region="440100", deployment_region="330100"))
+    assert len(calls) == 2 and other_region is not joined[0]  # another region is another answer
+    assert joined[0].as_dict() == answerer.answer(text, context).as_dict()  # answer() computes afresh: same reply
+
+
+def test_a_failed_shared_answer_is_not_kept(knowledge_base, monkeypatch):
+    answerer = knowledge_base.answerer
+    decide = answerer._decide
+    failures = [RuntimeError("index being replaced")]
+
+    def flaky(message, region, deployment_region):
+        if failures:
+            raise failures.pop()
+        return decide(message, region, deployment_region)
+
+    monkeypatch.setattr(answerer, "_decide", flaky)
+    text = "异地就医备案以后多久生效（失败测试）"
+    with pytest.raises(RuntimeError):
+        answerer.answer_shared(text, HANGZHOU)
+    assert answerer.answer_shared(text, HANGZHOU).outcome in ("answered", "clarifying", "abstained")
+
+
+def test_never_clarify_twice_in_a_row_holds_for_a_shared_answer(knowledge_base, monkeypatch):
+    """The kept answer does not depend on the last turn: the never-twice rule is applied per request."""
+    answerer = knowledge_base.answerer
+    units = answerer.units.layout.units
+    a = next(u for u in units if u.kind == "point" and u.entry.id == "ev-family-add")
+    b = next(u for u in units if u.kind == "point" and u.entry.id.startswith("cr-"))
+    unsure = answerer.clarify_share * 0.8
+
+    def candidates(question, parsed, region):
+        return QuestionAnswer(question, None, [Candidate(a, {}, 1.0, unsure), Candidate(b, {}, 0.9, unsure * 0.9)],
+                              0.7, False)
+
+    monkeypatch.setattr(answerer, "candidates", candidates)
+    text = "那个绑定的事（共享测试）"
+    assert answerer.answer_shared(text, Context()).outcome == "clarifying"
+    again = answerer.answer_shared(text, Context(last_outcome="clarifying"))
+    assert again.outcome == "abstained" and again.meta["reason"] == "unsure_after_clarifying"
+    assert "options" not in again.meta
+    assert answerer.answer_shared(text, Context()).outcome == "clarifying"  # the kept reply is unchanged
+
+
 def test_clarify_only_between_genuinely_different_questions(knowledge_base):
     answerer = knowledge_base.answerer
     units = answerer.units.layout.units

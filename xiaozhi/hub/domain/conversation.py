@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import datetime as dt
 import logging
 import time
@@ -243,9 +244,16 @@ class ConversationService:
     async def _dialogue(self, conv: Conversation, text: str) -> tuple[list[BotReply], dict]:
         kb = self._kb()
         if kb is not None:
-            # Most turns end in a knowledge-base search: encode the question on the other core
-            # while Rasa parses it, so the action's search finds the vector ready.
-            prefetch = asyncio.get_running_loop().run_in_executor(None, kb.prefetch, text)
+            # Most turns end in the knowledge base's answer: compute it on the other core while Rasa
+            # parses the message, so the action's request (same message, same region) finds it ready.
+            if kb.answerer is not None:
+                from knowledge_base.answers import Context
+
+                ahead = functools.partial(kb.answerer.prefetch, text,
+                                          Context(region=conv.region_code or None, deployment_region=kb.default_region))
+            else:
+                ahead = functools.partial(kb.prefetch, text)  # still loading: at least the query vector
+            prefetch = asyncio.get_running_loop().run_in_executor(None, ahead)
             prefetch.add_done_callback(_log_prefetch_failure)
         try:
             replies, understood = await self.rasa.send(
@@ -274,7 +282,7 @@ class ConversationService:
 
             context = Context(region=conv.region_code or None, deployment_region=kb.default_region)
             try:
-                answer = await asyncio.to_thread(kb.answerer.answer, text, context)
+                answer = await asyncio.to_thread(kb.answerer.answer_shared, text, context)
             except Exception:  # the knowledge base failing too must still not lose the turn
                 log.exception("knowledge-base answer failed in degraded mode")
             else:
@@ -334,7 +342,7 @@ class ConversationService:
 
 def _log_prefetch_failure(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.warning("query prefetch failed: %s", future.exception())
+        log.warning("answer prefetch failed: %s", future.exception())
 
 
 def preview(text: str, limit: int = 80) -> str:

@@ -33,7 +33,8 @@ async def answer(body: AnswerRequest, kb: KnowledgeBase) -> dict:
     if kb.answerer is None:
         raise ApiError(503, "kb_loading", "知识库正在加载，请稍后再试。")
     context = Context(region=body.region, last_outcome=body.last_outcome, deployment_region=kb.default_region)
-    reply = await asyncio.to_thread(kb.answerer.answer, body.text, context)
+    # answer_shared: the hub usually started this answer while Rasa parsed the message (conversation.py)
+    reply = await asyncio.to_thread(kb.answerer.answer_shared, body.text, context)
     return reply.as_dict()
 
 
