@@ -44,6 +44,17 @@ def test_hub_reports_rasa_ready(client):
     assert ready["phone"]["nearly_full"] is False  # `xiaozhi run` serves the hotline too
 
 
+def test_rasa_pays_its_first_parse_at_start_up_not_with_a_residents_question(stack):
+    """jieba's dictionary and the classifier's first call cost about a second: the channel parses a
+    question once as Rasa starts (xiaozhi_channel.warm_up)."""
+    rasa_log = stack["log"].parent / "logs" / "rasa.log"
+    deadline = time.monotonic() + 60
+    while not re.search(r"warmed up \(first parse \d+ ms\)", rasa_log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, "Rasa never logged its warm-up parse"
+        time.sleep(0.5)
+    assert "warm-up parse failed" not in rasa_log.read_text(errors="replace")
+
+
 def test_e_voucher_activation_names_the_channels_and_a_source(client):
     reply, _ = ask(client, "医保电子凭证怎么激活")
     meta = reply["meta"]
