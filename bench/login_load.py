@@ -25,7 +25,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chat_latency import percentile, running_stack, session_worker  # noqa: E402
+from chat_latency import QUESTIONS, Questions, percentile, running_stack, session_worker  # noqa: E402
+
+POOL = Questions(QUESTIONS)  # every run of this process takes new questions (no answer-cache hits)
 
 PASSWORD = "bench-admin-password-17"
 
@@ -50,15 +52,16 @@ async def chat_with_logins(url: str, logins: int, messages: int, sessions: int) 
     per_session = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
     async with httpx.AsyncClient(base_url=url, timeout=60) as chat, \
             httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=logins + 1)) as staff:
-        await session_worker(chat, 3, 0, [], [])  # warm-up
+        await session_worker(chat, POOL.take(3), 0, [], [])  # warm-up
+        batches = [POOL.take(n) for n in per_session]
         loggers = [asyncio.create_task(log_in_forever(staff, addresses, login_times, login_errors))
                    for _ in range(logins)]
         t0 = time.perf_counter()
         try:
             # A resident whose session could not be opened (a 500 from the old code's "database is
             # locked") is counted as an error, not allowed to end the run.
-            outcomes = await asyncio.gather(*(session_worker(chat, n, logins * 50 + i, latencies, errors, paced=True)
-                                              for i, n in enumerate(per_session)), return_exceptions=True)
+            outcomes = await asyncio.gather(*(session_worker(chat, texts, logins * 50 + i, latencies, errors, paced=True)
+                                              for i, texts in enumerate(batches)), return_exceptions=True)
             errors += [f"resident gave up: {o!r}" for o in outcomes if isinstance(o, Exception)]
         finally:
             wall = time.perf_counter() - t0
