@@ -131,19 +131,27 @@ class UnitIndex:
         n = max(1, len(rows.units))
         self.idf = {w: math.log(1 + n / c) for w, c in df.items()}
         self._unseen_idf = math.log(1 + n)
+        # each way of asking's own weight, with its words (the denominators of word_overlap's "covered")
+        self.weighted_texts = [[(ws, sum(self.idf[w] for w in ws)) for ws in texts if ws] for texts in self.text_words]
 
-    def word_overlap(self, words: list[str], unit: int) -> tuple[float, float, float]:
+    def question_weights(self, words: list[str]) -> dict[str, float]:
+        """The question's words with their IDF weights: computed once per question, not per unit."""
+        return {w: self.idf.get(w, self._unseen_idf) for w in set(words)}
+
+    def word_overlap(self, words: list[str], unit: int,
+                     weights: dict[str, float] | None = None) -> tuple[float, float, float]:
         """IDF-weighted share of the question's words found in the unit's questions, and in its answer;
         and the best share of one way of asking's words that the question says (a unit asked about
-        急诊 fits "住院要带什么材料" less well than one that asks no more than that)."""
-        unique = set(words)
-        weight = lambda ws: sum(self.idf.get(w, self._unseen_idf) for w in ws)  # noqa: E731
-        total = weight(unique)
+        急诊 fits "住院要带什么材料" less well than one that asks no more than that). ``weights``:
+        ``question_weights(words)``, when the caller scores many units for one question."""
+        qw = weights if weights is not None else self.question_weights(words)
+        total = sum(qw.values())
         if not total:
             return 0.0, 0.0, 0.0
-        asked = weight(unique & self.asked_words[unit]) / total
-        answered = weight(unique & self.answer_words[unit]) / total
-        covered = max((weight(ws & unique) / weight(ws) for ws in self.text_words[unit] if ws), default=0.0)
+        said = qw.keys()
+        asked = sum(qw[w] for w in said & self.asked_words[unit]) / total
+        answered = sum(qw[w] for w in said & self.answer_words[unit]) / total
+        covered = max((sum(qw[w] for w in said & ws) / own for ws, own in self.weighted_texts[unit]), default=0.0)
         return asked, answered, covered
 
     def units_of(self, entry_id: str) -> list[int]:
@@ -328,11 +336,12 @@ class Answerer:
         sims_full, answer_sims = self.units.similarities(indexes, qv_full)
         sims_core = self.units.similarities(indexes, qv_core)[0] if core != question else sims_full
         words = self.kb.text.words(self.kb.text.normalise(question))
+        weights = self.units.question_weights(words)
         learned, learned_entry = self._learned(question, indexes)
         out = []
         for u in indexes:
             unit = self.units.layout.units[u]
-            words_asked, words_answer, words_covered = self.units.word_overlap(words, u)
+            words_asked, words_answer, words_covered = self.units.word_overlap(words, u, weights)
             features = {
                 "dense_core": _dense(sims_core[u]),
                 "dense_full": _dense(sims_full[u]),
