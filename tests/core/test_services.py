@@ -68,3 +68,24 @@ def test_a_close_runs_the_desk_surveys_metrics_and_video_hooks_the_root_register
     assert out["survey"] == "offered"  # surveys: offered in the conversation
     assert out["closes"] == 1.0 and out["turns"] == 1.0  # metrics: the turn and the close counted
     assert out["video_after"] is None  # video: the session hung up
+
+
+def test_a_started_hub_keeps_numpy_to_one_blas_thread(hub_settings, knowledge_base):
+    """OpenBLAS's extra threads spin on the core chat needs after every product (xiaozhi/hub/infra/cpu.py):
+    a started hub has one."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    async def scenario() -> set[int]:
+        services = HubServices(hub_settings, knowledge_base=knowledge_base)
+        await services.start()
+        try:
+            return blas_threads()
+        finally:
+            await services.stop()
+
+    threadpool_limits(2, user_api="blas")  # as numpy starts on this two-core machine
+    assert blas_threads() == {2}
+    assert run_isolated(scenario()) == {1}

@@ -44,6 +44,7 @@ from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
 from xiaozhi.hub.domain.surveys import SurveyService
 from xiaozhi.hub.infra.bus import LocalBus, make_bus
 from xiaozhi.hub.infra.collector import collector_paused
+from xiaozhi.hub.infra.cpu import one_blas_thread
 from xiaozhi.hub.infra.rasa_client import RasaClient
 from xiaozhi.hub.infra.retention import retention_loop
 from xiaozhi.hub.infra.security import Limits
@@ -99,6 +100,7 @@ class HubServices:
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        one_blas_thread()  # numpy's BLAS threads spin on the cores chat needs (infra/cpu.py)
         # 1. persistence, the dialogue engine, staff accounts
         self.store = Store(s.effective_database_url)
         await migrations.prepare(self.store, migrate=s.db_migrate_on_start)

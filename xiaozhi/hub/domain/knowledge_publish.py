@@ -47,6 +47,7 @@ from knowledge_base.records import next_expiry
 from xiaozhi.hub.domain.accounts import StaffUser
 from xiaozhi.hub.domain.knowledge_store import KnowledgeStore
 from xiaozhi.hub.infra.collector import collector_paused
+from xiaozhi.hub.infra.cpu import one_blas_thread
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class KnowledgePublisher:
         """Start the worker process; the running knowledge base's texts and vectors to seed it with."""
         from knowledge_base import build_worker
 
-        spare_a_core()
+        one_blas_thread()  # the hub did at start; also here for a publisher run on its own (tests, tools)
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=build_worker.lower_priority)
         units = getattr(getattr(self._get_kb(), "answerer", None), "units", None)
@@ -356,14 +357,3 @@ def _hub_alive(name: str) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def spare_a_core() -> None:
-    """Keep this process's BLAS (numpy's and scipy's OpenBLAS) to one thread. OpenBLAS's second thread spins
-    on the other core after every call it shares, waiting for the next; chat's answers make one often
-    enough that it never sleeps, and the niced worker, which needs that core, got 3-12 % of it: a warm-up
-    that takes 80 s did not end in 8 minutes (bench/kb_publish.py). One thread costs chat nothing measurable
-    (a 95,155 x 384 product: about 13 ms either way); the hub's concurrent chats run in threads of their own."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1, user_api="blas")
