@@ -168,8 +168,8 @@ def test_an_unverified_figure_is_never_stated_on_its_own(knowledge_base):
     assert "核实" in reply.text and "为准" in reply.spoken
 
 
-def test_never_clarify_twice_in_a_row(knowledge_base, monkeypatch):
-    answerer = knowledge_base.answerer
+def unsure_between_two_areas(answerer, monkeypatch) -> None:
+    """Every question finds two points of different entries and neither stands out: a clarifying reply."""
     units = answerer.units.layout.units
     a = next(u for u in units if u.kind == "point" and u.entry.id == "ev-family-add")
     b = next(u for u in units if u.kind == "point" and u.entry.id.startswith("cr-"))
@@ -180,6 +180,11 @@ def test_never_clarify_twice_in_a_row(knowledge_base, monkeypatch):
                               0.7, False)
 
     monkeypatch.setattr(answerer, "candidates", candidates)
+
+
+def test_never_clarify_twice_in_a_row(knowledge_base, monkeypatch):
+    answerer = knowledge_base.answerer
+    unsure_between_two_areas(answerer, monkeypatch)
     first = answerer.answer("那个绑定的事", Context())
     assert first.outcome == "clarifying"
     again = answerer.answer("就是那个绑定的事", Context(last_outcome="clarifying"))
@@ -241,16 +246,7 @@ def test_a_failed_shared_answer_is_not_kept(knowledge_base, monkeypatch):
 def test_never_clarify_twice_in_a_row_holds_for_a_shared_answer(knowledge_base, monkeypatch):
     """The kept answer does not depend on the last turn: the never-twice rule is applied per request."""
     answerer = knowledge_base.answerer
-    units = answerer.units.layout.units
-    a = next(u for u in units if u.kind == "point" and u.entry.id == "ev-family-add")
-    b = next(u for u in units if u.kind == "point" and u.entry.id.startswith("cr-"))
-    unsure = answerer.clarify_share * 0.8
-
-    def candidates(question, parsed, region):
-        return QuestionAnswer(question, None, [Candidate(a, {}, 1.0, unsure), Candidate(b, {}, 0.9, unsure * 0.9)],
-                              0.7, False)
-
-    monkeypatch.setattr(answerer, "candidates", candidates)
+    unsure_between_two_areas(answerer, monkeypatch)
     text = "那个绑定的事（共享测试）"
     assert answerer.answer_shared(text, Context()).outcome == "clarifying"
     again = answerer.answer_shared(text, Context(last_outcome="clarifying"))
