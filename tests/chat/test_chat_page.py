@@ -7,6 +7,8 @@ import re
 
 from playwright.sync_api import expect
 
+from tests.support.browser import refuse_first_posts
+
 TIMEOUT_MS = 30_000
 
 
@@ -16,16 +18,7 @@ def test_a_question_sent_while_the_page_connects_is_kept_and_answered(chromium, 
     url, _ = live_hub
     context = chromium.new_context(locale="zh-CN")
     page = context.new_page()
-    refused: list[int] = []
-
-    def flaky(route) -> None:
-        if route.request.method == "POST" and len(refused) < 2:
-            refused.append(1)
-            route.abort()
-        else:
-            route.continue_()
-
-    page.route(re.compile(r".*/api/sessions$"), flaky)
+    refused = refuse_first_posts(page, re.compile(r".*/api/sessions$"), 2)
     page.goto(f"{url}/")
     page.fill("#text", "医保电子凭证怎么激活")
     page.click("#form button[type=submit]")
@@ -46,16 +39,7 @@ def test_a_question_the_hub_did_not_take_goes_back_into_the_box(chromium, live_h
     context = chromium.new_context(locale="zh-CN")
     page = context.new_page()
     page.add_init_script("window.WebSocket = function () { throw new Error('blocked by proxy'); };")
-    failed: list[int] = []
-
-    def once(route) -> None:
-        if route.request.method == "POST" and not failed:
-            failed.append(1)
-            route.abort()
-        else:
-            route.continue_()
-
-    page.route(re.compile(r".*/api/sessions/[^/]+/messages$"), once)
+    refuse_first_posts(page, re.compile(r".*/api/sessions/[^/]+/messages$"), 1)
     page.goto(f"{url}/")
     expect(page.locator("#log li.bot")).to_have_count(1, timeout=TIMEOUT_MS)  # the greeting
     page.fill("#text", "异地就医怎么备案")

@@ -8,7 +8,7 @@ import gzip
 import re
 
 import pytest
-from tests.support.browser import SCREENSHOT_DIR, serve
+from tests.support.browser import SCREENSHOT_DIR, refuse_first_posts, serve
 from tests.support import free_port
 
 from xiaozhi.hub.widget import WIDGET_JS, widget_sizes
@@ -574,16 +574,7 @@ def test_a_question_typed_while_connecting_is_kept_and_sent(chromium, widget_hub
     _, _, host_url = widget_hub
     context = chromium.new_context(locale="zh-CN")
     page = context.new_page()
-    refused = []
-
-    def flaky(route) -> None:
-        if route.request.method == "POST" and len(refused) < 2:
-            refused.append(1)
-            route.abort()
-        else:
-            route.continue_()
-
-    page.route(re.compile(r".*/api/sessions$"), flaky)
+    refused = refuse_first_posts(page, re.compile(r".*/api/sessions$"), 2)
     page.goto(host_url)
     page.locator("#xiaozhi-widget button.launch").click()
     page.get_by_label("输入您的问题").fill("医保电子凭证怎么激活")

@@ -59,3 +59,19 @@ def serve(app, port: int, **options):
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def refuse_first_posts(page, url_pattern, times: int) -> list[str]:
+    """The page's first ``times`` POSTs to URLs matching ``url_pattern`` (a compiled regex) fail as a
+    dropped connection would; later ones and other methods go through. Returns the refused URLs, as they happen."""
+    refused: list[str] = []
+
+    def route(request_route) -> None:
+        if request_route.request.method == "POST" and len(refused) < times:
+            refused.append(request_route.request.url)
+            request_route.abort()
+        else:
+            request_route.continue_()
+
+    page.route(url_pattern, route)
+    return refused
