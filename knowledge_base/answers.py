@@ -306,6 +306,18 @@ class Answerer:
         self._shared: OrderedDict[tuple, Future] = OrderedDict()  # answer_shared's recent answers
         self._shared_lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        """Pickled (the build worker hands a base over, knowledge_base/build_worker.py) without the kept
+        answers and their lock: a new base starts with none."""
+        state = dict(self.__dict__)
+        del state["_shared"], state["_shared_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._shared = OrderedDict()
+        self._shared_lock = threading.Lock()
+
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, features: dict[str, float]) -> float:
         w = self.weights

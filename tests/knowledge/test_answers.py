@@ -243,6 +243,22 @@ def test_a_failed_shared_answer_is_not_kept(knowledge_base, monkeypatch):
     assert answerer.answer_shared(text, HANGZHOU).outcome in ("answered", "clarifying", "abstained")
 
 
+def test_an_answerer_is_handed_over_without_its_kept_answers(knowledge_base):
+    """The build worker pickles the base it built (build_worker.py; tests/knowledge/test_kb_publish_process.py
+    pickles a real one): the kept answers and their lock stay behind, and the copy keeps its own."""
+    from knowledge_base.answers import Answerer
+
+    answerer = knowledge_base.answerer
+    text = "医保电子凭证怎么激活（交接测试）"
+    kept = answerer.answer_shared(text, HANGZHOU)
+    state = answerer.__getstate__()
+    assert "_shared" not in state and "_shared_lock" not in state
+    clone = Answerer.__new__(Answerer)
+    clone.__setstate__(state)
+    assert not clone._shared
+    assert clone.answer_shared(text, HANGZHOU).as_dict() == kept.as_dict()
+
+
 def test_never_clarify_twice_in_a_row_holds_for_a_shared_answer(knowledge_base, monkeypatch):
     """The kept answer does not depend on the last turn: the never-twice rule is applied per request."""
     answerer = knowledge_base.answerer
