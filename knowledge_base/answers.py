@@ -422,7 +422,7 @@ class Answerer:
     def answer_shared(self, message: str, context: Context | None = None) -> Reply:
         """``answer``, computed once for the same message and region however many callers ask, and
         kept for the next few hundred: the hub starts it while Rasa still parses the message
-        (``prefetch``) and the action's request joins that work. The Reply is shared: read it, never
+        (conversation.py) and the action's request joins that work. The Reply is shared: read it, never
         change it."""
         context = context or Context()
         key = (message, context.region, context.deployment_region)
@@ -444,10 +444,6 @@ class Answerer:
                         del self._shared[key]
                 future.set_exception(exc)
         return self._once_only(future.result(), context)
-
-    def prefetch(self, message: str, context: Context | None = None) -> None:
-        """Start ``answer_shared`` ahead of the request that will ask for it (its result is kept)."""
-        self.answer_shared(message, context)
 
     def _once_only(self, reply: Reply, context: Context) -> Reply:
         """Never "which one did you mean" twice in a row: after a clarifying turn, a person is offered."""

@@ -67,8 +67,8 @@ def authorised(presented: Optional[str], expected: Optional[str]) -> bool:
     return bool(expected) and presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
 
 
-
 WARM_UP_TEXT = "医保电子凭证怎么激活"  # parsed once at start-up (``warm_up``)
+
 
 class XiaozhiInput(RestInput):
     """``POST /webhooks/xiaozhi/webhook`` with ``{"sender", "message", "metadata"}``."""

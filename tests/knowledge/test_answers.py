@@ -211,7 +211,7 @@ def test_the_same_question_asked_twice_at_once_is_answered_once(knowledge_base, 
     monkeypatch.setattr(answerer, "_decide", slow_decide)
     text = "亲情账户最多可以绑定几个人（并发测试）"
     context = Context(region="330100", deployment_region="330100")
-    ahead = threading.Thread(target=answerer.prefetch, args=(text, context))
+    ahead = threading.Thread(target=answerer.answer_shared, args=(text, context))
     ahead.start()
     assert started.wait(10)
     joined: list = []

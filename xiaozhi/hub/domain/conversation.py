@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import datetime as dt
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -249,7 +249,7 @@ class ConversationService:
             if kb.answerer is not None:
                 from knowledge_base.answers import Context
 
-                ahead = functools.partial(kb.answerer.prefetch, text,
+                ahead = functools.partial(kb.answerer.answer_shared, text,
                                           Context(region=conv.region_code or None, deployment_region=kb.default_region))
             else:
                 ahead = functools.partial(kb.prefetch, text)  # still loading: at least the query vector
