@@ -44,7 +44,7 @@ def test_a_question_the_hub_did_not_take_goes_back_into_the_box(chromium, live_h
     expect(page.locator("#log li.bot")).to_have_count(1, timeout=TIMEOUT_MS)  # the greeting
     page.fill("#text", "异地就医怎么备案")
     page.click("#form button[type=submit]")
-    expect(page.locator("#status")).to_contain_text("您的问题还在输入框里", timeout=TIMEOUT_MS)
+    expect(page.locator("#status")).to_have_text("网络连接中断。您的问题还在输入框里，请稍后再点“发送”。", timeout=TIMEOUT_MS)
     expect(page.locator("#text")).to_have_value("异地就医怎么备案")
     page.click("#form button[type=submit]")
     expect(page.locator("#log li.bot")).to_have_count(2, timeout=TIMEOUT_MS)

@@ -58,6 +58,10 @@
     return body;
   }
 
+  // What went wrong, in words for the resident: the hub's own message, or the browser's (English) one
+  // replaced when the request never reached the hub.
+  function reason(e) { return e.status ? e.message : "网络连接中断"; }
+
   // A random id kept in this browser so analytics can tell a visitor who comes back about the same
   // question within 72 hours (repeat contact); it names no one.
   function visitor() {
@@ -100,7 +104,7 @@
       else status.textContent = "";
     }, function (e) {
       starting = null;
-      status.textContent = pending ? "暂时连不上，正在重试，连上后会自动发送您的问题。" : "连接失败：" + e.message + "，正在重试。";
+      status.textContent = pending ? "暂时连不上，正在重试，连上后会自动发送您的问题。" : "连接失败：" + reason(e) + "，正在重试。";
       setTimeout(begin, backoff);
       backoff = Math.min(backoff * 2, 30000);
     });
@@ -133,7 +137,7 @@
     }, function (e) {
       // nothing typed is lost: the question goes back into the box to be sent again
       if (!input.value.trim()) input.value = text;
-      status.textContent = e.message + "。您的问题还在输入框里，请稍后再点“发送”。";
+      status.textContent = reason(e) + "。您的问题还在输入框里，请稍后再点“发送”。";
     });
   }
 
