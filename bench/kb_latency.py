@@ -89,7 +89,8 @@ def main() -> None:
     settings = get_settings()
     corpus = load_corpus(settings.kb_data_dir)
     text = TextProcessor()
-    embedder = Embedder(settings.effective_embedding_model, prefix=settings.embedding_query_prefix, threads=1)
+    embedder = Embedder(settings.effective_embedding_model, prefix=settings.embedding_query_prefix, threads=1,
+                        backend=settings.embedding_backend)
     vectors, owners, _ = encode_corpus(corpus, embedder, settings.kb_index_dir)
     qs = queries(args.queries)
     print(f"knowledge-base latency, embedded backend, {args.queries} queries, 1 torch thread, {os.cpu_count()} cores")

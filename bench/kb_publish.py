@@ -207,7 +207,7 @@ async def run(points_total: int, rounds: int, build: str = "process", profile: b
     all_points, origin = generated_points(points, points_total)
     print(f"base: {len(entries)} entries, {len(all_points)} knowledge points ({len(points)} from the packs)")
 
-    embedder = Embedder(config.embedding_model, prefix=config.embedding_query_prefix, threads=config.embedding_threads)
+    embedder = Embedder.from_config(config)
     started = time.perf_counter()
     packs_kb = open_knowledge_base(dataclasses.replace(config, index_dir=settings.kb_index_dir), embedder=embedder)
     known = dict(zip(packs_kb.answerer.units.layout.texts, packs_kb.answerer.units.vectors))

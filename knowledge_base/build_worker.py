@@ -72,8 +72,7 @@ def _build(config: KnowledgeBaseConfig, entries: list[dict], points: list[dict],
     from knowledge_base.text import TextProcessor
 
     if "embedder" not in _state:
-        _state["embedder"] = Embedder(config.embedding_model, prefix=config.embedding_query_prefix,
-                                      threads=config.embedding_threads)
+        _state["embedder"] = Embedder.from_config(config)
         _state["text"] = TextProcessor()
     reuse = _state.get("reuse") or {}
     if seed is not None:

@@ -35,7 +35,8 @@ class KnowledgeBaseConfig:
     index_dir: vectors and index generations, shared by checkouts (``<cache>/kb-index``).
     embedding_model: a SentenceTransformer path or name.
     embedding_query_prefix: put before every text (e5 wants ``"query: "``).
-    embedding_threads: torch threads for query embedding.
+    embedding_threads: inference threads for query embedding.
+    embedding_backend: ``auto``, ``onnx`` or ``torch`` (knowledge_base/embedder.py).
     backend: ``embedded`` (tantivy BM25 + exact kNN) or ``elasticsearch`` (then ``elasticsearch`` is required).
     abstain_threshold: below this confidence (0..1) a search abstains.
     confidence_midpoint: dense similarity at which confidence is 0.5.
@@ -54,6 +55,7 @@ class KnowledgeBaseConfig:
     top_k: int
     default_region: str
     elasticsearch: ElasticsearchConfig | None = None
+    embedding_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

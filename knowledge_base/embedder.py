@@ -3,6 +3,12 @@
 The default model is multilingual-e5-small rebuilt offline from a registry package at setup
 (knowledge_base/embedding_model.py); production can name any SentenceTransformer model,
 e.g. BAAI/bge-small-zh-v1.5, through XIAOZHI_EMBEDDING_MODEL.
+
+Backends (XIAOZHI_EMBEDDING_BACKEND): ``onnx`` runs the directory's export
+(knowledge_base/onnx_encoder.py, written by ``xiaozhi prepare``) with onnxruntime, the same vectors
+in about half the time; ``torch`` runs sentence-transformers; ``auto`` (the default) takes the
+export when the directory has a current one and sentence-transformers otherwise (a hub model name,
+a pipeline the export does not reproduce).
 """
 
 from __future__ import annotations
@@ -24,8 +30,14 @@ class EmbeddingModelMissing(RuntimeError):
     """The configured model directory does not exist: setup has not built it."""
 
 
+BACKENDS = ("auto", "onnx", "torch")
+
+
 class Embedder:
-    def __init__(self, model: str, *, prefix: str = "query: ", threads: int | None = None) -> None:
+    def __init__(self, model: str, *, prefix: str = "query: ", threads: int | None = None,
+                 backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"embedding backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.model_name = model
         self.prefix = prefix
         path = Path(model)
@@ -35,19 +47,41 @@ class Embedder:
             )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import torch
-        from sentence_transformers import SentenceTransformer
+        self._model = None
+        self._onnx = None
+        if backend != "torch":
+            from knowledge_base.onnx_encoder import OnnxSentenceEncoder, OnnxUnavailable
 
-        if threads:
-            torch.set_num_threads(threads)
-        self._model = SentenceTransformer(model, device="cpu")
-        dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
-        self.dimension = int(dim())
+            try:
+                self._onnx = OnnxSentenceEncoder(path, threads=threads)
+            except OnnxUnavailable as exc:
+                if backend == "onnx":
+                    raise
+                log.info("embedding model %s served by sentence-transformers: %s", model, exc)
+        if self._onnx is not None:
+            self.backend = "onnx"
+            self.dimension = self._onnx.dimension
+        else:
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            if threads:
+                torch.set_num_threads(threads)
+            self.backend = "torch"
+            self._model = SentenceTransformer(model, device="cpu")
+            dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+            self.dimension = int(dim())
         # Inference is not re-entrant under concurrent threads; one at a time is also fastest on 2 cores.
         self._lock = threading.Lock()
         self.cache_size = 4096
         self._cache: OrderedDict[str, Future] = OrderedDict()
         self._cache_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config) -> "Embedder":
+        """The model a ``KnowledgeBaseConfig`` names, as every process that searches or builds opens it."""
+        return cls(config.embedding_model, prefix=config.embedding_query_prefix, threads=config.embedding_threads,
+                   backend=config.embedding_backend)
 
     @property
     def fingerprint(self) -> str:
@@ -73,6 +107,18 @@ class Embedder:
         return np.asarray(vectors, dtype=np.float32)
 
     def _encode(self, texts: list[str], batch_size: int, progress: bool):
+        if self._onnx is not None:
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(texts), desc="Batches", unit="text")
+            try:
+                return self._onnx.encode([self.prefix + t for t in texts], batch_size=batch_size,
+                                         progress=(lambda done, total: bar.update(done - bar.n)) if bar else None)
+            finally:
+                if bar is not None:
+                    bar.close()
         # An explicit prompt replaces any default prompt the model directory names, so the
         # prefix is applied exactly once whatever the model.
         return self._model.encode(

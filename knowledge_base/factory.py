@@ -47,9 +47,7 @@ def open_knowledge_base(
     text = text or TextProcessor()
     # One inference thread: under concurrent chats, parallel requests use the cores better than
     # torch's intra-op threads fighting over them.
-    embedder = embedder or Embedder(
-        config.embedding_model, prefix=config.embedding_query_prefix, threads=config.embedding_threads
-    )
+    embedder = embedder or Embedder.from_config(config)
     if reuse:
         from knowledge_base.embedded import encode_corpus
 

@@ -59,6 +59,9 @@ def knowledge_base(settings: Settings):
 
             tune_embedding_model(settings.embedding_model_dir, settings.embedding_tuned_dir,
                                  load_corpus(settings.kb_data_dir))  # likewise
+    from knowledge_base.onnx_encoder import export_for_serving
+
+    export_for_serving(settings.effective_embedding_model, settings.embedding_backend)  # likewise
     return open_knowledge_base(settings.knowledge_base_config())
 
 

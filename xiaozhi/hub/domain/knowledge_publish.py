@@ -298,9 +298,7 @@ class KnowledgePublisher:
         if embedder is None:  # no running knowledge base to take the model from (not the hub's case)
             from knowledge_base.embedder import Embedder
 
-            embedder = await asyncio.to_thread(Embedder, self.config.embedding_model,
-                                               prefix=self.config.embedding_query_prefix,
-                                               threads=self.config.embedding_threads)
+            embedder = await asyncio.to_thread(Embedder.from_config, self.config)
         text = getattr(old, "text", None)
         if text is None:
             from knowledge_base.text import TextProcessor
