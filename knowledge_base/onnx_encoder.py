@@ -11,9 +11,14 @@ hidden state about 1e-6, checked on every export).
   ``onnx`` package; it is checked against sentence-transformers on a few sentences before it is put
   in place, and its marker records which build of the model it came from, so a rebuilt or re-tuned
   model is exported again rather than served stale.
-* ``OnnxSentenceEncoder`` serves it with onnxruntime alone (no torch in the serving path): the
-  model's own tokenizer, the transformer's hidden states, mean pooling over the attention mask and
-  L2 normalisation, which is what the directory's ``modules.json`` says sentence-transformers does.
+* ``OnnxSentenceEncoder`` serves it with onnxruntime and the ``tokenizers`` library alone (neither
+  torch nor transformers is imported in the serving path): the model's own ``tokenizer.json``, the
+  transformer's hidden states, mean pooling over the attention mask and L2 normalisation, which is
+  what the directory's ``modules.json`` says sentence-transformers does.
+* The weights are written beside the graph (``model.onnx.data``), which onnxruntime maps rather than
+  copies: a hub holds about 100 MB for the model, where sentence-transformers held the whole 470 MB
+  and onnxruntime reading one file briefly held it twice. The page cache shares the mapping between
+  the hub and its knowledge-base build worker.
   A directory whose pipeline is anything else (CLS pooling, a dense layer...) is not exported and is
   served by sentence-transformers as before.
 """
@@ -35,8 +40,9 @@ log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
 ONNX_FILE = "model.onnx"
+ONNX_DATA = "model.onnx.data"  # the weights, outside the graph so onnxruntime can map them
 ONNX_MARKER = ".complete"
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: weights in model.onnx.data, mapped
 OPSET = 17
 # The pipeline this encoder reproduces: a transformer, mean pooling, L2 normalisation.
 _SUPPORTED_MODULES = (
@@ -143,13 +149,13 @@ def ensure_onnx_export(model_dir: Path, *, prefix: str = "query: ") -> Path:
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s for onnxruntime (%.0f MB)", model_dir, (target / ONNX_FILE).stat().st_size / 2**20)
+    log.info("exported %s for onnxruntime (%.0f MB)", model_dir, (target / ONNX_DATA).stat().st_size / 2**20)
     return target / ONNX_FILE
 
 
 def _export(model_dir: Path, out: Path) -> None:
     try:
-        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnx  # torch's exporter needs it too
     except ImportError as exc:
         raise OnnxUnavailable("the onnx package is not installed (it is in requirements/app.lock.txt)") from exc
     import torch
@@ -170,13 +176,18 @@ def _export(model_dir: Path, out: Path) -> None:
 
     sample = tokenizer([_CHECK_SENTENCES[1]], return_tensors="pt")
     dynamic = {0: "batch", 1: "tokens"}
+    single = out.with_name("single.onnx")
     with torch.inference_mode():
         torch.onnx.export(
-            _Hidden(model), (sample["input_ids"], sample["attention_mask"]), str(out),
+            _Hidden(model), (sample["input_ids"], sample["attention_mask"]), str(single),
             input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
             dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "last_hidden_state": dynamic},
             opset_version=OPSET, dynamo=False,  # the TorchScript exporter: no onnxscript needed
         )
+    graph = onnx.load(str(single))
+    onnx.save_model(graph, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=ONNX_DATA, size_threshold=1024)
+    single.unlink()
 
 
 def _check(model_dir: Path, onnx_file: Path, prefix: str) -> float:
@@ -190,6 +201,28 @@ def _check(model_dir: Path, onnx_file: Path, prefix: str) -> float:
     return float(np.min(np.sum(reference * exported, axis=1)))
 
 
+def _max_length(model_dir: Path) -> int:
+    """sentence-transformers' truncation: its own max_seq_length, else the tokenizer's limit."""
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        try:
+            value = json.loads((model_dir / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if value:
+            return int(value)
+    return 512
+
+
+def _pad_token(model_dir: Path) -> str:
+    try:
+        pad = json.loads((model_dir / "tokenizer_config.json").read_text()).get("pad_token")
+    except (OSError, ValueError):
+        pad = None
+    if isinstance(pad, dict):  # {"content": "<pad>", ...}
+        pad = pad.get("content")
+    return pad or "<pad>"
+
+
 class OnnxSentenceEncoder:
     """Unit vectors for texts (the caller adds any prefix), from an exported model directory."""
 
@@ -200,18 +233,20 @@ class OnnxSentenceEncoder:
                 raise OnnxUnavailable(f"{model_dir} has no current onnx export (run `xiaozhi prepare`)")
             onnx_file = model_dir / ONNX_DIR / ONNX_FILE
         import onnxruntime as ort
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        try:
-            config = json.loads((model_dir / "sentence_bert_config.json").read_text())
-            self.max_length = int(config.get("max_seq_length") or self.tokenizer.model_max_length)
-        except (OSError, ValueError):
-            self.max_length = int(self.tokenizer.model_max_length)
+        self.max_length = _max_length(model_dir)
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_length)
+        pad = _pad_token(model_dir)
+        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id(pad), pad_token=pad)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default (one per core)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # With more than one thread, onnxruntime's workers spin between runs by default, burning a
+        # core the hub's other requests and Rasa need (numpy's OpenBLAS did the same: hub/infra/cpu.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         self.dimension = int(self.session.get_outputs()[0].shape[-1])
 
@@ -221,10 +256,10 @@ class OnnxSentenceEncoder:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
-            batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="np")
-            mask = batch["attention_mask"].astype(np.int64)
-            hidden = self.session.run(None, {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": mask})[0]
+            batch = self.tokenizer.encode_batch([texts[i] for i in rows])
+            ids = np.array([b.ids for b in batch], dtype=np.int64)
+            mask = np.array([b.attention_mask for b in batch], dtype=np.int64)
+            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
             weights = mask[..., None].astype(np.float32)
             pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
             pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)

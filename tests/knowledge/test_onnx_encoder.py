@@ -99,3 +99,17 @@ def test_an_export_that_changes_the_vectors_is_refused(model_dir: Path, tmp_path
 def test_unknown_backend_is_refused(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="auto, onnx, torch"):
         Embedder(str(model_dir), backend="tensorrt")
+
+
+def test_serving_needs_neither_torch_nor_transformers(model_dir: Path) -> None:
+    """The hub's encoder maps the weights and imports neither library (about 100 MB, not 470 MB + torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from knowledge_base.embedder import Embedder; "
+        f"e = Embedder({str(model_dir)!r}, threads=1); v = e.encode(['亲情账户可以绑定几个人？']); "
+        "print(e.backend, v.shape, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.startswith("onnx (1, 384) False False"), out.stdout + out.stderr
