@@ -162,6 +162,7 @@ def tune_embedding_model(
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     model = SentenceTransformer(str(base_dir), device="cpu", local_files_only=True)
+    served_length = model.max_seq_length  # training cuts texts shorter; serving must not
     model.max_seq_length = settings.max_seq_length
     model[0].auto_model.embeddings.word_embeddings.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,6 +192,7 @@ def tune_embedding_model(
         if step % 25 == 0 or step == len(plan):
             say(f"  step {step}/{len(plan)}: loss {float(value.detach()):.3f}, {time.perf_counter() - started:.0f} s")
     model.eval()
+    model.max_seq_length = served_length
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-tune-", dir=out_dir.parent))

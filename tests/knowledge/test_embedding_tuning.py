@@ -62,6 +62,11 @@ def test_tuning_brings_the_ways_of_asking_one_question_together_and_is_done_once
     assert marker["examples"] == len(examples) and marker["steps"] > 0
     before, after = nearest_is_same_unit(base), nearest_is_same_unit(out)
     assert after > before, (before, after)
+    # Trained on 64-token texts, served as long as the base model allows: a long story is not cut.
+    def served_length(model_dir: Path) -> int:
+        return SentenceTransformer(str(model_dir), device="cpu", local_files_only=True).max_seq_length
+
+    assert served_length(out) == served_length(base) == 512
 
     # Done once: a second call with the same base and settings keeps the model as it is.
     stamp = (out / ".complete").read_text()
