@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     embedding_tune: bool = Field(
         False,
         description="Fine-tune the default e5-small on the knowledge base's ways of asking at prepare time "
-        "(knowledge_base/tuning.py; about 25 CPU-minutes) and use it. Off by default: not yet measured on "
-        "the answer set.",
+        "(knowledge_base/tuning.py; about 38 CPU-minutes and 3.7 GB) and use it. Off by default: measured "
+        "in session 18, it lost abstain precision (0.93 -> 0.75) for +0.01 dev top-1 (docs/retrieval-quality.md); "
+        "it needs its own XIAOZHI_KB_CONFIDENCE_MIDPOINT and a refit.",
     )
     embedding_query_prefix: str = Field("query: ", description="Prefix e5-style models want on every text.")
     embedding_threads: int = Field(1, description="Inference threads for query embedding in the hub.")
