@@ -130,8 +130,13 @@ def ensure_onnx_export(model_dir: Path, *, prefix: str = "query: ") -> Path:
             return target / ONNX_FILE
         tmp = Path(tempfile.mkdtemp(prefix=".onnx-", dir=model_dir))
         try:
-            _export(model_dir, tmp / ONNX_FILE)
-            cosine = _check(model_dir, tmp / ONNX_FILE, prefix)
+            try:
+                _export(model_dir, tmp / ONNX_FILE)
+                cosine = _check(model_dir, tmp / ONNX_FILE, prefix)
+            except OnnxUnavailable:
+                raise
+            except Exception as exc:  # an exporter or onnxruntime failure: serve with sentence-transformers
+                raise OnnxUnavailable(f"{model_dir}: the export failed: {type(exc).__name__}: {exc}") from exc
             if cosine < _MIN_COSINE:
                 raise OnnxUnavailable(f"{model_dir}: the export's vectors differ from sentence-transformers' "
                                       f"(smallest cosine {cosine:.6f})")
@@ -236,7 +241,10 @@ class OnnxSentenceEncoder:
         from tokenizers import Tokenizer
 
         self.max_length = _max_length(model_dir)
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        except Exception as exc:  # the tokenizers library raises a bare Exception for a missing file
+            raise OnnxUnavailable(f"cannot read {model_dir / 'tokenizer.json'}: {exc}") from exc
         self.tokenizer.enable_truncation(self.max_length)
         pad = _pad_token(model_dir)
         self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id(pad), pad_token=pad)
@@ -247,7 +255,10 @@ class OnnxSentenceEncoder:
         # With more than one thread, onnxruntime's workers spin between runs by default, burning a
         # core the hub's other requests and Rasa need (numpy's OpenBLAS did the same: hub/infra/cpu.py).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a damaged or partial file: refused, not a hub that cannot start
+            raise OnnxUnavailable(f"onnxruntime cannot load {onnx_file}: {exc}") from exc
         self.dimension = int(self.session.get_outputs()[0].shape[-1])
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, progress=None) -> np.ndarray:

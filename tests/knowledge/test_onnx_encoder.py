@@ -53,7 +53,7 @@ def test_auto_serves_the_export_and_names_it_in_setup(model_dir: Path) -> None:
 def _layout_copy(model_dir: Path, target: Path) -> Path:
     """A model directory with the real one's sentence-transformers layout files (not its weights)."""
     target.mkdir()
-    for name in ("modules.json", ".complete", "sentence_bert_config.json"):
+    for name in ("modules.json", ".complete", "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(model_dir / name, target / name)
     shutil.copytree(model_dir / "1_Pooling", target / "1_Pooling")
     return target
@@ -94,6 +94,25 @@ def test_an_export_that_changes_the_vectors_is_refused(model_dir: Path, tmp_path
     assert not (copy / "onnx").exists()
     assert not list(copy.glob(".onnx-*"))  # its scratch directory is gone too
     assert "sentence-transformers" in export_for_serving(str(copy), "auto")
+
+
+def test_a_damaged_export_or_a_failing_exporter_is_refused_not_fatal(model_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = _layout_copy(model_dir, tmp_path / "model")
+    (copy / "onnx").mkdir()
+    shutil.copy(model_dir / "onnx" / ".complete", copy / "onnx" / ".complete")  # marked current ...
+    (copy / "onnx" / "model.onnx").write_bytes(b"\x00" * 64)  # ... but the file is damaged
+    with pytest.raises(OnnxUnavailable, match="onnxruntime cannot load"):
+        onnx_encoder.OnnxSentenceEncoder(copy)
+
+    other = _layout_copy(model_dir, tmp_path / "other")
+
+    def broken_exporter(_dir, _out):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(onnx_encoder, "_export", broken_exporter)
+    assert "the export failed: RuntimeError: exporter crashed" in export_for_serving(str(other), "auto")
+    assert not (other / "onnx").exists()
 
 
 def test_unknown_backend_is_refused(model_dir: Path) -> None:
