@@ -104,6 +104,9 @@ def test_a_damaged_export_or_a_failing_exporter_is_refused_not_fatal(model_dir: 
     (copy / "onnx" / "model.onnx").write_bytes(b"\x00" * 64)  # ... but the file is damaged
     with pytest.raises(OnnxUnavailable, match="onnxruntime cannot load"):
         onnx_encoder.OnnxSentenceEncoder(copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(OnnxUnavailable, match="cannot read .*tokenizer.json"):
+        onnx_encoder.OnnxSentenceEncoder(copy)
 
     other = _layout_copy(model_dir, tmp_path / "other")
 
