@@ -77,6 +77,8 @@
   var started = false;
   var surveyShown = false;
   var withAgent = false; // an agent holds the conversation: the bot does not type
+  var queued = false; // waiting for an agent: the status line keeps saying so while the bot answers
+  var QUEUED = "已为您转接人工客服，正在排队，请稍候。";
   var ended = false; // this conversation is closed; the next question starts a new one
   var pending = null; // a question asked while there was no conversation to send it to
   var lastSent = null; // the last question sent over the WebSocket (re-sent if it was refused as closed)
@@ -169,6 +171,8 @@
   closeBtn.addEventListener("click", close);
   root.addEventListener("keydown", function (ev) { if (ev.key === "Escape" && root.classList.contains("open")) { ev.preventDefault(); close(); } });
   function status(text) { typing.textContent = text || ""; }
+  // What the status line says once a reply has arrived: nothing, or that the resident is still queued.
+  function settle() { status(queued && !withAgent ? QUEUED : ""); }
 
   // ---- rendering ------------------------------------------------------------------------------
   var WHO = { bot: "医保小智", agent: "人工客服", system: "系统消息" };
@@ -246,6 +250,8 @@
       if (session.greeting) render({ seq: 0, role: "bot", text: session.greeting });
       t.messages.forEach(render);
       withAgent = t.status === "with_agent";
+      queued = t.status === "escalated";
+      if (queued) settle();
       if (t.status === "closed") { setEnded(true); return checkSurvey(true); }
     }, function (e) { if (e.status === 401 || e.status === 403 || e.status === 404) { session = null; } else throw e; }) : Promise.resolve();
     return resume.then(function () {
@@ -268,7 +274,7 @@
     if (retryTimer) { clearTimeout(retryTimer); retryTimer = null; }
     session = null; starting = null;
     try { localStorage.removeItem(KEY); } catch (e) { /* private mode */ }
-    shown = {}; lastSeq = 0; surveyShown = false; withAgent = false; lastSent = null;
+    shown = {}; lastSeq = 0; surveyShown = false; withAgent = false; queued = false; lastSent = null;
     log.textContent = "";
     setEnded(false);
     status("");
@@ -312,12 +318,12 @@
     };
     ws.onmessage = function (ev) {
       var e; try { e = JSON.parse(ev.data); } catch (x) { return; }
-      if (e.type === "message") { render(e.message); if (e.message.role !== "resident") status(""); }
+      if (e.type === "message") { render(e.message); if (e.message.role !== "resident") settle(); }
       else if (e.type === "typing") { if (!withAgent) status("医保小智正在输入…"); }
-      else if (e.type === "escalated") status("已为您转接人工客服，请稍候。");
-      else if (e.type === "agent_joined") { withAgent = true; status("人工客服已接入，请直接提问。"); }
-      else if (e.type === "agent_left") { withAgent = false; status("人工客服已离开，医保小智继续为您服务。"); }
-      else if (e.type === "closed") { withAgent = false; setEnded(true); status("本次对话已结束。如需继续咨询，请点“开始新的对话”。"); checkSurvey(true); }
+      else if (e.type === "escalated") { queued = e.status !== "callback"; if (queued) status(QUEUED); }
+      else if (e.type === "agent_joined") { withAgent = true; queued = false; status("人工客服已接入，请直接提问。"); }
+      else if (e.type === "agent_left") { withAgent = false; queued = false; status("人工客服已离开，医保小智继续为您服务。"); }
+      else if (e.type === "closed") { withAgent = false; queued = false; setEnded(true); status("本次对话已结束。如需继续咨询，请点“开始新的对话”。"); checkSurvey(true); }
       else if (e.type === "survey") showSurvey(e.survey);
       else if (e.type === "error" && e.error === "conversation_closed") { var again = lastSent; lastSent = null; restartWith(again); }
       else if (e.type === "error") status(e.message);
@@ -341,7 +347,7 @@
     status(withAgent ? "" : "医保小智正在输入…");
     if (socket && socket.readyState === 1) { lastSent = text; socket.send(JSON.stringify({ text: text })); return; }
     api(base() + "/messages", { method: "POST", body: { text: text } }).then(function (r) {
-      render(r.message); r.replies.forEach(render); status("");
+      render(r.message); r.replies.forEach(render); settle();
     }, function (e) {
       if (e.code === "conversation_closed") restartWith(text);
       else { status(e.message + "（已断开，正在重连）"); retry(); }
@@ -371,7 +377,8 @@
     if (!session) return;
     status("正在为您转接人工客服…");
     api(base() + "/escalate", { method: "POST", body: { elderly: !!prefs.big } }).then(function (r) {
-      status(r.status === "callback" ? "现在不在人工服务时间，已为您登记，工作人员上班后会尽快联系您。" : "已为您转接人工客服，请稍候。");
+      queued = r.status !== "callback";
+      status(queued ? QUEUED : "现在不在人工服务时间，已为您登记，工作人员上班后会尽快联系您。");
     }, function (e) { if (e.status === 404 || e.status === 405) say("转人工"); else status(e.message); });
   }
   humanBtn.addEventListener("click", escalate);
@@ -389,7 +396,7 @@
     confirmBar.hidden = true;
     if (!session) return;
     api(base() + "/close", { method: "POST", body: {} }).then(function () {
-      withAgent = false; setEnded(true); newBtn.focus();
+      withAgent = false; queued = false; setEnded(true); newBtn.focus();
       status("本次对话已结束，感谢您的咨询。如需继续咨询，请点“开始新的对话”。");
       checkSurvey(true);
     }, function (e) { status(e.message); });

@@ -51,3 +51,32 @@ def test_a_question_the_hub_did_not_take_goes_back_into_the_box(chromium, live_h
     expect(page.locator("#log li.resident", has_text="异地就医怎么备案")).to_have_count(1)
     assert page.locator("#log li.bot").last.locator(".cite").count() >= 1
     context.close()
+
+
+def test_while_queued_for_a_person_the_status_line_keeps_saying_so(chromium, live_hub) -> None:
+    """The conversation is queued for an agent (here through the escalate API, as the widget's
+    button does); the bot still answers questions meanwhile, and its answer must not blank the
+    line that tells the resident they are waiting for a person."""
+    import json
+
+    import httpx
+
+    url, _ = live_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    page.goto(f"{url}/")
+    expect(page.locator("#log li.bot")).to_have_count(1, timeout=TIMEOUT_MS)  # the greeting
+    session = json.loads(page.evaluate("localStorage.getItem('xiaozhi.session')"))
+    r = httpx.post(
+        f"{url}/api/sessions/{session['session_id']}/escalate",
+        headers={"Authorization": f"Bearer {session['token']}"},
+        json={},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    expect(page.locator("#status")).to_have_text("已为您排队转接人工客服。", timeout=TIMEOUT_MS)
+    page.fill("#text", "医保电子凭证怎么激活")
+    page.click("#form button[type=submit]")
+    expect(page.locator("#log li.bot")).to_have_count(2, timeout=TIMEOUT_MS)
+    expect(page.locator("#status")).to_have_text("已为您排队转接人工客服。")
+    context.close()

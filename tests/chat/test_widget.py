@@ -393,6 +393,13 @@ def test_an_agent_answers_in_the_widget_and_closing_brings_the_survey(chromium, 
     open_widget(page, host_url)
     page.get_by_role("button", name="转人工", exact=True).click()
     page.locator("#xiaozhi-widget .typing", has_text="人工").wait_for(timeout=15000)
+    page.locator("#xiaozhi-widget .log > li.system", has_text="正在排队").wait_for(timeout=15000)
+    # while the resident waits the bot still answers, and the status line keeps saying they are queued
+    # (a reply used to blank it, and so did the queue notice when it arrived after the HTTP answer)
+    page.get_by_label("输入您的问题").fill("医保电子凭证怎么激活")
+    page.keyboard.press("Enter")
+    bot_messages(page).nth(1).wait_for(timeout=15000)
+    assert "正在排队" in page.locator("#xiaozhi-widget .typing").inner_text()
 
     with httpx.Client(base_url=hub_url, timeout=30) as http:
         admin = http.post("/api/staff/login", json={"username": "admin", "password": "test-admin-password"}).json()

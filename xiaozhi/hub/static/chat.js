@@ -13,6 +13,9 @@
   let starting = null;
   let pending = null;
   let backoff = 1000;
+  let queued = false; // waiting for a person: the status line keeps saying so while the bot answers
+  const QUEUED = "已为您排队转接人工客服。";
+  function settle() { status.textContent = queued ? QUEUED : ""; }
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
@@ -85,6 +88,7 @@
         const t = await api("/api/sessions/" + old.session_id + "/messages", undefined, old);
         session = old;
         t.messages.forEach(render);
+        queued = t.status === "escalated";
       } catch (e) { if (!e.status) throw e; } // refused (expired, closed): a new one below
     }
     if (!session) {
@@ -101,7 +105,7 @@
     starting = start().then(function () {
       starting = null; backoff = 1000;
       if (pending) { const text = pending; pending = null; if (input.value.trim() === text) input.value = ""; send(text); }
-      else status.textContent = "";
+      else settle();
     }, function (e) {
       starting = null;
       status.textContent = pending ? "暂时连不上，正在重试，连上后会自动发送您的问题。" : "连接失败：" + reason(e) + "，正在重试。";
@@ -119,11 +123,11 @@
     }
     socket.onmessage = function (ev) {
       const event = JSON.parse(ev.data);
-      if (event.type === "message") { render(event.message); if (event.message.role !== "resident") status.textContent = ""; }
+      if (event.type === "message") { render(event.message); if (event.message.role !== "resident") settle(); }
       else if (event.type === "typing") status.textContent = "医保小智正在输入…";
-      else if (event.type === "escalated") status.textContent = event.status === "callback" ? "已为您登记回电。" : "已为您排队转接人工客服。";
-      else if (event.type === "agent_joined") status.textContent = "工作人员已接入。";
-      else if (event.type === "agent_left") status.textContent = "";
+      else if (event.type === "escalated") { queued = event.status !== "callback"; status.textContent = queued ? QUEUED : "已为您登记回电。"; }
+      else if (event.type === "agent_joined") { queued = false; status.textContent = "工作人员已接入。"; }
+      else if (event.type === "agent_left") { queued = false; status.textContent = ""; }
       else if (event.type === "error") status.textContent = event.message;
     };
     socket.onclose = function () { socket = null; setTimeout(function () { if (!socket) connect(); }, 2000); };
@@ -133,7 +137,7 @@
     status.textContent = "医保小智正在输入…";
     if (socket && socket.readyState === WebSocket.OPEN) { socket.send(JSON.stringify({ text: text })); return; }
     api("/api/sessions/" + session.session_id + "/messages", { method: "POST", body: JSON.stringify({ text: text }) }).then(function (r) {
-      render(r.message); r.replies.forEach(render); status.textContent = "";
+      render(r.message); r.replies.forEach(render); settle();
     }, function (e) {
       // nothing typed is lost: the question goes back into the box to be sent again
       if (!input.value.trim()) input.value = text;
