@@ -150,17 +150,20 @@ class Questions:
             print(f"  note: more messages than the {len(self.pool)} questions in the pool: some are sent twice")
         return out
 
+    def deal(self, messages: int, sessions: int) -> list[list[str]]:
+        """``messages`` questions dealt to ``sessions`` residents as evenly as possible."""
+        return [self.take(messages // sessions + (1 if i < messages % sessions else 0)) for i in range(sessions)]
+
 
 async def load(url: str, messages: int, sessions: int, paced: bool, together: bool = False,
                questions: Questions | None = None) -> dict:
     questions = questions or Questions(QUESTIONS)
     latencies: list[float] = []
     errors: list[str] = []
-    per_session = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         # Warm-up: first calls pay for lazy initialisation in Rasa and the hub.
         await session_worker(client, questions.take(3), 0, [], [])
-        batches = [questions.take(n) for n in per_session]
+        batches = questions.deal(messages, sessions)
         t0 = time.perf_counter()
         await asyncio.gather(
             *(session_worker(client, texts, i, latencies, errors, paced, together) for i, texts in enumerate(batches))

@@ -49,11 +49,10 @@ async def chat_with_logins(url: str, logins: int, messages: int, sessions: int) 
     login_times: list[float] = []
     login_errors: list[str] = []
     addresses = (f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}" for n in itertools.count(1 + logins * 100_000))
-    per_session = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
     async with httpx.AsyncClient(base_url=url, timeout=60) as chat, \
             httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=logins + 1)) as staff:
         await session_worker(chat, POOL.take(3), 0, [], [])  # warm-up
-        batches = [POOL.take(n) for n in per_session]
+        batches = POOL.deal(messages, sessions)
         loggers = [asyncio.create_task(log_in_forever(staff, addresses, login_times, login_errors))
                    for _ in range(logins)]
         t0 = time.perf_counter()
