@@ -45,6 +45,7 @@ from knowledge_base.questions import (
     other_agency,
     parse,
 )
+from knowledge_base.schema import states_figure
 from knowledge_base.search import KnowledgeBase, SearchResult
 from knowledge_base.text import TextProcessor
 from knowledge_base.unit_classifier import UnitClassifier
@@ -75,7 +76,6 @@ PHONE_SPOKEN_CHARS = 60  # everything said for one answer: about 14 s at the pho
 HOW_TO = re.compile(r"怎么|如何|咋|流程|步骤|办理|操作|申请|在哪|哪里|去哪|手续|怎样|方法|渠道|开通|激活|绑定|添加|备案|补办")
 _BIGRAM_STRIP = re.compile(r"[^\u3400-\u9fffA-Za-z0-9]")
 _WORD_GAP = re.compile(r"(?<=[A-Za-z0-9])\s+(?=[A-Za-z0-9])")
-_DIGIT = re.compile(r"\d|[一二三四五六七八九十百千万两]+(?:个|名|人|天|年|月|次|岁|元|万|%|成)")
 
 # Resident-facing wording (Simplified Chinese).
 MORE_OFFER_SPOKEN = "需要我详细说说吗？"
@@ -227,7 +227,7 @@ def number_fit(question: str, unit: Unit) -> float:
     """Asked how many / how much / how long: the unit that states a figure fits, one without does not."""
     if not QUANTITY_MARKERS.search(question):
         return 0.0
-    return 1.0 if _DIGIT.search(unit.answer) else -1.0
+    return 1.0 if states_figure(unit.answer) else -1.0
 
 
 def _dense(cos: float) -> float:
@@ -561,7 +561,7 @@ class Answerer:
             unit = f.best.unit
             text = unit.answer
             spoken = _first_sentences(unit.spoken, budget)
-            if not unit.verified and _DIGIT.search(unit.answer):
+            if not unit.verified and states_figure(unit.answer):
                 text += UNVERIFIED_TEXT
                 if "为准" not in spoken:
                     spoken = _first_sentences(unit.spoken, budget - len(UNVERIFIED_SPOKEN)) + UNVERIFIED_SPOKEN

@@ -64,6 +64,20 @@ def join_cjk_lines(text: str) -> str:
     return _FOLDED_SPACE.sub("", text.strip())
 
 
+
+# The service numbers an answer tells residents to call are not figures: 12393 (医保), 12333 (人社, and
+# the 掌上12333 app), 12345 (政务), 12366, 12329, 12320, 12315, 12348, 12351, 12338; 110/120 after 打.
+_SERVICE_NUMBER = re.compile(
+    r"(?<!\d)(?:12393|12333|12345|12366|12329|12320|12315|12348|12351|12338)(?!\d)|(?<=打)(?:110|120)(?!\d)"
+)
+_FIGURE = re.compile(r"\d|[一二三四五六七八九十百千万两]+(?:个|名|人|天|年|月|次(?!性)|岁|元|万|%|成)")
+
+
+def states_figure(text: str) -> bool:
+    """Whether ``text`` states an amount, ratio, count or deadline: what an unverified knowledge point
+    may not state on its own. A hotline to call ("打12393") or 一次性 is not a figure."""
+    return bool(_FIGURE.search(_SERVICE_NUMBER.sub("", text)))
+
 class RegionLevel(str, Enum):
     national = "national"
     province = "province"
@@ -270,7 +284,7 @@ class KnowledgePoint(BaseModel):
     @property
     def has_figure(self) -> bool:
         """Amounts, ratios, deadlines: an unverified point never states these on its own."""
-        return bool(re.search(r"\d", self.answer + self.spoken))
+        return states_figure(self.answer) or states_figure(self.spoken)
 
 
 class EntryFile(BaseModel):

@@ -9,12 +9,14 @@ from knowledge_base.answer_eval import fact_present
 from knowledge_base.answers import (
     Candidate,
     Context,
+    UNVERIFIED_SPOKEN,
+    UNVERIFIED_TEXT,
     QuestionAnswer,
     bigrams,
     number_fit,
 )
 from knowledge_base.questions import core_question, extract_questions, other_agency, parse, read_case, read_places
-from knowledge_base.schema import Source
+from knowledge_base.schema import Source, states_figure
 
 HANGZHOU = Context(deployment_region="330100")
 
@@ -81,8 +83,8 @@ def test_other_agencies_are_recognised_but_not_medical_insurance_questions():
 
 def test_a_question_for_a_figure_prefers_a_unit_that_states_one(knowledge_base):
     units = {u.id: u for u in knowledge_base.answerer.units.layout.units}
-    with_number = next(u for u in units.values() if u.kind == "point" and any(c.isdigit() for c in u.answer))
-    without = next(u for u in units.values() if u.kind == "point" and not any(c.isdigit() for c in u.answer))
+    with_number = next(u for u in units.values() if u.kind == "point" and states_figure(u.answer))
+    without = next(u for u in units.values() if u.kind == "point" and not states_figure(u.answer))
     assert number_fit("亲情账户最多能绑几个人", with_number) == 1.0
     assert number_fit("亲情账户最多能绑几个人", without) == -1.0
     assert number_fit("亲情账户怎么绑", without) == 0.0
@@ -162,10 +164,31 @@ def test_bad_input_gets_a_clear_reply(knowledge_base, text):
 def test_an_unverified_figure_is_never_stated_on_its_own(knowledge_base):
     answerer = knowledge_base.answerer
     point = next(u for u in answerer.units.layout.units
-                 if u.kind == "point" and not u.verified and any(c.isdigit() for c in u.answer))
+                 if u.kind == "point" and not u.verified and states_figure(u.answer))
     reply = answerer._compose(
         [QuestionAnswer(point.question, None, [Candidate(point, {}, 1.0, 1.0)], 0.9, False)], None, {})
     assert "核实" in reply.text and "为准" in reply.spoken
+
+
+@pytest.mark.parametrize("text, figure", [
+    ("最多可以添加5名家人", True), ("超过12000元的部分", True), ("出生后90天内参保", True), ("断缴三个月以内", True),
+    ("2025年起执行", True), ("每年可以申请一次", True),
+    ("拨打12393医保服务热线", False), ("在掌上12333APP申请", False), ("可以一次性支取", False),
+    ("情况紧急的先打120", False), ("向当地医保局反映", False),
+])
+def test_a_figure_is_an_amount_count_or_deadline_not_a_hotline(text, figure):
+    assert states_figure(text) is figure
+
+
+def test_an_unverified_answer_that_only_names_a_hotline_gets_no_figure_caveat(knowledge_base):
+    """"打12393查询" is no figure to check: the caveat would tell the resident a number is unconfirmed
+    where none was stated, and cost the phone answer seconds."""
+    answerer = knowledge_base.answerer
+    point = next(u for u in answerer.units.layout.units
+                 if u.kind == "point" and not u.verified and "12393" in u.answer and not states_figure(u.answer))
+    reply = answerer._compose(
+        [QuestionAnswer(point.question, None, [Candidate(point, {}, 1.0, 1.0)], 0.9, False)], None, {})
+    assert UNVERIFIED_TEXT not in reply.text and UNVERIFIED_SPOKEN not in reply.spoken
 
 
 def unsure_between_two_areas(answerer, monkeypatch) -> None:
