@@ -7,10 +7,13 @@ provides the same ``rank`` for production clusters.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -213,7 +216,7 @@ def mark_current(index_dir: Path, name: str) -> None:
     if current.exists() and current.read_text() == name:
         return
     index_dir.mkdir(parents=True, exist_ok=True)
-    tmp = index_dir / "CURRENT.tmp"
+    tmp = index_dir / f"CURRENT.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # each writer its own
     tmp.write_text(name)
     tmp.replace(current)
 
@@ -240,10 +243,27 @@ def encode_corpus(
     texts not in it are encoded, so publishing one changed figure does not re-encode the whole corpus."""
     target = index_dir / _cache_key(corpus, embedder)
     if (target / "manifest.json").exists():
-        vectors = np.load(target / "vectors.npy")
-        owners = np.load(target / "owners.npy")
-        mark_current(index_dir, target.name)
-        return vectors, owners, target
+        return _read_cache(index_dir, target)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    # Several processes may need the same cache at once (replicas starting after a publication, setup
+    # beside a running hub): one encodes, the others wait for it and read its result.
+    with open(index_dir / f"{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "manifest.json").exists():
+            return _read_cache(index_dir, target)
+        return _encode_into(target, corpus, embedder, index_dir, progress, batch, reuse)
+
+
+def _read_cache(index_dir: Path, target: Path) -> tuple[np.ndarray, np.ndarray, Path]:
+    vectors = np.load(target / "vectors.npy")
+    owners = np.load(target / "owners.npy")
+    mark_current(index_dir, target.name)
+    return vectors, owners, target
+
+
+def _encode_into(target: Path, corpus: Corpus, embedder: Embedder, index_dir: Path,
+                 progress: Callable[[int, int], None] | None, batch: int,
+                 reuse: Mapping[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, Path]:
     rows = layout(corpus)
     texts = rows.texts
     owners_list = rows.row_entry
@@ -262,8 +282,8 @@ def encode_corpus(
     else:
         vectors = np.zeros((0, embedder.dimension), np.float32)
     owners = np.asarray(owners_list, dtype=np.int64)
-    tmp = index_dir / (target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a directory of this writer's own (a process without the lock, an older version, must not find it)
+    tmp = index_dir / f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     np.save(tmp / "vectors.npy", vectors)
     np.save(tmp / "owners.npy", owners)
@@ -282,8 +302,7 @@ def encode_corpus(
             ensure_ascii=False,
         )
     )
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    _install(tmp, target)
     mark_current(index_dir, target.name)
     log.info("encoded %d of %d texts of %d entries in %.1f s", len(missing), len(texts), len(corpus.entries),
              time.perf_counter() - started)
@@ -291,6 +310,20 @@ def encode_corpus(
 
 
 TEXTS_FILE = "texts.json"  # the text of each row of vectors.npy, so a later corpus can reuse them
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Move a finished cache directory into place. A complete cache another process put there first
+    stays (a hub may be reading it; the vectors are the same) and ours is dropped; an incomplete one
+    (no manifest: left by a crash) is replaced."""
+    if target.exists() and not (target / "manifest.json").exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "manifest.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 REUSED_CACHES = 3  # the newest caches of a model whose vectors an edited corpus may reuse

@@ -101,3 +101,55 @@ def test_a_damaged_cache_is_not_reused(tmp_path: Path) -> None:
     model.encoded.clear()
     encode_corpus(load_corpus(tmp_path / "data"), model, index_dir)
     assert len(model.encoded) == len(set(layout(load_corpus(tmp_path / "data")).texts))
+
+
+class SlowEmbedder(CountingEmbedder):
+    """Counts into a file (it runs in another process) and takes its time, as the real model does."""
+
+    def __init__(self, log: Path) -> None:
+        super().__init__()
+        self.log = log
+
+    def encode(self, texts: list[str], **_kw) -> np.ndarray:
+        import time
+
+        time.sleep(0.05)
+        with self.log.open("a", encoding="utf-8") as f:
+            f.write(f"{len(texts)}\n")
+        return super().encode(texts)
+
+
+def _encode_in_child(data_dir: str, index_dir: str, log: str) -> None:
+    encode_corpus(load_corpus(Path(data_dir)), SlowEmbedder(Path(log)), Path(index_dir), batch=4)
+
+
+def test_two_processes_needing_the_same_cache_encode_it_once(tmp_path: Path) -> None:
+    """Replicas starting after a publication, or setup beside a running hub, need the same new cache at
+    the same moment. Before, each encoded the whole corpus (12k texts, ~10 min on two cores) into one
+    shared temporary directory that the other could delete under it; now one encodes and the other
+    waits for it and reads the result."""
+    import multiprocessing
+    import time
+
+    corpus = small_corpus(tmp_path)
+    index_dir = tmp_path / "index"
+    log = tmp_path / "encoded.log"
+    context = multiprocessing.get_context("fork")
+    first = context.Process(target=_encode_in_child,
+                            args=(str(tmp_path / "data"), str(index_dir), str(log)))
+    first.start()
+    deadline = time.monotonic() + 30
+    while not log.exists() and time.monotonic() < deadline:  # the first is encoding
+        time.sleep(0.01)
+    second = context.Process(target=_encode_in_child,
+                             args=(str(tmp_path / "data"), str(index_dir), str(log)))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert first.exitcode == 0 and second.exitcode == 0
+    encoded = sum(int(n) for n in log.read_text().split())
+    assert encoded == len(set(layout(corpus).texts))
+    caches = [d for d in index_dir.iterdir() if d.is_dir()]
+    assert len(caches) == 1 and (caches[0] / "manifest.json").exists()
+    vectors, _, _ = encode_corpus(corpus, CountingEmbedder(), index_dir)
+    assert np.array_equal(vectors, CountingEmbedder().encode(layout(corpus).texts))
