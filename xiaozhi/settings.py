@@ -91,7 +91,8 @@ class Settings(BaseSettings):
         False,
         description="Fine-tune the default e5-small on the knowledge base's ways of asking at prepare time "
         "(knowledge_base/tuning.py; about 38 CPU-minutes and 3.7 GB) and use it. Off by default: measured "
-        "in session 18, it lost abstain precision (0.93 -> 0.75) for +0.01 dev top-1 (docs/retrieval-quality.md); "
+        "in session 18, it lost abstain precision (0.93 -> 0.75) for +0.01 dev top-1, and a variant at half the "
+        "steps and learning rate (session 19) lost it the same way for no dev gain (docs/retrieval-quality.md); "
         "it needs its own XIAOZHI_KB_CONFIDENCE_MIDPOINT and a refit.",
     )
     embedding_query_prefix: str = Field("query: ", description="Prefix e5-style models want on every text.")
