@@ -64,7 +64,6 @@ def join_cjk_lines(text: str) -> str:
     return _FOLDED_SPACE.sub("", text.strip())
 
 
-
 # The service numbers an answer tells residents to call are not figures: 12393 (医保), 12333 (人社, and
 # the 掌上12333 app), 12345 (政务), 12366, 12329, 12320, 12315, 12348, 12351, 12338; 110/120 after 打.
 _SERVICE_NUMBER = re.compile(
@@ -77,6 +76,7 @@ def states_figure(text: str) -> bool:
     """Whether ``text`` states an amount, ratio, count or deadline: what an unverified knowledge point
     may not state on its own. A hotline to call ("打12393") or 一次性 is not a figure."""
     return bool(_FIGURE.search(_SERVICE_NUMBER.sub("", text)))
+
 
 class RegionLevel(str, Enum):
     national = "national"
