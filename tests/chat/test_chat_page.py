@@ -80,3 +80,30 @@ def test_while_queued_for_a_person_the_status_line_keeps_saying_so(chromium, liv
     expect(page.locator("#log li.bot")).to_have_count(2, timeout=TIMEOUT_MS)
     expect(page.locator("#status")).to_have_text("已为您排队转接人工客服。")
     context.close()
+
+
+def test_a_question_after_the_conversation_was_closed_goes_to_a_new_one(chromium, live_hub) -> None:
+    """The conversation is closed (an agent ended it, or the resident elsewhere) while the page is open.
+    The next question is not refused and lost: the page starts a new conversation and asks it there."""
+    import json
+
+    import httpx
+
+    url, _ = live_hub
+    context = chromium.new_context(locale="zh-CN")
+    page = context.new_page()
+    page.goto(f"{url}/")
+    expect(page.locator("#log li.bot")).to_have_count(1, timeout=TIMEOUT_MS)  # the greeting
+    first = json.loads(page.evaluate("localStorage.getItem('xiaozhi.session')"))
+    r = httpx.post(f"{url}/api/sessions/{first['session_id']}/close",
+                   headers={"Authorization": f"Bearer {first['token']}"}, json={}, timeout=30)
+    assert r.status_code == 200, r.text
+    expect(page.locator("#status")).to_contain_text("本次对话已结束", timeout=TIMEOUT_MS)
+    page.fill("#text", "异地就医怎么备案")
+    page.click("#form button[type=submit]")
+    expect(page.locator("#log li.resident", has_text="异地就医怎么备案")).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(page.locator("#log li.bot").last.locator(".cite").first).to_be_visible(timeout=TIMEOUT_MS)
+    second = json.loads(page.evaluate("localStorage.getItem('xiaozhi.session')"))
+    assert second["session_id"] != first["session_id"]
+    expect(page.locator("#text")).to_have_value("")
+    context.close()

@@ -14,6 +14,8 @@
   let pending = null;
   let backoff = 1000;
   let queued = false; // waiting for a person: the status line keeps saying so while the bot answers
+  let closed = false; // the conversation was ended (by an agent): the next question starts a new one
+  let lastSent = null; // the question last sent over the WebSocket, until the hub takes or refuses it
   const QUEUED = "已为您排队转接人工客服。";
   function settle() { status.textContent = queued ? QUEUED : ""; }
 
@@ -86,6 +88,7 @@
     if (old && old.session_id) {
       try {
         const t = await api("/api/sessions/" + old.session_id + "/messages", undefined, old);
+        if (t.status === "closed") throw Object.assign(new Error("closed"), { status: 409 });
         session = old;
         t.messages.forEach(render);
         queued = t.status === "escalated";
@@ -115,6 +118,7 @@
   }
 
   function connect() {
+    if (!session || socket) return;
     const proto = location.protocol === "https:" ? "wss://" : "ws://";
     try {
       socket = new WebSocket(proto + location.host + "/api/sessions/" + session.session_id + "/ws?token=" + encodeURIComponent(session.token));
@@ -123,19 +127,41 @@
     }
     socket.onmessage = function (ev) {
       const event = JSON.parse(ev.data);
-      if (event.type === "message") { render(event.message); if (event.message.role !== "resident") settle(); }
+      if (event.type === "message") {
+        render(event.message);
+        if (event.message.role === "resident") { if (event.message.text === lastSent) lastSent = null; } else settle();
+      }
       else if (event.type === "typing") status.textContent = "医保小智正在输入…";
       else if (event.type === "escalated") { queued = event.status !== "callback"; status.textContent = queued ? QUEUED : "已为您登记回电。"; }
       else if (event.type === "agent_joined") { queued = false; status.textContent = "工作人员已接入。"; }
       else if (event.type === "agent_left") { queued = false; status.textContent = ""; }
-      else if (event.type === "error") status.textContent = event.message;
+      else if (event.type === "closed") { queued = false; closed = true; status.textContent = "本次对话已结束，再发送问题会开始新的对话。"; }
+      else if (event.type === "error" && event.error === "conversation_closed") { const again = lastSent; lastSent = null; restart(again); }
+      else if (event.type === "error") {
+        // refused (too long, too fast, a failed turn): nothing typed is lost, the question goes back into the box
+        if (lastSent && !input.value.trim()) input.value = lastSent;
+        lastSent = null;
+        status.textContent = event.message;
+      }
     };
     socket.onclose = function () { socket = null; setTimeout(function () { if (!socket) connect(); }, 2000); };
   }
 
+  // The conversation is over: a new one is started, and the question (if any) is sent there.
+  function restart(text) {
+    const old = socket;
+    socket = null;
+    if (old) { old.onclose = old.onmessage = null; try { old.close(); } catch (e) { /* already closed */ } }
+    session = null; queued = false; closed = false;
+    localStorage.removeItem(KEY);
+    if (text) { pending = text; if (!input.value.trim()) input.value = text; }
+    status.textContent = "上一个对话已经结束，正在为您开始新的对话。";
+    begin();
+  }
+
   function send(text) {
     status.textContent = "医保小智正在输入…";
-    if (socket && socket.readyState === WebSocket.OPEN) { socket.send(JSON.stringify({ text: text })); return; }
+    if (socket && socket.readyState === WebSocket.OPEN) { lastSent = text; socket.send(JSON.stringify({ text: text })); return; }
     api("/api/sessions/" + session.session_id + "/messages", { method: "POST", body: JSON.stringify({ text: text }) }).then(function (r) {
       render(r.message); r.replies.forEach(render); settle();
     }, function (e) {
@@ -149,6 +175,7 @@
     ev.preventDefault();
     const text = input.value.trim();
     if (!text) return;
+    if (closed) { restart(text); return; } // the question stays in the box and goes to a new conversation
     if (!session) { // still connecting: the question stays in the box and is sent once connected
       pending = text;
       status.textContent = "正在连接，连上后会自动发送您的问题，请稍候。";
