@@ -3,8 +3,10 @@ conversation, or while the hub cannot be reached, is kept and sent, never droppe
 
 from __future__ import annotations
 
+import json
 import re
 
+import httpx
 from playwright.sync_api import expect
 
 from tests.support.browser import refuse_first_posts
@@ -53,27 +55,34 @@ def test_a_question_the_hub_did_not_take_goes_back_into_the_box(chromium, live_h
     context.close()
 
 
-def test_while_queued_for_a_person_the_status_line_keeps_saying_so(chromium, live_hub) -> None:
-    """The conversation is queued for an agent (here through the escalate API, as the widget's
-    button does); the bot still answers questions meanwhile, and its answer must not blank the
-    line that tells the resident they are waiting for a person."""
-    import json
+def stored_session(page) -> dict:
+    """The conversation the page keeps in localStorage (id and token)."""
+    return json.loads(page.evaluate("localStorage.getItem('xiaozhi.session')"))
 
-    import httpx
 
-    url, _ = live_hub
+def open_chat(chromium, url: str):
+    """The chat page opened and greeted; returns (context, page, its conversation)."""
     context = chromium.new_context(locale="zh-CN")
     page = context.new_page()
     page.goto(f"{url}/")
     expect(page.locator("#log li.bot")).to_have_count(1, timeout=TIMEOUT_MS)  # the greeting
-    session = json.loads(page.evaluate("localStorage.getItem('xiaozhi.session')"))
-    r = httpx.post(
-        f"{url}/api/sessions/{session['session_id']}/escalate",
-        headers={"Authorization": f"Bearer {session['token']}"},
-        json={},
-        timeout=30,
-    )
+    return context, page, stored_session(page)
+
+
+def as_resident(url: str, session: dict, action: str) -> None:
+    """What another tab of the resident's (the widget's buttons) does to the same conversation."""
+    r = httpx.post(f"{url}/api/sessions/{session['session_id']}/{action}",
+                   headers={"Authorization": f"Bearer {session['token']}"}, json={}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_while_queued_for_a_person_the_status_line_keeps_saying_so(chromium, live_hub) -> None:
+    """The conversation is queued for an agent (here through the escalate API, as the widget's
+    button does); the bot still answers questions meanwhile, and its answer must not blank the
+    line that tells the resident they are waiting for a person."""
+    url, _ = live_hub
+    context, page, session = open_chat(chromium, url)
+    as_resident(url, session, "escalate")
     expect(page.locator("#status")).to_have_text("已为您排队转接人工客服。", timeout=TIMEOUT_MS)
     page.fill("#text", "医保电子凭证怎么激活")
     page.click("#form button[type=submit]")
@@ -85,25 +94,15 @@ def test_while_queued_for_a_person_the_status_line_keeps_saying_so(chromium, liv
 def test_a_question_after_the_conversation_was_closed_goes_to_a_new_one(chromium, live_hub) -> None:
     """The conversation is closed (an agent ended it, or the resident elsewhere) while the page is open.
     The next question is not refused and lost: the page starts a new conversation and asks it there."""
-    import json
-
-    import httpx
-
     url, _ = live_hub
-    context = chromium.new_context(locale="zh-CN")
-    page = context.new_page()
-    page.goto(f"{url}/")
-    expect(page.locator("#log li.bot")).to_have_count(1, timeout=TIMEOUT_MS)  # the greeting
-    first = json.loads(page.evaluate("localStorage.getItem('xiaozhi.session')"))
-    r = httpx.post(f"{url}/api/sessions/{first['session_id']}/close",
-                   headers={"Authorization": f"Bearer {first['token']}"}, json={}, timeout=30)
-    assert r.status_code == 200, r.text
+    context, page, first = open_chat(chromium, url)
+    as_resident(url, first, "close")
     expect(page.locator("#status")).to_contain_text("本次对话已结束", timeout=TIMEOUT_MS)
     page.fill("#text", "异地就医怎么备案")
     page.click("#form button[type=submit]")
     expect(page.locator("#log li.resident", has_text="异地就医怎么备案")).to_have_count(1, timeout=TIMEOUT_MS)
     expect(page.locator("#log li.bot").last.locator(".cite").first).to_be_visible(timeout=TIMEOUT_MS)
-    second = json.loads(page.evaluate("localStorage.getItem('xiaozhi.session')"))
+    second = stored_session(page)
     assert second["session_id"] != first["session_id"]
     expect(page.locator("#text")).to_have_value("")
     context.close()
