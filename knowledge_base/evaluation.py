@@ -466,8 +466,7 @@ def calibration_points(kb: Any, queries: Sequence[DevQuery], *, k: int = EVAL_DE
         prepared = kb.prepare(query.q)
         dense: list[tuple[str, float]] = []
         if prepared.normalised.strip():
-            allowed = set(kb.regions.allowed(region))
-            dense = kb.backend.rank(prepared, allowed, depth=max(50, k * 4)).dense
+            dense = kb.rank(prepared, region, depth=max(50, k * 4)).dense
         dense_best = dense[0][1] if dense else 0.0
         dense_second = dense[1][1] if len(dense) > 1 else 0.0
         best = result.hits[0] if result.hits else None

@@ -90,6 +90,18 @@ def reciprocal_rank_fusion(*rankings: list[tuple[str, float]], k: int = RRF_K) -
     return fused
 
 
+def _in_place_of(ranking: list[tuple[str, float]], stand_in: dict[str, str]) -> list[tuple[str, float]]:
+    """A ranking with each replaced entry named by the local entry that replaces it; an entry named twice
+    keeps its better (first) place."""
+    out, seen = [], set()
+    for entry_id, score in ranking:
+        entry_id = stand_in.get(entry_id, entry_id)
+        if entry_id not in seen:
+            seen.add(entry_id)
+            out.append((entry_id, score))
+    return out
+
+
 class RegionResolver:
     """Which entries apply to a resident of a region: national ones, unless a local one replaces them."""
 
@@ -98,7 +110,7 @@ class RegionResolver:
         self.regions: dict[str, Region] = {NATIONAL.code: NATIONAL}
         for e in entries:
             self.regions.setdefault(e.region.code, e.region)
-        self._cache: dict[str, frozenset[str]] = {}
+        self._cache: dict[str, tuple[frozenset[str], dict[str, str]]] = {}
 
     def chain(self, region_code: str | None) -> list[str]:
         """The region and its ancestors known to the corpus, most specific first, ending with national."""
@@ -118,6 +130,14 @@ class RegionResolver:
         return chain
 
     def allowed(self, region_code: str | None) -> frozenset[str]:
+        return self._resolve(region_code)[0]
+
+    def stand_ins(self, region_code: str | None) -> dict[str, str]:
+        """Each entry a local one replaces for this region (and each less specific local entry that
+        replaces the same one), with the local entry that answers in its place."""
+        return self._resolve(region_code)[1]
+
+    def _resolve(self, region_code: str | None) -> tuple[frozenset[str], dict[str, str]]:
         key = region_code or ""
         if key not in self._cache:
             chain = self.chain(region_code)
@@ -125,10 +145,12 @@ class RegionResolver:
             applicable = [e for e in self._entries if e.region.code in specificity]
             hidden: set[str] = set()
             winner: dict[str, Entry] = {}
+            rivals: dict[str, list[str]] = {}  # replaced entry -> the local entries that replace it
             for e in applicable:
                 if e.overrides is None:
                     continue
                 hidden.add(e.overrides)
+                rivals.setdefault(e.overrides, []).append(e.id)
                 held = winner.get(e.overrides)
                 if held is None or specificity[e.region.code] < specificity[held.region.code]:
                     if held is not None:
@@ -136,7 +158,10 @@ class RegionResolver:
                     winner[e.overrides] = e
                 else:
                     hidden.add(e.id)
-            self._cache[key] = frozenset(e.id for e in applicable if e.id not in hidden)
+            stand_in = {replaced: w.id for replaced, w in winner.items()}
+            stand_in.update({r: winner[replaced].id for replaced, ids in rivals.items() for r in ids
+                             if r != winner[replaced].id})
+            self._cache[key] = (frozenset(e.id for e in applicable if e.id not in hidden), stand_in)
         return self._cache[key]
 
     def label(self, region_code: str | None) -> str:
@@ -210,10 +235,9 @@ class KnowledgeBase:
         region_code = region if region is not None else self.default_region
         k = k or self.top_k
         query = self.prepare(question)
-        allowed = set(self.regions.allowed(region_code))
         if not query.normalised.strip():
             return SearchResult(question, "", region_code, [], 0.0, True)
-        rankings = self.backend.rank(query, allowed, depth=max(50, k * 4))
+        rankings = self.rank(query, region_code, depth=max(50, k * 4))
         fused = reciprocal_rank_fusion(rankings.lexical, rankings.pinyin, rankings.dense)
         dense_scores = dict(rankings.dense)
         ranks = {
@@ -245,6 +269,19 @@ class KnowledgeBase:
             confidence=confidence,
             abstain=not hits or confidence < self.abstain_threshold,
         )
+
+    def rank(self, query: Query, region_code: str | None, depth: int) -> Rankings:
+        """The backend's rankings over the entries that apply to the region. An entry a local one replaces
+        is still ranked, in the local entry's name: the replaced national entry's ways of asking (and its
+        knowledge points', which the answer stage keeps answerable) find the local entry, whose own
+        wording is narrower ("12393要加区号吗" is asked of the national 12393 entry, which Hangzhou's
+        hotline entry replaces there)."""
+        stand_in = self.regions.stand_ins(region_code)
+        allowed = set(self.regions.allowed(region_code)) | stand_in.keys()
+        found = self.backend.rank(query, allowed, depth)
+        if not stand_in:
+            return found
+        return Rankings(*(_in_place_of(ranking, stand_in) for ranking in (found.lexical, found.pinyin, found.dense)))
 
     def _confidence(self, hits: list[Hit]) -> float:
         if not hits:

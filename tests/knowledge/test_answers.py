@@ -100,6 +100,18 @@ def test_the_family_account_count_question_gets_the_number(knowledge_base):
     assert reply.citations[0]["source"]["url"].startswith("http")
 
 
+@pytest.mark.parametrize("question, point", [
+    ("打12393要不要加区号", "si-12393.area-code"),
+    ("社保卡过期了还能看病用吗？卡没坏就是到期了", "ca-apply.expired-still-works"),
+])
+def test_a_national_point_is_answered_where_a_local_entry_replaces_its_entry(knowledge_base, question, point):
+    """Hangzhou's packs replace the national 12393 and card entries; their national points that state no
+    local figure still answer a Hangzhou resident (before, they were never found there)."""
+    reply = knowledge_base.answerer.answer(question, HANGZHOU)
+    assert reply.outcome == "answered", reply.text
+    assert reply.answers[0]["point"] == point
+
+
 @pytest.mark.parametrize("context", [Context(), HANGZHOU], ids=["no deployment region", "hangzhou"])
 def test_reimbursement_materials_are_not_the_service_halls(knowledge_base, context):
     """A top question with the shipped classifier and reranker: "what to bring for a hospital bill's

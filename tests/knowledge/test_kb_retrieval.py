@@ -64,6 +64,24 @@ def test_a_local_entry_replaces_the_national_one_for_its_residents(knowledge_bas
         assert e.id not in resolver.allowed("")
 
 
+def test_an_entry_a_local_one_replaces_is_still_found_in_the_local_ones_name(knowledge_base):
+    resolver: RegionResolver = knowledge_base.regions
+    stand_in = resolver.stand_ins("330100")
+    for e in knowledge_base.corpus.entries:
+        if e.overrides and e.region.code == "330100":
+            assert stand_in[e.overrides] == e.id
+    # 12393 is replaced by both the Zhejiang and the Hangzhou pack: in 杭州 both answer as Hangzhou's entry
+    local = [e for e in knowledge_base.corpus.entries if e.overrides == "si-12393"]
+    hangzhou = next(e.id for e in local if e.region.code == "330100")
+    assert {stand_in[e.id] for e in local if e.id != hangzhou} == {hangzhou}
+    assert resolver.stand_ins("") == {}
+    # The question is asked in the national entry's words; before, the national entry was left out of the
+    # search in 杭州 and nothing of 12393 was found (confidence 0.09).
+    result = knowledge_base.search("打12393要不要加区号", region="330100")
+    assert result.best.entry.id == hangzhou and not result.abstain, result.as_dict()
+    assert "si-12393" not in {h.entry.id for h in result.hits}
+
+
 def test_no_answer_mixes_regions(knowledge_base):
     for code in ("", "330000", "330100", "440100"):
         regions = {knowledge_base.entries[i].region.code for i in knowledge_base.regions.allowed(code)}
