@@ -503,11 +503,14 @@ class Answerer:
         """Which region's rules answer; and the place whose own rules decide, when it is not ours."""
         region = context.region or context.deployment_region or None
         known = set(self.kb.regions.chain(region)) if region else set()
-        for place in parsed.places:
+        # Where the resident is insured decides before a place only mentioned ("我常住上海，参保在杭州").
+        for place in sorted(parsed.places, key=lambda p: p.role != "insured"):
             if place.role == "destination":
                 continue  # where the resident goes for care: their insured region's rules still apply
             chain = self.kb.regions.chain(place.code)
             if place.code in known or (region and region in chain and region != "100000"):
+                if place.role == "insured":
+                    break  # insured where we are: the other places are where care happens or only mentioned
                 continue
             if place.code in self.kb.regions.regions and place.code != "100000":
                 return place.code, None  # a region pack we hold answers for that place

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from yibao_common.places import CODE_NAMES, REGION_CODES, RELATIONS, find_keyword
+from yibao_common.places import CODE_NAMES, REGION_CODES, RELATIONS, find_keyword, without_false_places
 
 # A clause asks something when it holds one of these (or ends with a question mark).
 QUESTION_MARKERS = re.compile(
@@ -63,8 +63,15 @@ CASE_CUES: dict[str, list[tuple[str, re.Pattern]]] = {
 }
 
 # Where a named place stands in the story: the resident's insurance, or where they go for care.
-_INSURED_AFTER = re.compile(r"^(?:市|省)?(?:的)?(?:职工|居民)?(?:医保|社保|参保|交的|缴的|买的|上的)")
+_INSURED_AFTER = re.compile(
+    r"^(?:市|省)?(?:老家)?(?:的)?(?:(?:参加|参|交|缴|买|上|办)[了的]?)?(?:的)?(?:职工|居民|城乡居民)?"
+    r"(?:医保|社保|参保|医疗保险|新农合|合作医疗|农合|交的|缴的|买的|上的|退休)")
+# "参保在杭州", "医保是温州的", "新农合在河南": the insurance named before the place; not "医保在杭州看病",
+# where the place is where care happens.
+_INSURED_BEFORE = re.compile(r"(?:参保|医保|社保|新农合|农合|保险|关系)(?:地)?(?:是|在|属于)$")
+_CARE_AFTER = re.compile(r"^(?:市|省)?(?:的)?(?:看|住院|就医|就诊|治|买药|开药|报销|刷|能|可以|可不可以|用|使用)")
 _DESTINATION_BEFORE = re.compile(r"(?:去|到|在|来|回|赴|往)$")
+_CLAUSE_END = re.compile(r"[，,。！!？?；;：:\s]")
 
 
 # Questions for another agency: declined politely with who answers them. A "strong" domain is
@@ -225,14 +232,16 @@ def read_places(text: str) -> list[Place]:
     """Places the message names, in order, with the role the words around each give it (one
     pattern, longest name first at each position: "吉林市" is the city, "吉林" the province)."""
     found: list[Place] = []
-    for match in _PLACE_NAMES.finditer(text):
+    for match in _PLACE_NAMES.finditer(without_false_places(text)):
         name = match.group()
         start, end = match.span()
-        after = text[end : end + 8]
-        before = text[max(0, start - 2) : start]
+        after = _CLAUSE_END.split(text[end : end + 8], maxsplit=1)[0]  # a cue in the next clause is not this place's
+        before = text[max(0, start - 4) : start]
         if _INSURED_AFTER.search(after) or "参保" in after[:4]:
             role = "insured"
-        elif _DESTINATION_BEFORE.search(before):
+        elif _INSURED_BEFORE.search(before) and not _CARE_AFTER.search(after):
+            role = "insured"
+        elif _DESTINATION_BEFORE.search(before[-2:]):
             role = "destination"
         else:
             role = "mentioned"

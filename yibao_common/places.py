@@ -62,6 +62,17 @@ RELATIONS = {
 }
 
 
+# Words that hold a place's short name but name no place: "医保定点" holds 保定, "莆田系" (a group of
+# private hospitals) 莆田. Blanked, keeping every other character's position, before places are looked for.
+NOT_PLACES = ("医保定", "莆田系")
+
+
+def without_false_places(text: str) -> str:
+    for word in NOT_PLACES:
+        text = text.replace(word, "\u3000" * len(word))
+    return text
+
+
 def find_keyword(text: str, table: Dict[str, List[str]]) -> Optional[str]:
     """The canonical value whose variant occurs first in the table's order of priority."""
     for value, variants in table.items():
@@ -79,6 +90,7 @@ def find_place(text: str, entities: Iterable[dict] = ()) -> Optional[Tuple[str, 
         name = str(entity["value"]).removesuffix("市").removesuffix("省")
         if name in REGION_CODES:
             return name, REGION_CODES[name]
+    text = without_false_places(text)
     hits = [(text.find(name), -len(name), name) for name in REGION_CODES if name in text]
     if hits:
         _, _, name = min(hits)

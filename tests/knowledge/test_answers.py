@@ -17,6 +17,7 @@ from knowledge_base.answers import (
 )
 from knowledge_base.questions import core_question, extract_questions, other_agency, parse, read_case, read_places
 from knowledge_base.schema import Source, states_figure
+from yibao_common.places import find_place
 
 HANGZHOU = Context(deployment_region="330100")
 
@@ -60,6 +61,38 @@ def test_the_short_names_of_the_two_insurances_are_read():
 def test_places_know_insured_from_destination():
     places = {p.name: p.role for p in read_places("我是广州参保的，想去上海看病")}
     assert places == {"广州": "insured", "上海": "destination"}
+
+
+def test_the_insured_place_is_read_from_the_words_before_it_and_not_from_the_next_clause():
+    def roles(text):
+        return [(p.name, p.role) for p in read_places(text)]
+    # "参保" after a comma belongs to the next clause; "参保在杭州" names the insured place before it.
+    assert roles("我常住上海，参保在杭州，看病能在上海直接报吗") == [
+        ("上海", "mentioned"), ("杭州", "insured"), ("上海", "destination")]
+    assert roles("我爸的新农合在河南，来杭州看病住院") == [("河南", "insured"), ("杭州", "destination")]
+    assert roles("我们在临汾参加的职工医保，退休后去秦皇岛") == [("临汾", "insured"), ("秦皇岛", "destination")]
+    assert roles("我一直在佛山交医保") == [("佛山", "insured")]
+    # ... but where the insurance is used is where care happens
+    assert roles("杭州的医保在河南能用吗") == [("杭州", "insured"), ("河南", "destination")]
+    assert roles("用医保在杭州看病") == [("杭州", "destination")]
+
+
+def test_a_word_that_holds_a_city_name_is_no_place():
+    assert read_places("小区门口的诊所是不是医保定点的？") == []  # 保定
+    assert read_places("莆田系医院能刷医保吗") == []
+    assert find_place("医保定点药店能买什么") is None
+    assert [p.name for p in read_places("我在保定住院")] == ["保定"]
+
+
+def test_the_insured_place_decides_the_region_before_a_place_only_mentioned(knowledge_base):
+    answerer = knowledge_base.answerer
+    region, foreign = answerer._region_for(parse("上海和杭州医保是不是互通的？我常住上海，参保在杭州"), HANGZHOU)
+    assert (region, foreign) == ("330100", None)
+    region, foreign = answerer._region_for(parse("我爸的新农合在河南，来杭州看病住院，出院能直接报吗"), HANGZHOU)
+    assert region == "410000" and foreign.name == "河南"
+    # A designated pharmacy question names no city: no "保定's rules decide" sentence.
+    reply = answerer.answer("小区门口的诊所是不是医保定点的？能不能刷医保？", HANGZHOU)
+    assert "保定的" not in reply.text and reply.meta["region_used"] == "330100"
 
 
 def test_every_prefecture_is_a_place_but_a_city_name_that_is_also_a_word_needs_its_suffix():
