@@ -24,7 +24,7 @@ QUESTION_MARKERS = re.compile(
 # Asking for an amount, a count or a time: the answer must carry the figure.
 QUANTITY_MARKERS = re.compile(r"多少|几[个天年月次岁号名人种家类项位]?|多久|多长|多大|比例|起付线|封顶|标准|期限|上限")
 _CLAUSE_SPLIT = re.compile(r"(?<=[，,。！!？?；;：:\n])")
-_SENTENCE_END = "。！!？?；;\n"
+SENTENCE_END = "。！!？?；;\n"
 _EMOJI_AND_SYMBOLS = re.compile(r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200B-\u200D\u2060\uFEFF]")
 
 # Story facts -> case slots (schema.CASE_SLOTS). First match in each table wins, in table order.
@@ -189,7 +189,7 @@ def extract_questions(text: str, *, limit: int = 2) -> list[str]:
             context = []
         else:
             context.append(clause)
-        if clause[-1] in _SENTENCE_END:
+        if clause[-1] in SENTENCE_END:
             context = [] if questions else context
     if not questions:
         return [text]

@@ -185,6 +185,20 @@ def test_two_questions_get_two_answers(knowledge_base):
     assert reply.text.count("关于“") == 2
 
 
+@pytest.mark.parametrize("message, topic", [
+    # alone, "直接打会转到哪里" was answered with who issues a referral
+    ("打12393要不要加区号，直接打会转到哪里", "service_info"),
+    # alone, "符合哪些条件才能办理？" was answered with who gets 医疗救助
+    ("慢性病卡该如何办理？符合哪些条件才能办理？", "chronic_disease"),
+    # alone, "需要父母本人去吗？" was answered with adding a family member over 16 to the e-voucher
+    ("给新生儿办医保，能不能在网上办？需要父母本人去吗？", "enrollment"),
+])
+def test_a_follow_up_that_names_nothing_is_read_with_the_question_before_it(knowledge_base, message, topic):
+    reply = knowledge_base.answerer.answer(message, HANGZHOU)
+    assert reply.outcome == "answered"
+    assert {a["topic"] for a in reply.answers} == {topic}, reply.text
+
+
 @pytest.mark.parametrize("text", ["住房公积金怎么提取", "今天杭州天气怎么样", "驾照扣分怎么查"])
 def test_out_of_scope_is_declined_politely_with_who_answers(knowledge_base, text):
     reply = knowledge_base.answerer.answer(text, HANGZHOU)
