@@ -405,13 +405,15 @@ class Answerer:
 
     def _units_answering(self, entry_id: str) -> list[int]:
         """An entry's units; a local entry also brings the points of the national entry it replaces
-        that state no local figure (what is true everywhere stays answerable, precisely)."""
+        that state no local figure (what is true everywhere stays answerable, precisely). A point whose
+        figure is local but whose answer states none, only that the local rule decides ("补卡收不收费、收多少，
+        以当地规定为准"), comes too: without it a Hangzhou resident asking the fee was told about lost cards."""
         out = list(self.units.units_of(entry_id))
         entry = self.kb.entries.get(entry_id)
         if entry is not None and entry.overrides:
             for u in self.units.units_of(entry.overrides):
                 unit = self.units.layout.units[u]
-                if unit.kind == "point" and not unit.point.local_figure:
+                if unit.kind == "point" and not (unit.point.local_figure and states_figure(unit.answer)):
                     out.append(u)
         return out
 

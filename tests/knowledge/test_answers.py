@@ -136,6 +136,8 @@ def test_the_family_account_count_question_gets_the_number(knowledge_base):
 @pytest.mark.parametrize("question, point", [
     ("打12393要不要加区号", "si-12393.area-code"),
     ("社保卡过期了还能看病用吗？卡没坏就是到期了", "ca-apply.expired-still-works"),
+    # its figure is local, but it states none: only that the local rule decides
+    ("医保卡补办费用是多少？", "ca-apply.fee"),
 ])
 def test_a_national_point_is_answered_where_a_local_entry_replaces_its_entry(knowledge_base, question, point):
     """Hangzhou's packs replace the national 12393 and card entries; their national points that state no
