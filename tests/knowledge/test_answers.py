@@ -235,7 +235,8 @@ def test_an_unverified_figure_is_never_stated_on_its_own(knowledge_base):
     ("最多可以添加5名家人", True), ("超过12000元的部分", True), ("出生后90天内参保", True), ("断缴三个月以内", True),
     ("2025年起执行", True), ("每年可以申请一次", True),
     ("拨打12393医保服务热线", False), ("在掌上12333APP申请", False), ("可以一次性支取", False),
-    ("情况紧急的先打120", False), ("向当地医保局反映", False),
+    ("情况紧急的先打120", False), ("向当地医保局反映", False), ("问杭州医保拨0571-12393", False),
+    ("拨057112393", False), ("区号后面7位数", True),
 ])
 def test_a_figure_is_an_amount_count_or_deadline_not_a_hotline(text, figure):
     assert states_figure(text) is figure
