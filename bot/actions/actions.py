@@ -8,6 +8,7 @@ procedures (forms) live in bot/actions/forms.py.
 
 from __future__ import annotations
 
+import abc
 import logging
 import re
 from typing import Any, Dict, List, Optional, Text
@@ -118,6 +119,11 @@ class ActionAnswerMore(Action):
     async def run(
         self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: Dict[Text, Any]
     ) -> List[Dict[Text, Any]]:
+        text = tracker.latest_message.get("text") or ""
+        intent = (tracker.latest_message.get("intent") or {}).get("name")
+        if intent == "affirm" and asks_a_question(text) and not MORE_WORDS.search(text):
+            # DIET heard a yes in a question ("是不是……就能参保？"): it is answered as the question it is.
+            return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
         entry_id = tracker.get_slot("more_entry")
         if not entry_id:
             dispatcher.utter_message(json_message=domain_message(domain, "utter_anything_else"))
@@ -174,8 +180,31 @@ GUIDANCE_WORDS = [
 ]
 
 
-# Words of a real emergency: with one of them an "urgent" message goes to a person at once.
-URGENT_WORDS = re.compile(r"抢救|急救|救命|危险|不行了|昏迷|晕倒|大出血|紧急|急死|马上|立刻|赶紧|快点|120|急诊室|刷不了|结不了|交不了钱|出不了院")
+# Words of a real emergency: with one of them an "urgent" message goes to a person at once. A card that
+# will not pay (刷不了, 结不了) is not one by itself: "卡被锁了刷不了，要去哪里解锁？" asks where to unlock it,
+# and was handed over with "有生命危险请拨打120"; with 抢救, 马上 or 急急急 beside it, it still is.
+URGENT_WORDS = re.compile(r"抢救|急救|救命|危险|不行了|昏迷|晕倒|大出血|紧急|急死|急急|十万火急|马上|立刻|赶紧|快点|120|急诊室|手术室|ICU")
+# A complaint that asks where or how to complain (about a hospital's bill, a pharmacy) is a question the
+# knowledge base answers; one about this service ("你们这什么态度，我要投诉") goes to a person.
+COMPLAINT_CHANNEL_QUESTION = re.compile(
+    r"(?:投诉|举报)(?:电话|热线|渠道|方式|途径|部门)|(?:去|到|向|找|跟)(?:哪里|哪儿|哪个部门|谁)(?:投诉|举报|反映)|"
+    r"(?:怎么|怎样|如何|在哪|哪里)(?:投诉|举报)")
+# A yes, a no or a "stop" is short. A long message with a question in it ("是不是宝宝当年不用另外交钱，跟着我
+# 就能参保？") is a question whatever DIET guessed.
+ASKS = re.compile(r"[吗嘛呢？?]|怎么|如何|能不能|可不可以|是不是|多少|哪|什么|几[个天年月次岁]")
+SHORT_REPLY = 8
+MORE_WORDS = re.compile(r"详细|具体|展开|多说|说说|讲讲|说一下|讲一下|还有呢")
+
+
+def asks_a_question(text: str) -> bool:
+    return len(text.strip()) > SHORT_REPLY and bool(ASKS.search(text))
+
+
+async def knowledge_base_answers(text: str, tracker: Tracker) -> bool:
+    """Whether the hub's answer stage answers this message (the hub computed it as the message arrived,
+    and the action's request for it is joined to that: no second computation)."""
+    result = await answer_question(text, resident_region(tracker), tracker.get_slot("last_outcome"))
+    return result is not None and result.get("outcome") == "answered"
 
 
 class ActionEscalate(Action):
@@ -190,14 +219,64 @@ class ActionEscalate(Action):
         self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: Dict[Text, Any]
     ) -> List[Dict[Text, Any]]:
         intent = (tracker.latest_message.get("intent") or {}).get("name")
-        if intent == "urgent" and not URGENT_WORDS.search(tracker.latest_message.get("text") or ""):
+        text = tracker.latest_message.get("text") or ""
+        if intent == "urgent" and not URGENT_WORDS.search(text):
             # DIET hears urgency in stories that only mention a hospital stay ("我妈住院了……钱怎么报"):
             # without a word of an emergency, it is a question, and the knowledge base answers it.
+            return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
+        if intent == "complain" and COMPLAINT_CHANNEL_QUESTION.search(text) and await knowledge_base_answers(text, tracker):
+            # "医院乱收费我要投诉，医保的投诉电话是多少？": the resident asks where to complain.
             return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
         message = domain_message(domain, self.REASONS.get(intent, "utter_escalate"))
         message["outcome"] = "escalated"
         dispatcher.utter_message(json_message=message)
         return [SlotSet("failed_turns", 0.0)]
+
+
+class _QuestionOrReply(Action, abc.ABC):
+    """An intent's own reply (``reply``, a domain response), unless the message is a question that DIET
+    misread: then the knowledge base answers it. Abstract, so the action server does not register it."""
+
+    reply = ""
+
+    @abc.abstractmethod
+    async def is_question(self, text: str, tracker: Tracker) -> bool: ...
+
+    async def run(
+        self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: Dict[Text, Any]
+    ) -> List[Dict[Text, Any]]:
+        if await self.is_question(tracker.latest_message.get("text") or "", tracker):
+            return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
+        dispatcher.utter_message(json_message=domain_message(domain, self.reply))
+        return []
+
+
+class ActionOutOfScope(_QuestionOrReply):
+    """DIET's out-of-scope guess. It is wrong on 医保 questions worded unlike its examples ("老人怎么更换医疗
+    卡号", "救护车跨地区转诊收费吗"): the answer stage, which reads every message against the knowledge base,
+    decides. Its answer is given when it has one; otherwise the polite decline. On the answer set's dev
+    split the answer stage declines every out-of-scope message this guess declined."""
+
+    reply = "utter_out_of_scope"
+
+    def name(self) -> Text:
+        return "action_out_of_scope"
+
+    async def is_question(self, text: str, tracker: Tracker) -> bool:
+        return await knowledge_base_answers(text, tracker)
+
+
+class ActionNoOrStop(_QuestionOrReply):
+    """A no or a stop with nothing pending: "anything else?". A question DIET heard as a no ("我已经交了……
+    是不是宝宝当年不用另外交钱？") is answered instead of being told "好的"."""
+
+    reply = "utter_anything_else"
+
+    def name(self) -> Text:
+        return "action_no_or_stop"
+
+    async def is_question(self, text: str, tracker: Tracker) -> bool:
+        return asks_a_question(text)
 
 
 class ValidateSlotMappings(ValidationAction):

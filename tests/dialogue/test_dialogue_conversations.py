@@ -78,6 +78,16 @@ ESCALATIONS = [
 ]
 
 
+# Questions DIET misreads as out of scope, a complaint, an emergency or a no (its guesses on the current
+# model): each is a question the knowledge base answers, and is answered instead of declined or handed over.
+MISREAD_QUESTIONS = [
+    ("out of scope", "老人怎么更换医疗卡号"),
+    ("complaint that asks where", "医院不合理收费应该去哪里投诉？卫健委还是医保局？"),
+    ("urgent, a locked card", "我爸记不清医保卡密码，在药店连续输错了三次，现在卡被锁了刷不了，要去哪里解锁？"),
+    ("a no, a long question", "我自己已经交了今年重庆的居民医保，宝宝今年刚出生，是不是宝宝当年不用另外交钱，跟着我就能参保？"),
+]
+
+
 def talk(client: httpx.Client, turns: list[str]) -> list[dict]:
     created = client.post("/api/sessions", json={}).json()
     sid, auth = created["session_id"], {"Authorization": f"Bearer {created['token']}"}
@@ -119,6 +129,14 @@ def test_escalation_paths_end_with_a_person(stack_url, name, turns):
     with httpx.Client(base_url=stack_url, timeout=60) as client:
         replies = talk(client, turns)
     assert replies[-1]["meta"]["outcome"] == "escalated", replies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,text", MISREAD_QUESTIONS, ids=[m[0] for m in MISREAD_QUESTIONS])
+def test_a_question_the_intent_classifier_misreads_is_answered(stack_url, name, text):
+    with httpx.Client(base_url=stack_url, timeout=60) as client:
+        reply = talk(client, [text])[-1]
+    assert reply["meta"]["outcome"] == "answered" and reply["meta"]["citations"], reply
 
 
 @pytest.mark.slow
