@@ -56,6 +56,13 @@ def test_every_response_has_a_voice_fit_spoken_form(name):
         assert all(len(s) <= 40 for s in sentences), f"{name}: spoken sentence too long: {spoken}"
 
 
+def run_in_the_rasa_venv(code: str) -> None:
+    """The actions live in the Rasa venv (Python 3.10, rasa_sdk): check them there."""
+    proc = subprocess.run([str(REPO / ".venv-rasa" / "bin" / "python"), "-c", code], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_action_spoken_forms_are_voice_fit():
     """The actions' spoken forms go through voice_fit; check it in the Rasa venv where it lives."""
     code = (
@@ -69,9 +76,7 @@ def test_action_spoken_forms_are_voice_fit():
         "assert all(len(x) <= 40 for x in re.split('[。！？；]', s)), s\n"
         "assert not re.search(r'\\d', s), s\n"
     )
-    proc = subprocess.run([str(REPO / ".venv-rasa" / "bin" / "python"), "-c", code], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_in_the_rasa_venv(code)
 
 
 def test_the_actions_tell_a_question_from_the_intent_diet_guessed():
@@ -90,9 +95,7 @@ def test_the_actions_tell_a_question_from_the_intent_diet_guessed():
         "e = ActionExecutor(); e.register_package('bot.actions')\n"
         "assert {'action_out_of_scope', 'action_no_or_stop', 'action_escalate'} <= set(e.actions), sorted(e.actions)\n"
     )
-    proc = subprocess.run([str(REPO / ".venv-rasa" / "bin" / "python"), "-c", code], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_in_the_rasa_venv(code)
 
 
 @pytest.fixture(scope="module")
