@@ -158,9 +158,9 @@ class RegionResolver:
                     winner[e.overrides] = e
                 else:
                     hidden.add(e.id)
-            stand_in = {replaced: w.id for replaced, w in winner.items()}
-            stand_in.update({r: winner[replaced].id for replaced, ids in rivals.items() for r in ids
-                             if r != winner[replaced].id})
+            # the replaced entry and every less specific local entry replacing it answer as the winner
+            stand_in = {r: winner[replaced].id for replaced, ids in rivals.items() for r in (replaced, *ids)
+                        if r != winner[replaced].id}
             self._cache[key] = (frozenset(e.id for e in applicable if e.id not in hidden), stand_in)
         return self._cache[key]
 
@@ -281,7 +281,8 @@ class KnowledgeBase:
         found = self.backend.rank(query, allowed, depth)
         if not stand_in:
             return found
-        return Rankings(*(_in_place_of(ranking, stand_in) for ranking in (found.lexical, found.pinyin, found.dense)))
+        return Rankings(lexical=_in_place_of(found.lexical, stand_in), pinyin=_in_place_of(found.pinyin, stand_in),
+                        dense=_in_place_of(found.dense, stand_in))
 
     def _confidence(self, hits: list[Hit]) -> float:
         if not hits:
