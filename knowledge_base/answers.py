@@ -342,8 +342,12 @@ class Answerer:
         qv_full = self.kb.embedder.encode_one(self.kb.text.normalise(question))
         qv_core = self.kb.embedder.encode_one(self.kb.text.normalise(core)) if core != question else qv_full
         unit_prior: dict[int, float] = {}
+        applies = set(self.kb.regions.chain(region))
         for entry_id, value in prior.items():
             for u in self._units_answering(entry_id):
+                point = self.units.layout.units[u].point
+                if point is not None and point.region.code not in applies:
+                    continue  # a city's point under a national entry ("在杭州生的宝宝…") answers only there
                 unit_prior[u] = max(unit_prior.get(u, 0.0), value)
         indexes = list(unit_prior)
         sims_full, answer_sims = self.units.similarities(indexes, qv_full)

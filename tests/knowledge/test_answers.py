@@ -175,6 +175,22 @@ def test_another_citys_rules_get_the_national_rule_and_who_decides(knowledge_bas
     assert "广州" in reply.spoken
 
 
+def test_a_city_point_filed_under_a_national_entry_answers_only_in_that_city(knowledge_base):
+    """杭州's own newborn point hangs under the national newborn entry: a 上海 or 温州 question never gets it."""
+    answerer = knowledge_base.answerer
+    hangzhou_points = {u.id for u in answerer.units.layout.units
+                       if u.point is not None and u.point.region.code == "330100" and u.entry.id == "en-newborn"}
+    assert hangzhou_points  # the case this guards exists
+    for message, region in (("上海新生儿医保怎么办理", None), ("宝宝刚出生医保在哪里办", "330300")):
+        parsed = parse(message)
+        where, _ = answerer._region_for(parsed, Context(region=region, deployment_region="330100"))
+        found = answerer.candidates(parsed.questions[0], parsed, where)
+        assert found.candidates and not hangzhou_points & {c.unit.id for c in found.candidates}
+    parsed = parse("杭州新生儿医保怎么办")
+    found = answerer.candidates(parsed.questions[0], parsed, "330100")
+    assert hangzhou_points & {c.unit.id for c in found.candidates}  # at home it is a candidate
+
+
 def test_a_destination_city_is_not_a_foreign_rule(knowledge_base):
     reply = knowledge_base.answerer.answer("我是杭州参保的，要去上海长住，异地就医怎么备案？", HANGZHOU)
     assert reply.outcome == "answered" and reply.meta["foreign_region"] is None
