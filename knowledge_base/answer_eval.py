@@ -85,6 +85,7 @@ class Scored:
     spoken_s: float | None
     reply_text: str = ""
     answers: list = field(default_factory=list)
+    offered: bool | None = None  # the right point answered, or one tap away (a quick reply or an option)
 
 
 def score_reply(item: dict, reply: dict) -> Scored:
@@ -118,11 +119,15 @@ def score_reply(item: dict, reply: dict) -> Scored:
             if name in item["q"]:
                 own |= {named, named[:2] + "0000"}
         wrong = any(c.get("region_code") not in (None, "100000") and c["region_code"] not in own for c in citations)
+    offered = None
+    if in_scope:
+        taps = [r.get("id") for r in reply.get("related") or []] + list(reply.get("options") or [])
+        offered = bool(point_ok) or any(e in taps for e in item["expect"])
     spoken = reply.get("spoken") or ""
     return Scored(
         item, outcome, point_ok, topic_ok, found, len(facts) if in_scope else 0, wrong,
         len(_norm(spoken)) / SPOKEN_CHARS_PER_S if outcome == "answered" and spoken else None,
-        reply.get("text") or "", answers,
+        reply.get("text") or "", answers, offered,
     )
 
 
@@ -147,6 +152,7 @@ def summarise(scored: list[Scored]) -> dict:
     return {
         "n": len(scored),
         "point": _share([bool(s.point_ok) for s in in_scope]),
+        "point_offered": _share([bool(s.offered) for s in in_scope]),
         "topic": _share([bool(s.topic_ok) for s in in_scope]),
         "fact_recall": (sum(s.facts_found for s in in_scope) / facts_total) if facts_total else None,
         "clarifying": _share([s.outcome == "clarifying" for s in in_scope]),
@@ -167,7 +173,7 @@ TARGETS = {
 
 def table(rows: dict[str, dict]) -> str:
     """A markdown table of summaries (one column per split), with the targets."""
-    names = ["n", "point", "topic", "fact_recall", "clarifying", "abstain_precision", "abstain_recall",
+    names = ["n", "point", "point_offered", "topic", "fact_recall", "clarifying", "abstain_precision", "abstain_recall",
              "wrong_region", "spoken_p50_s", "spoken_p95_s"]
     head = "| metric | " + " | ".join(rows) + " | target |"
     out = [head, "|---|" + "---:|" * len(rows) + "---|"]

@@ -81,7 +81,7 @@ class ActionAnswerFromKnowledgeBase(Action):
         outcome = result.get("outcome") or "abstained"
         payload = {key: result.get(key) for key in (
             "text", "outcome", "citations", "steps", "buttons", "search", "kb_confidence", "answers", "related",
-            "more", "questions", "case")}
+            "options", "more", "questions", "case")}
         payload["spoken"] = voice_fit(result.get("spoken") or "")
         if outcome == "answered":
             answers = result.get("answers") or []

@@ -53,3 +53,17 @@ def test_a_right_point_is_on_topic_wherever_its_entry_is_filed():
     assert score_reply(item, right).topic_ok and score_reply(item, right).point_ok
     assert score_reply(item, neighbour).topic_ok and not score_reply(item, neighbour).point_ok
     assert not score_reply(item, elsewhere).topic_ok
+
+
+def test_a_right_point_one_tap_away_is_offered_but_not_answered():
+    item = {"q": "医保卡能借给家里人用吗", "topic": "card", "expect": ["ot-no-lend.lend"], "out_of_scope": False,
+            "facts": []}
+    misread = {"outcome": "answered", "answers": [{"unit": "pa-family-share.how", "point": "pa-family-share.how",
+                                                   "entry": "pa-family-share"}],
+               "related": [{"id": "pa-family-share.who", "question": "家庭共济能给谁用？"}], "text": "…"}
+    scored = score_reply(item, misread)
+    assert not scored.point_ok and not scored.offered
+    tap = {**misread, "related": [{"id": "ot-no-lend.lend", "question": "医保卡能借给别人用吗？"}]}
+    assert not score_reply(item, tap).point_ok and score_reply(item, tap).offered
+    asked_back = {"outcome": "clarifying", "options": ["ca-lost.report", "ot-no-lend.lend"], "text": "…"}
+    assert not score_reply(item, asked_back).point_ok and score_reply(item, asked_back).offered

@@ -394,6 +394,26 @@ def test_clarify_only_between_genuinely_different_questions(knowledge_base):
         other.point.question if other.point.question.endswith("？") else other.point.question + "？"]
 
 
+def test_quick_replies_follow_the_ranking_and_keep_a_sibling(knowledge_base):
+    """A misread question's right point is most often the runner-up, from any entry: it is offered."""
+    answerer = knowledge_base.answerer
+    units = answerer.units.layout.units
+    family = [u for u in units if u.kind == "point" and u.entry.id == "ev-family-add"][:3]
+    filing = [u for u in units if u.kind == "point" and u.entry.id.startswith("cr-")][:3]
+
+    def related(*ranked):
+        found = QuestionAnswer("q", None, [Candidate(u, {}, 10.0 - i) for i, u in enumerate(ranked)], 0.9, False)
+        return [r["id"] for r in answerer._related(found)]
+
+    # the runner-up of another entry comes first, then the ranking goes on
+    assert related(family[0], filing[0], family[1], family[2]) == [filing[0].id, family[1].id, family[2].id]
+    # three runners-up of other entries: the best sibling takes the last place
+    assert related(family[0], *filing, family[1]) == [filing[0].id, filing[1].id, family[1].id]
+    # an entry (not a point) and the answer itself are never offered
+    entry = next(u for u in units if u.kind == "entry")
+    assert related(family[0], entry, family[0], family[1]) == [family[1].id]
+
+
 def test_phone_answers_stay_short(knowledge_base):
     for text in ("异地就医怎么备案", "医保电子凭证怎么激活", "住院报销要带什么材料"):
         reply = knowledge_base.answerer.answer(text, HANGZHOU)

@@ -67,7 +67,7 @@ def replies_from_rasa(items: list[dict]) -> list[BotReply]:
         reply.citations = custom.get("citations", reply.citations)
         reply.steps = custom.get("steps", reply.steps)
         reply.buttons = custom.get("buttons", reply.buttons)
-        for key in ("search", "region", "kb_confidence", "checklist", "answers", "related", "more", "questions", "case"):
+        for key in ("search", "region", "kb_confidence", "checklist", "answers", "related", "options", "more", "questions", "case"):
             if key in custom:
                 reply.extra[key] = custom[key]
     return replies
