@@ -63,7 +63,11 @@ class ActionAnswerFromKnowledgeBase(Action):
     case (discharged, not filed, 职工...), two questions, a city whose own rules decide. It answers
     with the knowledge point, or asks which of two genuinely different questions was meant (never
     twice in a row), or declines politely. Two failures in a row offer a person.
+    ``offer_person``: an answer also offers a person first among its quick replies (a resident in a hurry).
     """
+
+    def __init__(self, offer_person: bool = False) -> None:
+        self.offer_person = offer_person
 
     def name(self) -> Text:
         return "action_answer_from_kb"
@@ -88,6 +92,8 @@ class ActionAnswerFromKnowledgeBase(Action):
             topic = answers[0].get("topic") if answers else None
             if topic in GUIDED_TOPICS and tracker.active_loop.get("name") is None:
                 payload["buttons"] = list(payload.get("buttons") or []) + [GUIDE_BUTTON]
+            if self.offer_person:
+                payload["buttons"] = [HUMAN_BUTTON] + [b for b in payload.get("buttons") or [] if b != HUMAN_BUTTON]
             dispatcher.utter_message(json_message=payload)
             more = result.get("more") or {}
             events = [SlotSet("failed_turns", 0.0), SlotSet("last_outcome", "answered"),
@@ -182,8 +188,12 @@ GUIDANCE_WORDS = [
 
 # Words of a real emergency: with one of them an "urgent" message goes to a person at once. A card that
 # will not pay (刷不了, 结不了) is not one by itself: "卡被锁了刷不了，要去哪里解锁？" asks where to unlock it,
-# and was handed over with "有生命危险请拨打120"; with 抢救, 马上 or 急急急 beside it, it still is.
-URGENT_WORDS = re.compile(r"抢救|急救|救命|危险|不行了|昏迷|晕倒|大出血|紧急|急死|急急|十万火急|马上|立刻|赶紧|快点|120|急诊室|手术室|ICU")
+# and was handed over with "有生命危险请拨打120".
+URGENT_WORDS = re.compile(r"抢救|急救|救命|危险|不行了|昏迷|晕倒|大出血|紧急|120|急诊室|手术室|ICU")
+# Words of hurry, not of danger: forum posts end questions with "急急急" ("不办转院手续报销多少，求路过的神仙
+# 指点，急急急！" was handed over with the 120 advice). With one of them, a question the knowledge base answers is
+# answered at once with a person offered first; anything else still goes to a person.
+HURRY_WORDS = re.compile(r"急死|急急|十万火急|马上|立刻|赶紧|快点|在线等")
 # A complaint that asks where or how to complain (about a hospital's bill, a pharmacy) is a question the
 # knowledge base answers; one about this service ("你们这什么态度，我要投诉") goes to a person.
 COMPLAINT_CHANNEL_QUESTION = re.compile(
@@ -223,7 +233,10 @@ class ActionEscalate(Action):
         if intent == "urgent" and not URGENT_WORDS.search(text):
             # DIET hears urgency in stories that only mention a hospital stay ("我妈住院了……钱怎么报"):
             # without a word of an emergency, it is a question, and the knowledge base answers it.
-            return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
+            if not HURRY_WORDS.search(text):
+                return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
+            if asks_a_question(text) and await knowledge_base_answers(text, tracker):
+                return await ActionAnswerFromKnowledgeBase(offer_person=True).run(dispatcher, tracker, domain)
         if intent == "complain" and COMPLAINT_CHANNEL_QUESTION.search(text) and await knowledge_base_answers(text, tracker):
             # "医院乱收费我要投诉，医保的投诉电话是多少？": the resident asks where to complain.
             return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
@@ -240,6 +253,9 @@ class _QuestionOrReply(Action, abc.ABC):
     reply = ""
 
     @abc.abstractmethod
+    def name(self) -> Text: ...
+
+    @abc.abstractmethod
     async def is_question(self, text: str, tracker: Tracker) -> bool: ...
 
     async def run(
@@ -249,6 +265,14 @@ class _QuestionOrReply(Action, abc.ABC):
             return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
         dispatcher.utter_message(json_message=domain_message(domain, self.reply))
         return []
+
+
+class _ShortReplyUnlessAsked(_QuestionOrReply, abc.ABC):
+    """Intents that are short by nature (a no, a goodbye, a greeting): a long message with a question in it
+    is a question whatever DIET guessed."""
+
+    async def is_question(self, text: str, tracker: Tracker) -> bool:
+        return asks_a_question(text)
 
 
 class ActionOutOfScope(_QuestionOrReply):
@@ -266,7 +290,7 @@ class ActionOutOfScope(_QuestionOrReply):
         return await knowledge_base_answers(text, tracker)
 
 
-class ActionNoOrStop(_QuestionOrReply):
+class ActionNoOrStop(_ShortReplyUnlessAsked):
     """A no or a stop with nothing pending: "anything else?". A question DIET heard as a no ("我已经交了……
     是不是宝宝当年不用另外交钱？") is answered instead of being told "好的"."""
 
@@ -275,8 +299,24 @@ class ActionNoOrStop(_QuestionOrReply):
     def name(self) -> Text:
         return "action_no_or_stop"
 
-    async def is_question(self, text: str, tracker: Tracker) -> bool:
-        return asks_a_question(text)
+
+class ActionGoodbye(_ShortReplyUnlessAsked):
+    """A goodbye. DIET hears one in some residents' questions ("俺孙子上大学了，他的医保在哪交" is a goodbye
+    to it, 0.71, on the current model), which were told "感谢您的咨询，再见" and left unanswered."""
+
+    reply = "utter_goodbye"
+
+    def name(self) -> Text:
+        return "action_goodbye"
+
+
+class ActionGreet(_ShortReplyUnlessAsked):
+    """A greeting; a question DIET heard as one ("不会激活医保码，晚上有人教吗") is answered."""
+
+    reply = "utter_greet"
+
+    def name(self) -> Text:
+        return "action_greet"
 
 
 class ValidateSlotMappings(ValidationAction):

@@ -78,13 +78,17 @@ ESCALATIONS = [
 ]
 
 
-# Questions DIET misreads as out of scope, a complaint, an emergency or a no (its guesses on the current
-# model): each is a question the knowledge base answers, and is answered instead of declined or handed over.
+# Questions DIET misreads as out of scope, a complaint, an emergency, a no, a goodbye or a greeting (its
+# guesses on the current model): each is a question the knowledge base answers, and is answered instead of
+# declined, handed over or said goodbye to.
 MISREAD_QUESTIONS = [
     ("out of scope", "老人怎么更换医疗卡号"),
     ("complaint that asks where", "医院不合理收费应该去哪里投诉？卫健委还是医保局？"),
     ("urgent, a locked card", "我爸记不清医保卡密码，在药店连续输错了三次，现在卡被锁了刷不了，要去哪里解锁？"),
     ("a no, a long question", "我自己已经交了今年重庆的居民医保，宝宝今年刚出生，是不是宝宝当年不用另外交钱，跟着我就能参保？"),
+    ("urgent, only in a hurry", "急急急！医保卡丢了怎么补办"),
+    ("a goodbye", "俺孙子上大学了，他的医保在哪交"),
+    ("a greeting", "不会激活医保码，晚上有人教吗"),
 ]
 
 
@@ -137,6 +141,8 @@ def test_a_question_the_intent_classifier_misreads_is_answered(stack_url, name, 
     with httpx.Client(base_url=stack_url, timeout=60) as client:
         reply = talk(client, [text])[-1]
     assert reply["meta"]["outcome"] == "answered" and reply["meta"]["citations"], reply
+    if "hurry" in name:  # answered at once, and a person is one tap away
+        assert [b["title"] for b in reply["meta"]["buttons"]][:1] == ["转人工"], reply
 
 
 @pytest.mark.slow
