@@ -197,8 +197,10 @@ HURRY_WORDS = re.compile(r"急死|急急|十万火急|马上|立刻|赶紧|快�
 # A complaint that asks where or how to complain (about a hospital's bill, a pharmacy) is a question the
 # knowledge base answers; one about this service ("你们这什么态度，我要投诉") goes to a person.
 COMPLAINT_CHANNEL_QUESTION = re.compile(
-    r"(?:投诉|举报)(?:电话|热线|渠道|方式|途径|部门)|(?:去|到|向|找|跟)(?:哪里|哪儿|哪个部门|谁)(?:投诉|举报|反映)|"
+    r"(?:投诉|举报)(?:电话|热线|渠道|方式|途径|部门)|(?:去|到|向|找|跟)(?:哪里?|哪儿|哪个部门|谁)(?:投诉|举报|反映)|"
     r"(?:怎么|怎样|如何|在哪|哪里)(?:投诉|举报)")
+# What a complaint about this service names: it goes to a person even when it asks something.
+ABOUT_THIS_SERVICE = re.compile(r"你们|客服|小智|机器人|智能|打不通|没人接|转人工|人工")
 # A yes, a no or a "stop" is short. A long message with a question in it ("是不是宝宝当年不用另外交钱，跟着我
 # 就能参保？") is a question whatever DIET guessed.
 ASKS = re.compile(r"[吗嘛呢？?]|怎么|如何|能不能|可不可以|是不是|多少|哪|什么|几[个天年月次岁]")
@@ -237,8 +239,12 @@ class ActionEscalate(Action):
                 return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
             if asks_a_question(text) and await knowledge_base_answers(text, tracker):
                 return await ActionAnswerFromKnowledgeBase(offer_person=True).run(dispatcher, tracker, domain)
-        if intent == "complain" and COMPLAINT_CHANNEL_QUESTION.search(text) and await knowledge_base_answers(text, tracker):
-            # "医院乱收费我要投诉，医保的投诉电话是多少？": the resident asks where to complain.
+        if intent == "complain" and (
+            COMPLAINT_CHANNEL_QUESTION.search(text) or (asks_a_question(text) and not ABOUT_THIS_SERVICE.search(text))
+        ) and await knowledge_base_answers(text, tracker):
+            # "医院乱收费我要投诉，医保的投诉电话是多少？" asks where to complain; "我在休产假，发现单位这两个月没给我交医保，
+            # 这对吗" and "医保卡这个月没打钱 是不是停了" are questions DIET hears as complaints. A complaint
+            # about this service ("你们客服怎么回事") still goes to a person.
             return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
         message = domain_message(domain, self.REASONS.get(intent, "utter_escalate"))
         message["outcome"] = "escalated"

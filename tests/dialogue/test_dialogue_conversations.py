@@ -73,6 +73,7 @@ CONVERSATIONS = [
 ESCALATIONS = [
     ("explicit", ["转人工"]),
     ("complaint", ["你们这什么服务态度，我要投诉"]),
+    ("complaint about this service that asks", ["你们客服怎么回事，打了三次电话都没人接？"]),
     ("urgent mid-procedure", ["医保怎么报销", "我爸正在抢救，医保刷不了怎么办"]),
     ("two failures", ["那个东西咋整", "就那个嘛上回说的"]),
 ]
@@ -89,6 +90,7 @@ MISREAD_QUESTIONS = [
     ("urgent, only in a hurry", "急急急！医保卡丢了怎么补办"),
     ("a goodbye", "俺孙子上大学了，他的医保在哪交"),
     ("a greeting", "不会激活医保码，晚上有人教吗"),
+    ("a complaint that is a question", "我在休产假，发现单位这两个月没给我交医保，这对吗"),
 ]
 
 
