@@ -200,7 +200,7 @@ COMPLAINT_CHANNEL_QUESTION = re.compile(
     r"(?:投诉|举报)(?:电话|热线|渠道|方式|途径|部门)|(?:去|到|向|找|跟)(?:哪里?|哪儿|哪个部门|谁)(?:投诉|举报|反映)|"
     r"(?:怎么|怎样|如何|在哪|哪里)(?:投诉|举报)")
 # What a complaint about this service names: it goes to a person even when it asks something.
-ABOUT_THIS_SERVICE = re.compile(r"你们|客服|小智|机器人|智能|打不通|没人接|转人工|人工")
+ABOUT_THIS_SERVICE = re.compile(r"你们|客服|小智|机器人|智能|打不通|没人接|人工")
 # A yes, a no or a "stop" is short. A long message with a question in it ("是不是宝宝当年不用另外交钱，跟着我
 # 就能参保？") is a question whatever DIET guessed.
 ASKS = re.compile(r"[吗嘛呢？?]|怎么|如何|能不能|可不可以|是不是|多少|哪|什么|几[个天年月次岁]")
