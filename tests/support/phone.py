@@ -130,11 +130,11 @@ async def until_quiet(rtp: RtpCaller, quiet_s: float = 0.6, timeout: float = 30.
     raise AssertionError("the bot never went quiet")
 
 
-async def until_heard(rtp: RtpCaller, since: float, timeout: float = 20.0) -> bool:
-    """Send silence until the bot says something after ``since``."""
+async def until_heard(rtp: RtpCaller, since: float, timeout: float = 20.0, packets: int = 1) -> bool:
+    """Send silence until the bot says something after ``since`` (at least ``packets`` packets of it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if rtp.bot_audio(since):
+        if len(rtp.bot_audio(since)) >= packets:
             return True
         await rtp.pause(0.1)
     return False
