@@ -201,6 +201,10 @@ COMPLAINT_CHANNEL_QUESTION = re.compile(
     r"(?:怎么|怎样|如何|在哪|哪里)(?:投诉|举报)")
 # What a complaint about this service names: it goes to a person even when it asks something.
 ABOUT_THIS_SERVICE = re.compile(r"你们|客服|小智|机器人|智能|打不通|没人接|人工")
+# What a resident who asks for a person, or whether a person is speaking, names. Without one, DIET's
+# request_human or bot_challenge guess on a question ("我下了浙里办，找半天找不到医保在哪", "限定支付范围是什么")
+# is a misreading: the knowledge base answers it.
+ABOUT_A_PERSON = re.compile(r"人工|真人|活人|客服|坐席|接线|工作人员|转接|找人|换人|有人|机器|AI|ai|智能|小智|你是谁|你是人")
 # A yes, a no or a "stop" is short. A long message with a question in it ("是不是宝宝当年不用另外交钱，跟着我
 # 就能参保？") is a question whatever DIET guessed.
 ASKS = re.compile(r"[吗嘛呢？?]|怎么|如何|能不能|可不可以|是不是|多少|哪|什么|几[个天年月次岁]")
@@ -239,6 +243,10 @@ class ActionEscalate(Action):
                 return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
             if asks_a_question(text) and await knowledge_base_answers(text, tracker):
                 return await ActionAnswerFromKnowledgeBase(offer_person=True).run(dispatcher, tracker, domain)
+        if intent == "request_human" and not ABOUT_A_PERSON.search(text) and asks_a_question(text) \
+                and await knowledge_base_answers(text, tracker):
+            # Asked for nobody: a question DIET heard as a request for a person. It is answered, a person one tap away.
+            return await ActionAnswerFromKnowledgeBase(offer_person=True).run(dispatcher, tracker, domain)
         if intent == "complain" and (
             COMPLAINT_CHANNEL_QUESTION.search(text) or (asks_a_question(text) and not ABOUT_THIS_SERVICE.search(text))
         ) and await knowledge_base_answers(text, tracker):
@@ -323,6 +331,21 @@ class ActionGreet(_ShortReplyUnlessAsked):
 
     def name(self) -> Text:
         return "action_greet"
+
+
+class ActionBotChallenge(_QuestionOrReply):
+    """"Am I talking to a machine?": the assistant says it is one. DIET hears that in some short questions
+    ("限定支付范围是什么", 0.49 on the current model), which were told "我是医保小智，一个智能助手" and left
+    unanswered: a question that names neither a person nor the assistant and that the knowledge base
+    answers is answered."""
+
+    reply = "utter_iamabot"
+
+    def name(self) -> Text:
+        return "action_bot_challenge"
+
+    async def is_question(self, text: str, tracker: Tracker) -> bool:
+        return asks_a_question(text) and not ABOUT_A_PERSON.search(text) and await knowledge_base_answers(text, tracker)
 
 
 class ValidateSlotMappings(ValidationAction):

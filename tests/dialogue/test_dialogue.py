@@ -95,9 +95,12 @@ def test_the_actions_tell_a_question_from_the_intent_diet_guessed():
         "assert U.search('我爸正在抢救，医保刷不了怎么办') and U.search('急诊室里刷不了医保，马上要交钱')\n"
         "assert not U.search('急急急，出院结账刷不了医保') and H.search('急急急，出院结账刷不了医保')\n"
         "assert not U.search('十万火急，马上要出院结算刷不了') and H.search('十万火急，马上要出院结算刷不了')\n"
+        "from bot.actions.actions import ABOUT_A_PERSON as P\n"
+        "assert not P.search('限定支付范围是什么') and not P.search('我下了浙里办，找半天找不到医保在哪')\n"
+        "assert P.search('医保小智是机器人吗') and P.search('能换真人接吗') and P.search('医保热线人工坐席时间')\n"
         "from rasa_sdk.executor import ActionExecutor\n"
         "e = ActionExecutor(); e.register_package('bot.actions')\n"
-        "assert {'action_out_of_scope', 'action_no_or_stop', 'action_goodbye', 'action_greet', 'action_escalate'} <= set(e.actions)\n"
+        "assert {'action_out_of_scope', 'action_no_or_stop', 'action_goodbye', 'action_greet', 'action_bot_challenge', 'action_escalate'} <= set(e.actions)\n"
     )
     run_in_the_rasa_venv(code)
 

@@ -76,12 +76,13 @@ ESCALATIONS = [
     ("complaint about this service that asks", ["你们客服怎么回事，打了三次电话都没人接？"]),
     ("urgent mid-procedure", ["医保怎么报销", "我爸正在抢救，医保刷不了怎么办"]),
     ("two failures", ["那个东西咋整", "就那个嘛上回说的"]),
+    ("a person, asked as a question", ["医保小智能转人工吗"]),
 ]
 
 
-# Questions DIET misreads as out of scope, a complaint, an emergency, a no, a goodbye or a greeting (its
-# guesses on the current model): each is a question the knowledge base answers, and is answered instead of
-# declined, handed over or said goodbye to.
+# Questions DIET misreads as out of scope, a complaint, an emergency, a no, a goodbye, a greeting, a request
+# for a person or "am I talking to a machine?" (its guesses on the current model): each is a question the
+# knowledge base answers, and is answered instead of declined, handed over or said goodbye to.
 MISREAD_QUESTIONS = [
     ("out of scope", "老人怎么更换医疗卡号"),
     ("complaint that asks where", "医院不合理收费应该去哪里投诉？卫健委还是医保局？"),
@@ -91,6 +92,8 @@ MISREAD_QUESTIONS = [
     ("a goodbye", "俺孙子上大学了，他的医保在哪交"),
     ("a greeting", "不会激活医保码，晚上有人教吗"),
     ("a complaint that is a question", "我在休产假，发现单位这两个月没给我交医保，这对吗"),
+    ("asking whether a machine speaks", "限定支付范围是什么"),
+    ("asking for a person", "我下了浙里办，找半天找不到医保在哪"),
 ]
 
 
@@ -143,8 +146,15 @@ def test_a_question_the_intent_classifier_misreads_is_answered(stack_url, name, 
     with httpx.Client(base_url=stack_url, timeout=60) as client:
         reply = talk(client, [text])[-1]
     assert reply["meta"]["outcome"] == "answered" and reply["meta"]["citations"], reply
-    if "hurry" in name:  # answered at once, and a person is one tap away
+    if "hurry" in name or "a person" in name:  # answered at once, and a person is one tap away
         assert [b["title"] for b in reply["meta"]["buttons"]][:1] == ["转人工"], reply
+
+
+@pytest.mark.slow
+def test_asked_whether_a_machine_speaks_the_assistant_says_what_it_is(stack_url):
+    with httpx.Client(base_url=stack_url, timeout=60) as client:
+        reply = talk(client, ["医保小智是机器人吗"])[-1]
+    assert "智能助手" in reply["text"] and not reply["meta"]["citations"], reply
 
 
 @pytest.mark.slow
