@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import signal
@@ -66,9 +67,10 @@ def questions() -> list[str]:
         answer_set = yaml.safe_load(ANSWER_SET.read_text(encoding="utf-8"))
         answer_items = answer_set["items"] if isinstance(answer_set, dict) else answer_set
         pool += [q["q"] for q in answer_items if q.get("split") == "dev" and q.get("expect") != "abstain"]
-    pool = list(dict.fromkeys(pool))  # each question once
-    random.Random(11).shuffle(pool)
-    return pool
+    # Each question once, in the order of its own hash: a question's place does not depend on the rest of
+    # the pool, so adding labelled questions changes only the few messages they displace. (A seeded shuffle
+    # drew a wholly different sample after 39 questions were added: paced p95 280 -> 385 ms, same code.)
+    return sorted(dict.fromkeys(pool), key=lambda q: hashlib.sha1(q.encode("utf-8")).hexdigest())
 
 
 QUESTIONS = questions()
