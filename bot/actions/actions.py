@@ -216,6 +216,12 @@ def asks_a_question(text: str) -> bool:
     return len(text.strip()) > SHORT_REPLY and bool(ASKS.search(text))
 
 
+async def a_question_for_nobody(text: str, tracker: Tracker) -> bool:
+    """A question that asks for no person and not about the assistant, and that the answer stage answers:
+    what DIET heard as a request for a person or a bot challenge is then a misreading."""
+    return asks_a_question(text) and not ABOUT_A_PERSON.search(text) and await knowledge_base_answers(text, tracker)
+
+
 async def knowledge_base_answers(text: str, tracker: Tracker) -> bool:
     """Whether the hub's answer stage answers this message (the hub computed it as the message arrived,
     and the action's request for it is joined to that: no second computation)."""
@@ -243,8 +249,7 @@ class ActionEscalate(Action):
                 return await ActionAnswerFromKnowledgeBase().run(dispatcher, tracker, domain)
             if asks_a_question(text) and await knowledge_base_answers(text, tracker):
                 return await ActionAnswerFromKnowledgeBase(offer_person=True).run(dispatcher, tracker, domain)
-        if intent == "request_human" and not ABOUT_A_PERSON.search(text) and asks_a_question(text) \
-                and await knowledge_base_answers(text, tracker):
+        if intent == "request_human" and await a_question_for_nobody(text, tracker):
             # Asked for nobody: a question DIET heard as a request for a person. It is answered, a person one tap away.
             return await ActionAnswerFromKnowledgeBase(offer_person=True).run(dispatcher, tracker, domain)
         if intent == "complain" and (
@@ -345,7 +350,7 @@ class ActionBotChallenge(_QuestionOrReply):
         return "action_bot_challenge"
 
     async def is_question(self, text: str, tracker: Tracker) -> bool:
-        return asks_a_question(text) and not ABOUT_A_PERSON.search(text) and await knowledge_base_answers(text, tracker)
+        return await a_question_for_nobody(text, tracker)
 
 
 class ValidateSlotMappings(ValidationAction):
